@@ -1,0 +1,70 @@
+"""`ltm <command>`: one console script; each command's module defines `add_arguments(parser)` and `run(args)`.
+
+Modules are imported only for the command that runs, so `ltm prep` does not pay for DeepSpeed's import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prep": ("data_prep.cli", "preprocess a dataset (videos/frames) into WebDataset shards of face crops"),
+    "train": ("ltm.engine", "train a detector with DeepSpeed (one process, --nproc N local ranks, or SLURM)"),
+    "eval": ("ltm.evaluate", "score shard folders with a run's checkpoint: frame/video AUC report and plots"),
+    "predict": ("ltm.predict", "P(fake) for a video or image file, per frame, with attention pictures"),
+    "submit": ("launcher.submit", "submit train / eval / prep jobs to SLURM with submitit"),
+    "reproduce": ("ltm.reproduce", "run or collect one of the paper's tables (Tables 1-5)"),
+    "config": ("ltm.cli", "print a resolved config (packaged name or path, plus key=value overrides)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="paper", help="packaged config name or YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=0.001")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ltm.config import load_config, packaged_configs, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    logging.getLogger(__name__).debug("packaged configs: %s", packaged_configs())
+    return 0
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltm", description="Learning to Mask: face-forgery detection at scale")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else getattr(logging, os.environ.get("LTM_LOG_LEVEL", "INFO"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
+        logging.getLogger("ltm").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""One dataclass tree for every ltm job, loaded from YAML and overridden with `key=value` dotlists.
+
+OmegaConf does the merging and type checking (unknown keys and wrong types are errors that name the key);
+`validate` adds the checks OmegaConf cannot express (choices, ranges). Packaged configs live in
+`ltm/configs/`; a config may start from another one with a top-level `base: <name or path>` key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(str(resources.files("ltm") / "configs"))
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file or key."""
+
+
+@dataclass
+class ViTConfig:
+    dim: int = 384  # D: token width after the C -> D projection (DESIGN.md: "2048" is the CNN width C)
+    heads: int = 6
+    depth: int = 6
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "ltm"  # ltm | baseline
+    backbone: str = "legacy_xception"  # student CNN (and teacher CNN unless teacher_backbone is set)
+    teacher_backbone: str | None = None
+    pretrained: str | None = None  # local state-dict file for the student backbone (no hub downloads)
+    teacher_pretrained: str | None = None  # null = same file as `pretrained` when the backbones match
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    mask_ratio: float = 0.25  # Eq. 4: k = round(mask_ratio * h * w)
+    mask_strategy: str = "high"  # high | low | random (Table 4)
+    pooling: str = "avg"  # avg: mean over all h*w (as printed) | masked_mean: mean over kept positions
+    mixup: bool = True  # deep mixup, Eq. 5-6 (Table 3 "w/o mixup")
+    mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); 1.0 is uniform on [0, 1]
+    div_weight: float = 0.1  # alpha of Eq. 7
+    inference_head: str = "student"  # student | teacher_cnn | teacher_vit | ensemble
+
+
+@dataclass
+class SourceConfig:
+    path: str = MISSING  # shard folder <dataset>/<split>/<method>, relative to data.root unless absolute
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    root: str = "shards"  # base folder for relative shard paths
+    train: list[SourceConfig] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)  # shard folders scored for validation AUC
+    test: list[str] = field(default_factory=list)  # default --data of `ltm eval`
+    image_size: int = 224
+    loader: str = "dali"  # dali | reference (webdataset + PIL + DataLoader)
+    device: str = "auto"  # auto | cpu | gpu: where DALI decodes (auto: "mixed" when CUDA exists)
+    shuffle_buffer: int = 1024
+    num_threads: int = 2  # DALI CPU threads / reference loader workers per rank
+    prefetch: int = 2
+    on_bad_sample: str = "error"  # error | skip (counted and logged)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    batch_size: int = 32  # global batch (the paper's unit); per rank = batch_size / (world * grad_accum)
+    grad_accum: int = 1
+    iters_per_epoch: int = 300
+    epochs: int = 30
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_gamma: float = 0.9  # ExponentialLR, stepped once per epoch
+    zero_stage: int = 0  # 0 | 1 | 2
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_clip: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 300  # steps; 0 = only at epoch ends
+    val_batches: int = 0  # 0 = the whole val set
+    ckpt_every: int = 300  # steps; epoch ends always save
+    keep_last: int = 3
+    deterministic: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    video_agg: str = "mean"  # mean | max
+    attention_samples: int = 4  # per label, pictures under attention/
+    threshold: float = 0.5
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0 = CPU job, one task per node
+    cpus_per_task: int = 2
+    mem_gb: int = 0  # 0 = cluster default
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
+    max_requeue: int = 3
+    signal_delay_s: int = 120
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.kind": ("ltm", "baseline"),
+    "model.mask_strategy": ("high", "low", "random"),
+    "model.pooling": ("avg", "masked_mean"),
+    "model.inference_head": ("student", "teacher_cnn", "teacher_vit", "ensemble"),
+    "data.loader": ("dali", "reference"),
+    "data.device": ("auto", "cpu", "gpu"),
+    "data.on_bad_sample": ("error", "skip"),
+    "train.zero_stage": (0, 1, 2),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "eval.video_agg": ("mean", "max"),
+}
+
+
+def packaged_configs() -> list[str]:
+    """Names `load_config` accepts besides paths: `paper`, `tiny-cpu`, `experiments/<name>`."""
+    names = [p.stem for p in sorted(CONFIG_DIR.glob("*.yaml"))]
+    names += [f"experiments/{p.stem}" for p in sorted((CONFIG_DIR / "experiments").glob("*.yaml"))]
+    return names
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if packaged.exists():
+        return packaged
+    if path.exists():
+        return path
+    raise ConfigError(
+        f"config {str(name_or_path)!r}: no such file and not a packaged config "
+        f"(packaged: {', '.join(packaged_configs())})"
+    )
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """Read one YAML file (safe loader: no object tags) with its `base:` chain merged under it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    node = OmegaConf.create(data)
+    if base is None:
+        return node
+    base_path = resolve_config_path(base) if not (path.parent / str(base)).exists() else path.parent / base
+    return OmegaConf.merge(_read_yaml(base_path, (*seen, path.resolve())), node)
+
+
+def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Structured defaults <- YAML file (and its `base` chain) <- `key=value` overrides."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    source = "defaults"
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        source = str(path)
+        layers.append(_read_yaml(path))
+    try:
+        merged = schema
+        for layer in layers:
+            merged = OmegaConf.merge(merged, layer)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: key {exc.full_key!r}: {_reason(exc)}") from exc
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r}: key {exc.full_key!r}: {_reason(exc)}") from exc
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: key {exc.full_key!r}: {_reason(exc)}") from exc
+    validate(cfg)
+    return cfg
+
+
+def _reason(exc: OmegaConfBaseException) -> str:
+    return str(exc).split("\n")[0]
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"key {key!r}: {value!r} is not one of {list(allowed)}")
+    checks = {
+        "model.mask_ratio": 0.0 <= cfg.model.mask_ratio < 1.0,
+        "model.mixup_alpha": cfg.model.mixup_alpha > 0,
+        "model.div_weight": cfg.model.div_weight >= 0,
+        "model.vit.heads": cfg.model.vit.heads > 0 and cfg.model.vit.dim % cfg.model.vit.heads == 0,
+        "model.vit.depth": cfg.model.vit.depth > 0,
+        "data.image_size": cfg.data.image_size >= 32,
+        "train.batch_size": cfg.train.batch_size > 0,
+        "train.grad_accum": cfg.train.grad_accum > 0,
+        "train.iters_per_epoch": cfg.train.iters_per_epoch > 0,
+        "train.epochs": cfg.train.epochs > 0,
+        "train.lr": cfg.train.lr > 0,
+        "train.keep_last": cfg.train.keep_last > 0,
+        "eval.batch_size": cfg.eval.batch_size > 0,
+    }
+    for key, ok in checks.items():
+        if not ok:
+            hint = " (must divide model.vit.dim)" if key == "model.vit.heads" else ""
+            raise ConfigError(f"key {key!r}: invalid value {_get(cfg, key)!r}{hint}")
+    for i, source in enumerate(cfg.data.train):
+        if source.weight <= 0:
+            raise ConfigError(f"key 'data.train[{i}].weight': must be > 0, got {source.weight!r}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of `to_dict` (checkpoints and run folders store the resolved config this way)."""
+    try:
+        cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"stored config: key {exc.full_key!r}: {_reason(exc)}") from exc
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Atomic write of the resolved config (temp name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)

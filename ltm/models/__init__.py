@@ -1,0 +1,23 @@
+"""Model factory: `build_model(cfg.model)` gives LearningToMask or Baseline by `cfg.model.kind`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ltm.config import ModelConfig
+from ltm.models.backbone import Backbone, BackboneError
+from ltm.models.ltm import Baseline, LearningToMask
+
+MODELS: dict[str, type[nn.Module]] = {"ltm": LearningToMask, "baseline": Baseline}
+
+
+def build_model(cfg: ModelConfig, image_size: int = 224) -> nn.Module:
+    """`image_size` fixes the feature grid (h, w) that the ViT's position embeddings are sized for."""
+    try:
+        model_cls = MODELS[cfg.kind]
+    except KeyError:
+        raise ValueError(f"model.kind {cfg.kind!r}: expected one of {sorted(MODELS)}") from None
+    return model_cls(cfg, image_size=image_size)
+
+
+__all__ = ["Backbone", "BackboneError", "Baseline", "LearningToMask", "MODELS", "build_model"]

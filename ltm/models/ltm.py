@@ -1,0 +1,142 @@
+"""The Learning-to-Mask teacher-student detector (Sec. 3) and the plain backbone baseline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltm.config import ModelConfig
+from ltm.models.backbone import Backbone, BackboneError
+from ltm.models.masking import attention_map, cls_attention, deep_mixup, diversity_loss, feature_mask
+from ltm.models.vit import TokenViT
+
+
+class Baseline(nn.Module):
+    """The paper's "Xception [11]" rows: backbone + global average pooling + a linear head, BCE."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int = 224):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg.backbone, cfg.pretrained)
+        self.head = nn.Linear(self.backbone.channels, 1)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images).mean(dim=(2, 3))).squeeze(1)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        logits = self.logits(images)
+        loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return {"loss": loss, "losses": {"cls": loss.detach()}, "logits": logits.detach()}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(images).float())
+
+
+class LearningToMask(nn.Module):
+    """Teacher (CNN + ViT over its tokens, two heads) masks the student CNN's features by attention.
+
+    Training forward: L = L_cls^t + L_vit^t + alpha_div * L_div + L^s (Eq. 7). The mask is computed from the
+    detached attention and the student is a separate CNN, so L^s sends no gradient into the teacher.
+    """
+
+    def __init__(self, cfg: ModelConfig, image_size: int = 224):
+        super().__init__()
+        self.cfg = cfg
+        teacher_name = cfg.teacher_backbone or cfg.backbone
+        teacher_weights = cfg.teacher_pretrained or (cfg.pretrained if teacher_name == cfg.backbone else None)
+        self.teacher_cnn = Backbone(teacher_name, teacher_weights)
+        self.student_cnn = Backbone(cfg.backbone, cfg.pretrained)
+        self.grid = self.teacher_cnn.grid(image_size)
+        student_grid = self.student_cnn.grid(image_size)
+        if student_grid != self.grid:
+            raise BackboneError(
+                f"teacher {teacher_name!r} gives a {self.grid[0]}x{self.grid[1]} feature grid but student "
+                f"{cfg.backbone!r} gives {student_grid[0]}x{student_grid[1]} at {image_size} px: the mask of "
+                "Eq. 4 needs the same grid (pick backbones with the same total stride)"
+            )
+        v = cfg.vit
+        self.teacher_vit = TokenViT(self.teacher_cnn.channels, self.grid, v.dim, v.heads, v.depth, v.mlp_ratio)
+        self.teacher_cnn_head = nn.Linear(self.teacher_cnn.channels, 1)
+        self.teacher_vit_head = nn.Linear(v.dim, 1)
+        self.student_head = nn.Linear(self.student_cnn.channels, 1)
+
+    def teacher(self, images: torch.Tensor) -> dict:
+        x_t = self.teacher_cnn(images)
+        cls_out, attentions = self.teacher_vit(x_t)
+        last = attentions[-1]
+        return {
+            "cls_logits": self.teacher_cnn_head(x_t.mean(dim=(2, 3))).squeeze(1),
+            "vit_logits": self.teacher_vit_head(cls_out).squeeze(1),
+            "attentions": attentions,
+            "head_maps": cls_attention(last, self.grid),  # (B, heads, h, w), Eq. 1
+            "attention": attention_map(last, self.grid),  # A, Eq. 2
+        }
+
+    def pool(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """F = AvgPool(X_s * M) over all h*w positions (as printed), or over the kept ones (`masked_mean`)."""
+        if mask is None:
+            return features.mean(dim=(2, 3))
+        masked = features * mask[:, None].to(features.dtype)
+        if self.cfg.pooling == "masked_mean":
+            return masked.sum(dim=(2, 3)) / mask.sum(dim=(1, 2)).clamp_min(1)[:, None].to(features.dtype)
+        return masked.mean(dim=(2, 3))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        labels = labels.float()
+        t = self.teacher(images)
+        mask = feature_mask(t["attention"], self.cfg.mask_ratio, self.cfg.mask_strategy)  # Eq. 4
+        x_s = self.student_cnn(images)
+        features = self.pool(x_s, mask)
+        student_labels = labels
+        if self.cfg.mixup:
+            features, student_labels, _ = deep_mixup(features, labels, self.cfg.mixup_alpha)  # Eq. 5-6
+        student_logits = self.student_head(features).squeeze(1)
+
+        def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(logits.float(), target)
+
+        losses = {
+            "cls_t": bce(t["cls_logits"], labels),
+            "vit_t": bce(t["vit_logits"], labels),
+            "div": diversity_loss(t["head_maps"].float()),  # Eq. 3, last block
+            "student": bce(student_logits, student_labels),
+        }
+        total = losses["cls_t"] + losses["vit_t"] + self.cfg.div_weight * losses["div"] + losses["student"]  # Eq. 7
+        with torch.no_grad():
+            logits = self._inference_logits(t, x_s)
+        return {
+            "loss": total,
+            "losses": {k: v.detach() for k, v in losses.items()},
+            "logits": logits,
+            "attention": t["attention"].detach(),
+            "mask": mask,
+        }
+
+    def _inference_logits(self, t: dict | None, x_s: torch.Tensor | None) -> torch.Tensor:
+        head = self.cfg.inference_head
+        student = self.student_head(self.pool(x_s, None)).squeeze(1) if x_s is not None else None
+        if head == "student":
+            return student
+        if head == "teacher_cnn":
+            return t["cls_logits"]
+        if head == "teacher_vit":
+            return t["vit_logits"]
+        probs = torch.stack([torch.sigmoid(x.float()) for x in (student, t["cls_logits"], t["vit_logits"])])
+        return torch.logit(probs.mean(dim=0), eps=1e-6)  # ensemble: mean probability, as a logit
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """P(fake) per image from the configured head, on unmasked features (M = 1), without mixup."""
+        head = self.cfg.inference_head
+        t = self.teacher(images) if head != "student" else None
+        x_s = self.student_cnn(images) if head in ("student", "ensemble") else None
+        return torch.sigmoid(self._inference_logits(t, x_s).float())
+
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor) -> dict:
+        """The teacher's attention map A (Eq. 2) and the mask M it induces (Eq. 4), for pictures."""
+        t = self.teacher(images)
+        mask = feature_mask(t["attention"], self.cfg.mask_ratio, self.cfg.mask_strategy)
+        return {"attention": t["attention"], "mask": mask, "head_maps": t["head_maps"]}

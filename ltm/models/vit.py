@@ -1,0 +1,66 @@
+"""The teacher's tiny ViT over CNN tokens (Sec. 3.1-3.2), with each block's per-head attention exposed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that returns its attention maps A_i (Eq. 1)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5  # 1 / sqrt(c / h)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # Eq. 1, (B, heads, N, N)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, d)
+        return self.proj(out), attn
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, attn = self.attn(self.norm1(x))
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
+        return x, attn
+
+
+class TokenViT(nn.Module):
+    """ViT whose patch embedding is the CNN: tokens are the h*w feature vectors, projected C -> D."""
+
+    def __init__(self, in_channels: int, grid: tuple[int, int], dim: int, heads: int, depth: int,
+                 mlp_ratio: float):
+        super().__init__()
+        self.grid = grid
+        self.proj = nn.Linear(in_channels, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid[0] * grid[1], dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """features (B, C, h, w) -> (CLS output (B, D), per-block attention [(B, heads, 1+hw, 1+hw)])."""
+        tokens = self.proj(features.flatten(2).transpose(1, 2))
+        x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
+        attentions = []
+        for block in self.blocks:
+            x, attn = block(x)
+            attentions.append(attn)
+        return self.norm(x)[:, 0], attentions
