@@ -37,7 +37,10 @@ class Backbone(nn.Module):
         was_training = self.training
         self.eval()
         param = next(self.parameters())
-        out = self(torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype))
+        try:
+            out = self(torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype))
+        except RuntimeError as exc:
+            raise BackboneError(f"backbone {self.name!r} cannot take {image_size} px input: {exc}") from exc
         self.train(was_training)
         return int(out.shape[-2]), int(out.shape[-1])
 
@@ -64,12 +67,15 @@ def load_pretrained(net: nn.Module, path: str | os.PathLike) -> None:
     head_prefixes = ("fc.", "classifier.", "head.", "last_linear.")
     state = {k: v for k, v in state.items() if not k.startswith(head_prefixes) or k in own}
     missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
     shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if missing or shape:
+    if missing or unexpected or shape:
         detail = []
         if missing:
             detail.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
         if shape:
             detail.append(f"shape mismatch for {shape[:3]}")
         raise BackboneError(f"pretrained weights {str(path)!r} do not fit the backbone: {'; '.join(detail)}")
-    net.load_state_dict({k: v for k, v in state.items() if k in own})
+    net.load_state_dict(state)

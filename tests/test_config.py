@@ -1,0 +1,56 @@
+"""Config tree: YAML + dotlist overrides through OmegaConf, safe YAML, errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from ltm.config import ConfigError, from_dict, load_config, packaged_configs, save_config, to_dict
+
+
+def test_packaged_configs_load():
+    assert {"paper", "tiny-cpu"} <= set(packaged_configs())
+    paper = load_config("paper")
+    assert paper.model.backbone == "legacy_xception" and paper.train.lr == 0.01 and paper.train.batch_size == 32
+    assert paper.model.mask_ratio == 0.25 and paper.model.div_weight == 0.1 and paper.train.lr_gamma == 0.9
+    tiny = load_config("tiny-cpu")
+    assert tiny.model.backbone == "resnet18" and tiny.data.image_size == 112
+    assert tiny.model.mask_strategy == "high"  # inherited from paper through `base`
+
+
+def test_yaml_and_overrides_round_trip(tmp_path):
+    cfg = load_config("tiny-cpu", ["train.lr=0.5", "model.mask_strategy=low", "data.train=[{path: a, weight: 3}]"])
+    assert cfg.train.lr == 0.5 and cfg.model.mask_strategy == "low"
+    assert cfg.data.train[0].path == "a" and cfg.data.train[0].weight == 3
+    path = tmp_path / "resolved.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [("train.lrr=1", "lrr"), ("model.mask_strategy=middle", "model.mask_strategy"), ("train.epochs=abc", "epochs"),
+     ("model.vit.heads=5", "model.vit.heads"), ("data.train=[{path: a, weight: -1}]", "data.train[0].weight")],
+)
+def test_bad_key_or_value_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config("paper", [override])
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: paper\nmodel:\n  maskratio: 0.3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*maskratio"):
+        load_config(path)
+
+
+def test_yaml_is_read_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="evil.yaml"):
+        load_config(path)
+
+
+def test_missing_config_names_it():
+    with pytest.raises(ConfigError, match="no-such-config"):
+        load_config("no-such-config")

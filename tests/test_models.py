@@ -1,0 +1,175 @@
+"""The method's equations (Sec. 3), each test naming the one it checks, and the paper configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltm.config import load_config
+from ltm.models import BackboneError, Baseline, LearningToMask, build_model
+from ltm.models.masking import deep_mixup, diversity_loss, feature_mask, num_masked
+
+
+def tiny_model_cfg(**overrides):
+    cfg = load_config("tiny-cpu", [f"model.{k}={v}" for k, v in overrides.items()])
+    return cfg.model
+
+
+@pytest.fixture(scope="module")
+def tiny_ltm() -> LearningToMask:
+    torch.manual_seed(0)
+    return build_model(tiny_model_cfg(), image_size=64)
+
+
+@pytest.mark.parametrize("ratio,grid", [(0.25, (7, 7)), (0.25, (4, 4)), (0.5, (3, 5)), (0.1, (7, 7))])
+def test_eq4_high_low_random_mask_exactly_k_positions(ratio, grid):
+    torch.manual_seed(1)
+    attention = torch.rand(5, *grid)
+    k = num_masked(ratio, grid)
+    assert k == round(ratio * grid[0] * grid[1])
+    flat = attention.flatten(1)
+    for strategy, expected in (("high", flat.topk(k, 1).indices), ("low", flat.topk(k, 1, largest=False).indices)):
+        mask = feature_mask(attention, ratio, strategy).flatten(1)
+        for row, idx in zip(mask, expected):
+            assert set(torch.nonzero(row == 0).flatten().tolist()) == set(idx.tolist()), strategy
+    random_mask = feature_mask(attention, ratio, "random")
+    assert random_mask.shape == attention.shape
+    assert ((random_mask == 0).flatten(1).sum(1) == k).all()
+    assert set(random_mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_eq4_mask_carries_no_gradient():
+    attention = torch.rand(2, 4, 4, requires_grad=True)
+    mask = feature_mask(attention, 0.25, "high")
+    assert not mask.requires_grad
+
+
+def test_eq3_diversity_zero_for_disjoint_heads_max_for_identical():
+    disjoint = torch.zeros(2, 4, 16)
+    for head in range(4):
+        disjoint[:, head, head * 4:(head + 1) * 4] = 0.25
+    assert diversity_loss(disjoint).item() == pytest.approx(0.0, abs=1e-7)
+    identical = torch.rand(2, 1, 16).softmax(-1).expand(2, 4, 16)
+    assert diversity_loss(identical).item() == pytest.approx(1.0, abs=1e-6)
+    partly = torch.rand(2, 4, 16).softmax(-1)
+    assert 0.0 < diversity_loss(partly).item() < 1.0
+
+
+def test_eq3_diversity_has_gradients_into_vit(tiny_ltm):
+    tiny_ltm.zero_grad()
+    t = tiny_ltm.teacher(torch.rand(2, 3, 64, 64))
+    diversity_loss(t["head_maps"]).backward()
+    vit_grads = [p.grad for p in tiny_ltm.teacher_vit.blocks[-1].attn.qkv.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in vit_grads)
+    assert all(p.grad is None for p in tiny_ltm.student_cnn.parameters())
+
+
+def test_eq5_eq6_mixup():
+    features, labels = torch.randn(8, 16), torch.tensor([0, 1] * 4, dtype=torch.float32)
+    torch.manual_seed(0)
+    mixed, mixed_labels, lam = deep_mixup(features, labels, alpha=1.0)
+    assert ((mixed_labels >= 0) & (mixed_labels <= 1)).all()
+    assert ((lam >= 0) & (lam <= 1)).all()
+    # lambda = 1 returns F_i and y_i: an alpha that drives Beta(alpha, alpha) to its ends shows the identity
+    exact = lam.clone().fill_(1.0)
+    perm_free = exact[:, None] * features + (1 - exact[:, None]) * features.flip(0)
+    assert torch.equal(perm_free, features)
+    # with each sample's lambda, F' and y' are the convex combination of i and its partner (Eq. 5-6)
+    torch.manual_seed(0)
+    perm = torch.randperm(8)
+    torch.testing.assert_close(mixed, lam[:, None] * features + (1 - lam[:, None]) * features[perm])
+    torch.testing.assert_close(mixed_labels, lam * labels + (1 - lam) * labels[perm])
+
+
+def test_eq5_mixup_off_student_sees_masked_features(tiny_ltm, monkeypatch):
+    import ltm.models.ltm as module
+
+    called = []
+    monkeypatch.setattr(module, "deep_mixup", lambda *a, **k: called.append(1) or (a[0], a[1], None))
+    tiny_ltm.cfg.mixup = False
+    try:
+        tiny_ltm(torch.rand(2, 3, 64, 64), torch.tensor([0.0, 1.0]))
+    finally:
+        tiny_ltm.cfg.mixup = True
+    assert called == []
+    tiny_ltm(torch.rand(2, 3, 64, 64), torch.tensor([0.0, 1.0]))
+    assert called == [1]
+
+
+def test_eq7_total_is_weighted_sum_and_student_loss_leaves_teacher_without_gradient(tiny_ltm):
+    torch.manual_seed(0)
+    out = tiny_ltm(torch.rand(4, 3, 64, 64), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    losses = out["losses"]
+    assert set(losses) == {"cls_t", "vit_t", "div", "student"}
+    expected = losses["cls_t"] + losses["vit_t"] + tiny_ltm.cfg.div_weight * losses["div"] + losses["student"]
+    torch.testing.assert_close(out["loss"].detach(), expected)
+    # backward of L^s alone: recompute the student branch with the graph kept
+    tiny_ltm.zero_grad()
+    images, labels = torch.rand(4, 3, 64, 64), torch.tensor([0.0, 1.0, 1.0, 0.0])
+    t = tiny_ltm.teacher(images)
+    mask = feature_mask(t["attention"], 0.25, "high")
+    student_logits = tiny_ltm.student_head(tiny_ltm.pool(tiny_ltm.student_cnn(images), mask)).squeeze(1)
+    torch.nn.functional.binary_cross_entropy_with_logits(student_logits, labels).backward()
+    teacher = [*tiny_ltm.teacher_cnn.parameters(), *tiny_ltm.teacher_vit.parameters(),
+               *tiny_ltm.teacher_cnn_head.parameters(), *tiny_ltm.teacher_vit_head.parameters()]
+    assert all(p.grad is None for p in teacher)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_ltm.student_cnn.parameters())
+
+
+def test_model_api_shapes_and_predict(tiny_ltm):
+    out = tiny_ltm(torch.rand(3, 3, 64, 64), torch.tensor([0.0, 1.0, 1.0]))
+    h, w = tiny_ltm.grid
+    assert out["logits"].shape == (3,) and out["attention"].shape == (3, h, w) and out["mask"].shape == (3, h, w)
+    probs = tiny_ltm.predict(torch.rand(3, 3, 64, 64))
+    assert probs.shape == (3,) and ((probs >= 0) & (probs <= 1)).all() and not probs.requires_grad
+    for head in ("teacher_cnn", "teacher_vit", "ensemble"):
+        tiny_ltm.cfg.inference_head = head
+        try:
+            assert tiny_ltm.predict(torch.rand(2, 3, 64, 64)).shape == (2,)
+        finally:
+            tiny_ltm.cfg.inference_head = "student"
+
+
+@pytest.mark.parametrize("backbone", ["legacy_xception", "resnet18"])
+def test_paper_config_builds_and_trains_one_step(backbone):
+    cfg = load_config("paper", [f"model.backbone={backbone}"])
+    model = build_model(cfg.model, cfg.data.image_size)
+    if backbone == "legacy_xception":
+        assert model.teacher_cnn.channels == 2048
+    assert model.grid == (7, 7)
+    assert len(model.teacher_vit.blocks) == 6 and model.teacher_vit.blocks[0].attn.heads == 6
+    out = model(torch.rand(2, 3, 224, 224), torch.tensor([0.0, 1.0]))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.teacher_vit.parameters())
+
+
+def test_baseline_has_the_same_interface():
+    cfg = tiny_model_cfg(kind="baseline")
+    model = build_model(cfg, 64)
+    assert isinstance(model, Baseline)
+    out = model(torch.rand(2, 3, 64, 64), torch.tensor([0.0, 1.0]))
+    assert set(out["losses"]) == {"cls"} and out["logits"].shape == (2,)
+    out["loss"].backward()
+    assert model.predict(torch.rand(2, 3, 64, 64)).shape == (2,)
+
+
+def test_heterogeneous_backbones_table5_and_grid_mismatch_error():
+    model = build_model(tiny_model_cfg(backbone="resnet34", teacher_backbone="resnet18"), 64)
+    assert model.grid == (2, 2)
+    with pytest.raises(BackboneError, match=r"densenet121.*3x3.*resnet18.*4x4"):
+        build_model(tiny_model_cfg(backbone="resnet18", teacher_backbone="densenet121"), 100)
+
+
+def test_pretrained_weights_load_from_local_file_and_errors_name_the_path(tmp_path):
+    source = build_model(tiny_model_cfg(kind="baseline"), 64)
+    good = tmp_path / "resnet18.pth"
+    torch.save(source.backbone.net.state_dict(), good)
+    loaded = build_model(tiny_model_cfg(kind="baseline", pretrained=str(good)), 64)
+    for (name, a), b in zip(source.backbone.net.state_dict().items(), loaded.backbone.net.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(BackboneError, match="missing.pth"):
+        build_model(tiny_model_cfg(kind="baseline", pretrained=str(tmp_path / "missing.pth")), 64)
+    wrong = tmp_path / "resnet34.pth"
+    torch.save(build_model(tiny_model_cfg(kind="baseline", backbone="resnet34"), 64).backbone.net.state_dict(), wrong)
+    with pytest.raises(BackboneError, match="resnet34.pth"):
+        build_model(tiny_model_cfg(kind="baseline", pretrained=str(wrong)), 64)
