@@ -173,3 +173,17 @@ def test_pretrained_weights_load_from_local_file_and_errors_name_the_path(tmp_pa
     torch.save(build_model(tiny_model_cfg(kind="baseline", backbone="resnet34"), 64).backbone.net.state_dict(), wrong)
     with pytest.raises(BackboneError, match="resnet34.pth"):
         build_model(tiny_model_cfg(kind="baseline", pretrained=str(wrong)), 64)
+
+
+def test_every_blocks_attention_is_available_and_fused_path_matches(tiny_ltm):
+    tiny_ltm.eval()
+    images = torch.rand(2, 3, 64, 64)
+    full = tiny_ltm.teacher(images, all_attentions=True)
+    fast = tiny_ltm.teacher(images)
+    tiny_ltm.train()
+    n = 1 + tiny_ltm.grid[0] * tiny_ltm.grid[1]
+    assert len(full["attentions"]) == len(tiny_ltm.teacher_vit.blocks)
+    assert all(a.shape == (2, tiny_ltm.cfg.vit.heads, n, n) for a in full["attentions"])
+    torch.testing.assert_close(full["attentions"][-1], fast["attentions"][-1])
+    torch.testing.assert_close(full["vit_logits"], fast["vit_logits"])
+    torch.testing.assert_close(full["attentions"][-1].sum(-1), torch.ones(2, tiny_ltm.cfg.vit.heads, n))

@@ -62,9 +62,9 @@ class LearningToMask(nn.Module):
         self.teacher_vit_head = nn.Linear(v.dim, 1)
         self.student_head = nn.Linear(self.student_cnn.channels, 1)
 
-    def teacher(self, images: torch.Tensor) -> dict:
+    def teacher(self, images: torch.Tensor, all_attentions: bool = False) -> dict:
         x_t = self.teacher_cnn(images)
-        cls_out, attentions = self.teacher_vit(x_t)
+        cls_out, attentions = self.teacher_vit(x_t, all_attentions)
         last = attentions[-1]
         return {
             "cls_logits": self.teacher_cnn_head(x_t.mean(dim=(2, 3))).squeeze(1),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,12 +17,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, need_attention: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # Eq. 1, (B, heads, N, N)
-        out = (attn @ v).transpose(1, 2).reshape(b, n, d)
-        return self.proj(out), attn
+        if need_attention:
+            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # Eq. 1, (B, heads, N, N)
+            out = attn @ v
+        else:  # the fused kernel never materialises A_i, which is cheaper when nobody reads it
+            attn, out = None, F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d)), attn
 
 
 class Block(nn.Module):
@@ -33,8 +37,8 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, attn = self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, need_attention: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, attn = self.attn(self.norm1(x), need_attention)
         x = x + y
         x = x + self.mlp(self.norm2(x))
         return x, attn
@@ -55,12 +59,17 @@ class TokenViT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """features (B, C, h, w) -> (CLS output (B, D), per-block attention [(B, heads, 1+hw, 1+hw)])."""
+    def forward(self, features: torch.Tensor, all_attentions: bool = False
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """features (B, C, h, w) -> (CLS output (B, D), attention maps (B, heads, 1+hw, 1+hw)).
+
+        The maps are every block's with `all_attentions`, else only the last block's (all that Eq. 2-4 use).
+        """
         tokens = self.proj(features.flatten(2).transpose(1, 2))
         x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
         attentions = []
-        for block in self.blocks:
-            x, attn = block(x)
-            attentions.append(attn)
+        for i, block in enumerate(self.blocks):
+            x, attn = block(x, need_attention=all_attentions or i == len(self.blocks) - 1)
+            if attn is not None:
+                attentions.append(attn)
         return self.norm(x)[:, 0], attentions
