@@ -1,0 +1,170 @@
+"""The callables that submitit pickles and runs on the SLURM nodes: training, evaluation, dataset preparation.
+
+Each one runs the same code as its `ltm` command, in-process, inside one SLURM task. Training follows the
+requeue pattern of DeiT/MAE's `run_with_submitit.py` Trainer: the job object is its own checkpoint (the state
+lives in the run folder, `resume="auto"` picks up `latest`), and `checkpoint()` hands submitit a fresh copy.
+
+Preemption / time limit: SLURM sends SIGUSR2 `signal_delay_s` before the end to every task. `ltm.engine.train`
+catches it (its handler replaces submitit's), the ranks agree at the next step boundary, save one checkpoint
+together and return status "preempted". Only then does global rank 0 requeue the job (`scontrol requeue`), so
+every rank has saved before the allocation goes away; the new allocation resumes from `latest`. A SIGUSR2
+that arrives before training started reaches submitit's own handler, which on rank 0 calls `checkpoint()`
+and requeues as well (nothing to save yet). `cfg.launch.max_requeue` bounds the number of restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+log = logging.getLogger("ltm.launcher")
+
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def setup_task(gpus_per_node: int, cpus_per_task: int | None = None) -> submitit.helpers.TorchDistributedEnvironment:
+    """Logging, threads and the torch.distributed environment of one SLURM task (RANK, WORLD_SIZE, ...)."""
+    # The submitting shell's distributed variables travel with sbatch's --export=ALL; they describe another job.
+    for key in DIST_VARS:
+        os.environ.pop(key, None)
+    dist_env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if gpus_per_node == 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on CPU with gloo
+    threads = cpus_per_task or int(os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    host = socket.gethostname()
+    logging.basicConfig(
+        level=getattr(logging, os.environ.get("LTM_LOG_LEVEL", "INFO")),
+        format=f"%(asctime)s %(levelname)s [{host} rank {dist_env.rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    log.info(
+        "job %s (restart %s): rank %d of world size %d on node %s, local rank %d, master %s:%d",
+        os.environ.get("SLURM_JOB_ID", "?"),
+        os.environ.get("SLURM_RESTART_COUNT", "0"),
+        dist_env.rank,
+        dist_env.world_size,
+        host,
+        dist_env.local_rank,
+        dist_env.master_addr,
+        dist_env.master_port,
+    )
+    return dist_env
+
+
+class TrainJob:
+    """`ltm train` of one resolved config on every task of the allocation; requeues itself when preempted."""
+
+    def __init__(self, cfg: dict[str, Any], resume: str = "auto") -> None:
+        self.cfg = cfg  # resolved config as a plain dict (ltm.config.to_dict): pickles without the dataclasses
+        self.resume = resume
+
+    def __call__(self) -> dict[str, Any]:
+        from ltm.config import from_dict
+
+        cfg = from_dict(self.cfg)
+        dist_env = setup_task(cfg.launch.gpus_per_node, cfg.launch.cpus_per_task)
+        from ltm import engine  # after the environment is set: DeepSpeed reads DS_ACCELERATOR on import
+
+        result = engine.train(cfg, resume=self.resume)
+        log.info("training returned %s at step %s", result.get("status"), result.get("step"))
+        if result.get("status") == "preempted":
+            self._requeue(cfg.launch.max_requeue, cfg.launch.time_min, dist_env.rank)
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """What submitit runs after a requeue: the same training, resuming from the run folder's `latest`."""
+        return submitit.helpers.DelayedSubmission(type(self)(self.cfg, resume="auto"))
+
+    def _requeue(self, max_requeue: int, time_min: int, rank: int) -> None:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        run_dir = self.cfg["train"]["run_dir"]
+        if restarts >= max_requeue:
+            raise RuntimeError(
+                f"training of {run_dir} was preempted and has already been requeued {restarts} times "
+                f"(launch.max_requeue={max_requeue}); resume it with `ltm submit train` on the same run_dir"
+            )
+        if rank == 0:
+            # Rewrite the submitted pickle with checkpoint()'s submission (as submitit's own handler would), then
+            # requeue: the job keeps its id, its log files and its dependants (a chained eval waits on).
+            job_env = submitit.JobEnvironment()
+            delayed = self.checkpoint()
+            delayed.set_timeout(time_min, max_requeue - restarts)
+            pickle_path = job_env.paths.submitted_pickle
+            tmp = pickle_path.with_name(f".{pickle_path.name}.tmp{os.getpid()}")
+            delayed.dump(tmp)
+            os.replace(tmp, pickle_path)
+            subprocess.run(["scontrol", "requeue", job_env.job_id], check=True, timeout=60)
+            log.info("requeued job %s (restart %d of at most %d)", job_env.job_id, restarts + 1, max_requeue)
+        # SystemExit is not an Exception: submitit writes no result file, so the submitter keeps waiting for the
+        # requeued job instead of taking this allocation's "preempted" as the final result.
+        sys.exit(0)
+
+
+class EvalJob:
+    """`ltm eval --run RUN --data D ...` in one SLURM task (or several: each scores its share of the samples)."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        data: list[str],
+        tag: str | None = None,
+        cfg_overrides: list[str] | None = None,
+        gpus_per_node: int = 0,
+    ) -> None:
+        self.run_dir = str(Path(run_dir).absolute())
+        self.data = list(data)
+        self.tag = tag
+        self.cfg_overrides = list(cfg_overrides or [])
+        self.gpus_per_node = gpus_per_node
+
+    def __call__(self) -> list[dict[str, Any]]:
+        setup_task(self.gpus_per_node)
+        from ltm.evaluate import evaluate
+
+        reports = evaluate(self.run_dir, self.data, tag=self.tag, cfg_overrides=self.cfg_overrides or None)
+        for report in reports:
+            log.info("%s: frame AUC %.4f, video AUC %.4f", report.get("data"), report.get("frame_auc", float("nan")),
+                     report.get("video_auc", float("nan")))
+        return reports
+
+
+class CommandJob:
+    """One `ltm <command> ...` run in-process (dataset preparation parts and their merge)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = list(argv)
+
+    def __call__(self) -> int:
+        from ltm.cli import main
+
+        setup_task(0)
+        log.info("running: ltm %s", " ".join(self.argv))
+        status = main(self.argv)
+        if status != 0:
+            raise RuntimeError(f"`ltm {' '.join(self.argv)}` exited with status {status}")
+        return status
+
+
+class PrepPartJob(CommandJob):
+    """Part i of N of `ltm prep ...` (one array task): `--part i/N` selects the inputs of this part."""
+
+    def __init__(self, prep_args: list[str], part: int, parts: int) -> None:
+        super().__init__(["prep", *prep_args, "--part", f"{part}/{parts}"])
+        self.part, self.parts = part, parts
+
+
+class PrepMergeJob(CommandJob):
+    """After every part succeeded: merge the parts' shards and write the manifest."""
+
+    def __init__(self, prep_args: list[str], parts: int) -> None:
+        super().__init__(["prep", *prep_args, "--merge", str(parts)])
+        self.parts = parts

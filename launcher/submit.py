@@ -1,0 +1,374 @@
+"""`ltm submit {train,eval,prep}`: submit ltm's jobs to SLURM with submitit.
+
+    ltm submit train --config paper --nodes 2 --gpus-per-node 8 --eval ffpp_c23/test train.run_dir=runs/x
+    ltm submit eval --run runs/x --data celebdf_v2/test
+    ltm submit prep ffpp --input /data/FaceForensics++ --out shards --array 8
+
+Training runs one task per GPU (one per node without GPUs), every task calling `ltm.engine.train` in-process
+(launcher.jobs.TrainJob); `--eval` chains an evaluation job (`afterok`, cancelled if training fails). `prep`
+submits an array of N parts (`--part i/N`) and a merge job after all of them. `--dry-run` prints the batch
+scripts and submits nothing. Each submission gets a fresh submitit folder: a local test cluster restarts job
+ids at 1, and a reused folder would hand back an older job's result.
+
+Python API (the same the CLI uses): `submit_train`, `submit_eval`, `submit_prep`; each returns `Submitted`
+records (job id, job handle, batch script, log paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import shlex
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from launcher.jobs import EvalJob, PrepMergeJob, PrepPartJob, TrainJob
+from ltm.config import Config, ConfigError, LaunchConfig, load_config, to_dict
+
+log = logging.getLogger("ltm.launcher")
+
+DEPENDENCY_PLACEHOLDER = "afterok:TRAIN_JOB_ID"
+
+
+@dataclass
+class Submitted:
+    """One submitted (or, with dry_run, only prepared) SLURM job."""
+
+    kind: str  # train | eval | prep | merge
+    folder: Path  # submitit folder: batch script, pickles, logs
+    script: str  # the batch script
+    job_id: str | None = None  # None on a dry run
+    job: Any = None  # submitit Job (or list of Jobs for an array)
+    dependency: str | None = None
+    logs: list[Path] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"{self.kind} job {self.job_id or '(dry run)'}" + (f" after {self.dependency}" if self.dependency
+                                                                    else "")]
+        lines += [f"  log: {p}" for p in self.logs]
+        return "\n".join(lines)
+
+
+# --- parameters -----------------------------------------------------------------------------------------------------
+
+def parse_time(text: str) -> int:
+    """SLURM time (`MM`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`, `MM:SS`) -> whole minutes (rounded up)."""
+    text = str(text).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        raise ConfigError(f"--time {text!r}: expected minutes or [D-]HH:MM[:SS]")
+    days, a, b, c = m.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = int(days) * 86400 + int(a) * 3600 + int(b or 0) * 60 + int(c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = int(a) * 3600 + int(b) * 60 + int(c)
+    elif b is not None:  # MM:SS
+        seconds = int(a) * 60 + int(b)
+    else:  # MM
+        seconds = int(a) * 60
+    if seconds <= 0:
+        raise ConfigError(f"--time {text!r}: must be positive")
+    return -(-seconds // 60)
+
+
+def parse_mem_gb(text: str) -> int:
+    """`64`, `64G`, `64GB`, `65536M` -> whole GB (0 = the cluster's default)."""
+    m = re.fullmatch(r"(\d+)\s*([GgMmTt]?)[Bb]?", str(text).strip())
+    if not m:
+        raise ConfigError(f"--mem {text!r}: expected a size like 64G or 65536M")
+    value, unit = int(m.group(1)), m.group(2).upper()
+    return {"": value, "G": value, "T": value * 1024, "M": -(-value // 1024)}[unit]
+
+
+def executor_parameters(launch: LaunchConfig, name: str, tasks_per_node: int | None = None,
+                        nodes: int | None = None) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (sbatch options) for one job of `launch`'s shape."""
+    gpus = launch.gpus_per_node
+    params: dict[str, Any] = {
+        "job_name": name,
+        "nodes": launch.nodes if nodes is None else nodes,
+        # one task per GPU; one per node on CPU nodes
+        "ntasks_per_node": tasks_per_node if tasks_per_node is not None else max(1, gpus),
+        "cpus_per_task": launch.cpus_per_task,
+        "time": launch.time_min,
+        "signal_delay_s": launch.signal_delay_s,
+    }
+    if gpus > 0:
+        params["gpus_per_node"] = gpus
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(launch, key):
+            params[key] = getattr(launch, key)
+    if launch.mem_gb > 0:
+        params["mem"] = f"{launch.mem_gb}GB"
+    if launch.exclusive:
+        params["exclusive"] = True
+    if launch.setup:
+        params["setup"] = list(launch.setup)
+    return params
+
+
+def submission_folder(base: str | Path, kind: str) -> Path:
+    """A fresh folder per submission: `<base>/<kind>-<UTC time>-<random>`."""
+    return Path(base).absolute() / f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def batch_script(folder: Path, params: dict[str, Any], array: int | None = None) -> str:
+    """The exact batch script submitit writes for these parameters (also for dry runs, where no folder exists)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    extra = {"map_count": array} if array else {}
+    return _make_sbatch_string(command=command, folder=folder, **params, **extra)
+
+
+def _submit(kind: str, folder: Path, params: dict[str, Any], fn: Any, dry_run: bool,
+            max_num_timeout: int = 3) -> Submitted:
+    dependency = params.get("dependency")
+    if dry_run:
+        return Submitted(kind, folder, batch_script(folder, params), dependency=dependency)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_num_timeout)
+    executor.update_parameters(**params)
+    job = executor.submit(fn)
+    script = job.paths.submission_file.read_text() if job.paths.submission_file.exists() else ""
+    logs = [job.paths.stdout.with_name(job.paths.stdout.name.replace("_0_", f"_{t}_"))
+            for t in range(params["nodes"] * params["ntasks_per_node"])]
+    return Submitted(kind, folder, script, job_id=str(job.job_id), job=job, dependency=dependency, logs=logs)
+
+
+def _with_dependency(params: dict[str, Any], dependency: str | None) -> dict[str, Any]:
+    if not dependency:
+        return params
+    params = dict(params, dependency=dependency)
+    # A failed dependency cancels the dependant job instead of leaving it pending forever.
+    params["additional_parameters"] = {**params.get("additional_parameters", {}), "kill-on-invalid-dep": "yes"}
+    return params
+
+
+# --- train --------------------------------------------------------------------------------------------------------
+
+def absolute_paths(cfg: Config) -> Config:
+    """Run folder and data root made absolute against the submitting directory (the job may start elsewhere)."""
+    train = dataclasses.replace(cfg.train, run_dir=str(Path(cfg.train.run_dir).absolute()))
+    data = dataclasses.replace(cfg.data, root=str(Path(cfg.data.root).absolute()))
+    return dataclasses.replace(cfg, train=train, data=data)
+
+
+def submit_train(
+    cfg: Config,
+    eval_data: list[str] | None = None,
+    eval_tag: str | None = None,
+    resume: str = "auto",
+    dry_run: bool = False,
+) -> dict[str, Submitted]:
+    """Submit training (and, with `eval_data`, an evaluation chained after it). Returns {"train": .., "eval": ..}."""
+    cfg = absolute_paths(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    launch = cfg.launch
+    if launch.nodes < 1:
+        raise ConfigError(f"key 'launch.nodes': must be >= 1, got {launch.nodes}")
+    folder = submission_folder(run_dir / "slurm", "train")
+    params = executor_parameters(launch, f"ltm-train-{run_dir.name}")
+    params["additional_parameters"] = {"requeue": True}  # a preempted allocation comes back (`scontrol requeue`)
+    # One rank failing must end the others instead of leaving them blocked in a collective until the time limit.
+    params["srun_args"] = ["--kill-on-bad-exit=1"]
+    out: dict[str, Submitted] = {}
+    out["train"] = _submit("train", folder, params, TrainJob(to_dict(cfg), resume=resume), dry_run,
+                           max_num_timeout=launch.max_requeue)
+    if eval_data:
+        dependency = DEPENDENCY_PLACEHOLDER if dry_run else f"afterok:{out['train'].job_id}"
+        out["eval"] = submit_eval(str(run_dir), eval_data, tag=eval_tag, launch=launch, dependency=dependency,
+                                  dry_run=dry_run, folder=folder)
+    return out
+
+
+# --- eval ---------------------------------------------------------------------------------------------------------
+
+def submit_eval(
+    run_dir: str,
+    data: list[str],
+    tag: str | None = None,
+    launch: LaunchConfig | None = None,
+    dependency: str | None = None,
+    cfg_overrides: list[str] | None = None,
+    dry_run: bool = False,
+    folder: Path | None = None,
+) -> Submitted:
+    """Submit `ltm eval --run run_dir --data ...` on one node (one task per GPU), optionally after `dependency`."""
+    launch = launch or LaunchConfig()
+    if not data:
+        raise ConfigError("eval: no --data folder given")
+    run_path = Path(run_dir).absolute()
+    folder = folder or submission_folder(run_path / "slurm", "eval")
+    params = _with_dependency(executor_parameters(launch, f"ltm-eval-{run_path.name}", nodes=1), dependency)
+    job = EvalJob(str(run_path), data, tag=tag, cfg_overrides=cfg_overrides, gpus_per_node=launch.gpus_per_node)
+    return _submit("eval", folder, params, job, dry_run)
+
+
+# --- prep ---------------------------------------------------------------------------------------------------------
+
+def submit_prep(
+    prep_args: list[str],
+    array: int,
+    launch: LaunchConfig | None = None,
+    logs_dir: str | Path = "runs/prep",
+    dry_run: bool = False,
+) -> dict[str, Submitted]:
+    """`ltm prep <prep_args> --part i/N` as an N-task array, then the merge job (afterok on the whole array)."""
+    if array < 1:
+        raise ConfigError(f"--array {array}: must be >= 1")
+    launch = launch or LaunchConfig()
+    name = prep_args[0] if prep_args else "prep"
+    folder = submission_folder(logs_dir, f"prep-{name}")
+    params = executor_parameters(launch, f"ltm-prep-{name}", tasks_per_node=1, nodes=1)
+    params.pop("gpus_per_node", None)
+    parts = [PrepPartJob(prep_args, i, array) for i in range(array)]
+    out: dict[str, Submitted] = {}
+    if dry_run:
+        out["parts"] = Submitted("prep", folder, batch_script(folder, params, array=array))
+        dependency = "afterok:PREP_ARRAY_JOB_ID"
+    else:
+        executor = submitit.SlurmExecutor(folder=folder)
+        executor.update_parameters(**params)
+        jobs = executor.submit_array(parts)
+        array_id = str(jobs[0].job_id).split("_")[0]
+        script = jobs[0].paths.submission_file.read_text() if jobs[0].paths.submission_file.exists() else ""
+        out["parts"] = Submitted("prep", folder, script, job_id=array_id, job=jobs,
+                                 logs=[j.paths.stdout for j in jobs])
+        dependency = f"afterok:{array_id}"
+    merge_params = _with_dependency(dict(params, job_name=f"ltm-prep-{name}-merge"), dependency)
+    out["merge"] = _submit("merge", folder, merge_params, PrepMergeJob(prep_args, array), dry_run)
+    return out
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------------
+
+def _add_launch_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SLURM resources (default: the config's launch.* keys)")
+    g.add_argument("--nodes", type=int, help="nodes (launch.nodes)")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node = tasks per node; 0: one CPU task per node")
+    g.add_argument("--cpus-per-task", type=int, help="CPU cores per task (data loading threads + 1)")
+    g.add_argument("--mem", help="memory per node, e.g. 64G (launch.mem_gb)")
+    g.add_argument("--time", help="time limit: minutes or [D-]HH:MM[:SS] (launch.time_min)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint", help="node features, e.g. a100")
+    g.add_argument("--exclusive", action="store_true", default=None, help="whole nodes only")
+    g.add_argument("--setup", action="append", metavar="LINES",
+                   help="shell lines run before the job, e.g. 'module load cuda/12.4' (repeatable)")
+    g.add_argument("--max-requeue", type=int, help="requeues after preemption/time limit (launch.max_requeue)")
+    g.add_argument("--signal-delay", type=int, help="seconds between the save signal and the kill")
+    p.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="submit_kind", metavar="{train,eval,prep}", required=True)
+
+    p = sub.add_parser("train", help="multi-node training (+ chained evaluation with --eval)")
+    p.add_argument("--config", default="paper", help="packaged config name or YAML path")
+    p.add_argument("--eval", action="append", metavar="FOLDER", dest="eval_data",
+                   help="shard folder to evaluate once training succeeded (repeatable)")
+    p.add_argument("--eval-tag", help="checkpoint tag for the chained evaluation (default: latest)")
+    p.add_argument("--resume", default="auto", help="auto | never | <tag>")
+    _add_launch_flags(p)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.run_dir=runs/x")
+
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on shard folders")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--data", action="append", required=True, help="shard folder (repeatable)")
+    p.add_argument("--tag", help="checkpoint tag (default: latest)")
+    p.add_argument("--after", metavar="JOBID", help="start only after this job succeeded (afterok)")
+    _add_launch_flags(p)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.batch_size=32)")
+
+    p = sub.add_parser("prep", help="dataset preparation as an array of N parts plus a merge job",
+                       description="ltm submit prep <dataset> [ltm prep options] --array N [SLURM options]; "
+                                   "options not listed here go to `ltm prep`.")
+    p.add_argument("--array", type=int, default=1, help="number of parts (array tasks)")
+    p.add_argument("--logs", default="runs/prep", help="folder for the submitit folders of prep submissions")
+    _add_launch_flags(p)
+    p.add_argument("prep_args", nargs=argparse.REMAINDER, help="`ltm prep` arguments: <dataset> [options]")
+
+
+def launch_from_args(args: argparse.Namespace, launch: LaunchConfig) -> LaunchConfig:
+    """Command-line flags over the config's launch.* keys."""
+    changes: dict[str, Any] = {}
+    for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"), ("cpus_per_task", "cpus_per_task"),
+                      ("partition", "partition"), ("account", "account"), ("qos", "qos"),
+                      ("constraint", "constraint"), ("exclusive", "exclusive"), ("max_requeue", "max_requeue"),
+                      ("signal_delay", "signal_delay_s")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            changes[key] = value
+    if getattr(args, "time", None):
+        changes["time_min"] = parse_time(args.time)
+    if getattr(args, "mem", None):
+        changes["mem_gb"] = parse_mem_gb(args.mem)
+    if getattr(args, "setup", None):
+        changes["setup"] = [line for block in args.setup for line in block.splitlines() if line.strip()]
+    for key in ("nodes", "cpus_per_task"):
+        if changes.get(key, 1) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} {changes[key]}: must be >= 1")
+    if changes.get("gpus_per_node", 0) < 0:
+        raise ConfigError(f"--gpus-per-node {changes['gpus_per_node']}: must be >= 0")
+    return dataclasses.replace(launch, **changes)
+
+
+def _prep_split(args: argparse.Namespace) -> list[str]:
+    """Launch flags may also follow the dataset: pull them out of the `ltm prep` arguments."""
+    launch_parser = argparse.ArgumentParser(add_help=False)
+    launch_parser.add_argument("--array", type=int)
+    launch_parser.add_argument("--logs")
+    _add_launch_flags(launch_parser)
+    known, rest = launch_parser.parse_known_args(args.prep_args)
+    for key, value in vars(known).items():
+        if value not in (None, False):
+            setattr(args, key, value)
+    return rest
+
+
+def _print(results: dict[str, Submitted], dry_run: bool) -> None:
+    for sub in results.values():
+        if dry_run:
+            dep = f" (dependency {sub.dependency})" if sub.dependency else ""
+            print(f"# ---- {sub.kind} job: batch script{dep}, submitit folder {sub.folder}")
+            print(sub.script)
+        else:
+            print(sub.describe())
+
+
+def run(args: argparse.Namespace) -> int:
+    kind = args.submit_kind
+    if kind == "train":
+        cfg = load_config(args.config, args.overrides)
+        cfg = dataclasses.replace(cfg, launch=launch_from_args(args, cfg.launch))
+        results = submit_train(cfg, eval_data=args.eval_data, eval_tag=args.eval_tag, resume=args.resume,
+                               dry_run=args.dry_run)
+        print(f"run folder: {Path(cfg.train.run_dir).absolute()}")
+        tasks = max(1, cfg.launch.gpus_per_node)
+        print(f"nodes={cfg.launch.nodes} tasks_per_node={tasks} gpus_per_node={cfg.launch.gpus_per_node} "
+              f"world_size={cfg.launch.nodes * tasks}")
+    elif kind == "eval":
+        launch = launch_from_args(args, LaunchConfig())
+        dependency = f"afterok:{args.after}" if args.after else None
+        results = {"eval": submit_eval(args.run, args.data, tag=args.tag, launch=launch, dependency=dependency,
+                                       cfg_overrides=args.overrides, dry_run=args.dry_run)}
+    elif kind == "prep":
+        prep_args = _prep_split(args)
+        if not prep_args:
+            raise ConfigError("prep: missing the dataset and its `ltm prep` arguments")
+        launch = launch_from_args(args, LaunchConfig())
+        results = submit_prep(prep_args, args.array, launch=launch, logs_dir=args.logs, dry_run=args.dry_run)
+        print(f"parts={args.array} (--part i/{args.array}), then merge")
+    else:  # argparse restricts the choices
+        raise ConfigError(f"unknown submit kind {kind!r}")
+    _print(results, args.dry_run)
+    return 0
