@@ -24,11 +24,14 @@ FaceSwap) `--map Deepfakes=SelfBlend --map Face2Face=SelfBlend --map NeuralTextu
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -293,6 +296,82 @@ def run_local(plans: list[RunPlan], nproc: int | None = None) -> int:
     return 1 if failed else 0
 
 
+# --------------------------------------------------------------------------------------------------- SLURM
+
+
+def load_jobs(runs: Path) -> dict[str, dict[str, str]]:
+    """Job ids of earlier submissions per run: {run: {"train": id, "eval": id}}."""
+    path = runs / STATE_DIR / "jobs.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); delete it to forget earlier submissions") from exc
+
+
+def save_jobs(runs: Path, jobs: dict[str, dict[str, str]]) -> None:
+    (runs / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    _write_atomic(runs / STATE_DIR / "jobs.json", json.dumps(jobs, indent=2, sort_keys=True) + "\n")
+
+
+def active_jobs(ids: list[str]) -> set[str]:
+    """Those of `ids` still pending or running: a finished job has left `squeue` (no accounting needed)."""
+    if not ids:
+        return set()
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%i", "-u", getpass.getuser()], capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("squeue failed (%s): cannot tell whether earlier jobs still run", exc)
+        return set()
+    queued = {line.strip() for line in out.splitlines() if line.strip()}
+    return {i for i in ids if i in queued}
+
+
+def submit_slurm(plans: list[RunPlan], runs: Path, dry_run: bool = False) -> list[tuple[RunPlan, dict[str, Any]]]:
+    """Submit each unfinished run through the launcher: training, then its evaluation with `afterok`.
+
+    A run whose training finished gets only the evaluation job; a run with jobs of an earlier submission still
+    queued or running gets nothing new. Job ids are recorded in `<runs>/.reproduce/jobs.json` after each run.
+    """
+    from launcher.submit import submit_eval, submit_train
+
+    if not dry_run and shutil.which("sbatch") is None:
+        raise ConfigError("sbatch not found: this machine has no SLURM client; run with --local instead")
+    jobs = load_jobs(runs)
+    active = active_jobs([i for rec in jobs.values() for i in rec.values() if i])
+    submitted = []
+    for plan in plans:
+        if plan.state == "done":
+            continue
+        busy = [i for i in jobs.get(plan.name, {}).values() if i in active]
+        if busy:
+            log.info("%s: job(s) %s of an earlier submission still queued or running; not submitted again",
+                     plan.name, ", ".join(busy))
+            continue
+        data = [str(Path(plan.cfg.data.root) / d) for d in plan.missing]
+        if plan.state in ("train", "resume"):
+            out: dict[str, Any] = submit_train(plan.cfg, eval_data=data, dry_run=dry_run)
+        else:
+            out = {"eval": submit_eval(str(plan.run_dir), data, launch=plan.cfg.launch, dry_run=dry_run)}
+        if not dry_run:
+            jobs[plan.name] = {kind: sub.job_id for kind, sub in out.items()}
+            save_jobs(runs, jobs)
+            log.info("%s: %s", plan.name, ", ".join(f"{k} job {v.job_id}" for k, v in out.items()))
+        submitted.append((plan, out))
+    return submitted
+
+
+def wait_for(ids: list[str], poll_s: float = 5.0) -> None:
+    """Block until none of `ids` is pending or running."""
+    waiting = active_jobs(ids)
+    while waiting:
+        log.info("waiting for %d job(s): %s", len(waiting), ", ".join(sorted(waiting)))
+        time.sleep(poll_s)
+        waiting = active_jobs(ids)
+
+
 # --------------------------------------------------------------------------------------------------- collecting
 
 
@@ -444,98 +523,117 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local pretrained weights for a backbone name (sets model.pretrained / "
                              "model.teacher_pretrained where the run uses it); repeatable")
     parser.add_argument("--nproc", type=int, help="--local: ranks per training (ltm train --nproc)")
+    parser.add_argument("--wait", action="store_true", help="SLURM: wait until the submitted jobs left the queue, "
+                        "then collect")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     _add_submit_arguments(parser)
 
 
 def _add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    """The resource options of `ltm submit train`; they set the `launch.*` keys of every run's config."""
-    g = parser.add_argument_group("SLURM (as in `ltm submit train`)")
-    g.add_argument("--nodes", type=int, help="launch.nodes")
-    g.add_argument("--gpus-per-node", type=int, help="launch.gpus_per_node (0 = CPU job)")
-    g.add_argument("--cpus-per-task", type=int, help="launch.cpus_per_task")
-    g.add_argument("--mem", type=int, metavar="GB", help="launch.mem_gb")
-    g.add_argument("--time", type=int, metavar="MIN", help="launch.time_min")
-    g.add_argument("--partition", help="launch.partition")
-    g.add_argument("--account", help="launch.account")
-    g.add_argument("--qos", help="launch.qos")
-    g.add_argument("--constraint", help="launch.constraint")
-    g.add_argument("--exclusive", action="store_true", default=None, help="launch.exclusive")
-    g.add_argument("--setup", action="append", help="shell line run before each job (module load ...); repeatable")
+    """The resource flags of `ltm submit train` (same names and parsing: `launcher.submit.launch_from_args`)."""
+    g = parser.add_argument_group("SLURM resources, as in `ltm submit train` (default: each config's launch.* keys)")
+    g.add_argument("--nodes", type=int, help="nodes per training (launch.nodes)")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node = tasks per node; 0: one CPU task per node")
+    g.add_argument("--cpus-per-task", type=int, help="CPU cores per task")
+    g.add_argument("--mem", help="memory per node, e.g. 64G (launch.mem_gb)")
+    g.add_argument("--time", help="time limit per job: minutes or [D-]HH:MM[:SS] (launch.time_min)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint", help="node features, e.g. a100")
+    g.add_argument("--exclusive", action="store_true", default=None, help="whole nodes only")
+    g.add_argument("--setup", action="append", metavar="LINES",
+                   help="shell lines run before each job, e.g. 'module load cuda/12.4' (repeatable)")
+    g.add_argument("--max-requeue", type=int, help="requeues after preemption/time limit (launch.max_requeue)")
+    g.add_argument("--signal-delay", type=int, help="seconds between the save signal and the kill")
 
 
-LAUNCH_OPTIONS = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "cpus_per_task": "cpus_per_task",
-                  "mem": "mem_gb", "time": "time_min", "partition": "partition", "account": "account",
-                  "qos": "qos", "constraint": "constraint", "exclusive": "exclusive", "setup": "setup"}
+def _sbatch_lines(script: str) -> str:
+    keep = ("--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time", "--partition",
+            "--account", "--qos", "--constraint", "--mem", "--exclusive", "--dependency")
+    opts = [line.removeprefix("#SBATCH ").strip() for line in script.splitlines() if line.startswith("#SBATCH")]
+    return " ".join(o for o in opts if o.startswith(keep))
 
 
-def _launch_overrides(args: argparse.Namespace) -> list[str]:
-    out = []
-    for opt, key in LAUNCH_OPTIONS.items():
-        value = getattr(args, opt, None)
-        if value is not None:
-            out.append(f"launch.{key}={_format(value)}")
-    return out
-
-
-def print_plan(plans: list[RunPlan], table: Table, slurm: bool, paper: Config) -> None:
-    print(f"{table.name}: {len(plans)} runs ({sum(p.state != 'done' for p in plans)} to do)")
+def print_plan(plans: list[RunPlan], table: Table, paper: Config, nproc: int | None = None,
+               jobs: list[tuple[RunPlan, dict[str, Any]]] | None = None) -> None:
+    """What a run of the table would do: runs with state and config, then the commands or SLURM jobs."""
+    print(f"{table.name}: {len(plans)} runs, {sum(p.state != 'done' for p in plans)} to do")
     for plan in plans:
-        where = f"step {plan.step}/{plan.total}" if plan.step is not None else f"0/{plan.total} steps"
-        print(f"\n{plan.name}  [{plan.state}, {where}]  -> {plan.run_dir}")
+        where = f"checkpoint step {plan.step} of {plan.total}" if plan.step is not None else f"{plan.total} steps"
+        print(f"\n{plan.name}  [{plan.state}; {where}]  {plan.run_dir}")
         print(f"  experiment: {experiment_path(plan.name)}")
         print("  config (against paper.yaml): " + " ".join(config_diff(plan.cfg, paper)))
-        print(f"  reports: {', '.join(str(report_dir(plan.run_dir, d).relative_to(plan.run_dir)) for d in plan.data)}"
-              + (f" (missing: {', '.join(plan.missing)})" if plan.missing else " (all present)"))
+        reports = ", ".join(str(report_dir(plan.run_dir, d).relative_to(plan.run_dir)) for d in plan.data)
+        print(f"  reports: {reports}" + (f" (missing: {', '.join(plan.missing)})" if plan.missing else " (present)"))
     todo = [p for p in plans if p.state != "done"]
-    print("\njobs:" if slurm else "\nsteps:")
-    for plan in todo:
-        data = " ".join(plan.missing)
-        if slurm:
-            lc = plan.cfg.launch
+    if jobs is None:
+        print("\ncommands, in this order:")
+        for plan in todo:
             if plan.state in ("train", "resume"):
-                print(f"  train:{plan.name}  nodes={lc.nodes} gpus_per_node={lc.gpus_per_node} "
-                      f"time={lc.time_min}min{' (resumes from latest)' if plan.state == 'resume' else ''}")
-                print(f"  eval:{plan.name}   data={data}  dependency=afterok:train:{plan.name}")
-            else:
-                print(f"  eval:{plan.name}   data={data}  (no dependency: training finished)")
-        else:
-            if plan.state in ("train", "resume"):
-                print(f"  {' '.join(train_command(plan)[1:])}")
-            print(f"  {' '.join(eval_command(plan)[1:])}")
+                print("  ltm " + " ".join(train_command(plan, nproc)[3:]))
+            print("  ltm " + " ".join(eval_command(plan)[3:]))
+    else:
+        print("\nSLURM jobs:")
+        for n, (plan, out) in enumerate(jobs, 1):
+            for kind, sub in out.items():
+                after = "" if kind == "train" or "train" not in out else f"  afterok: train job of {plan.name}"
+                print(f"  {n}. {kind} {plan.name}{after}")
+                print(f"     {_sbatch_lines(sub.script)}")
+                if kind == "eval":
+                    print(f"     data: {' '.join(plan.missing)}")
+        skipped = len(todo) - len(jobs)
+        if skipped:
+            print(f"  ({skipped} run(s) not submitted again: their jobs are still queued or running)")
     if not todo:
-        print("  none: every report exists (run with --collect)")
+        print("\nnothing to do: every report exists (collect with --collect)")
 
 
 def run(args: argparse.Namespace) -> int:
     runs = Path(args.runs)
     stored = _recall(runs, args.table)
     mapping = parse_pairs(args.map, "--map") if args.map else stored.get("map", {})
-    rows = _csv(args.rows) or (stored.get("rows") if args.collect and not args.columns else None)
-    columns = _csv(args.columns) or (stored.get("columns") if args.collect and not args.rows else None)
+    rows, columns = _csv(args.rows), _csv(args.columns)
+    if args.collect and rows is None and columns is None:
+        rows, columns = stored.get("rows"), stored.get("columns")
     table = select(TABLES[args.table], rows, columns)
     if args.collect:
-        result = collect(table, runs, mapping)
-        if args.dry_run:
-            print(render_markdown(result), end="")
-            return 0
-        md, js = write_collected(result, runs)
-        print(render_markdown(result), end="")
-        print(f"\nwrote {md} and {js}")
-        return 0
+        return _collect_and_print(table, runs, mapping, write=not args.dry_run)
     if not args.shards:
-        raise ConfigError("--shards ROOT is needed to run a table (the shard root the experiments read)")
+        raise ConfigError("--shards ROOT is needed to run a table (the shard root that the experiments read)")
     weights = parse_pairs(args.weights, "--weights")
-    overrides = _launch_overrides(args) + list(args.overrides)
-    plans = plan_table(table, args.shards, runs, args.base, overrides, mapping, weights)
-    slurm = not args.local
-    if args.dry_run:
+    plans = plan_table(table, args.shards, runs, args.base, args.overrides, mapping, weights)
+    if not args.local:
+        from launcher.submit import launch_from_args
+
         for plan in plans:
-            plan.config_file = runs / STATE_DIR / "configs" / f"{plan.name}.yaml"
-        print_plan(plans, table, slurm, load_config("paper"))
+            plan.cfg = replace(plan.cfg, launch=launch_from_args(args, plan.cfg.launch))
+    for plan in plans:
+        plan.config_file = runs / STATE_DIR / "configs" / f"{plan.name}.yaml"
+    paper = load_config("paper")
+    if args.dry_run:
+        jobs = None if args.local else submit_slurm(plans, runs, dry_run=True)
+        print_plan(plans, table, paper, args.nproc, jobs)
         return 0
     write_configs(plans, runs)
     _remember(runs, args.table, {"map": mapping, "rows": rows, "columns": columns, "base": args.base})
-    if slurm:
-        from ltm import reproduce_slurm  # noqa: F401  (filled in below once the launcher lands)
-    return run_local(plans, args.nproc)
+    if args.local:
+        status = run_local(plans, args.nproc)
+    else:
+        submitted = submit_slurm(plans, runs)
+        print_plan(plans, table, paper, jobs=submitted)
+        status = 0
+        if args.wait:
+            wait_for([sub.job_id for _, out in submitted for sub in out.values()])
+    if args.local or args.wait:
+        _collect_and_print(table, runs, mapping, write=True)
+    return status
+
+
+def _collect_and_print(table: Table, runs: Path, mapping: dict[str, str], write: bool) -> int:
+    result = collect(table, runs, mapping)
+    print(render_markdown(result), end="")
+    if write:
+        md, js = write_collected(result, runs)
+        print(f"\nwrote {md} and {js}")
+    return 0
