@@ -1,0 +1,383 @@
+"""`ltm eval`: score shard folders with a run's checkpoint and write frame/video AUC reports with plots.
+
+Weights come from the DeepSpeed checkpoint through DeepSpeed's own zero-to-fp32 helpers, without an engine, so
+any number of ranks can evaluate a checkpoint trained on any other number. Each rank scores the share of samples
+the eval loader gives it (every sample exactly once over all ranks, no padding); the (key, video, method, label,
+score) rows are gathered once, and every rank computes the same metrics; rank 0 writes
+`<run>/eval/<dataset>-<split>/{report.json, report.md, scores.csv, roc.png, attention/*.png}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ltm import distributed
+from ltm.config import Config, load_config
+from ltm.metrics import VIDEO_AGGREGATIONS, compute_metrics
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A run folder, tag or checkpoint file that cannot give weights for the model; the message names the file."""
+
+
+@dataclass
+class Row:
+    key: str
+    video: str
+    method: str
+    label: int
+    score: float
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights: DeepSpeed checkpoint tag folder (ZeRO 0/1/2) or a consolidated fp32 file
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_tag(run_dir: str | os.PathLike, tag: str | None = None) -> Path:
+    """`<run>/checkpoints/<tag>`; tag None or "latest" = the tag named in `<run>/checkpoints/latest`."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
+    ckpt_root = run / "checkpoints"
+    if tag in (None, "latest"):
+        latest = ckpt_root / "latest"
+        if not latest.is_file():
+            raise CheckpointError(f"{latest}: no such file (the run has no finished checkpoint; pass --tag)")
+        tag = latest.read_text().strip()
+        if not tag:
+            raise CheckpointError(f"{latest}: empty (a checkpoint save was interrupted?)")
+    folder = ckpt_root / str(tag)
+    if not folder.is_dir():
+        tags = sorted(p.name for p in ckpt_root.glob("*") if p.is_dir()) if ckpt_root.is_dir() else []
+        raise CheckpointError(f"checkpoint tag folder {str(folder)!r}: no such folder (tags here: {tags or 'none'})")
+    return folder
+
+
+def _find_corrupt(files: list[Path]) -> Path | None:
+    """The first file that is not a readable torch zip archive (truncated, overwritten, not a checkpoint)."""
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as zf:
+                if zf.testzip() is not None:
+                    return f
+        except (zipfile.BadZipFile, OSError):
+            return f
+    return None
+
+
+def _quietly(fn, *args, **kwargs):
+    """DeepSpeed's zero_to_fp32 prints progress to stdout; keep `ltm eval`'s output to the table and paths."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        out = fn(*args, **kwargs)
+    for line in buf.getvalue().splitlines():
+        log.debug("zero_to_fp32: %s", line)
+    return out
+
+
+def load_checkpoint_weights(tag_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """fp32 state dict of the model saved in a DeepSpeed tag folder, on CPU.
+
+    ZeRO 1/2 keep the fp32 master weights partitioned over the ranks' `*_optim_states.pt`; DeepSpeed's
+    `get_fp32_state_dict_from_zero_checkpoint` stitches them (any saved world size). ZeRO stage 0 writes no
+    partitioned optimizer files and the helper does not apply: the full model is `module` in
+    `mp_rank_00_model_states.pt` (fp32 unless the run trained in bf16/fp16, then the half-precision copy).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = Path(tag_dir)
+    model_files = sorted(tag_dir.glob("*_model_states.pt"))
+    optim_files = sorted(tag_dir.glob("*_optim_states.pt"))
+    if not model_files:
+        raise CheckpointError(f"{tag_dir / 'mp_rank_00_model_states.pt'}: no such file (no *_model_states.pt in "
+                              f"the tag folder: an incomplete or foreign checkpoint)")
+    try:
+        if optim_files:
+            state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(tag_dir.parent), tag=tag_dir.name)
+        else:
+            saved = torch.load(model_files[0], map_location="cpu", weights_only=False)
+            if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
+                raise CheckpointError(f"{model_files[0]}: no 'module' state dict (not a DeepSpeed model state file)")
+            state = saved["module"]
+            precision = {k for k in ("bf16", "fp16") if (saved.get("ds_config") or {}).get(k, {}).get("enabled")}
+            if precision:
+                log.warning("%s: ZeRO stage 0 %s run: evaluating its %s weights (no fp32 master copy is stored "
+                            "in a form DeepSpeed's helpers read)", model_files[0], *precision, *precision)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch/DeepSpeed raise many kinds for a damaged checkpoint
+        bad = _find_corrupt(model_files + optim_files)
+        if bad is not None:
+            raise CheckpointError(f"checkpoint file {str(bad)!r}: corrupt or truncated ({exc})") from exc
+        raise CheckpointError(f"checkpoint {str(tag_dir)!r}: cannot be read: {exc}") from exc
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A consolidated state dict (`torch.save(model.state_dict())`, zero_to_fp32's output, or {'module': ...})."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"weights file {str(path)!r}: corrupt or not a torch state dict ({exc})") from exc
+    for key in ("module", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"weights file {str(path)!r}: not a state dict of tensors")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, config_path: str) -> None:
+    """`load_state_dict(strict=True)`, with a message that names both files when they do not belong together."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {shapes[:3]})")
+        raise CheckpointError(f"weights {source!r} do not fit the model built from {config_path!r} "
+                              f"(model/config mismatch): {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(
+    run_dir: str | os.PathLike,
+    tag: str | None = None,
+    weights: str | os.PathLike | None = None,
+    cfg_overrides: list[str] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, Config, str]:
+    """(model in eval mode on `device`, the run's config, the checkpoint it came from)."""
+    from ltm.models import build_model
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: no such file (not a run folder written by `ltm train`)")
+    cfg = load_config(config_path, cfg_overrides or [])
+    if weights is not None:
+        source = str(Path(weights))
+        state = load_weights_file(weights)
+    else:
+        tag_dir = resolve_tag(run, tag)
+        source = str(tag_dir)
+        state = load_checkpoint_weights(tag_dir)
+    model = build_model(cfg.model, cfg.data.image_size)
+    fit_weights(model, state, source, str(config_path))
+    model.to(device).eval()
+    return model, cfg, source
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data folders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resolve_folder(folder: str | os.PathLike, cfg: Config) -> Path:
+    """A shard folder as given when it exists, else relative to `cfg.data.root` (the loader's rule)."""
+    path = Path(folder)
+    if not path.exists() and not path.is_absolute():
+        path = Path(cfg.data.root) / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"shard folder {str(folder)!r}: no such folder (also looked in {str(path)!r})")
+    if not any(path.rglob("*.tar")):
+        raise ValueError(f"shard folder {str(path)!r}: holds no .tar shards")
+    return path
+
+
+def dataset_name(folder: Path) -> str:
+    """`<dataset>-<split>` for a split folder, `<dataset>-<split>-<method>` for one method folder."""
+    method_folder = any(folder.glob("*.tar"))
+    parts = folder.resolve().parts
+    return "-".join(parts[-3:] if method_folder else parts[-2:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def score_folder(
+    model: nn.Module, cfg: Config, folder: Path, env: distributed.DistEnv, batch_size: int, keep_per_label: int = 0
+) -> tuple[list[Row], dict[int, list[tuple[str, torch.Tensor]]], int]:
+    """Score this rank's share of a folder; also keep up to `keep_per_label` (key, image) pairs per label.
+
+    Returns (rows of this rank, kept images by label, images scored by this rank).
+    """
+    from ltm.data import build_eval_loader
+
+    loader = build_eval_loader(cfg, [folder], env.rank, env.world_size, env.device, batch_size)
+    use_bf16 = env.device.type == "cuda" and cfg.train.precision == "bf16"
+    rows: list[Row] = []
+    kept: dict[int, list[tuple[str, torch.Tensor]]] = {0: [], 1: []}
+    with torch.inference_mode(), torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        for batch in loader:
+            probs = model.predict(batch["images"]).float().cpu().tolist()
+            labels = batch["labels"].cpu().round().int().tolist()
+            for i, (key, video, method, label, p) in enumerate(
+                zip(batch["keys"], batch["videos"], batch["methods"], labels, probs)
+            ):
+                rows.append(Row(key, video, method, label, p))
+                if len(kept[label]) < keep_per_label:
+                    kept[label].append((key, batch["images"][i].detach().float().cpu().clone()))
+    return rows, kept, len(rows)
+
+
+def gather_rows(rows: list[Row]) -> list[Row]:
+    """All ranks' rows, once each (one all_gather of plain tuples), sorted by (method, key)."""
+    parts = distributed.all_gather_object([(r.key, r.video, r.method, r.label, r.score) for r in rows])
+    merged = [Row(*t) for part in parts for t in part]
+    seen: set[tuple[str, str]] = set()
+    for r in merged:
+        if (r.method, r.key) in seen:
+            raise RuntimeError(f"sample {r.key!r} ({r.method}) was scored twice: the eval loader broke its contract")
+        seen.add((r.method, r.key))
+    return sorted(merged, key=lambda r: (r.method, r.key))
+
+
+def attention_maps(model: nn.Module, kept: dict[int, list[tuple[str, torch.Tensor]]], device: torch.device) -> list:
+    """[(key, label, image (3,H,W), attention (h,w), mask (h,w), P(fake))] for the kept samples; [] for Baseline."""
+    if not hasattr(model, "explain"):
+        log.info("model kind %s has no teacher attention: no attention pictures", type(model).__name__)
+        return []
+    items = [(key, label, img) for label in (0, 1) for key, img in kept[label]]
+    if not items:
+        return []
+    images = torch.stack([img for _, _, img in items]).to(device)
+    out = model.explain(images)
+    probs = model.predict(images).float().cpu()
+    return [(key, label, img, out["attention"][i].float().cpu(), out["mask"][i].float().cpu(), float(probs[i]))
+            for i, (key, label, img) in enumerate(items)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    run_dir: str | os.PathLike,
+    data: list[str] | None = None,
+    tag: str | None = None,
+    cfg_overrides: list[str] | None = None,
+    weights: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """Score each data folder (default: the config's `data.test`); one report dict per folder (DESIGN.md keys).
+
+    Runs on the ranks the environment describes (a world of one without it); every rank returns the same list,
+    rank 0 writes `<out_dir or run/eval>/<dataset>-<split>/`.
+    """
+    from ltm import report as report_mod
+
+    env = distributed.init_distributed()
+    try:
+        model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, env.device)
+        folders = [resolve_folder(f, cfg) for f in (data or cfg.data.test)]
+        if not folders:
+            raise ValueError(f"{Path(run_dir) / 'config.yaml'}: data.test is empty and no --data was given")
+        out_root = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
+        reports = []
+        for folder in folders:
+            name = dataset_name(folder)
+            start = time.perf_counter()
+            rows, kept, n_local = score_folder(model, cfg, folder, env, cfg.eval.batch_size,
+                                               cfg.eval.attention_samples if env.is_main else 0)
+            rows = gather_rows(rows)
+            seconds = time.perf_counter() - start
+            if not rows:
+                raise ValueError(f"shard folder {str(folder)!r}: the loader yielded no samples")
+            metrics = compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
+                                      [r.score for r in rows], cfg.eval.video_agg, cfg.eval.threshold)
+            report = {
+                "name": name,
+                **metrics,
+                "checkpoint": source,
+                "data": str(folder),
+                "run": str(run_dir),
+                "model": {"kind": cfg.model.kind, "backbone": cfg.model.backbone,
+                          "inference_head": cfg.model.inference_head, "image_size": cfg.data.image_size},
+                "world_size": env.world_size,
+                "seconds": round(seconds, 3),
+                "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
+            }
+            if env.is_main:
+                folder_out = out_root / name
+                pictures = attention_maps(model, kept, env.device) if cfg.eval.attention_samples > 0 else []
+                report_mod.write_report(folder_out, report, rows, pictures)
+                report["report_dir"] = str(folder_out)
+                log.info("%s: %d frames, %d videos, frame AUC %s, %.1f images/s on %d rank(s) -> %s",
+                         name, report["n_frames"], report["n_videos"], report_mod.fmt(report["frame_auc"]),
+                         report["images_per_s"] or 0.0, env.world_size, folder_out)
+            reports.append(report)
+        distributed.barrier()
+        return reports
+    finally:
+        distributed.teardown(env)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints/)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one in checkpoints/latest)")
+    parser.add_argument("--weights", default=None, help="a consolidated fp32 state-dict file instead of a tag")
+    parser.add_argument("--data", action="append", default=None,
+                        help="shard folder (split or method folder; relative to data.root unless it exists); "
+                             "repeat for a cross-dataset table (default: the config's data.test)")
+    parser.add_argument("--video-agg", choices=VIDEO_AGGREGATIONS, default=None,
+                        help="frame scores -> video score (default: eval.video_agg)")
+    parser.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: eval.batch_size)")
+    parser.add_argument("--out", default=None, help="report root (default: <run>/eval)")
+    parser.add_argument("--nproc", type=int, default=1, help="start N local ranks")
+    parser.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. data.loader=reference")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "RANK" not in os.environ:
+        argv = ["-m", "ltm.cli", "eval", "--run", str(args.run)]
+        for flag, value in (("--tag", args.tag), ("--weights", args.weights), ("--video-agg", args.video_agg),
+                            ("--batch-size", args.batch_size), ("--out", args.out)):
+            if value is not None:
+                argv += [flag, str(value)]
+        for folder in args.data or []:
+            argv += ["--data", str(folder)]
+        return distributed.launch_local(args.nproc, [*argv, *args.overrides])
+    overrides = list(args.overrides)
+    if args.video_agg:
+        overrides.append(f"eval.video_agg={args.video_agg}")
+    if args.batch_size:
+        overrides.append(f"eval.batch_size={args.batch_size}")
+    reports = evaluate(args.run, args.data, args.tag, overrides, args.weights, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from ltm.report import print_table
+
+        print_table(reports)
+        for r in reports:
+            print(f"report: {r['report_dir']}")
+        print(str(Path(reports[-1]["report_dir"]) / "report.json"))
+    return 0

@@ -1,0 +1,131 @@
+"""Detection metrics on P(fake) scores: frame- and video-level AUC, AP, EER, accuracy (scikit-learn does the math).
+
+Label convention everywhere: 1 = fake, 0 = real; AUC takes fake as the positive class. A metric that is not
+defined for the given labels (one class only) is `None`, never NaN, so that report.json stays valid JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
+
+log = logging.getLogger(__name__)
+
+VIDEO_AGGREGATIONS = ("mean", "max")
+
+
+def _two_classes(labels: np.ndarray) -> bool:
+    return labels.size > 0 and 0 < labels.sum() < labels.size
+
+
+def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    """Area under the ROC curve (the paper's metric); None when only one class is present."""
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    return float(roc_auc_score(labels, scores)) if _two_classes(labels) else None
+
+
+def average_precision(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    return float(average_precision_score(labels, scores)) if _two_classes(labels) else None
+
+
+def eer(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    """Equal error rate: where the false-positive rate equals the false-negative rate on the ROC curve.
+
+    sklearn's ROC points are joined by straight lines; on the segment where FNR - FPR changes sign both rates
+    are linear in the same parameter, so the crossing is found exactly by linear interpolation.
+    """
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if not _two_classes(labels):
+        return None
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fnr = 1.0 - tpr
+    gap = fnr - fpr  # starts at 1 (fpr 0, fnr 1), ends at -1, never increases
+    i = int(np.argmax(gap <= 0))
+    if gap[i] == 0 or i == 0:
+        return float(fpr[i])
+    t = gap[i - 1] / (gap[i - 1] - gap[i])
+    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+
+
+def accuracy(
+    labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float = 0.5
+) -> float:
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    return float(accuracy_score(labels.astype(int), (scores >= threshold).astype(int)))
+
+
+def video_scores(
+    videos: Sequence[str], methods: Sequence[str], labels: Sequence[float], scores: Sequence[float], agg: str = "mean"
+) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
+    """Aggregate frame scores per video: returns ((method, video) ids, labels, scores), one entry per video.
+
+    A video is identified by (method, video id): FF++ fakes share their target's id prefix but not the id, and
+    keying on the method as well keeps two sources that reuse an id apart. A video whose frames disagree on the
+    label is bad data and an error naming the video.
+    """
+    if agg not in VIDEO_AGGREGATIONS:
+        raise ValueError(f"video aggregation {agg!r}: expected one of {list(VIDEO_AGGREGATIONS)}")
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, key in enumerate(zip(methods, videos)):
+        groups.setdefault(key, []).append(i)
+    labels_arr = np.asarray(labels, dtype=np.float64)
+    scores_arr = np.asarray(scores, dtype=np.float64)
+    reduce = np.mean if agg == "mean" else np.max
+    ids, video_labels, video_score = [], [], []
+    for key, idx in groups.items():
+        frame_labels = labels_arr[idx]
+        if not np.all(frame_labels == frame_labels[0]):
+            raise ValueError(f"video {key[1]!r} (method {key[0]!r}) has frames labelled both real and fake")
+        ids.append(key)
+        video_labels.append(frame_labels[0])
+        video_score.append(float(reduce(scores_arr[idx])))
+    return ids, np.asarray(video_labels), np.asarray(video_score)
+
+
+def compute_metrics(
+    videos: Sequence[str],
+    methods: Sequence[str],
+    labels: Sequence[float],
+    scores: Sequence[float],
+    video_agg: str = "mean",
+    threshold: float = 0.5,
+) -> dict:
+    """All report.json metrics for one scored set; `per_method` rates each fake method against all reals."""
+    labels_arr = np.asarray(labels, dtype=np.float64)
+    scores_arr = np.asarray(scores, dtype=np.float64)
+    methods_arr = np.asarray(methods, dtype=object)
+    _, v_labels, v_scores = video_scores(videos, methods, labels_arr, scores_arr, video_agg)
+    out = {
+        "frame_auc": auc(labels_arr, scores_arr),
+        "video_auc": auc(v_labels, v_scores),
+        "ap": average_precision(labels_arr, scores_arr),
+        "eer": eer(labels_arr, scores_arr),
+        "acc": accuracy(labels_arr, scores_arr, threshold) if labels_arr.size else None,
+        "n_frames": int(labels_arr.size),
+        "n_videos": int(v_labels.size),
+        "n_real": int((labels_arr == 0).sum()),
+        "n_fake": int((labels_arr == 1).sum()),
+        "video_agg": video_agg,
+        "threshold": threshold,
+    }
+    real = labels_arr == 0
+    per_method = {}
+    for method in sorted(set(methods_arr[labels_arr == 1].tolist())):
+        sel = real | ((methods_arr == method) & (labels_arr == 1))
+        sel_videos = [v for v, s in zip(videos, sel) if s]
+        _, mv_labels, mv_scores = video_scores(
+            sel_videos, methods_arr[sel].tolist(), labels_arr[sel], scores_arr[sel], video_agg
+        )
+        per_method[method] = {
+            "frame_auc": auc(labels_arr[sel], scores_arr[sel]),
+            "video_auc": auc(mv_labels, mv_scores),
+            "n_frames": int(((methods_arr == method) & (labels_arr == 1)).sum()),
+        }
+    out["per_method"] = per_method
+    if out["frame_auc"] is None:
+        log.warning("AUC is undefined: the scored set holds only %s samples", "fake" if out["n_fake"] else "real")
+    return out

@@ -1,0 +1,210 @@
+"""Evaluation reports: report.json, report.md, scores.csv, roc.png, attention pictures; each file written atomically.
+
+Each file goes to a temporary name in the same folder and is renamed into place, so a report folder never holds a
+half-written file (a killed job leaves the previous report or none).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from ltm.metrics import video_scores  # noqa: E402
+
+SCORE_COLUMNS = ("key", "video", "method", "label", "score")
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_savefig(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------
+
+SUMMARY_COLUMNS = (("frames", "n_frames"), ("videos", "n_videos"), ("frame AUC", "frame_auc"),
+                   ("video AUC", "video_auc"), ("AP", "ap"), ("EER", "eer"), ("acc@0.5", "acc"))
+
+
+def _cell(report: dict, key: str) -> str:
+    value = report.get(key)
+    return str(value) if key.startswith("n_") else fmt(value)
+
+
+def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
+    lines = [f"# Evaluation: {report['name']}", ""]
+    lines += [f"- checkpoint: `{report['checkpoint']}`", f"- data: `{report['data']}`",
+              f"- model: {report['model']['kind']} ({report['model']['backbone']}, "
+              f"head {report['model']['inference_head']}, {report['model']['image_size']} px)",
+              f"- video score: {report['video_agg']} of its frames' P(fake); accuracy at P(fake) >= "
+              f"{report['threshold']}", ""]
+    lines += ["| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |", "|" + "---:|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(_cell(report, k) for _, k in SUMMARY_COLUMNS) + " |", ""]
+    if report["per_method"]:
+        lines += ["Per fake method, against all real samples:", "",
+                  "| method | fake frames | frame AUC | video AUC |", "|---|---:|---:|---:|"]
+        for method, m in report["per_method"].items():
+            lines.append(f"| {method} | {m['n_frames']} | {fmt(m['frame_auc'])} | {fmt(m['video_auc'])} |")
+        lines.append("")
+    lines += [f"Real frames: {report['n_real']}, fake frames: {report['n_fake']}.", "", "![ROC](roc.png)", ""]
+    if pictures:
+        lines += ["Teacher attention (left: face crop; right: attention map, masked grid cells outlined):", ""]
+        lines += [f"![{Path(p).stem}]({p})" for p in pictures]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def print_table(reports: Sequence[dict]) -> None:
+    """The cross-dataset table: one row per scored folder."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ltm eval", show_lines=False)
+    table.add_column("data", style="bold")
+    for title, _ in SUMMARY_COLUMNS:
+        table.add_column(title, justify="right")
+    table.add_column("per-method frame AUC")
+    for r in reports:
+        per_method = ", ".join(f"{m} {fmt(v['frame_auc'], 3)}" for m, v in r["per_method"].items())
+        table.add_row(r["name"], *(_cell(r, k) for _, k in SUMMARY_COLUMNS), per_method)
+    Console(width=max(120, Console().width)).print(table)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plot_roc(path: str | os.PathLike, report: dict, rows: Sequence[Any]) -> None:
+    labels = np.array([r.label for r in rows], dtype=np.float64)
+    scores = np.array([r.score for r in rows], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    if report["frame_auc"] is not None:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"frames (AUC {fmt(report['frame_auc'])})", lw=2)
+        _, v_labels, v_scores = video_scores([r.video for r in rows], [r.method for r in rows], labels, scores,
+                                             report["video_agg"])
+        if report["video_auc"] is not None:
+            fpr, tpr, _ = roc_curve(v_labels, v_scores)
+            ax.plot(fpr, tpr, label=f"videos, {report['video_agg']} (AUC {fmt(report['video_auc'])})", lw=2)
+    else:
+        ax.text(0.5, 0.5, "one class only: ROC undefined", ha="center", va="center")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (real called fake)",
+           ylabel="true positive rate (fake caught)", title=report["name"])
+    ax.legend(loc="lower right", fontsize=8)
+    atomic_savefig(fig, path)
+
+
+def plot_attention(path: str | os.PathLike, image: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor,
+                   title: str) -> None:
+    """Face crop beside the teacher's attention A (Eq. 2) upsampled over it, masked cells (M = 0, Eq. 4) outlined."""
+    img = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    size_h, size_w = img.shape[:2]
+    grid_h, grid_w = attention.shape
+    up = F.interpolate(attention[None, None].float(), size=(size_h, size_w), mode="bilinear", align_corners=False)
+    up = up[0, 0].numpy()
+    up = (up - up.min()) / (up.max() - up.min() + 1e-12)
+    fig, axes = plt.subplots(1, 2, figsize=(5.6, 3.1))
+    axes[0].imshow(img)
+    axes[0].set_title("face crop", fontsize=8)
+    axes[1].imshow(img)
+    axes[1].imshow(up, cmap="jet", alpha=0.45)
+    cell_h, cell_w = size_h / grid_h, size_w / grid_w
+    for i, j in zip(*np.nonzero(mask.numpy() == 0)):
+        axes[1].add_patch(Rectangle((j * cell_w - 0.5, i * cell_h - 0.5), cell_w, cell_h, fill=False,
+                                    edgecolor="white", lw=1.5, ls="--"))
+    axes[1].set_title(f"attention, {int((mask == 0).sum())}/{grid_h * grid_w} cells masked", fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=8)
+    atomic_savefig(fig, path)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def write_attention(folder: str | os.PathLike, pictures: Sequence[tuple]) -> list[str]:
+    """pictures: (key, label, image, attention, mask, p_fake); returns file names relative to the report folder."""
+    names = []
+    for n, (key, label, image, attention, mask, p_fake) in enumerate(pictures):
+        kind = "fake" if label else "real"
+        name = f"attention/{n:02d}_{kind}_{_safe(key)}.png"
+        plot_attention(Path(folder) / name, image, attention, mask, f"{key} ({kind}) P(fake) = {p_fake:.3f}")
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report folder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_scores(path: str | os.PathLike, rows: Sequence[Any]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SCORE_COLUMNS)
+    for r in rows:
+        writer.writerow((r.key, r.video, r.method, r.label, f"{r.score:.8f}"))
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_scores(path: str | os.PathLike) -> list[dict]:
+    with open(path, newline="") as f:
+        return [dict(row, label=int(row["label"]), score=float(row["score"])) for row in csv.DictReader(f)]
+
+
+def write_report(folder: str | os.PathLike, report: dict, rows: Sequence[Any], pictures: Sequence[tuple] = ()) -> None:
+    """Everything for one scored folder; report.json last, so its presence means the folder is complete."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_scores(folder / "scores.csv", rows)
+    plot_roc(folder / "roc.png", report, rows)
+    picture_names = write_attention(folder, pictures)
+    report["attention"] = picture_names
+    atomic_write_text(folder / "report.md", render_markdown(report, picture_names))
+    atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
