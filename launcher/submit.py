@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import re
 import shlex
+import subprocess
 import sys
 import time
 import uuid
@@ -372,3 +373,32 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown submit kind {kind!r}")
     _print(results, args.dry_run)
     return 0
+
+
+# --- job state (works without accounting: `scontrol` knows a job until MinJobAge after its end) ---------------------
+
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                "BOOT_FAIL", "DEADLINE")
+
+
+def job_state(job_id: str) -> str:
+    """SLURM state of a job (for an array id: the states of its tasks joined by ','); UNKNOWN when nobody knows."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True)
+    states = re.findall(r"\bJobState=(\S+)", proc.stdout) if proc.returncode == 0 else []
+    if not states:
+        proc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)],
+                              capture_output=True, text=True)
+        states = [s.split()[0] for s in proc.stdout.split()] if proc.returncode == 0 else []
+    return ",".join(sorted(set(states))) if states else "UNKNOWN"
+
+
+def wait_for(job_ids: list[str], timeout_s: float, poll_s: float = 1.0) -> dict[str, str]:
+    """Block until every job reached a final state (or `timeout_s` passed); returns {job id: state}."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {j: job_state(j) for j in job_ids}
+        if all(s != "UNKNOWN" and all(p in FINAL_STATES for p in s.split(",")) for s in states.values()):
+            return states
+        if time.monotonic() > deadline:
+            return states
+        time.sleep(poll_s)
