@@ -1,0 +1,173 @@
+"""`ltm reproduce`: experiment configs, the tables' run lists, planning, collecting (fast, no training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltm.cli import main
+from ltm.config import ConfigError, load_config
+from ltm.models import build_model
+from ltm.paper_results import FF_METHODS, TABLES
+from ltm.reproduce import (
+    EXPERIMENTS_DIR,
+    checkpoint_step,
+    collect,
+    map_path,
+    plan_table,
+    render_markdown,
+    report_dir,
+    run_config,
+    select,
+)
+
+EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+BACKBONE = {"resnet18": "resnet18", "resnet34": "resnet34", "xception": "legacy_xception"}
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_loads_and_builds(name: str) -> None:
+    cfg = load_config(f"experiments/{name}")
+    assert cfg.data.train and cfg.data.test, name
+    # The teacher's mask (Eq. 4) must fit the student's grid at the paper's 224 px: the model checks it on build.
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.data.image_size)
+    if cfg.model.kind == "ltm":
+        assert model.grid == (7, 7)
+
+
+def test_every_experiment_belongs_to_a_table_and_every_run_has_an_experiment() -> None:
+    used = {run for table in TABLES.values() for run in table.runs()}
+    assert used == set(EXPERIMENTS)
+
+
+def test_tables_have_the_papers_shape() -> None:
+    shapes = {name: (len(t.rows), len(t.columns), len(t.runs())) for name, t in TABLES.items()}
+    # rows x columns as printed; runs = our trainings (cited rows have none; shared runs counted once per table)
+    assert shapes == {"table1": (3, 4, 8), "table2": (5, 4, 3), "table3": (8, 2, 7), "table4": (3, 3, 9),
+                      "table5": (3, 3, 9)}
+    assert all(len(r.cells) == len(t.columns) for t in TABLES.values() for r in t.rows)
+
+
+def test_cells_point_at_what_their_config_trains_and_tests() -> None:
+    paper_by_cell: dict[tuple, float | None] = {}
+    for table in TABLES.values():
+        for row in table.rows:
+            for col, cell in row.cells.items():
+                if cell.run is None:
+                    continue
+                cfg = load_config(f"experiments/{cell.run}")
+                assert cell.data in cfg.data.test, (table.name, row.key, col)
+                train = [s.path for s in cfg.data.train]
+                if cell.method is not None:  # per-method cell: that method is what the run trains on
+                    assert any(p.endswith("/" + cell.method) for p in train), (cell.run, train)
+                # one (run, data, method) is one number: shared runs must agree across tables
+                key = (cell.run, cell.data, cell.method)
+                assert paper_by_cell.setdefault(key, cell.paper) == cell.paper, key
+    for m, full in FF_METHODS.items():
+        assert load_config(f"experiments/ffpp_c40_{m}_baseline").model.kind == "baseline"
+        assert [s.path for s in load_config(f"experiments/ffpp_c40_{m}_ltm").data.train] == [
+            "ffpp_c40/train/real", f"ffpp_c40/train/{full}"]
+    for row in TABLES["table3"].rows:
+        if row.key.endswith("_nomixup"):
+            assert load_config(f"experiments/{row.cells['in'].run}").model.mixup is False
+    for row in TABLES["table4"].rows:
+        for cell in row.cells.values():
+            assert load_config(f"experiments/{cell.run}").model.mask_strategy == row.key
+    assert [s.path for s in load_config("experiments/ffpp_c23_df_ltm_low").data.train][-1].endswith("Deepfakes")
+    for row in TABLES["table5"].rows:
+        for col, cell in row.cells.items():
+            model = load_config(f"experiments/{cell.run}").model
+            assert (model.backbone, model.teacher_backbone or model.backbone) == (BACKBONE[row.key], BACKBONE[col])
+
+
+def test_map_renames_components_and_merges_sources(tmp_path: Path) -> None:
+    assert map_path("wdf/train/fake", {"wdf": "ffpp_c23", "fake": "SelfBlend"}) == "ffpp_c23/train/SelfBlend"
+    assert map_path("ffpp_c23/test", {"test": "val"}) == "ffpp_c23/val"
+    mapping = {"Deepfakes": "SelfBlend", "Face2Face": "SelfBlend", "NeuralTextures": "FaceSwap"}
+    cfg = run_config("ffpp_c23_ltm", tmp_path / "shards", tmp_path / "runs", base="tiny-cpu",
+                     overrides=["train.epochs=1"], mapping=mapping, weights={"resnet18": "/w/r18.pth"})
+    assert [(s.path, s.weight) for s in cfg.data.train] == [
+        ("ffpp_c23/train/real", 4), ("ffpp_c23/train/SelfBlend", 2), ("ffpp_c23/train/FaceSwap", 2)]
+    assert cfg.model.backbone == "resnet18" and cfg.data.image_size == 112  # from tiny-cpu
+    assert cfg.model.pretrained == cfg.model.teacher_pretrained == "/w/r18.pth"
+    assert cfg.train.epochs == 1 and cfg.train.run_dir == str((tmp_path / "runs" / "ffpp_c23_ltm").resolve())
+    assert cfg.data.root == str((tmp_path / "shards").resolve())
+    with pytest.raises(ConfigError, match="train.epochs"):
+        run_config("ffpp_c23_ltm", tmp_path, tmp_path, overrides=["train.epochs=zero"])
+
+
+def test_select_and_unknown_keys() -> None:
+    t = select(TABLES["table4"], ["high", "low", "random"], ["ffpp_c23"])
+    assert t.runs() == ["ffpp_c23_ltm", "ffpp_c23_ltm_low", "ffpp_c23_ltm_random"]
+    assert select(TABLES["table2"], None, ["wdf"]).average == {}
+    with pytest.raises(ConfigError, match="unknown column"):
+        select(TABLES["table4"], None, ["imagenet"])
+
+
+def _report(path: Path, frame_auc: float | None, per_method: dict[str, float] | None = None) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    per = {m: {"frame_auc": v, "video_auc": v, "n_frames": 10} for m, v in (per_method or {}).items()}
+    (path / "report.json").write_text(json.dumps({"frame_auc": frame_auc, "per_method": per}))
+
+
+def test_plan_states_and_collect(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    table = TABLES["table3"]
+    # FF-DF: trained and both reports there; FF-F2F: trained, CelebDF report missing; FF-NT: half trained.
+    _report(runs / "ffpp_c23_df_ltm/eval/ffpp_c23-test", 0.99, {"Deepfakes": 0.995, "FaceSwap": 0.7})
+    _report(runs / "ffpp_c23_df_ltm/eval/celebdf_v2-test", 0.8)
+    _report(runs / "ffpp_c23_f2f_ltm/eval/ffpp_c23-test", 0.98, {"Face2Face": 0.9961})
+    for run, step in (("ffpp_c23_df_ltm", 9000), ("ffpp_c23_f2f_ltm", 9000), ("ffpp_c23_nt_ltm", 300)):
+        (runs / run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (runs / run / "checkpoints" / "latest").write_text(f"step{step:08d}")
+    plans = {p.name: p for p in plan_table(table, tmp_path / "shards", runs)}
+    assert list(plans) == table.runs()
+    assert plans["ffpp_c23_df_ltm"].state == "done"
+    assert (plans["ffpp_c23_f2f_ltm"].state, plans["ffpp_c23_f2f_ltm"].missing) == ("eval", ["celebdf_v2/test"])
+    assert plans["ffpp_c23_nt_ltm"].state == "resume" and checkpoint_step(runs / "ffpp_c23_nt_ltm") == 300
+    assert plans["ffpp_c23_baseline"].state == "train"
+
+    result = collect(table, runs)
+    cells = {r["key"]: r["cells"] for r in result["rows"]}
+    assert cells["df"]["in"]["ours"] == pytest.approx(99.5)  # per_method Deepfakes, not the split's frame_auc
+    assert cells["df"]["in"]["diff"] == pytest.approx(99.5 - 99.90)
+    assert cells["df"]["celebdf"]["ours"] == pytest.approx(80.0)
+    assert cells["f2f"]["in"]["ours"] == pytest.approx(99.61)
+    assert cells["f2f"]["celebdf"]["status"] == "missing" and cells["spsl"]["in"]["status"] == "cited"
+    assert len(result["missing"]) == 1 + 2 * 5  # f2f CelebDF; nothing from the other five runs
+    md = render_markdown(result)
+    assert "| Ours | FF-DF | 99.50 | 99.90 | -0.40 | 80.00 | 81.41 | -1.41 |" in md
+    assert "| Ours | FF-F2F | 99.61 | 99.62 | -0.01 | missing | 74.92 | — |" in md
+
+
+def test_collect_cli_writes_table_and_averages(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = tmp_path / "runs"
+    for run, data, auc in (("ffpp_c23_ltm", "ffpp_c23/test", 0.98), ("celebdf_v2_ltm", "celebdf_v2/test", 0.99),
+                           ("wdf_ltm", "wdf/test", 0.85)):
+        _report(report_dir(runs / run, data), auc)
+    assert main(["reproduce", "table2", "--runs", str(runs), "--collect"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((runs / "table2.json").read_text())
+    ours = data["rows"][-1]["cells"]
+    assert ours["avg"]["ours"] == pytest.approx((98 + 99 + 85) / 3)
+    assert ours["avg"]["paper"] == 94.91
+    assert (runs / "table2.md").read_text() in out
+    assert sorted(p.name for p in runs.iterdir()) == ["celebdf_v2_ltm", "ffpp_c23_ltm", "table2.json", "table2.md",
+                                                      "wdf_ltm"]  # no temp files left
+
+
+def test_dry_run_lists_runs_and_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = tmp_path / "runs"
+    argv = ["reproduce", "table5", "--shards", str(tmp_path), "--runs", str(runs), "--local", "--dry-run",
+            "--rows", "resnet18", "--weights", "resnet18=/w/r18.pth"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "table5: 3 runs, 3 to do" in out
+    assert "model.backbone=resnet18 model.teacher_backbone=resnet34" in out
+    assert out.count("ltm train --config") == 3 and out.count("ltm eval --run") == 3
+    assert "model.pretrained=/w/r18.pth" in out
+    assert not runs.exists()
