@@ -24,14 +24,12 @@ FaceSwap) `--map Deepfakes=SelfBlend --map Face2Face=SelfBlend --map NeuralTextu
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -316,17 +314,17 @@ def save_jobs(runs: Path, jobs: dict[str, dict[str, str]]) -> None:
 
 
 def active_jobs(ids: list[str]) -> set[str]:
-    """Those of `ids` still pending or running: a finished job has left `squeue` (no accounting needed)."""
-    if not ids:
+    """Those of `ids` that SLURM still knows as pending, running or requeued (not in a final state)."""
+    if not ids or shutil.which("scontrol") is None:
         return set()
-    try:
-        out = subprocess.run(["squeue", "-h", "-o", "%i", "-u", getpass.getuser()], capture_output=True, text=True,
-                             check=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("squeue failed (%s): cannot tell whether earlier jobs still run", exc)
-        return set()
-    queued = {line.strip() for line in out.splitlines() if line.strip()}
-    return {i for i in ids if i in queued}
+    from launcher.submit import FINAL_STATES, job_state
+
+    active = set()
+    for job_id in ids:
+        state = job_state(job_id)
+        if state != "UNKNOWN" and not all(s in FINAL_STATES for s in state.split(",")):
+            active.add(job_id)
+    return active
 
 
 def submit_slurm(plans: list[RunPlan], runs: Path, dry_run: bool = False) -> list[tuple[RunPlan, dict[str, Any]]]:
@@ -363,13 +361,15 @@ def submit_slurm(plans: list[RunPlan], runs: Path, dry_run: bool = False) -> lis
     return submitted
 
 
-def wait_for(ids: list[str], poll_s: float = 5.0) -> None:
-    """Block until none of `ids` is pending or running."""
-    waiting = active_jobs(ids)
-    while waiting:
-        log.info("waiting for %d job(s): %s", len(waiting), ", ".join(sorted(waiting)))
-        time.sleep(poll_s)
-        waiting = active_jobs(ids)
+def wait_for(ids: list[str]) -> dict[str, str]:
+    """Block until every job of `ids` reached a final state; {job id: state}."""
+    from launcher.submit import wait_for as launcher_wait
+
+    log.info("waiting for %d job(s): %s", len(ids), ", ".join(ids))
+    states = launcher_wait(ids, timeout_s=float("inf"), poll_s=5.0)
+    for job_id, state in states.items():
+        (log.info if state == "COMPLETED" else log.error)("job %s: %s", job_id, state)
+    return states
 
 
 # --------------------------------------------------------------------------------------------------- collecting
@@ -578,7 +578,8 @@ def print_plan(plans: list[RunPlan], table: Table, paper: Config, nproc: int | N
         for n, (plan, out) in enumerate(jobs, 1):
             for kind, sub in out.items():
                 after = "" if kind == "train" or "train" not in out else f"  afterok: train job of {plan.name}"
-                print(f"  {n}. {kind} {plan.name}{after}")
+                job = f"  job {sub.job_id}" if sub.job_id else ""
+                print(f"  {n}. {kind} {plan.name}{job}{after}")
                 print(f"     {_sbatch_lines(sub.script)}")
                 if kind == "eval":
                     print(f"     data: {' '.join(plan.missing)}")
@@ -624,7 +625,11 @@ def run(args: argparse.Namespace) -> int:
         print_plan(plans, table, paper, jobs=submitted)
         status = 0
         if args.wait:
-            wait_for([sub.job_id for _, out in submitted for sub in out.values()])
+            # this submission's jobs and those of an earlier one still in flight for the same runs
+            recorded = load_jobs(runs)
+            ids = [i for plan in plans for i in recorded.get(plan.name, {}).values() if i]
+            states = wait_for(list(dict.fromkeys(ids)))
+            status = 0 if all(v == "COMPLETED" for v in states.values()) else 1
     if args.local or args.wait:
         _collect_and_print(table, runs, mapping, write=True)
     return status
