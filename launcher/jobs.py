@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -102,8 +103,17 @@ class TrainJob:
             tmp = pickle_path.with_name(f".{pickle_path.name}.tmp{os.getpid()}")
             delayed.dump(tmp)
             os.replace(tmp, pickle_path)
-            subprocess.run(["scontrol", "requeue", job_env.job_id], check=True, timeout=60)
-            log.info("requeued job %s (restart %d of at most %d)", job_env.job_id, restarts + 1, max_requeue)
+            proc = subprocess.run(["scontrol", "requeue", job_env.job_id], capture_output=True, text=True, timeout=60)
+            if proc.returncode != 0:
+                # `scontrol requeue` from outside (or a preemption with PreemptMode=REQUEUE) got there first: the
+                # job is already on its way back and SLURM refuses a second requeue. Anything else is an error.
+                state = subprocess.run(["scontrol", "show", "job", "-o", job_env.job_id], capture_output=True,
+                                       text=True).stdout
+                if not re.search(r"JobState=(REQUEUE\w*|PENDING|COMPLETING)|Reason=.*[Rr]equeue", state):
+                    raise RuntimeError(f"scontrol requeue {job_env.job_id} failed: {proc.stderr.strip()}")
+                log.info("job %s is already being requeued", job_env.job_id)
+            else:
+                log.info("requeued job %s (restart %d of at most %d)", job_env.job_id, restarts + 1, max_requeue)
         # SystemExit is not an Exception: submitit writes no result file, so the submitter keeps waiting for the
         # requeued job instead of taking this allocation's "preempted" as the final result.
         sys.exit(0)
