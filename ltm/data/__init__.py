@@ -1,0 +1,132 @@
+"""ltm.data: batches from the shards (DESIGN.md "Shard contract") for training and evaluation.
+
+Public API:
+    per_rank_batch(cfg, world_size) -> int
+    build_train_loader(cfg, rank, world_size, device) -> TrainLoader
+        endless iterator of (images float32 (b,3,S,S) in [0,1], labels float32 (b,)) on `device`;
+        `.state_dict()` / `.load_state_dict(d)`: a restored loader yields exactly the batches an uninterrupted one
+        would have; `.skipped` counts bad samples dropped when cfg.data.on_bad_sample == "skip".
+    build_eval_loader(cfg, folders, rank, world_size, device, batch_size) -> iterable of dict
+        {"images", "labels", "keys", "videos", "methods"}; every sample of the folders once across the ranks;
+        `.num_samples` is this rank's share.
+
+`cfg.data.loader` picks the implementation: "dali" (NVIDIA DALI pipelines, `ltm.data.dali`) or "reference"
+(webdataset + PIL + torch DataLoader, `ltm.data.reference`). Where nvidia.dali cannot be imported the DALI choice
+falls back to the reference loader with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ltm.config import Config
+from ltm.data.shards import ShardError, Source, method_folders, resolve, scan_source
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ShardError",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "dali_available",
+    "per_rank_batch",
+    "train_sources",
+    "eval_sources",
+]
+
+
+class TrainLoader(Protocol):
+    skipped: int
+
+    def __iter__(self) -> TrainLoader: ...
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+_DALI_ERROR: str | None = None
+
+
+def dali_available() -> bool:
+    global _DALI_ERROR
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising at import
+        _DALI_ERROR = f"{type(exc).__name__}: {exc}"
+        return False
+    return True
+
+
+def _loader_kind(cfg: Config) -> str:
+    if cfg.data.loader == "dali" and not dali_available():
+        log.warning("data.loader=dali but nvidia.dali cannot be imported (%s); using the reference loader", _DALI_ERROR)
+        return "reference"
+    return cfg.data.loader
+
+
+def per_rank_batch(cfg: Config, world_size: int) -> int:
+    """cfg.train.batch_size is the global batch: per rank = batch_size / (world_size * grad_accum)."""
+    parts = world_size * cfg.train.grad_accum
+    if world_size < 1 or cfg.train.batch_size % parts:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by world_size ({world_size}) x "
+            f"train.grad_accum ({cfg.train.grad_accum})"
+        )
+    return cfg.train.batch_size // parts
+
+
+def train_sources(cfg: Config) -> list[Source]:
+    if not cfg.data.train:
+        raise ShardError("data.train lists no shard folders")
+    return [
+        scan_source(resolve(cfg, s.path), ("jpg", "cls"), cfg.data.on_bad_sample, weight=s.weight)
+        for s in cfg.data.train
+    ]
+
+
+def eval_sources(cfg: Config, folders: list[str | Path]) -> list[Source]:
+    if not folders:
+        raise ShardError("no eval folders given")
+    out: list[Source] = []
+    for f in folders:
+        for m in method_folders(resolve(cfg, f)):
+            out.append(scan_source(m, ("jpg", "cls", "json"), cfg.data.on_bad_sample))
+    return out
+
+
+def build_train_loader(cfg: Config, rank: int, world_size: int, device: torch.device | str) -> TrainLoader:
+    device = torch.device(device)
+    batch = per_rank_batch(cfg, world_size)
+    sources = train_sources(cfg)
+    if _loader_kind(cfg) == "dali":
+        from ltm.data.dali import DaliTrainLoader
+
+        return DaliTrainLoader(sources, cfg, rank, world_size, device, batch)
+    from ltm.data.reference import ReferenceTrainLoader
+
+    return ReferenceTrainLoader(sources, cfg, rank, world_size, device, batch)
+
+
+def build_eval_loader(
+    cfg: Config,
+    folders: list[str | Path],
+    rank: int,
+    world_size: int,
+    device: torch.device | str,
+    batch_size: int,
+) -> Any:
+    device = torch.device(device)
+    sources = eval_sources(cfg, folders)
+    if _loader_kind(cfg) == "dali":
+        from ltm.data.dali import DaliEvalLoader
+
+        return DaliEvalLoader(sources, cfg, rank, world_size, device, batch_size)
+    from ltm.data.reference import ReferenceEvalLoader
+
+    return ReferenceEvalLoader(sources, cfg, rank, world_size, device, batch_size)

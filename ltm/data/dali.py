@@ -1,0 +1,398 @@
+"""DALI pipelines over the shards: rank-sharded, weighted across sources, resumable, with eval metadata.
+
+Each loader runs two DALI pipelines:
+
+  read    `fn.readers.webdataset` per shard folder (with its `.idx`, `shard_id` = rank, `num_shards` = world size,
+          shuffled in a buffer of `data.shuffle_buffer` samples), and for training a per-sample weighted choice
+          between the sources (`fn.random.choice` + conditional selection). Outputs the encoded JPEG and the `cls`
+          (and `json`) bytes; its `source_info()` names shard and key of every sample. Checkpointed
+          (`enable_checkpointing`): its `checkpoint()` is the whole data order state.
+  decode  external source -> `fn.decoders.image` ("mixed", i.e. nvJPEG, where CUDA exists; CPU otherwise) ->
+          `fn.resize` only for samples whose stored size differs from `data.image_size` -> float CHW in [0, 1].
+          Stateless, so it never needs restoring.
+
+Splitting them costs one copy of the encoded bytes (about 20 KB a sample) and buys two things: the loader state is
+the read pipeline's checkpoint taken right after the batch it belongs to (the decode pipeline's prefetch cannot
+run it ahead of what was handed out), and when a JPEG fails to decode the encoded batch is still in hand, so the
+error names the shard and key (or, with `data.on_bad_sample: skip`, the batch is completed without it and the
+decode pipeline rebuilt; nothing hangs).
+
+Weighted sources: every source's reader advances one batch per step and each sample of the step takes source i
+with probability w_i / sum(w) (`fn.random.choice`), selected before decoding, so only chosen samples are decoded.
+Unchosen reads are dropped: a source with a small weight passes through its data faster than it is used, which
+keeps the draw unbiased (each of its samples is equally likely to be used).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import feed_ndarray
+from nvidia.dali.tensors import TensorGPU
+
+from ltm.data.reference import check_state, decode_jpeg, sample_meta
+from ltm.data.shards import ShardError, Source, rank_range
+
+log = logging.getLogger(__name__)
+
+SEED_STRIDE = 7919  # distinct, reproducible reader seeds per (rank, source)
+
+
+def decode_device(cfg, device: torch.device) -> str:
+    """DALI decoder placement: "mixed" (nvJPEG) when CUDA exists and data.device allows, else "cpu"."""
+    cuda = torch.cuda.is_available()
+    if cfg.data.device == "gpu" and not cuda:
+        raise ValueError("data.device=gpu but CUDA is not available here (use auto or cpu)")
+    return "mixed" if cuda and cfg.data.device in ("auto", "gpu") and device.type == "cuda" else "cpu"
+
+
+def _paths(sources: list[Source]) -> tuple[list[str], list[str]]:
+    tars = [str(s.tar) for src in sources for s in src.shards]
+    idxs = [str(s.idx) for src in sources for s in src.shards]
+    return tars, idxs
+
+
+@pipeline_def(enable_conditionals=True)
+def _read_train(sources: list[Source], rank: int, world: int, buffer: int, base_seed: int, skip: bool):
+    reads = []
+    for i, src in enumerate(sources):
+        tars, idxs = _paths([src])
+        reads.append(
+            fn.readers.webdataset(
+                paths=tars,
+                index_paths=idxs,
+                ext=["jpg", "cls"],
+                missing_component_behavior="skip" if skip else "error",
+                shard_id=rank,
+                num_shards=world,
+                random_shuffle=True,
+                initial_fill=buffer,
+                seed=base_seed + SEED_STRIDE * (rank * len(sources) + i) + 1,
+                name=f"source{i}",
+            )
+        )
+    jpg, cls = reads[0]
+    if len(sources) > 1:
+        w = np.asarray([s.weight for s in sources], dtype=np.float64)
+        choice = fn.random.choice(
+            len(sources), p=(w / w.sum()).tolist(), seed=base_seed + SEED_STRIDE * rank, name="pick"
+        )
+        for i in range(1, len(sources)):
+            if choice == i:
+                jpg, cls = reads[i]
+    return jpg, cls
+
+
+@pipeline_def
+def _read_eval(sources: list[Source], rank: int, world: int, skip: bool):
+    tars, idxs = _paths(sources)
+    jpg, cls, meta = fn.readers.webdataset(
+        paths=tars,
+        index_paths=idxs,
+        ext=["jpg", "cls", "json"],
+        missing_component_behavior="skip" if skip else "error",
+        shard_id=rank,
+        num_shards=world,
+        random_shuffle=False,
+        pad_last_batch=True,  # the padding (repeats of the rank's last sample) is dropped by count
+        name="eval",
+    )
+    return jpg, cls, meta
+
+
+@pipeline_def(enable_conditionals=True)
+def _decode(size: int, device: str):
+    jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1)
+    shape = fn.peek_image_shape(jpg)
+    image = fn.decoders.image(jpg, device=device, output_type=types.RGB)
+    if (shape[0] != size) | (shape[1] != size):  # resize only samples not already stored at the training size
+        image = fn.resize(image, size=[size, size], antialias=True)
+    return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
+
+
+def _key(info: str) -> tuple[str, str]:
+    """DALI's webdataset source info `<tar>:<offset>:<member>` -> (tar, key)."""
+    tar, _, member = info.rsplit(":", 2)
+    name = member.rsplit("/", 1)[-1]
+    return tar, member[: len(member) - len(name)] + name.split(".", 1)[0]
+
+
+def _to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
+    t = tensor_list.as_tensor()
+    if isinstance(t, TensorGPU):
+        out = torch.empty(t.shape(), dtype=torch.float32, device=device)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    out = torch.from_numpy(np.array(t))  # a copy: DALI reuses its output buffers
+    return out if device.type == "cpu" else out.pin_memory().to(device, non_blocking=True)
+
+
+class _Batch:
+    """One batch as read: encoded JPEGs, labels, per sample (tar, key) and json bytes, and the reader state after it."""
+
+    def __init__(self, jpgs: list[np.ndarray], labels: list[float], where: list[tuple[str, str]], meta: list, state):
+        self.jpgs, self.labels, self.where, self.meta, self.state = jpgs, labels, where, meta, state
+
+    def drop(self, bad: set[int]) -> None:
+        keep = [i for i in range(len(self.jpgs)) if i not in bad]
+        self.jpgs, self.labels = [self.jpgs[i] for i in keep], [self.labels[i] for i in keep]
+        self.where, self.meta = [self.where[i] for i in keep], [self.meta[i] for i in keep]
+
+
+class _Decoder:
+    """The decode pipeline, fed from `read()` (a _Batch, or None when the data ends) with `depth` batches in flight.
+
+    Uses DALI's split `schedule_run()` / `outputs()` calls so that the last batches of a finite stream can be
+    collected without scheduling more. When a JPEG fails to decode, the batches in flight are checked with PIL to
+    name the bad samples; with on_bad == "skip" the failing batch is completed on the host without them and the
+    pipeline is rebuilt around the batches it held.
+    """
+
+    def __init__(self, read, size: int, device: str, device_id: int | None, threads: int, depth: int, on_bad: str):
+        self.read, self.size, self.device, self.device_id = read, size, device, device_id
+        self.threads, self.depth, self.on_bad = threads, max(1, depth), on_bad
+        self.pipe: Pipeline | None = None
+        self.pending: deque[_Batch] = deque()
+        self.max_batch = 0
+        self.skipped = 0
+
+    def _start(self, carry: list[_Batch]) -> bool:
+        batches = list(carry)
+        while len(batches) < self.depth and (b := self.read()) is not None:
+            batches.append(b)
+        if not batches:
+            return False
+        self.max_batch = max(self.max_batch, *(len(b.jpgs) for b in batches))
+        self.pipe = _decode(
+            self.size,
+            self.device,
+            batch_size=self.max_batch,
+            num_threads=self.threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=len(batches),  # the first schedule_run() runs this many iterations
+        )
+        self.pipe.build()
+        for b in batches:
+            self.pipe.feed_input("jpg", b.jpgs)
+            self.pending.append(b)
+        self.pipe.schedule_run()
+        return True
+
+    def next(self, out_device: torch.device) -> tuple[torch.Tensor, _Batch] | None:
+        """Images of the next batch and the batch (its samples as decoded); None when the stream has ended."""
+        if self.pipe is None and not self._start([]):
+            return None
+        try:
+            (images,) = self.pipe.outputs()
+            out = _to_torch(images, out_device)
+        except RuntimeError as exc:
+            return self._repair(exc, out_device)
+        b = self.pending.popleft()
+        nb = self.read()
+        if nb is not None:
+            if len(nb.jpgs) > self.max_batch:
+                raise ValueError(f"batch of {len(nb.jpgs)} exceeds the decode pipeline's {self.max_batch}")
+            self.pipe.feed_input("jpg", nb.jpgs)
+            self.pending.append(nb)
+            self.pipe.schedule_run()
+        elif not self.pending:
+            self.pipe = None
+        return out, b
+
+    def _repair(self, exc: RuntimeError, out_device: torch.device) -> tuple[torch.Tensor, _Batch]:
+        # An operator error leaves the pipeline unusable: rebuild it, after naming the bad samples with PIL.
+        pending, self.pending, self.pipe = list(self.pending), deque(), None
+        bad: dict[int, set[int]] = {}
+        errors = []
+        for n, b in enumerate(pending):
+            for i, (tar, key) in enumerate(b.where):
+                try:
+                    decode_jpeg(b.jpgs[i].tobytes(), self.size, f"shard {tar} key {key!r}")
+                except ShardError as err:
+                    bad.setdefault(n, set()).add(i)
+                    errors.append(err)
+        if not errors:
+            raise RuntimeError(f"DALI decode pipeline failed and no sample in flight fails to decode alone: {exc}")
+        if self.on_bad != "skip":
+            raise ShardError("; ".join(str(e) for e in errors)) from exc
+        for err in errors:
+            self.skipped += 1
+            log.warning("skipped bad sample (%d so far): %s", self.skipped, err)
+        for n, b in enumerate(pending):
+            b.drop(bad.get(n, set()))
+        first = pending[0]
+        images = [torch.from_numpy(decode_jpeg(j.tobytes(), self.size, "")).permute(2, 0, 1) for j in first.jpgs]
+        out = torch.stack(images).float().div_(255.0) if images else torch.empty(0, 3, self.size, self.size)
+        self._start([b for b in pending[1:] if b.jpgs])
+        return out.to(out_device), first
+
+
+def _labels(cls_list: Any, where: list[tuple[str, str]]) -> list[float]:
+    labels = []
+    for t, (tar, key) in zip(cls_list, where):
+        raw = np.array(t).tobytes().strip()
+        if raw not in (b"0", b"1"):
+            raise ShardError(f"shard {tar} key {key!r}: cls must be ASCII 0 or 1, got {raw[:16]!r}")
+        labels.append(float(raw == b"1"))
+    return labels
+
+
+class DaliTrainLoader:
+    """Endless iterator of (images float32 (b,3,S,S) in [0,1], labels float32 (b,)) on `device`."""
+
+    kind = "dali"
+
+    def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
+        self.sources, self.rank, self.world_size, self.device, self.batch = sources, rank, world_size, device, batch
+        self.cfg = cfg
+        for src in sources:
+            lo, hi = rank_range(len(src), rank, world_size)
+            if hi <= lo:
+                raise ShardError(f"shard folder {src.folder}: {len(src)} samples cannot feed {world_size} ranks")
+        self.decode = decode_device(cfg, device)
+        self.batches = 0
+        self.skipped = 0
+        self._build(checkpoint=None)
+
+    def _build(self, checkpoint: bytes | None) -> None:
+        d = self.cfg.data
+        device_id = (self.device.index or 0) if self.decode == "mixed" else None
+        self.reader = _read_train(
+            self.sources,
+            self.rank,
+            self.world_size,
+            d.shuffle_buffer,
+            d.seed,
+            d.on_bad_sample == "skip",
+            batch_size=self.batch,
+            num_threads=1,
+            device_id=None,
+            prefetch_queue_depth=max(1, d.prefetch),
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+            seed=d.seed + SEED_STRIDE * self.rank,
+        )
+        self.reader.build()
+        self.decoder = _Decoder(
+            self._read, d.image_size, self.decode, device_id, d.num_threads, d.prefetch, d.on_bad_sample
+        )
+        self.decoder.skipped = self.skipped
+        self._state = checkpoint if checkpoint is not None else self.reader.checkpoint()
+
+    def _read(self) -> _Batch:
+        jpg, cls = self.reader.run()
+        where = [_key(t.source_info()) for t in cls]
+        b = _Batch([np.array(t) for t in jpg], _labels(cls, where), where, [None] * len(where), None)
+        b.state = self.reader.checkpoint()  # the data order state once this batch has been handed out
+        return b
+
+    def __iter__(self) -> DaliTrainLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images, b = self.decoder.next(self.device)
+        self.skipped = self.decoder.skipped
+        self._state = b.state
+        self.batches += 1
+        return images, torch.tensor(b.labels, dtype=torch.float32).to(self.device)
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "checkpoint": self._state,
+            "batches": self.batches,
+            "skipped": self.skipped,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch": self.batch,
+            "sources": [(str(s.folder), s.weight, len(s)) for s in self.sources],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(self, state)
+        self.close()
+        self.batches, self.skipped = state["batches"], state["skipped"]
+        self._build(checkpoint=state["checkpoint"])
+
+    def close(self) -> None:
+        self.reader = None
+        self.decoder = None
+
+
+class DaliEvalLoader:
+    """Iterable of dicts `images, labels, keys, videos, methods`; each pass reads the rank's samples once."""
+
+    def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
+        self.sources, self.cfg, self.rank, self.world_size, self.device = sources, cfg, rank, world_size, device
+        self.batch = batch
+        n = sum(len(s) for s in sources)
+        lo, hi = rank_range(n, rank, world_size)
+        self.num_samples = hi - lo
+        self.decode = decode_device(cfg, device)
+        self.skipped = 0
+        # method of each sample's tar, for samples whose json does not name one
+        self._method = {str(sh.tar): src.name for src in sources for sh in src.shards}
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_samples == 0:
+            return
+        d = self.cfg.data
+        reader = _read_eval(
+            self.sources,
+            self.rank,
+            self.world_size,
+            d.on_bad_sample == "skip",
+            batch_size=self.batch,
+            num_threads=1,
+            device_id=None,
+            prefetch_queue_depth=max(1, d.prefetch),
+        )
+        reader.build()
+        left = self.num_samples
+
+        def read() -> _Batch | None:
+            nonlocal left
+            if left == 0:
+                return None
+            jpg, cls, meta = reader.run()
+            n = min(self.batch, left)  # the rest of the rank's last batch is padding
+            left -= n
+            where = [_key(cls[i].source_info()) for i in range(n)]
+            return _Batch(
+                [np.array(jpg[i]) for i in range(n)],
+                _labels([cls[i] for i in range(n)], where),
+                where,
+                [np.array(meta[i]).tobytes() for i in range(n)],
+                None,
+            )
+
+        device_id = (self.device.index or 0) if self.decode == "mixed" else None
+        decoder = _Decoder(read, d.image_size, self.decode, device_id, d.num_threads, d.prefetch, d.on_bad_sample)
+        decoder.skipped = self.skipped
+        while (got := decoder.next(self.device)) is not None:
+            images, b = got
+            self.skipped = decoder.skipped
+            if not b.jpgs:
+                continue
+            videos, methods = [], []
+            for (tar, key), meta in zip(b.where, b.meta):
+                video, method = sample_meta(meta, key, self._method.get(tar, ""))
+                videos.append(video)
+                methods.append(method)
+            yield {
+                "images": images,
+                "labels": torch.tensor(b.labels, dtype=torch.float32).to(self.device),
+                "keys": [key for _, key in b.where],
+                "videos": videos,
+                "methods": methods,
+            }
