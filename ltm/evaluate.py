@@ -82,7 +82,7 @@ def _find_corrupt(files: list[Path]) -> Path | None:
 def _quietly(fn, *args, **kwargs):
     """DeepSpeed's zero_to_fp32 prints progress to stdout; keep `ltm eval`'s output to the table and paths."""
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):  # its tqdm bar goes to stderr
         out = fn(*args, **kwargs)
     for line in buf.getvalue().splitlines():
         log.debug("zero_to_fp32: %s", line)
@@ -296,6 +296,7 @@ def evaluate(
     """
     from ltm import report as report_mod
 
+    saved_env = {k: os.environ.get(k) for k in distributed.DIST_VARS}
     env = distributed.init_distributed()
     try:
         model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, env.device)
@@ -340,6 +341,11 @@ def evaluate(
         return reports
     finally:
         distributed.teardown(env)
+        for k, v in saved_env.items():  # a world of one made up here must not leak into later jobs of the process
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

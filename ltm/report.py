@@ -135,7 +135,8 @@ def plot_roc(path: str | os.PathLike, report: dict, rows: Sequence[Any]) -> None
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (real called fake)",
            ylabel="true positive rate (fake caught)", title=report["name"])
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
     atomic_savefig(fig, path)
 
 

@@ -1,0 +1,324 @@
+"""ltm eval: metrics against scikit-learn, video grouping, weights from real DeepSpeed checkpoints, exactly-once
+scoring on 2 ranks, report files, and every error naming its file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
+
+from ltm import metrics
+from ltm.config import load_config, save_config
+from ltm.distributed import DIST_VARS
+from ltm.evaluate import CheckpointError, evaluate, load_checkpoint_weights, load_model
+from ltm.report import read_scores
+
+REPO = Path(__file__).resolve().parents[1]
+FACES = Path(os.environ.get("LTM_TEST_DATA", REPO.parent / "shared" / "data")) / "faces"
+METHODS = {"real": 10, "FaceSwap": 7, "Deepfakes": 6}  # 23 samples: an uneven split over 2 ranks
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_equal_sklearn():
+    rng = np.random.default_rng(0)
+    for n in (7, 100, 1001):
+        labels = rng.integers(0, 2, n).astype(float)
+        labels[:2] = (0, 1)
+        scores = np.round(rng.random(n) * 0.5 + labels * 0.3, 2)  # rounded: ties included
+        assert abs(metrics.auc(labels, scores) - roc_auc_score(labels, scores)) < 1e-9
+        assert abs(metrics.average_precision(labels, scores) - average_precision_score(labels, scores)) < 1e-9
+        assert abs(metrics.accuracy(labels, scores) - accuracy_score(labels, scores >= 0.5)) < 1e-9
+        # EER: on sklearn's ROC curve, FPR equals FNR at the returned point (checked by interpolating both rates)
+        e = metrics.eer(labels, scores)
+        fpr, tpr, _ = roc_curve(labels, scores)
+        assert abs(np.interp(e, fpr, 1 - tpr) - e) < 1e-9 or np.any(np.isclose(fpr, e))
+        assert 0 <= e <= 1
+
+
+def test_eer_known_values():
+    assert metrics.eer([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 0.0  # separable
+    assert metrics.eer([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 1.0  # inverted
+    # one real above one fake: FPR = FNR = 0.5 somewhere on the curve
+    assert abs(metrics.eer([0, 0, 1, 1], [0.1, 0.6, 0.5, 0.9]) - 0.5) < 1e-9
+    assert metrics.auc([1, 1, 1], [0.2, 0.3, 0.4]) is None and metrics.eer([0, 0], [0.1, 0.2]) is None
+
+
+def test_video_grouping_hand_built():
+    videos = ["a", "a", "a", "b", "b", "a", "c"]
+    methods = ["real", "real", "real", "real", "real", "FaceSwap", "FaceSwap"]  # "a" reused by a fake: own video
+    labels = [0, 0, 0, 0, 0, 1, 1]
+    scores = [0.1, 0.2, 0.6, 0.9, 0.5, 0.4, 0.3]
+    ids, v_labels, v_scores = metrics.video_scores(videos, methods, labels, scores, "mean")
+    got = {k: (lab, s) for k, lab, s in zip(ids, v_labels, v_scores)}
+    assert set(got) == {("real", "a"), ("real", "b"), ("FaceSwap", "a"), ("FaceSwap", "c")}
+    assert got[("real", "a")][1] == pytest.approx(0.3) and got[("real", "b")][1] == pytest.approx(0.7)
+    assert got[("FaceSwap", "a")] == (1, pytest.approx(0.4))
+    _, _, v_max = metrics.video_scores(videos, methods, labels, scores, "max")
+    assert sorted(v_max.tolist()) == pytest.approx([0.3, 0.4, 0.6, 0.9])
+    m = metrics.compute_metrics(videos, methods, labels, scores, "mean")
+    assert m["n_videos"] == 4 and m["n_frames"] == 7
+    assert m["video_auc"] == pytest.approx(roc_auc_score([0, 0, 1, 1], [0.3, 0.7, 0.4, 0.3]))
+    with pytest.raises(ValueError, match="'x'.*both real and fake"):
+        metrics.video_scores(["x", "x"], ["m", "m"], [0, 1], [0.1, 0.2])
+
+
+def test_per_method_is_method_fakes_against_all_reals():
+    rng = np.random.default_rng(1)
+    methods = np.array(["real"] * 40 + ["Deepfakes"] * 30 + ["FaceSwap"] * 20)
+    labels = (methods != "real").astype(float)
+    scores = rng.random(90) + 0.3 * labels
+    videos = [f"v{i // 5}" for i in range(90)]
+    m = metrics.compute_metrics(videos, methods.tolist(), labels, scores)
+    for method in ("Deepfakes", "FaceSwap"):
+        sel = (methods == "real") | (methods == method)
+        assert abs(m["per_method"][method]["frame_auc"] - roc_auc_score(labels[sel], scores[sel])) < 1e-9
+        assert m["per_method"][method]["n_frames"] == int((methods == method).sum())
+    assert set(m["per_method"]) == {"Deepfakes", "FaceSwap"}
+    json.dumps(m)  # valid JSON: no NaN, no numpy types
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+CHECKPOINT_SCRIPT = textwrap.dedent('''
+    """Train 2 steps of the tiny LTM with DeepSpeed on the shards and save a real checkpoint (every rank)."""
+    import sys
+    from pathlib import Path
+    from ltm import distributed
+    import deepspeed, torch
+    from ltm.config import load_config, save_config
+    from ltm.data import build_eval_loader
+    from ltm.models import build_model
+
+    run, shards, stage = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    cfg = load_config("tiny-cpu", [f"data.root={shards}", "data.test=[toy/test]", f"train.zero_stage={stage}",
+                                   "data.loader=reference", "eval.attention_samples=2", "eval.batch_size=8"])
+    env = distributed.init_distributed()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.data.image_size)
+    ds = {"train_batch_size": 8 * env.world_size, "zero_optimization": {"stage": stage},
+          "optimizer": {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9}}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    loader = build_eval_loader(cfg, ["toy/test"], env.rank, env.world_size, "cpu", 8)
+    for _, batch in zip(range(2), loader):
+        engine.backward(engine(batch["images"], batch["labels"])["loss"])
+        engine.step()
+    engine.save_checkpoint(str(run / "checkpoints"), tag="step00000002", client_state={"step": 2})
+    if env.rank == 0:
+        save_config(cfg, run / "config.yaml")
+        torch.save({k: v.float() for k, v in engine.module.state_dict().items()}, run / "module_fp32.pt")
+    distributed.teardown(env)
+''')
+
+
+@pytest.fixture(scope="session")
+def toy_shards(tmp_path_factory) -> Path:
+    """`<root>/toy/test/{real,FaceSwap,Deepfakes}` shards of real face photos (labels by folder), 23 samples."""
+    from data_prep.shards import jpeg_bytes, write_shards
+
+    root = tmp_path_factory.mktemp("eval-shards")
+    faces = sorted(FACES.glob("*.jpg"))[: sum(METHODS.values())]
+    assert len(faces) == sum(METHODS.values()), f"need real face photos in {FACES}"
+    names = [m for m, n in METHODS.items() for _ in range(n)]
+    by_method: dict[str, list[dict]] = {}
+    for i, (path, method) in enumerate(zip(faces, names)):
+        img = Image.open(path).convert("RGB")
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((112, 112))
+        video, label = f"{method[:4]}{i // 3}", int(method != "real")
+        by_method.setdefault(method, []).append({
+            "__key__": f"{video}-{i:06d}", "jpg": jpeg_bytes(np.asarray(img)), "cls": label,
+            "json": {"dataset": "toy", "split": "test", "video": video, "frame": i, "label": label, "method": method,
+                     "compression": "raw", "bbox": [0, 0, s, s], "source": path.name}})
+    for method, samples in by_method.items():
+        folder = root / "toy" / "test" / method
+        folder.mkdir(parents=True)
+        write_shards(samples, folder, f"toy-test-{method}", max_samples=4)
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_runs(toy_shards, tmp_path_factory) -> dict[str, Path]:
+    """Real DeepSpeed checkpoints: ZeRO-2 saved by 2 ranks (fp32 master weights sharded) and ZeRO-0 by 1 rank."""
+    base = tmp_path_factory.mktemp("eval-runs")
+    script = base / "make_checkpoint.py"
+    script.write_text(CHECKPOINT_SCRIPT)
+    runs = {"zero2": base / "zero2", "zero0": base / "zero0"}
+    launcher = "import sys; from ltm.distributed import launch_local; sys.exit(launch_local(2, sys.argv[1:]))"
+    subprocess.run([sys.executable, "-c", launcher, str(script), str(runs["zero2"]), str(toy_shards), "2"],
+                   check=True, env=clean_env(), cwd=base, timeout=300)
+    subprocess.run([sys.executable, str(script), str(runs["zero0"]), str(toy_shards), "0"],
+                   check=True, env=clean_env(), cwd=base, timeout=300)
+    return runs
+
+
+def all_keys(shards: Path) -> set[str]:
+    """Every sample key of the toy split, read from the DALI index files (one line per sample)."""
+    from ltm.data.shards import scan_source
+
+    return {k for m in METHODS for shard in scan_source(shards / "toy" / "test" / m, ("jpg", "cls")).shards
+            for k in shard.keys}
+
+
+# ------------------------------------------------------------------------------------------- weights + scoring
+
+
+@pytest.mark.parametrize("kind", ["zero2", "zero0"])
+def test_weights_from_deepspeed_checkpoint_equal_trained_module(toy_runs, kind):
+    run = toy_runs[kind]
+    files = sorted(p.name for p in (run / "checkpoints" / "step00000002").iterdir())
+    assert ("zero_pp_rank_1_mp_rank_00_optim_states.pt" in files) == (kind == "zero2")
+    state = load_checkpoint_weights(run / "checkpoints" / "step00000002")
+    ref = torch.load(run / "module_fp32.pt")
+    assert set(state) == set(ref)
+    for k in ref:
+        assert torch.equal(state[k].float(), ref[k].float()), k
+    model, cfg, source = load_model(run)  # tag from checkpoints/latest
+    assert source.endswith("step00000002") and cfg.model.backbone == "resnet18"
+    assert not model.training
+
+
+def test_two_rank_eval_scores_each_key_once(toy_runs, toy_shards, tmp_path):
+    run = toy_runs["zero2"]
+    one = evaluate(run, ["toy/test"], out_dir=tmp_path / "one")
+    assert not any(k in os.environ for k in ("RANK", "WORLD_SIZE")) or os.environ.get("WORLD_SIZE") == "1"
+    proc = subprocess.run([sys.executable, "-m", "ltm.cli", "eval", "--run", str(run), "--data", "toy/test",
+                           "--nproc", "2", "--out", str(tmp_path / "two")],
+                          env=clean_env(), cwd=toy_shards.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report_json = tmp_path / "two" / "toy-test" / "report.json"
+    assert proc.stdout.strip().splitlines()[-1] == str(report_json)
+    two = json.loads(report_json.read_text())
+    assert two["world_size"] == 2 and one[0]["world_size"] == 1
+    rows = read_scores(tmp_path / "two" / "toy-test" / "scores.csv")
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == sum(METHODS.values())
+    assert set(keys) == all_keys(toy_shards)
+    single = {r["key"]: r["score"] for r in read_scores(tmp_path / "one" / "toy-test" / "scores.csv")}
+    assert max(abs(single[r["key"]] - r["score"]) for r in rows) < 1e-5
+    for r in rows:
+        assert r["label"] == int(r["method"] != "real")
+    assert two["frame_auc"] == pytest.approx(one[0]["frame_auc"], abs=1e-6)
+
+
+def test_report_files(toy_runs, tmp_path):
+    reports = evaluate(toy_runs["zero0"], ["toy/test", "toy/test/FaceSwap"], out_dir=tmp_path)
+    assert [r["name"] for r in reports] == ["toy-test", "toy-test-FaceSwap"]
+    folder = tmp_path / "toy-test"
+    report = json.loads((folder / "report.json").read_text())
+    for key in ("frame_auc", "video_auc", "ap", "eer", "acc", "n_frames", "n_videos", "per_method", "checkpoint",
+                "data"):
+        assert key in report, key
+    assert report["n_frames"] == 23 and report["n_videos"] == 10  # 4 real + 3 + 3 fake videos
+    assert set(report["per_method"]) == {"FaceSwap", "Deepfakes"}
+    assert report["per_method"]["FaceSwap"]["n_frames"] == 7
+    rows = read_scores(folder / "scores.csv")
+    labels = [r["label"] for r in rows]
+    scores = [r["score"] for r in rows]
+    assert report["frame_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    assert list(rows[0]) == ["key", "video", "method", "label", "score"]
+    assert "| frames |" in (folder / "report.md").read_text()
+    pictures = sorted((folder / "attention").glob("*.png"))
+    assert len(pictures) == 4 and len(report["attention"]) == 4  # eval.attention_samples=2 per label
+    assert sum("_fake_" in p.name for p in pictures) == 2
+    for png in [folder / "roc.png", *pictures]:
+        with Image.open(png) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 100
+    assert not list(folder.rglob(".*tmp*"))  # no temp files left behind
+    # a single-method folder holds fakes only: AUC undefined, reported as null
+    assert reports[1]["frame_auc"] is None and reports[1]["n_frames"] == 7
+
+
+def test_consolidated_weights_file_and_baseline_without_attention(toy_runs, toy_shards, tmp_path):
+    from ltm.models import build_model
+
+    cfg = load_config(toy_runs["zero0"] / "config.yaml", ["model.kind=baseline"])
+    run = tmp_path / "baseline"
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    torch.save(build_model(cfg.model, cfg.data.image_size).state_dict(), run / "weights.pt")
+    (report,) = evaluate(run, [str(toy_shards / "toy" / "test")], weights=run / "weights.pt")
+    assert report["checkpoint"] == str(run / "weights.pt") and report["attention"] == []
+    assert (run / "eval" / "toy-test" / "roc.png").is_file()
+    assert not (run / "eval" / "toy-test" / "attention").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("eval"))
+    return dst
+
+
+def test_errors_name_the_file(toy_runs, toy_shards, tmp_path):
+    run = toy_runs["zero2"]
+    with pytest.raises(CheckpointError, match="no-such-run"):
+        load_model(tmp_path / "no-such-run")
+    with pytest.raises(CheckpointError, match="step00000099.*no such folder.*step00000002"):
+        load_model(run, tag="step00000099")
+    no_latest = copy_run(run, tmp_path / "no-latest")
+    (no_latest / "checkpoints" / "latest").unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoints/latest: no such file"):
+        load_model(no_latest)
+    no_config = copy_run(run, tmp_path / "no-config")
+    (no_config / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match="config.yaml: no such file"):
+        load_model(no_config)
+
+    missing = copy_run(run, tmp_path / "missing")
+    (missing / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: no such file"):
+        load_model(missing)
+    one_shard = copy_run(run, tmp_path / "one-shard")
+    (one_shard / "checkpoints" / "step00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="step00000002"):
+        load_model(one_shard)
+
+    corrupt = copy_run(run, tmp_path / "corrupt")
+    bad = corrupt / "checkpoints" / "step00000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated, as by a full disk
+    with pytest.raises(CheckpointError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt.*corrupt"):
+        load_model(corrupt)
+    with pytest.raises(CheckpointError, match="weights file.*nope.pt"):
+        load_model(run, weights=tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt.*corrupt"):
+        load_model(run, weights=junk)
+
+    with pytest.raises(CheckpointError, match=r"step00000002.*config.yaml.*model/config mismatch"):
+        load_model(run, cfg_overrides=["model.vit.dim=32"])
+
+    empty = toy_shards / "toy" / "empty-split"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match="empty-split.*no .tar shards"):
+        evaluate(run, [str(empty)])
+    with pytest.raises(FileNotFoundError, match="toy/nothing-here"):
+        evaluate(run, ["toy/nothing-here"])
+
+
+def test_cli_error_exit_code(toy_runs, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ltm.cli", "eval", "--run", str(tmp_path / "absent"),
+                           "--data", "toy/test"], env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "absent" in proc.stderr
