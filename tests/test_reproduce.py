@@ -171,3 +171,17 @@ def test_dry_run_lists_runs_and_changes_nothing(tmp_path: Path, capsys: pytest.C
     assert out.count("ltm train --config") == 3 and out.count("ltm eval --run") == 3
     assert "model.pretrained=/w/r18.pth" in out
     assert not runs.exists()
+
+
+def test_estimate_counts_flops_per_backbone(tmp_path: Path) -> None:
+    from ltm.reproduce import estimate
+
+    plans = plan_table(select(TABLES["table5"], ["resnet18"], None), tmp_path, tmp_path / "runs")
+    rows = {r["run"]: r for r in estimate(plans, tflops=25.0)}
+    gflop = [rows[f"ffpp_c23_ltm_s-resnet18_t-{t}"]["train_gflop_per_image"] for t in ("resnet18", "resnet34",
+                                                                                         "xception")]
+    assert gflop[0] < gflop[1] < gflop[2]  # the teacher's cost grows with its backbone; the student is the same
+    r = rows["ffpp_c23_ltm_s-resnet18_t-resnet18"]
+    assert r["train_images"] == 30 * 300 * 32
+    assert r["pflop"]["train"] == pytest.approx(r["train_gflop_per_image"] * r["train_images"] / 1e6)
+    assert r["gpu_hours"] == pytest.approx(sum(r["pflop"].values()) * 1e3 / 25.0 / 3600)
