@@ -165,7 +165,7 @@ class CommandJob:
 
 
 class PrepPartJob(CommandJob):
-    """Part i of N of `ltm prep ...` (one array task): `--part i/N` selects the inputs of this part."""
+    """Part i of N of `ltm prep ...` (one array task): `--part i/N` selects every N-th input, from the i-th."""
 
     def __init__(self, prep_args: list[str], part: int, parts: int) -> None:
         super().__init__(["prep", *prep_args, "--part", f"{part}/{parts}"])
@@ -173,8 +173,31 @@ class PrepPartJob(CommandJob):
 
 
 class PrepMergeJob(CommandJob):
-    """After every part succeeded: merge the parts' shards and write the manifest."""
+    """After every part succeeded: `ltm prep merge` writes the shards and the manifests from all parts.
 
-    def __init__(self, prep_args: list[str], parts: int) -> None:
-        super().__init__(["prep", *prep_args, "--merge", str(parts)])
+    The dataset name (e.g. `ffpp_c23`) is the one whose work folder `<out>/.prep/<dataset>/parts/` holds all N
+    part records, unless given; the parts name it themselves, so the launcher need not know each adapter's naming.
+    """
+
+    def __init__(self, out: str, parts: int, dataset: str | None = None) -> None:
+        super().__init__([])
+        self.out = str(Path(out).absolute())
         self.parts = parts
+        self.dataset = dataset
+
+    def __call__(self) -> int:
+        dataset = self.dataset or self.find_dataset()
+        self.argv = ["prep", "merge", "--out", self.out, "--dataset", dataset]
+        return super().__call__()
+
+    def find_dataset(self) -> str:
+        work = Path(self.out) / ".prep"
+        complete = sorted(
+            d.name for d in work.glob("*") if d.is_dir()
+            and all((d / "parts" / f"{i}-of-{self.parts}.json").is_file() for i in range(self.parts))
+        )
+        if len(complete) != 1:
+            found = ", ".join(complete) or "none"
+            raise RuntimeError(f"{work}: expected the work folder of exactly one dataset with all {self.parts} "
+                               f"parts done, found {found}; pass the dataset name (`ltm submit prep --dataset`)")
+        return complete[0]

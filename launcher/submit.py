@@ -219,21 +219,37 @@ def submit_prep(
     prep_args: list[str],
     array: int,
     launch: LaunchConfig | None = None,
-    logs_dir: str | Path = "runs/prep",
+    logs_dir: str | Path | None = None,
+    dataset: str | None = None,
     dry_run: bool = False,
 ) -> dict[str, Submitted]:
-    """`ltm prep <prep_args> --part i/N` as an N-task array, then the merge job (afterok on the whole array)."""
+    """`ltm prep <prep_args> --part i/N` as an N-task array, then `ltm prep merge` (afterok on the whole array).
+
+    `prep_args` is what `ltm prep` takes: `<source> --root R --out O [...]`. Logs go to `<out>/.slurm/` by default.
+    """
     if array < 1:
         raise ConfigError(f"--array {array}: must be >= 1")
+    if not prep_args or prep_args[0] in ("sample", "merge"):
+        raise ConfigError("prep: give the source and its options, e.g. `ffpp --root R --out O` "
+                          "(`sample` and `merge` do not split into parts)")
+    if any(a == "--part" or a.startswith("--part=") for a in prep_args):
+        raise ConfigError("prep: --part is set per array task; use --array N")
+    out_parser = argparse.ArgumentParser(add_help=False)
+    out_parser.add_argument("--out")
+    out = out_parser.parse_known_args(prep_args)[0].out
+    if not out:
+        raise ConfigError("prep: --out is required (the shard root the parts and the merge write)")
+    prep_args = list(prep_args) + ([] if "--no-progress" in prep_args else ["--no-progress"])  # logs, not bars
     launch = launch or LaunchConfig()
-    name = prep_args[0] if prep_args else "prep"
-    folder = submission_folder(logs_dir, f"prep-{name}")
-    params = executor_parameters(launch, f"ltm-prep-{name}", tasks_per_node=1, nodes=1)
-    params.pop("gpus_per_node", None)
+    source = prep_args[0]
+    folder = submission_folder(logs_dir or Path(out) / ".slurm", f"prep-{source}")
+    params = executor_parameters(launch, f"ltm-prep-{source}", tasks_per_node=1, nodes=1)
+    if launch.gpus_per_node > 0:
+        params["gpus_per_node"] = 1  # the face detector uses one GPU
     parts = [PrepPartJob(prep_args, i, array) for i in range(array)]
-    out: dict[str, Submitted] = {}
+    out_jobs: dict[str, Submitted] = {}
     if dry_run:
-        out["parts"] = Submitted("prep", folder, batch_script(folder, params, array=array))
+        out_jobs["parts"] = Submitted("prep", folder, batch_script(folder, params, array=array))
         dependency = "afterok:PREP_ARRAY_JOB_ID"
     else:
         executor = submitit.SlurmExecutor(folder=folder)
@@ -241,12 +257,13 @@ def submit_prep(
         jobs = executor.submit_array(parts)
         array_id = str(jobs[0].job_id).split("_")[0]
         script = jobs[0].paths.submission_file.read_text() if jobs[0].paths.submission_file.exists() else ""
-        out["parts"] = Submitted("prep", folder, script, job_id=array_id, job=jobs,
-                                 logs=[j.paths.stdout for j in jobs])
+        out_jobs["parts"] = Submitted("prep", folder, script, job_id=array_id, job=jobs,
+                                      logs=[j.paths.stdout for j in jobs])
         dependency = f"afterok:{array_id}"
-    merge_params = _with_dependency(dict(params, job_name=f"ltm-prep-{name}-merge"), dependency)
-    out["merge"] = _submit("merge", folder, merge_params, PrepMergeJob(prep_args, array), dry_run)
-    return out
+    merge_params = _with_dependency(dict(params, job_name=f"ltm-prep-{source}-merge"), dependency)
+    merge_params.pop("gpus_per_node", None)
+    out_jobs["merge"] = _submit("merge", folder, merge_params, PrepMergeJob(out, array, dataset), dry_run)
+    return out_jobs
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
@@ -294,7 +311,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="ltm submit prep <dataset> [ltm prep options] --array N [SLURM options]; "
                                    "options not listed here go to `ltm prep`.")
     p.add_argument("--array", type=int, default=1, help="number of parts (array tasks)")
-    p.add_argument("--logs", default="runs/prep", help="folder for the submitit folders of prep submissions")
+    p.add_argument("--dataset", help="dataset name for the merge (default: found in <out>/.prep)")
+    p.add_argument("--logs", help="folder for the submission's logs (default: <out>/.slurm)")
     _add_launch_flags(p)
     p.add_argument("prep_args", nargs=argparse.REMAINDER, help="`ltm prep` arguments: <dataset> [options]")
 
@@ -325,9 +343,10 @@ def launch_from_args(args: argparse.Namespace, launch: LaunchConfig) -> LaunchCo
 
 def _prep_split(args: argparse.Namespace) -> list[str]:
     """Launch flags may also follow the dataset: pull them out of the `ltm prep` arguments."""
-    launch_parser = argparse.ArgumentParser(add_help=False)
+    launch_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     launch_parser.add_argument("--array", type=int)
     launch_parser.add_argument("--logs")
+    launch_parser.add_argument("--dataset")
     _add_launch_flags(launch_parser)
     known, rest = launch_parser.parse_known_args(args.prep_args)
     for key, value in vars(known).items():
@@ -367,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
         if not prep_args:
             raise ConfigError("prep: missing the dataset and its `ltm prep` arguments")
         launch = launch_from_args(args, LaunchConfig())
-        results = submit_prep(prep_args, args.array, launch=launch, logs_dir=args.logs, dry_run=args.dry_run)
+        results = submit_prep(prep_args, args.array, launch=launch, logs_dir=args.logs, dataset=args.dataset,
+                              dry_run=args.dry_run)
         print(f"parts={args.array} (--part i/{args.array}), then merge")
     else:  # argparse restricts the choices
         raise ConfigError(f"unknown submit kind {kind!r}")
