@@ -1,0 +1,150 @@
+"""`ltm prep {ffpp,celebdf,wdf,folder,sample,merge}`: datasets into WebDataset shards of face crops.
+
+    ltm prep sample --out sample                                   # build the offline sample dataset (FF++ layout)
+    ltm prep ffpp --root sample --splits sample/splits --out sample/shards
+    ltm prep ffpp --root /data/FaceForensics++ --splits splits/ --out shards --compression c23 --workers 8
+    ltm prep celebdf --root /data/Celeb-DF-v2 --out shards
+    ltm prep wdf --root /data/WildDeepfake --out shards
+    ltm prep folder --root my_videos --out shards --split test      # <root>/{real,fake}/... or --csv list.csv
+    ltm prep ffpp ... --part 3/8                                    # SLURM array task 3 of 8, then:
+    ltm prep merge --out shards --dataset ffpp_c23
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _frames(text: str) -> int | None:
+    if text == "all":
+        return None
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("--frames must be >= 1 or 'all'")
+    return n
+
+
+def _common(p: argparse.ArgumentParser, detector_default: str = "mtcnn") -> None:
+    p.add_argument("--out", required=True, help="shard root: writes <out>/<dataset>/<split>/<method>/*.tar")
+    p.add_argument("--frames", type=_frames, default=32, help="frames per video, evenly spaced, or 'all' (32)")
+    p.add_argument("--size", type=int, default=224, help="face crop side in pixels (224)")
+    p.add_argument("--scale", type=float, default=1.3, help="face box enlargement (1.3, the FF++ protocol)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (95)")
+    p.add_argument("--detector", choices=["mtcnn", "yunet", "none"], default=detector_default,
+                   help=f"face detector ({detector_default}); yunet needs --detector-model")
+    p.add_argument("--detector-model", help="YuNet ONNX file (face_detection_yunet_2023mar.onnx)")
+    p.add_argument("--detect-side", type=int, default=480,
+                   help="detect on frames scaled to this short side at most (480; 0 = full size)")
+    p.add_argument("--min-face", type=int, default=24, help="smallest face side in detection pixels (24)")
+    p.add_argument("--threshold", type=float, default=0.9, help="face score threshold (0.9)")
+    p.add_argument("--shard-samples", type=int, default=2000, help="samples per shard at most (2000)")
+    p.add_argument("--shard-mb", type=float, default=512, help="shard size in MB at most (512)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (0)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes over videos (1)")
+    p.add_argument("--device", default="auto", help="detector device: auto | cpu | cuda[:N] (auto)")
+    p.add_argument("--batch-size", type=int, default=16, help="frames per detector call (16)")
+    p.add_argument("--part", default="0/1", help="i/N: process the i-th of N shares (0-based), then `prep merge`")
+    p.add_argument("--keep-work", action="store_true", help="keep <out>/.prep (per-video crops) after finishing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="source", metavar="source", required=True)
+
+    p = sub.add_parser("ffpp", help="FaceForensics++ (original_sequences / manipulated_sequences)")
+    p.add_argument("--root", required=True, help="FF++ root folder")
+    p.add_argument("--splits", help="folder with the official train.json / val.json / test.json")
+    p.add_argument("--compression", default="c23", choices=["raw", "c23", "c40"], help="(c23)")
+    p.add_argument("--methods", nargs="+", help="manipulations (default: every one present)")
+    p.add_argument("--only-splits", nargs="+", choices=["train", "val", "test"], help="prep only these splits")
+    _common(p)
+
+    p = sub.add_parser("celebdf", help="Celeb-DF v2 (Celeb-real, YouTube-real, Celeb-synthesis)")
+    p.add_argument("--root", required=True)
+    _common(p)
+
+    p = sub.add_parser("wdf", help="WildDeepfake (real/fake x train/test, frame folders or .tar.gz)")
+    p.add_argument("--root", required=True)
+    _common(p, detector_default="none")
+
+    p = sub.add_parser("folder", help="a <real|fake>/... tree of videos and images, or a CSV list")
+    p.add_argument("--root", help="folder with real/ and fake/ (or the base of the CSV's relative paths)")
+    p.add_argument("--csv", help="CSV with columns path,label[,method,split,video]")
+    p.add_argument("--split", default="test", help="split name for inputs that do not name one (test)")
+    p.add_argument("--name", help="dataset name in the shard root (default: the folder or CSV name)")
+    _common(p)
+
+    p = sub.add_parser("sample", help="build the offline sample dataset (FF++ layout, SelfBlend + FaceSwap fakes)")
+    p.add_argument("--out", required=True, help="where to write the sample dataset")
+    p.add_argument("--identities", type=int, default=48, help="identities = real videos (48, even)")
+    p.add_argument("--length", type=int, default=32, help="frames per video (32)")
+    p.add_argument("--frame-size", type=int, default=192, help="video frame side (192)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", help="also prep it into this shard root (as `ltm prep ffpp` would)")
+    p.add_argument("--frames", type=_frames, default=16, help="with --shards: frames per video (16)")
+    p.add_argument("--size", type=int, default=224, help="with --shards: crop side (224)")
+    p.add_argument("--workers", type=int, default=1, help="with --shards: worker processes (1)")
+
+    p = sub.add_parser("merge", help="after --part runs: write shards and manifests from all parts")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dataset", required=True, help="dataset name under --out, e.g. ffpp_c23")
+    p.add_argument("--keep-work", action="store_true")
+
+
+def settings_from(args: argparse.Namespace):
+    from data_prep.pipeline import Runtime, Settings, parse_part
+
+    settings = Settings(frames=args.frames, size=args.size, scale=args.scale, quality=args.quality,
+                        detector=args.detector,
+                        detector_model=str(Path(args.detector_model).resolve()) if args.detector_model else None,
+                        detect_side=args.detect_side, min_face=args.min_face, threshold=args.threshold,
+                        shard_samples=args.shard_samples, shard_bytes=int(args.shard_mb * 1024 * 1024), seed=args.seed)
+    runtime = Runtime(workers=args.workers, device=args.device, batch_size=args.batch_size,
+                      part=parse_part(args.part), keep_work=args.keep_work, progress=not args.no_progress)
+    return settings, runtime
+
+
+def _report(result: dict) -> int:
+    n = result.get("samples", 0)
+    if n == 0:
+        log.error("no usable samples: every input was skipped (see the log and the manifests' skipped lists)")
+        return 1
+    log.info("%s: %d samples written", result.get("dataset"), n)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_prep import datasets, pipeline
+
+    if args.source == "sample":
+        from data_prep.sample import build_sample
+
+        build_sample(args.out, args.identities, args.length, args.frame_size, args.seed)
+        if args.shards:
+            settings = pipeline.Settings(frames=args.frames, size=args.size, seed=args.seed)
+            runtime = pipeline.Runtime(workers=args.workers)
+            name, items, skipped = datasets.ffpp(args.out, Path(args.out) / "splits", "c23")
+            return _report(pipeline.run(name, items, skipped, args.shards, settings, runtime))
+        return 0
+    if args.source == "merge":
+        return _report(pipeline.merge(args.out, args.dataset, pipeline.Runtime(keep_work=args.keep_work)))
+    settings, runtime = settings_from(args)
+    if args.source == "ffpp":
+        name, items, skipped = datasets.ffpp(args.root, args.splits, args.compression, args.methods, args.only_splits)
+    elif args.source == "celebdf":
+        name, items, skipped = datasets.celebdf(args.root)
+    elif args.source == "wdf":
+        name, items, skipped = datasets.wdf(args.root, pipeline.work_dir(Path(args.out), "wdf"))
+    else:
+        if args.csv:
+            name, items, skipped = datasets.csv_list(args.csv, args.root, args.split, args.name)
+        elif args.root:
+            name, items, skipped = datasets.folder(args.root, args.split, args.name)
+        else:
+            raise ValueError("prep folder needs --root DIR or --csv FILE")
+    log.info("%s: %d inputs, %d skipped while listing", name, len(items), len(skipped))
+    return _report(pipeline.run(name, items, skipped, args.out, settings, runtime))

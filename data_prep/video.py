@@ -1,0 +1,192 @@
+"""Frame decoding with PyAV: N frames evenly spaced over a video, seeking instead of decoding everything.
+
+Public API (also used by `ltm predict` to read inputs the way prep does):
+    sample_frames(path, n) -> list[(frame_index, rgb uint8 array (H, W, 3))]
+        `n` frames at evenly spaced indices over the whole video (`n=None`: every frame). Where the next wanted
+        frame lies further ahead than `seek_gap` frames, the container seeks to the keyframe before it and decodes
+        forward from there, so a 32-frame sample of a long video decodes only a few GOPs.
+    probe(path) -> VideoInfo(frames, fps, width, height)
+    read_image(path) -> rgb uint8 array
+    evenly_spaced(total, n) -> list[int]
+    VideoError: raised with the file name for a missing, corrupt, truncated or frameless video.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+class VideoError(RuntimeError):
+    """A video (or image) that cannot be decoded; the message names the file and the cause."""
+
+
+@dataclass
+class VideoInfo:
+    frames: int
+    fps: float
+    width: int
+    height: int
+
+
+def evenly_spaced(total: int, n: int | None) -> list[int]:
+    """`n` distinct indices spread evenly over `range(total)` (all of them when n is None or n >= total)."""
+    if total <= 0:
+        return []
+    if n is None or n >= total:
+        return list(range(total))
+    if n == 1:
+        return [total // 2]
+    return sorted({int(round(i * (total - 1) / (n - 1))) for i in range(n)})
+
+
+def _open(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(f"{path}: no such file")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise VideoError(f"{path}: cannot open video ({exc})") from exc
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: no video stream")
+    return container
+
+
+def _frame_count(stream, container) -> int:
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration and stream.time_base and rate:
+        return int(round(float(stream.duration * stream.time_base * rate)))
+    if container.duration and rate:
+        return int(round(container.duration / av.time_base * float(rate)))
+    return 0
+
+
+def probe(path: str | Path) -> VideoInfo:
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        return VideoInfo(_frame_count(stream, container), float(rate), stream.width, stream.height)
+    finally:
+        container.close()
+
+
+def sample_frames(path: str | Path, n: int | None = 32, seek_gap: int = 48) -> list[tuple[int, np.ndarray]]:
+    """Decode `n` evenly spaced frames (index, RGB array); `n=None` decodes every frame.
+
+    Frame indices come from presentation timestamps (index = (pts - start) * time_base * fps), so a seek lands
+    on the right frame. A truncated file yields the frames that decode; none at all raises VideoError.
+    """
+    container = _open(path)
+    out: list[tuple[int, np.ndarray]] = []
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        tb = stream.time_base or Fraction(1, 90000)
+        start = stream.start_time or 0
+        total = _frame_count(stream, container)
+        if n is None or total <= 0:
+            wanted = None  # every frame (or unknown length: decode all, then pick)
+        else:
+            wanted = evenly_spaced(total, n)
+
+        def index_of(frame) -> int:
+            if frame.pts is None:
+                return -1
+            return int(round(float((frame.pts - start) * tb * rate)))
+
+        try:
+            if wanted is None:
+                for i, frame in enumerate(container.decode(stream)):
+                    idx = index_of(frame)
+                    out.append((idx if idx >= 0 else i, frame.to_ndarray(format="rgb24")))
+                if n is not None and out:
+                    keep = set(evenly_spaced(len(out), n))
+                    out = [f for j, f in enumerate(out) if j in keep]
+            else:
+                out = _decode_wanted(container, stream, wanted, index_of, rate, tb, start, seek_gap)
+        except av.FFmpegError as exc:
+            if not out:
+                raise VideoError(f"{path}: corrupt video ({exc})") from exc
+            log.warning("%s: decoding stopped early (%s); keeping %d frames", path, exc, len(out))
+    finally:
+        container.close()
+    if not out:
+        raise VideoError(f"{path}: no decodable frames (empty, truncated or corrupt video)")
+    return out
+
+
+def _decode_wanted(container, stream, wanted, index_of, rate, tb, start, seek_gap) -> list[tuple[int, np.ndarray]]:
+    out: dict[int, np.ndarray] = {}
+    pos = -1  # index of the last decoded frame
+    decoder = None
+    frame = None
+    for target in wanted:
+        if decoder is None or target - pos > seek_gap:
+            # seek to the keyframe at or before the target; decoding restarts there
+            ts = int(start + target / (rate * tb)) if target > 0 else start
+            container.seek(max(ts, start), stream=stream, backward=True, any_frame=False)
+            decoder = container.decode(stream)
+            pos = -1
+        while pos < target:
+            frame = next(decoder, None)
+            if frame is None:  # end of stream (or a truncated file): nothing more to find
+                return sorted(out.items())
+            pos = index_of(frame)
+        # pos == target, or the stream skips that index: the first frame after it stands in
+        if pos not in out:
+            out[pos] = frame.to_ndarray(format="rgb24")
+    return sorted(out.items())
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3); VideoError naming the file when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise VideoError(f"{path}: unreadable image ({exc})") from exc
+
+
+def write_video(path: str | Path, frames, fps: int = 25, crf: int = 23, preset: str = "fast") -> Path:
+    """Encode RGB uint8 frames as H.264 (yuv420p, constant quality `crf`; FF++ "c23" is x264 at 23) with PyAV.
+
+    Written to a temp name and renamed, so a killed run leaves no half-written video behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    frames = list(frames)
+    if not frames:
+        raise ValueError(f"{path}: no frames to write")
+    h, w = frames[0].shape[:2]
+    with av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": preset}
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.replace(path)
+    return path
