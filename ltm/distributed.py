@@ -1,0 +1,193 @@
+"""The distributed environment: ranks from environment variables, gloo/NCCL through DeepSpeed, local launches.
+
+Every entry point reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (DESIGN.md "Distributed and
+SLURM"): submitit, sbatch+srun, `deepspeed`, `torchrun` and `ltm train --nproc N` all set them. A process without
+them runs as a world of one. Without CUDA, DeepSpeed must run its CPU accelerator, which it picks from
+`DS_ACCELERATOR` at import time, so this module sets that variable before anything imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch.distributed as dist  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    owns_group: bool  # True when this process initialised the process group (and so tears it down)
+    set_vars: tuple[str, ...] = ()  # environment variables this module set for a world of one
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(timeout_min: int = 30) -> DistEnv:
+    """Join (or create) the process group described by the environment; a world of one when it says nothing."""
+    import deepspeed
+    import deepspeed.ops
+
+    set_vars: tuple[str, ...] = ()
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(free_port()))
+        set_vars = tuple(k for k in single if k not in os.environ)
+        os.environ.update({k: single[k] for k in set_vars})
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", _env_int("SLURM_NTASKS_PER_NODE", 1))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        # Ranks sharing a machine split its cores instead of each starting one thread per core.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+        # DeepSpeed's CPU backend builds a shared-memory all-reduce extension on first use (a ~1 min g++ build)
+        # that serves only inference all-reduce; training collectives go through gloo, so it is not built.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+    owns_group = not dist.is_initialized()
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_min),
+                               rank=rank, world_size=world_size, verbose=False)
+    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend, owns_group, set_vars)
+
+
+def teardown(env: DistEnv, wait_for_others: bool = True) -> None:
+    """Leave the process group if this process created it, so that a later `train()` in the process starts clean.
+
+    `wait_for_others=False` after an error: a barrier would hang when the other ranks failed too.
+    """
+    if env.owns_group and dist.is_initialized():
+        if wait_for_others:
+            barrier()
+        dist.destroy_process_group()
+        import deepspeed.comm.comm as ds_comm
+
+        ds_comm.cdb = None  # DeepSpeed keeps its own handle on the destroyed group
+    for name in env.set_vars:
+        os.environ.pop(name, None)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # Ctrl-C reaches the ranks by itself
+
+
+def launch_local(nproc: int, argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Start `nproc` ranks of `python <argv>` on this machine (what torchrun does, without its agent).
+
+    Each child gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (a free port). Signals sent to this process
+    (SLURM's preemption warning, `kill`) are forwarded to every rank, so the ranks save together. When one rank
+    fails the others are killed: they would otherwise wait in a collective until its timeout. Returns the first
+    non-zero exit code, else 0.
+    """
+    port = free_port()
+    base = dict(os.environ if env is None else env)
+    for name in DIST_VARS:
+        base.pop(name, None)
+    children: list[subprocess.Popen] = []
+    for rank in range(nproc):
+        child_env = dict(base, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                         LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        children.append(subprocess.Popen([sys.executable, *argv], env=child_env))
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        code = 0
+        while any(c.poll() is None for c in children):
+            failed = [c for c in children if c.returncode not in (None, 0)]
+            if failed and not code:
+                code = failed[0].returncode
+                log.error("rank %d exited with code %d; stopping the other ranks", children.index(failed[0]), code)
+                for child in children:
+                    if child.poll() is None:
+                        child.kill()
+            time.sleep(0.2)
+        codes = [c.returncode for c in children]
+        return code or next((c for c in codes if c != 0), 0)
+    except KeyboardInterrupt:
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,527 @@
+"""`ltm train`: DeepSpeed training of the Learning-to-Mask detector (or the baseline), with exact resume.
+
+The Trainer declares its parts and builds them in the order data flows through them — config and run folder,
+device and process group, seeds, data, model (whose forward returns the Eq. 7 loss), optimizer and DeepSpeed engine,
+checkpointer, validator, logs — and `train_one_epoch` reads as the loop it is. `train(cfg)` runs in the calling
+process and takes the distributed layout from the environment (DESIGN.md "Distributed and SLURM"), so the same
+function serves `ltm train`, `ltm train --nproc N`, sbatch+srun and submitit jobs.
+
+Exact resume: every random draw of a step comes from generators whose states are checkpointed per rank (torch for
+the `random` mask strategy and the mixup permutation and lambda, numpy, python), the loader state is saved beside
+them, and anything else that draws (the loader's iterator start-up, validation) runs under `torch.random.fork_rng`,
+so it leaves the training stream where it was. On the CPU a resumed run ends bitwise equal to one never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ltm import distributed
+from ltm.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state, step_of, tag_for
+from ltm.config import Config, ConfigError, load_config, save_config, to_dict
+from ltm.distributed import DistEnv, all_gather_object, all_reduce_sum, init_distributed, teardown
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------ preemption
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+_stop = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the running `train()` to save at the next step boundary and return status "preempted".
+
+    Safe to call from a signal handler or another thread (submitit's checkpoint handler, a launcher); every rank's
+    flag is summed over the ranks each step, so one rank asking is enough.
+    """
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    # Only a flag: the ranks must agree on one step to save at, which a handler cannot do.
+    _stop.set()
+    log.warning("received %s: saving at the next step boundary", signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_signal_handlers() -> Iterator[None]:
+    """SIGUSR1/SIGUSR2/SIGTERM set the stop flag while training; the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works only there
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def deepspeed_config(cfg: Config, micro_batch: int, world_size: int, load_universal: bool) -> dict:
+    """The DeepSpeed config dict, all of it from cfg.train (the paper's schedule lives outside DeepSpeed)."""
+    t = cfg.train
+    return {
+        "train_batch_size": micro_batch * t.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,  # SGD is fine with ZeRO-1/2; DeepSpeed only lists Adam-likes
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 2**31 - 1,  # our own logs
+        "wall_clock_breakdown": False,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_run_folder(run_dir: Path, cfg: Config) -> None:
+    """A run folder holds one model: refuse a config whose model differs from the one trained there."""
+    stored_path = run_dir / "config.yaml"
+    if not stored_path.is_file():
+        return
+    try:
+        stored = to_dict(load_config(stored_path))
+    except ConfigError as exc:
+        raise ConfigError(f"{stored_path}: the run folder's config cannot be read: {exc}") from exc
+    mine = to_dict(cfg)
+    diff = [f"model.{k}: {stored['model'][k]!r} there, {mine['model'][k]!r} here"
+            for k in mine["model"] if stored["model"].get(k) != mine["model"][k]]
+    if stored["data"]["image_size"] != mine["data"]["image_size"]:
+        diff.append(f"data.image_size: {stored['data']['image_size']} there, {mine['data']['image_size']} here")
+    if diff:
+        raise ConfigError(f"{stored_path}: this run folder trained a different model ({'; '.join(diff)}); "
+                          "pick another train.run_dir or the same model settings")
+
+
+class MetricsLog:
+    """`<run>/metrics.jsonl` (one JSON object per line) and TensorBoard under `<run>/tb/`; rank 0 writes."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        self._truncate(start_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a killed run wrote after the checkpoint it resumes from
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+
+    def _truncate(self, step: int) -> None:
+        """Keep the lines up to the resumed step: a run killed after its checkpoint logged steps it will redo."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        kind, step = record.get("type"), record.get("step", 0)
+        for key, value in record.items():
+            scalar = isinstance(value, (int, float)) and math.isfinite(value)
+            if scalar and key not in ("type", "step", "epoch", "time"):
+                self.tb.add_scalar(f"{kind}/{key}", value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Validator:
+    """Frame AUC (sklearn) and loss of the inference head over cfg.data.val, every rank scoring its share."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        from ltm.data import build_eval_loader
+
+        self.cfg, self.env = cfg, env
+        self.loader = None
+        if cfg.data.val:
+            self.loader = build_eval_loader(cfg, cfg.data.val, env.rank, env.world_size, env.device,
+                                            cfg.eval.batch_size)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, dtype: torch.dtype) -> dict:
+        from sklearn.metrics import log_loss, roc_auc_score
+
+        scores, labels = [], []
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]):  # whatever the loader draws stays out of the training stream
+            for i, batch in enumerate(self.loader):
+                if self.cfg.train.val_batches and i >= self.cfg.train.val_batches:
+                    break
+                scores.append(model.predict(batch["images"].to(dtype)).float().cpu())
+                labels.append(batch["labels"].float().cpu())
+        model.train(was_training)
+        mine = (torch.cat(scores).numpy() if scores else np.zeros(0), torch.cat(labels).numpy() if labels
+                else np.zeros(0))
+        parts = all_gather_object(mine)  # the only collective of a validation: every rank gets every score
+        s = np.concatenate([p[0] for p in parts]).astype(np.float64)
+        y = np.concatenate([p[1] for p in parts])
+        both = len(np.unique(y)) == 2
+        return {
+            "val_auc": float(roc_auc_score(y, s)) if both else float("nan"),
+            "val_loss": float(log_loss(y, np.clip(s, 1e-7, 1 - 1e-7), labels=[0, 1])) if len(y) else float("nan"),
+            "val_frames": int(len(y)),
+        }
+
+
+@dataclass
+class TrainState:
+    """What the loop counts; saved in every checkpoint's client_state."""
+
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # training images seen, all ranks
+    best_val_auc: float = float("nan")
+    last_val_auc: float = float("nan")
+    window: dict[str, float] = field(default_factory=dict)  # per-term sums since the last log line
+    window_steps: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = "auto", universal: bool = False):
+        # config and run folder: what this run is, and what the folder already holds
+        self.cfg = cfg
+        self.run_dir = Path(cfg.train.run_dir).resolve()
+        self.total_steps = cfg.train.epochs * cfg.train.iters_per_epoch
+        check_run_folder(self.run_dir, cfg)
+        checkpoints = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
+        if resume == "never" and checkpoints.tags():
+            raise CheckpointError(f"{checkpoints.dir}: holds checkpoints ({checkpoints.tags()[-1]} is the newest) "
+                                  "and --resume never would overwrite them; use another train.run_dir")
+        self.resume_tag = checkpoints.resolve(resume)
+
+        # device and distributed: one rank of a world the environment describes (or a world of one)
+        self.env = env = init_distributed()
+        self.is_main = env.is_main
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env.rank, env.world_size, cfg.train.keep_last)
+        self.universal = self.resume_tag is not None and (universal or self.checkpointer.needs_universal(
+            self.resume_tag))
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.checkpointer.drop_incomplete()
+
+        # seeds: one stream per rank for the model's random draws; deterministic kernels for exact resume
+        seed_everything(cfg.train.seed + env.rank)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+
+        # data: this rank's endless batches of per_rank_batch images
+        from ltm.data import build_train_loader, per_rank_batch
+
+        self.micro_batch = per_rank_batch(cfg, env.world_size)
+        self.loader = build_train_loader(cfg, env.rank, env.world_size, env.device)
+
+        # model: the same initial weights on every rank, whatever the rank streams drew; the loss is Eq. 7 in
+        # the model's forward
+        from ltm.models import build_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            model = build_model(cfg.model, cfg.data.image_size)
+
+        # optimizer: SGD with an ExponentialLR stepped once per epoch (Sec. 4.1), inside a DeepSpeed engine
+        import deepspeed
+
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                         weight_decay=cfg.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.train.lr_gamma)
+        if self.universal:
+            self.checkpointer.to_universal(self.resume_tag)
+        ds_config = deepspeed_config(cfg, self.micro_batch, env.world_size, self.universal)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+
+        # checkpointer: resume weights, optimizer, counters, loader position and RNG states
+        self.state = TrainState()
+        if self.resume_tag is not None:
+            self.load(self.resume_tag)
+
+        # validator: frame AUC on the val shards
+        self.validator = Validator(cfg, env)
+
+        # logs: metrics.jsonl + TensorBoard + a progress bar on rank 0
+        self.metrics = MetricsLog(self.run_dir, self.state.step, self.is_main)
+        self.saved_step = self.state.step if self.resume_tag else -1
+        self._window_start = time.perf_counter()
+        self.progress = None
+
+    # --- checkpoints
+    def client_state(self) -> dict:
+        return {
+            "epoch": self.state.step // self.cfg.train.iters_per_epoch,
+            "step": self.state.step,
+            "samples": self.state.samples,
+            "best_val_auc": self.state.best_val_auc,
+            "last_val_auc": self.state.last_val_auc,
+            "window": self.state.window,
+            "window_steps": self.state.window_steps,
+            "lr_scheduler": self.scheduler.state_dict(),
+            "world_size": self.env.world_size,
+            "config": to_dict(self.cfg),
+        }
+
+    def save(self) -> str:
+        started = time.perf_counter()
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        tag = self.checkpointer.save(self.engine, self.state.step, self.client_state(), rank_state)
+        self.saved_step = self.state.step
+        self.metrics.write({"type": "checkpoint", "step": self.state.step, "tag": tag, "time": time.time()})
+        self._window_start += time.perf_counter() - started
+        return tag
+
+    def load(self, tag: str) -> None:
+        client, rank_state = self.checkpointer.load(self.engine, tag, self.universal)
+        stored = client.get("config")
+        if stored and stored["model"] != to_dict(self.cfg)["model"]:
+            raise ConfigError(f"checkpoint {self.checkpointer.dir / tag}: was trained with a different model config")
+        s = self.state
+        s.step, s.samples = int(client["step"]), int(client["samples"])
+        s.best_val_auc, s.last_val_auc = float(client["best_val_auc"]), float(client["last_val_auc"])
+        s.window, s.window_steps = dict(client["window"]), int(client["window_steps"])
+        self.scheduler.load_state_dict(client["lr_scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        same_world = int(client["world_size"]) == self.env.world_size
+        if rank_state is not None and same_world:
+            self.loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
+        else:
+            # Loader positions and RNG streams belong to ranks of the old world; this one starts fresh streams
+            # (offset by the step, so it does not replay the first batches' random draws).
+            log.warning("resuming %s saved by %s ranks on %d: data order and random streams restart",
+                        tag, client["world_size"], self.env.world_size)
+            seed_everything(self.cfg.train.seed + self.env.rank + 100_003 * s.step)
+        log.info("resumed from %s (step %d, epoch %d)", self.checkpointer.dir / tag, s.step, client["epoch"])
+
+    # --- the loop
+    def fit(self) -> dict:
+        _stop.clear()
+        from tqdm.auto import tqdm
+
+        self.progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
+                             disable=None if self.is_main else True)
+        with stop_signal_handlers():
+            while self.state.step < self.total_steps:
+                if self.train_one_epoch():
+                    return self.finish("preempted")
+        return self.finish("completed")
+
+    def train_one_epoch(self) -> bool:
+        """Steps to the end of the current epoch (or to a stop); True when the ranks agreed to stop."""
+        t = self.cfg.train
+        while True:
+            stop = self.train_step()
+            step = self.state.step
+            epoch_end = step % t.iters_per_epoch == 0
+            if step % t.log_every == 0 or epoch_end:
+                self.log_train()
+            if self.validator.loader is not None and ((t.val_every and step % t.val_every == 0) or
+                                                      (not t.val_every and epoch_end) or step == self.total_steps):
+                self.validate()
+            if epoch_end:
+                self.scheduler.step()  # ExponentialLR: lr * gamma^epoch (Sec. 4.1)
+            if stop or epoch_end or step % t.ckpt_every == 0:
+                self.save()
+            if stop:
+                return True
+            if epoch_end:
+                return False
+
+    def train_step(self) -> bool:
+        """One optimizer step over grad_accum micro-batches; returns whether any rank asked to stop."""
+        sums: dict[str, torch.Tensor] = {}
+        for _ in range(self.cfg.train.grad_accum):
+            with torch.random.fork_rng(devices=[]):  # the loader's own draws must not shift the model's
+                images, labels = next(self.loader)
+            out = self.engine(images.to(self.dtype), labels)
+            self.engine.backward(out["loss"])
+            self.engine.step()  # DeepSpeed updates at the accumulation boundary only
+            for key, value in {"loss": out["loss"].detach(), **out["losses"]}.items():
+                sums[key] = sums.get(key, 0) + value.double().cpu()
+        # One collective per step: the stop flags (summed) and the loss terms (averaged) of all ranks.
+        keys = list(sums)
+        packed = torch.stack([torch.tensor(float(_stop.is_set()), dtype=torch.float64)] +
+                             [sums[k] / self.cfg.train.grad_accum for k in keys])
+        packed = all_reduce_sum(packed.to(self.env.device)).cpu()
+        self.state.step += 1
+        self.state.samples += self.cfg.train.batch_size
+        for key, value in zip(keys, packed[1:].tolist()):
+            self.state.window[key] = self.state.window.get(key, 0.0) + value / self.env.world_size
+        self.state.window_steps += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        return bool(packed[0] > 0)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def log_train(self) -> None:
+        s = self.state
+        elapsed = time.perf_counter() - self._window_start
+        record = {"type": "train", "step": s.step, "epoch": (s.step - 1) // self.cfg.train.iters_per_epoch}
+        record.update({k: v / max(1, s.window_steps) for k, v in s.window.items()})
+        record.update({"lr": self.lr(), "images_per_s": s.window_steps * self.cfg.train.batch_size / elapsed,
+                       "samples": s.samples, "time": time.time()})
+        self.metrics.write(record)
+        if self.progress is not None and not self.progress.disable:
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                      img_s=f"{record['images_per_s']:.1f}")
+        elif self.is_main:
+            log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", s.step, self.total_steps, record["loss"],
+                     record["lr"], record["images_per_s"])
+        s.window, s.window_steps = {}, 0
+        self._window_start = time.perf_counter()
+
+    def validate(self) -> dict:
+        started = time.perf_counter()
+        result = self.validator(self.engine.module, self.dtype)
+        s = self.state
+        s.last_val_auc = result["val_auc"]
+        if math.isfinite(result["val_auc"]) and not result["val_auc"] <= s.best_val_auc:
+            s.best_val_auc = result["val_auc"]
+        record = {"type": "val", "step": s.step, "epoch": (s.step - 1) // self.cfg.train.iters_per_epoch,
+                  **result, "best_val_auc": s.best_val_auc, "time": time.time()}
+        self.metrics.write(record)
+        if self.is_main:
+            log.info("step %d: val AUC %.4f (best %.4f), val loss %.4f on %d frames", s.step, result["val_auc"],
+                     s.best_val_auc, result["val_loss"], result["val_frames"])
+        self._window_start += time.perf_counter() - started  # images/s counts training time only
+        return result
+
+    def finish(self, status: str) -> dict:
+        if self.saved_step != self.state.step:
+            self.save()
+        result = {
+            "status": status,
+            "step": self.state.step,
+            "epoch": self.state.step // self.cfg.train.iters_per_epoch,
+            "total_steps": self.total_steps,
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(self.checkpointer.dir / tag_for(self.state.step)),
+            "best_val_auc": self.state.best_val_auc,
+            "last_val_auc": self.state.last_val_auc,
+            "samples": self.state.samples,
+            "world_size": self.env.world_size,
+        }
+        self.metrics.write({"type": "end", **{k: v for k, v in result.items() if k != "run_dir"}, "time": time.time()})
+        if self.is_main:
+            if status == "preempted":
+                log.warning("stopped at step %d and saved %s; the same command resumes", self.state.step,
+                            result["checkpoint"])
+            else:
+                log.info("finished %d steps; best val AUC %.4f", self.state.step, self.state.best_val_auc)
+        return result
+
+    def close(self, ok: bool = True) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        if hasattr(self, "loader") and hasattr(self.loader, "close"):
+            self.loader.close()
+        teardown(self.env, wait_for_others=ok)
+
+
+def train(cfg: Config, resume: str = "auto", universal: bool = False) -> dict:
+    """Train in this process as one rank of the world the environment describes; see the module docstring.
+
+    resume: "auto" (from `latest` when the run folder has one), "never", or a tag such as "step00000300".
+    universal: load the tag through DeepSpeed's universal checkpoint even at the same world size (another world
+    size converts automatically). Returns status ("completed" | "preempted"), step, run_dir, best_val_auc, ...
+    """
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(max(logging.WARNING, logging.getLogger().level))
+    deepspeed.utils.logger.setLevel(max(logging.WARNING, logging.getLogger().level))
+    trainer = None
+    ok = False
+    try:
+        trainer = Trainer(cfg, resume, universal)
+        result = trainer.fit()
+        ok = True
+        return result
+    finally:
+        if trainer is not None:
+            trainer.close(ok)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="paper", help="packaged config name (paper, tiny-cpu) or a YAML path")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="start this many local ranks (gloo on CPU); under SLURM or torchrun leave it at 1")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: continue from <run>/checkpoints/latest if present; never; or a tag (step00000300)")
+    parser.add_argument("--universal", action="store_true",
+                        help="load the checkpoint through DeepSpeed's universal format (automatic when the world "
+                             "size differs from the one that saved it)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.run_dir=runs/x")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resume not in ("auto", "never"):
+        step_of(args.resume)  # a clear error for a malformed tag before any rank starts
+    cfg = load_config(args.config, args.overrides)
+    if args.nproc > 1:
+        if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+            raise ValueError("--nproc starts its own ranks, but RANK/WORLD_SIZE are already set by a launcher")
+        argv = ["-m", "ltm.cli", *(["-v"] if getattr(args, "verbose", False) else []), "train",
+                "--config", args.config, "--resume", args.resume, *(["--universal"] if args.universal else []),
+                *args.overrides]
+        return distributed.launch_local(args.nproc, argv)
+    result = train(cfg, resume=args.resume, universal=args.universal)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return 0
+
+
+__all__ = ["Trainer", "TrainState", "add_arguments", "deepspeed_config", "request_stop", "run", "stop_requested",
+           "train"]
