@@ -2,6 +2,39 @@
 
 import pytest
 
+# --- the sample dataset and its shards (data_prep; used by every area's tests) ----------------------------------------
+
+SAMPLE_IDENTITIES = 12  # 6 pairs: train 4, val 1, test 1 (ids 000-011)
+SAMPLE_LENGTH = 8  # frames per video
+SAMPLE_FRAMES = 4  # frames per video taken into the shards
+SAMPLE_SIZE = 112  # face crop side
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory):
+    """The sample dataset (FF++ layout: original_sequences/, manipulated_sequences/{SelfBlend,FaceSwap}/, splits/),
+    small: 12 identities, 8-frame 160 px videos. Built once per session with `data_prep.sample.build_sample`."""
+    from data_prep.sample import build_sample
+
+    root = tmp_path_factory.mktemp("sample")
+    build_sample(root, n_identities=SAMPLE_IDENTITIES, length=SAMPLE_LENGTH, frame_size=160)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_shards(sample_root, tmp_path_factory):
+    """Shard root of the sample dataset: `<root>/ffpp_c23/{train,val,test}/{real,SelfBlend,FaceSwap}/*.tar` (+ .idx,
+    manifest.json per split), 112 px crops, 4 frames per video, made by the FF++ path of `ltm prep`
+    (point `data.root` here and the tiny-cpu config's shard paths resolve)."""
+    from data_prep import datasets, pipeline
+
+    out = tmp_path_factory.mktemp("sample_shards")
+    name, items, skipped = datasets.ffpp(sample_root, sample_root / "splits", "c23")
+    settings = pipeline.Settings(frames=SAMPLE_FRAMES, size=SAMPLE_SIZE)
+    result = pipeline.run(name, items, skipped, out, settings, pipeline.Runtime(progress=False))
+    assert result["samples"] > 0
+    return out
+
 # --- the local SLURM cluster (launcher/SLURM tests) -----------------------------------------------------------------
 
 @pytest.fixture(scope="session")
