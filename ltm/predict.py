@@ -1,0 +1,193 @@
+"""`ltm predict <video or image> --run R`: P(fake) per frame and for the file, optionally with attention pictures.
+
+Inputs go through the same steps as the training data: frames decoded by data_prep (evenly spaced, PyAV), the
+largest face detected and cut as data_prep cuts it (box enlarged `scale` times, square, `size` px), stored as JPEG
+at prep's quality and decoded and resized by the eval loader's own function. The crop settings are read from the
+manifest of the run's training shards when it is there, so a model sees faces framed as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ltm.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CropSettings:
+    """The data_prep settings that decide what a face crop looks like (data_prep.pipeline.Settings' names)."""
+
+    size: int = 224
+    scale: float = 1.3
+    quality: int = 95
+    detector: str = "mtcnn"
+    detector_model: str | None = None
+    detect_side: int = 480
+    min_face: int = 24
+    threshold: float = 0.9
+    source: str = "defaults"
+
+
+@dataclass
+class Prediction:
+    file: str
+    p_fake: float  # mean of the frames' P(fake)
+    frames: list[dict] = field(default_factory=list)  # {frame, p_fake, box}
+    no_face: list[int] = field(default_factory=list)  # frame indices where no face was found
+    pictures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "p_fake": self.p_fake, "n_frames": len(self.frames), "frames": self.frames,
+                "no_face": self.no_face, "pictures": self.pictures}
+
+
+def crop_settings(cfg: Config) -> CropSettings:
+    """The prep settings recorded in the manifest of the first training shard folder's split, else defaults."""
+    for source in cfg.data.train:
+        folder = Path(source.path)
+        if not folder.is_absolute() and not folder.exists():
+            folder = Path(cfg.data.root) / folder
+        manifest = folder.parent / "manifest.json"
+        if manifest.is_file():
+            try:
+                stored = json.loads(manifest.read_text()).get("settings") or {}
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning("%s: unreadable (%s); using default crop settings", manifest, exc)
+                break
+            known = {k: v for k, v in stored.items() if k in CropSettings.__dataclass_fields__ and k != "source"}
+            return CropSettings(**known, source=str(manifest))
+    return CropSettings()
+
+
+def read_frames(path: Path, n_frames: int | None) -> list[tuple[int, np.ndarray]]:
+    from data_prep.video import IMAGE_EXTS, read_image, sample_frames
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix.lower() in IMAGE_EXTS:
+        return [(0, read_image(path))]
+    return sample_frames(path, n_frames)
+
+
+def face_batch(frames: list[tuple[int, np.ndarray]], detector, crop: CropSettings, image_size: int):
+    """Face crops as the model's input (B,3,S,S) in [0, 1]: prep's crop + JPEG, then the loader's decode + resize."""
+    from data_prep.shards import jpeg_bytes
+    from ltm.data.reference import decode_jpeg
+
+    faces = detector.crop([f for _, f in frames], crop.size, crop.scale)
+    kept, boxes, no_face, images = [], [], [], []
+    for (index, _), face in zip(frames, faces):
+        if face is None:
+            no_face.append(index)
+            continue
+        pixels = decode_jpeg(jpeg_bytes(face.crop, crop.quality), image_size, f"frame {index}")
+        images.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0))
+        kept.append(index)
+        boxes.append(face.crop_box)
+    batch = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
+    return batch, kept, boxes, no_face
+
+
+def predict_file(
+    path: str | os.PathLike,
+    model: nn.Module,
+    cfg: Config,
+    detector,
+    crop: CropSettings,
+    n_frames: int | None = 32,
+    heatmap_dir: str | os.PathLike | None = None,
+    batch_size: int = 32,
+) -> Prediction:
+    """Score one video or image file; a file where no frame shows a face is an error naming it."""
+    path = Path(path)
+    frames = read_frames(path, n_frames)
+    images, kept, boxes, no_face = face_batch(frames, detector, crop, cfg.data.image_size)
+    if not kept:
+        raise ValueError(f"{path}: no face found in any of its {len(frames)} sampled frames "
+                         f"(detector {crop.detector})")
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        probs = torch.cat([model.predict(images[i:i + batch_size].to(device)).float().cpu()
+                           for i in range(0, len(images), batch_size)]).tolist()
+    result = Prediction(str(path), float(np.mean(probs)), no_face=no_face)
+    result.frames = [{"frame": i, "p_fake": p, "box": b} for i, p, b in zip(kept, probs, boxes)]
+    if heatmap_dir is not None:
+        result.pictures = write_heatmaps(Path(heatmap_dir), path, model, images, kept, probs, batch_size)
+    return result
+
+
+def write_heatmaps(folder: Path, path: Path, model: nn.Module, images: torch.Tensor, kept: list[int],
+                   probs: list[float], batch_size: int) -> list[str]:
+    from ltm.report import _safe, plot_attention
+
+    if not hasattr(model, "explain"):
+        log.info("model kind %s has no teacher attention: no heatmaps written", type(model).__name__)
+        return []
+    device = next(model.parameters()).device
+    written = []
+    for start in range(0, len(images), batch_size):
+        out = model.explain(images[start:start + batch_size].to(device))
+        for j in range(out["attention"].shape[0]):
+            i = start + j
+            name = folder / f"{_safe(path.stem)}_frame{kept[i]:06d}.png"
+            plot_attention(name, images[i], out["attention"][j].float().cpu(), out["mask"][j].float().cpu(),
+                           f"{path.name} frame {kept[i]}: P(fake) = {probs[i]:.3f}")
+            written.append(str(name))
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", help="video or image files")
+    parser.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints/)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
+    parser.add_argument("--weights", default=None, help="a consolidated fp32 state-dict file instead of a tag")
+    parser.add_argument("--frames", type=int, default=32, help="frames per video, evenly spaced (32; 0 = all)")
+    parser.add_argument("--heatmap", metavar="DIR", default=None, help="write attention pictures into DIR")
+    parser.add_argument("--detector", choices=["mtcnn", "yunet", "none"], default=None,
+                        help="face detector (default: as in the training shards' manifest, else mtcnn); "
+                             "`none` when the inputs already are face crops")
+    parser.add_argument("--detector-model", default=None, help="YuNet ONNX file for --detector yunet")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per file instead of text")
+    parser.add_argument("overrides", nargs="*", default=[], help="config key=value overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_prep.faces import build_detector, resolve_device
+    from ltm.evaluate import load_model
+
+    device = torch.device(resolve_device(args.device))
+    model, cfg, source = load_model(args.run, args.tag, args.weights, args.overrides, device)
+    crop = crop_settings(cfg)
+    if args.detector:
+        crop.detector, crop.detector_model = args.detector, args.detector_model or crop.detector_model
+    detector = build_detector(crop.detector, str(device), crop.detector_model, crop.detect_side, crop.min_face,
+                              crop.threshold)
+    log.info("weights %s; crops %d px x%.2f by %s (settings from %s)", source, crop.size, crop.scale,
+             crop.detector, crop.source)
+    for path in args.inputs:
+        pred = predict_file(path, model, cfg, detector, crop, args.frames or None, args.heatmap,
+                            cfg.eval.batch_size)
+        if args.json:
+            print(json.dumps(pred.to_dict()))
+            continue
+        for f in pred.frames:
+            print(f"{Path(path).name}  frame {f['frame']:6d}  P(fake) {f['p_fake']:.4f}")
+        if pred.no_face:
+            print(f"{Path(path).name}  no face in frames {pred.no_face}")
+        verdict = "fake" if pred.p_fake >= cfg.eval.threshold else "real"
+        print(f"{path}: P(fake) = {pred.p_fake:.4f} (mean of {len(pred.frames)} frames) -> {verdict}")
+        for p in pred.pictures:
+            print(f"heatmap: {p}")
+    return 0
