@@ -245,11 +245,13 @@ def plan_table(
 
 
 def write_configs(plans: list[RunPlan], runs: Path) -> None:
+    """The resolved config of every run still to do, as the file `ltm train --config` reads (atomic writes)."""
     folder = runs / STATE_DIR / "configs"
     folder.mkdir(parents=True, exist_ok=True)
     for plan in plans:
         plan.config_file = folder / f"{plan.name}.yaml"
-        save_config(plan.cfg, plan.config_file)
+        if plan.state != "done":
+            save_config(plan.cfg, plan.config_file)
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -612,6 +614,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "then collect")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     _add_submit_arguments(parser)
+    _allow_trailing_overrides(parser)
+
+
+def _allow_trailing_overrides(parser: argparse.ArgumentParser) -> None:
+    """Let `key=value` overrides follow the options (`tableN --local train.epochs=1`).
+
+    argparse fills every positional at the first run of positionals it meets, so after `tableN` the `nargs="*"`
+    overrides are already taken (empty) and later ones are "unrecognized". Python's intermixed parsing takes
+    positionals from anywhere; it calls `parse_known_args` itself, hence the plain method during the call.
+    """
+    plain = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
+        parser.parse_known_args = plain  # type: ignore[method-assign]
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def _add_submit_arguments(parser: argparse.ArgumentParser) -> None:
