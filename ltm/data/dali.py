@@ -53,6 +53,10 @@ def decode_device(cfg, device: torch.device) -> str:
     return "mixed" if cuda and cfg.data.device in ("auto", "gpu") and device.type == "cuda" else "cpu"
 
 
+def cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _paths(sources: list[Source]) -> tuple[list[str], list[str]]:
     tars = [str(s.tar) for src in sources for s in src.shards]
     idxs = [str(s.idx) for src in sources for s in src.shards]
@@ -263,7 +267,7 @@ class DaliTrainLoader:
 
     def _build(self, checkpoint: bytes | None) -> None:
         d = self.cfg.data
-        device_id = (self.device.index or 0) if self.decode == "mixed" else None
+        device_id = cuda_index(self.device) if self.decode == "mixed" else None
         self.reader = _read_train(
             self.sources,
             self.rank,
@@ -376,7 +380,7 @@ class DaliEvalLoader:
                 None,
             )
 
-        device_id = (self.device.index or 0) if self.decode == "mixed" else None
+        device_id = cuda_index(self.device) if self.decode == "mixed" else None
         decoder = _Decoder(read, d.image_size, self.decode, device_id, d.num_threads, d.prefetch, d.on_bad_sample)
         decoder.skipped = self.skipped
         while (got := decoder.next(self.device)) is not None:
