@@ -18,33 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.sample import build_sample
 from data_prep.shards import read_shard
 from launcher.submit import job_state, submit_prep, submit_train, wait_for
-from ltm.cli import main
 from ltm.config import load_config
 
 pytestmark = pytest.mark.slurm
 
 TOTAL_STEPS = 30
-PREP_ARGS = ["--frames", "2", "--size", "64", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def raw_sample(tmp_path_factory) -> Path:
-    """A small FF++-layout video dataset (8 identities: real, SelfBlend and FaceSwap videos)."""
-    root = tmp_path_factory.mktemp("raw") / "sample"
-    build_sample(root, n_identities=8, length=8, frame_size=128, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def shards(raw_sample, tmp_path_factory) -> Path:
-    """Single-process `ltm prep ffpp` of the sample: the training data, and the reference for the prep array."""
-    out = tmp_path_factory.mktemp("shards")
-    assert main(["prep", "ffpp", "--root", str(raw_sample), "--splits", str(raw_sample / "splits"),
-                 "--out", str(out), *PREP_ARGS]) == 0
-    return out
+# the settings of the session fixture `sample_shards` (tests/conftest.py), so that both preps must agree
+PREP_ARGS = ["--frames", "4", "--size", "112"]
 
 
 def tiny_config(shards: Path, run_dir: Path, **launch):
@@ -84,9 +66,9 @@ def ends(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def requeued_training(slurm_cluster, shards, tmp_path_factory) -> dict:
+def requeued_training(slurm_cluster, sample_shards, tmp_path_factory) -> dict:
     run_dir = tmp_path_factory.mktemp("runs") / "two-nodes"
-    cfg = tiny_config(shards, run_dir, nodes=2, max_requeue=3)
+    cfg = tiny_config(sample_shards, run_dir, nodes=2, max_requeue=3)
     submitted = submit_train(cfg, eval_data=["ffpp_c23/test"])
     train_id, eval_id = submitted["train"].job_id, submitted["eval"].job_id
     try:
@@ -103,7 +85,7 @@ def requeued_training(slurm_cluster, shards, tmp_path_factory) -> dict:
         subprocess.run(["scancel", train_id, eval_id], capture_output=True)
     logs = {p.name: p.read_text() for p in submitted["train"].folder.glob("*_log.*")}
     return {"run_dir": run_dir, "submitted": submitted, "states": states, "logs": logs,
-            "train_id": train_id, "eval_id": eval_id, "preempted_at": preempted_at}
+            "train_id": train_id, "eval_id": eval_id, "preempted_at": preempted_at, "shards": sample_shards}
 
 
 def test_two_node_training_then_chained_eval(requeued_training):
@@ -118,9 +100,11 @@ def test_two_node_training_then_chained_eval(requeued_training):
     eval_log = logs[f"{r['eval_id']}_0_log.err"]
     assert "ltm.evaluate" in eval_log
     report = json.loads((r["run_dir"] / "eval" / "ffpp_c23-test" / "report.json").read_text())
-    assert report["n_frames"] == 12 and report["checkpoint"].endswith(f"step{TOTAL_STEPS:08d}")
+    manifest = json.loads((r["shards"] / "ffpp_c23" / "test" / "manifest.json").read_text())
+    n = manifest["totals"]["samples"]
+    assert report["n_frames"] == n and report["checkpoint"].endswith(f"step{TOTAL_STEPS:08d}")
     assert 0.0 <= report["frame_auc"] <= 1.0
-    assert (r["run_dir"] / "eval" / "ffpp_c23-test" / "scores.csv").read_text().count("\n") == 13
+    assert (r["run_dir"] / "eval" / "ffpp_c23-test" / "scores.csv").read_text().count("\n") == n + 1
     # the submitter gets the final allocation's result
     result = r["submitted"]["train"].job.results()[0]
     assert result["status"] == "completed" and result["step"] == TOTAL_STEPS and result["world_size"] == 2
@@ -166,9 +150,11 @@ def sample_digests(root: Path) -> dict[str, str]:
     return out
 
 
-def test_prep_array_and_merge_equal_a_single_process_prep(slurm_cluster, raw_sample, shards, tmp_path):
+def test_prep_array_and_merge_equal_a_single_process_prep(slurm_cluster, sample_root, sample_shards, tmp_path):
+    """`sample_shards` is the single-process prep (data_prep.pipeline.run in the test process) of `sample_root`."""
+    shards = sample_shards
     out = tmp_path / "array-shards"
-    prep_args = ["ffpp", "--root", str(raw_sample), "--splits", str(raw_sample / "splits"), "--out", str(out),
+    prep_args = ["ffpp", "--root", str(sample_root), "--splits", str(sample_root / "splits"), "--out", str(out),
                  *PREP_ARGS]
     launch = tiny_config(shards, tmp_path / "unused").launch
     submitted = submit_prep(prep_args, array=2, launch=launch)
@@ -180,7 +166,7 @@ def test_prep_array_and_merge_equal_a_single_process_prep(slurm_cluster, raw_sam
     logs = "".join(p.read_text() for p in parts.folder.glob("*_log.err"))
     assert "--part 0/2" in logs and "--part 1/2" in logs and "prep merge" in logs
     single, array = sample_digests(shards), sample_digests(out)
-    assert len(single) == 47 and single == array
+    assert len(single) > 0 and single == array
     for split in ("train", "val", "test"):
         a = json.loads((shards / "ffpp_c23" / split / "manifest.json").read_text())
         b = json.loads((out / "ffpp_c23" / split / "manifest.json").read_text())
