@@ -185,3 +185,114 @@ def test_estimate_counts_flops_per_backbone(tmp_path: Path) -> None:
     assert r["train_images"] == 30 * 300 * 32
     assert r["pflop"]["train"] == pytest.approx(r["train_gflop_per_image"] * r["train_images"] / 1e6)
     assert r["gpu_hours"] == pytest.approx(sum(r["pflop"].values()) * 1e3 / 25.0 / 3600)
+
+
+# --- end to end on the sample dataset: a reduced Table 4 (three strategies, FF++ (c23) column, a few steps) --------
+
+# The sample is FF++-shaped with the fake methods SelfBlend and FaceSwap: map the paper's four methods onto them.
+SAMPLE_MAP = ["--map", "Deepfakes=SelfBlend", "--map", "Face2Face=SelfBlend", "--map", "NeuralTextures=FaceSwap"]
+TINY = ["data.image_size=64", "data.shuffle_buffer=64", "data.val=[]", "train.epochs=1", "train.iters_per_epoch=2",
+        "train.batch_size=4", "train.ckpt_every=2", "train.log_every=1", "eval.attention_samples=0"]
+REDUCED_RUNS = ["ffpp_c23_ltm", "ffpp_c23_ltm_low", "ffpp_c23_ltm_random"]
+
+
+def reduced_table4(shards: Path, runs: Path, *extra: str) -> list[str]:
+    return ["reproduce", "table4", "--shards", str(shards), "--runs", str(runs), "--rows", "high,low,random",
+            "--columns", "ffpp_c23", "--base", "tiny-cpu", *SAMPLE_MAP, *extra, *TINY]
+
+
+def snapshot(runs: Path) -> dict[str, float]:
+    """mtime of every checkpoint and report file of the runs: what a skipped run must leave alone."""
+    return {str(p): p.stat().st_mtime_ns for run in REDUCED_RUNS for p in sorted((runs / run).rglob("*"))
+            if p.is_file() and ("checkpoints" in p.parts or "eval" in p.parts)}
+
+
+def check_table4(runs: Path) -> None:
+    result = json.loads((runs / "table4.json").read_text())
+    assert [r["key"] for r in result["rows"]] == ["high", "low", "random"] and result["missing"] == []
+    md = (runs / "table4.md").read_text()
+    for row, run in zip(result["rows"], REDUCED_RUNS):
+        cell = row["cells"]["ffpp_c23"]
+        report = json.loads((runs / run / "eval" / "ffpp_c23-test" / "report.json").read_text())
+        assert cell["ours"] == pytest.approx(100 * report["frame_auc"])
+        assert cell["diff"] == pytest.approx(cell["ours"] - cell["paper"])
+        assert f"| {row['key']} | {cell['ours']:.2f} | {cell['paper']:.2f} | {cell['diff']:+.2f} |" in md
+    assert [r["cells"]["ffpp_c23"]["paper"] for r in result["rows"]] == [98.59, 99.10, 99.04]
+
+
+@pytest.fixture(scope="module")
+def local_table4(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    runs = tmp_path_factory.mktemp("reproduce") / "runs"
+    assert main(reduced_table4(sample_shards, runs, "--local")) == 0
+    return runs
+
+
+def test_local_reduced_table4_runs_end_to_end(local_table4: Path) -> None:
+    runs = local_table4
+    for run in REDUCED_RUNS:
+        assert (runs / run / "checkpoints" / "latest").read_text().strip() == "step00000002"
+        strategy = run.removeprefix("ffpp_c23_ltm").strip("_") or "high"
+        assert load_config(runs / run / "config.yaml").model.mask_strategy == strategy
+    check_table4(runs)
+
+
+def test_rerun_skips_finished_runs_and_evaluates_only_what_is_missing(
+        local_table4: Path, sample_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = local_table4
+    before = snapshot(runs)
+    capsys.readouterr()
+    assert main(reduced_table4(sample_shards, runs, "--local", "--dry-run")) == 0
+    assert "table4: 3 runs, 0 to do" in capsys.readouterr().out
+    assert main(reduced_table4(sample_shards, runs, "--local")) == 0
+    assert snapshot(runs) == before  # nothing trained or evaluated again
+
+    # A run whose evaluation is lost: its training is not redone, only the evaluation runs again.
+    report = runs / "ffpp_c23_ltm_low" / "eval" / "ffpp_c23-test" / "report.json"
+    report.unlink()
+    assert main(reduced_table4(sample_shards, runs, "--local", "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "ffpp_c23_ltm_low  [eval; checkpoint step 2 of 2]" in out and "table4: 3 runs, 1 to do" in out
+    assert main(reduced_table4(sample_shards, runs, "--local")) == 0
+    after = snapshot(runs)
+    assert report.is_file()
+    assert {k: v for k, v in after.items() if "checkpoints" in k} == {k: v for k, v in before.items()
+                                                                      if "checkpoints" in k}
+    changed = {k for k in after if before.get(k) != after[k]}
+    assert changed and all("ffpp_c23_ltm_low/eval/" in k for k in changed)
+
+    # --collect alone finds the same reports (the map of the run is remembered) and prints the table
+    assert main(["reproduce", "table4", "--runs", str(runs), "--collect"]) == 0
+    assert "| high |" in capsys.readouterr().out
+    check_table4(runs)
+
+
+# --- on the local SLURM cluster (last: it shares the machine with the other tests' jobs) -------------------------
+
+SLURM_OPTIONS = ["--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "15"]
+
+
+@pytest.mark.slurm
+def test_slurm_dry_run_lists_three_trainings_with_chained_evals(
+        slurm_cluster: dict, sample_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = tmp_path / "runs"
+    assert main(reduced_table4(sample_shards, runs, *SLURM_OPTIONS, "--dry-run")) == 0
+    out = capsys.readouterr().out
+    for n, run in enumerate(REDUCED_RUNS, 1):
+        assert f"{n}. train {run}\n" in out
+        assert f"{n}. eval {run}  afterok: train job of {run}" in out
+    assert out.count("--dependency=afterok:") == 3 and out.count("--nodes=1") == 6
+    assert not runs.exists()
+
+
+@pytest.mark.slurm
+def test_slurm_submission_of_reduced_table4_completes_and_collects(
+        slurm_cluster: dict, sample_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = tmp_path / "runs"
+    assert main(reduced_table4(sample_shards, runs, *SLURM_OPTIONS, "--wait")) == 0
+    jobs = json.loads((runs / ".reproduce" / "jobs.json").read_text())
+    assert sorted(jobs) == sorted(REDUCED_RUNS) and all(set(j) == {"train", "eval"} for j in jobs.values())
+    check_table4(runs)
+    # everything is done: a second submission submits nothing
+    assert main(reduced_table4(sample_shards, runs, *SLURM_OPTIONS)) == 0
+    assert json.loads((runs / ".reproduce" / "jobs.json").read_text()) == jobs
+    assert "nothing to do" in capsys.readouterr().out
