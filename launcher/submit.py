@@ -139,8 +139,10 @@ def _submit(kind: str, folder: Path, params: dict[str, Any], fn: Any, dry_run: b
     executor.update_parameters(**params)
     job = executor.submit(fn)
     script = job.paths.submission_file.read_text() if job.paths.submission_file.exists() else ""
-    logs = [job.paths.stdout.with_name(job.paths.stdout.name.replace("_0_", f"_{t}_"))
-            for t in range(params["nodes"] * params["ntasks_per_node"])]
+    # per task: stderr (ltm's log) and stdout
+    tasks = params["nodes"] * params["ntasks_per_node"]
+    logs = [path.with_name(path.name.replace("_0_", f"_{t}_"))
+            for t in range(tasks) for path in (job.paths.stderr, job.paths.stdout)]
     return Submitted(kind, folder, script, job_id=str(job.job_id), job=job, dependency=dependency, logs=logs)
 
 
@@ -258,7 +260,7 @@ def submit_prep(
         array_id = str(jobs[0].job_id).split("_")[0]
         script = jobs[0].paths.submission_file.read_text() if jobs[0].paths.submission_file.exists() else ""
         out_jobs["parts"] = Submitted("prep", folder, script, job_id=array_id, job=jobs,
-                                      logs=[j.paths.stdout for j in jobs])
+                                      logs=[p for j in jobs for p in (j.paths.stderr, j.paths.stdout)])
         dependency = f"afterok:{array_id}"
     merge_params = _with_dependency(dict(params, job_name=f"ltm-prep-{source}-merge"), dependency)
     merge_params.pop("gpus_per_node", None)

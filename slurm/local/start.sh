@@ -44,8 +44,11 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 MUNGED=$(command -v munged)
 
-alive() {  # alive <pidfile>: the pid in the file is a running process
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+alive() {  # alive <pidfile>: the pid in the file is a running process (not a zombie left by a kill)
+    [ -s "$1" ] || return 1
+    local pid
+    pid=$(cat "$1")
+    kill -0 "$pid" 2>/dev/null && ! grep -q '^[0-9]* (.*) Z' "/proc/$pid/stat" 2>/dev/null
 }
 
 mkdir -p "$BASE"/{etc,state,log,run}
