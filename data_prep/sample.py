@@ -87,20 +87,28 @@ def _scene_from_lfw(face: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
     return scene, fb
 
 
+def _grain(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Fine static texture over the whole scene, like film grain and skin pores: real frames carry it everywhere;
+    a face that went through a generator's lower resolution loses it inside the blend mask."""
+    g = rng.normal(0, 7.0, scene.shape[:2]).astype(np.float32)
+    g = cv2.GaussianBlur(g, (0, 0), 0.7)[..., None]
+    return np.clip(scene.astype(np.float32) + g * 1.6, 0, 255).astype(np.uint8)
+
+
 def identities(n: int, seed: int = 0) -> list[dict]:
     """`n` identities: the colour photos first, then LFW faces; each {name, scene, box}."""
     rng = np.random.default_rng(seed)
     out = []
     for name, photo, box in _colour_photos():
         scene, fb = _scene_from_photo(photo, box)
-        out.append({"name": name, "scene": scene, "box": fb})
+        out.append({"name": name, "scene": _grain(scene, rng), "box": fb})
     lfw = _lfw_faces()
     order = rng.permutation(len(lfw))
     for i in order:
         if len(out) >= n:
             break
         scene, fb = _scene_from_lfw(lfw[i], rng)
-        out.append({"name": f"skimage:lfw_subset[{int(i)}]", "scene": scene, "box": fb})
+        out.append({"name": f"skimage:lfw_subset[{int(i)}]", "scene": _grain(scene, rng), "box": fb})
     if len(out) < n:
         raise ValueError(f"only {len(out)} packaged face photos are available; asked for {n} identities")
     return out[:n]
@@ -122,22 +130,22 @@ def _soft_mask(shape, box, rng: np.random.Generator) -> np.ndarray:
     dy = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 12) * fh * 0.6
     gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
     mask = cv2.remap(mask, (gx + dx).astype(np.float32), (gy + dy).astype(np.float32), cv2.INTER_LINEAR)
-    sigma = max(1.0, fw * rng.uniform(0.03, 0.08))
+    sigma = max(1.0, fw * rng.uniform(0.02, 0.05))
     mask = cv2.GaussianBlur(mask, (0, 0), sigma)
-    return np.clip(mask / max(mask.max(), 1e-6), 0, 1) * rng.uniform(0.8, 1.0)
+    return np.clip(mask / max(mask.max(), 1e-6), 0, 1) * rng.uniform(0.9, 1.0)
 
 
 def _colour_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Per-channel gain and offset with a guaranteed minimum shift (a blend of identical colours hides nothing)."""
-    gain = 1.0 + rng.choice([-1, 1], 3) * rng.uniform(0.05, 0.14, 3)
-    offset = rng.choice([-1, 1]) * rng.uniform(6, 18) + rng.uniform(-4, 4, 3)
+    gain = 1.0 + rng.choice([-1, 1], 3) * rng.uniform(0.08, 0.2, 3)
+    offset = rng.choice([-1, 1]) * rng.uniform(10, 24) + rng.uniform(-6, 6, 3)
     return np.clip(img.astype(np.float32) * gain + offset, 0, 255)
 
 
 def _resample(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Down- and up-sampling: the generated face is smoother than the frame around it."""
     h, w = img.shape[:2]
-    f = rng.uniform(0.35, 0.6)
+    f = rng.uniform(0.25, 0.45)
     small = cv2.resize(img, (max(8, int(w * f)), max(8, int(h * f))), interpolation=cv2.INTER_AREA)
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
