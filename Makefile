@@ -21,3 +21,8 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# The main job on a fresh machine: sample dataset -> shards -> 2-rank tiny-cpu training -> evaluation report.
+# Resumable; the last line printed is the path of the report.json (see scripts/demo.sh for its knobs).
+demo: install
+	@VENV=$(VENV) bash scripts/demo.sh
