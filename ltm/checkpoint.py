@@ -239,6 +239,14 @@ class Checkpointer:
                                   f" ({type(exc).__name__}: {exc})") from exc
         if path is None:
             raise CheckpointError(f"checkpoint {load_dir / tag}: DeepSpeed found nothing to load")
+        if universal:
+            # The universal loader restores parameters from zero/ and skips the module state dict, buffers and
+            # all (it was built for models without any); BatchNorm running statistics come from the saved module.
+            saved = torch.load(path, map_location="cpu", weights_only=False)["module"]
+            with torch.no_grad():
+                for name, buf in engine.module.named_buffers():
+                    if name in saved:
+                        buf.copy_(saved[name])
         own = self.dir / tag / rank_state_name(self.rank)
         if not own.is_file():
             return client_state, None

@@ -249,6 +249,9 @@ class Trainer:
         if cfg.train.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # Deterministic mode also fills every torch.empty with NaN: DeepSpeed allocates its gradient buckets
+            # (hundreds of MB) each step, which made CPU steps seconds slower. Correct code never reads that memory.
+            torch.utils.deterministic.fill_uninitialized_memory = False
             torch.backends.cudnn.benchmark = False
 
         # data: this rank's endless batches of per_rank_batch images
@@ -276,6 +279,7 @@ class Trainer:
         ds_config = deepspeed_config(cfg, self.micro_batch, env.world_size, self.universal)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+        self.buffers = [b for b in self.engine.module.buffers() if b.is_floating_point()]
 
         # checkpointer: resume weights, optimizer, counters, loader position and RNG states
         self.state = TrainState()
@@ -383,12 +387,20 @@ class Trainer:
             self.engine.backward(out["loss"])
             self.engine.step()  # DeepSpeed updates at the accumulation boundary only
             for key, value in {"loss": out["loss"].detach(), **out["losses"]}.items():
-                sums[key] = sums.get(key, 0) + value.double().cpu()
-        # One collective per step: the stop flags (summed) and the loss terms (averaged) of all ranks.
+                sums[key] = sums.get(key, 0) + value.double()
+        # One collective per step: the stop flags (summed), the loss terms and the float buffers (averaged).
+        # DeepSpeed averages gradients but not buffers, so each rank's BatchNorm running statistics would drift
+        # apart while only rank 0's are checkpointed; averaging keeps every rank's model equal to the checkpoint.
         keys = list(sums)
-        packed = torch.stack([torch.tensor(float(_stop.is_set()), dtype=torch.float64)] +
-                             [sums[k] / self.cfg.train.grad_accum for k in keys])
-        packed = all_reduce_sum(packed.to(self.env.device)).cpu()
+        flag = torch.tensor([float(_stop.is_set())], dtype=torch.float64, device=self.env.device)
+        losses = torch.stack([sums[k] / self.cfg.train.grad_accum for k in keys]).to(self.env.device)
+        packed = all_reduce_sum(torch.cat([flag, losses] + [b.detach().reshape(-1).double() for b in self.buffers]))
+        if self.env.world_size > 1:
+            offset = 1 + len(keys)
+            for b in self.buffers:
+                b.copy_((packed[offset:offset + b.numel()] / self.env.world_size).view_as(b))
+                offset += b.numel()
+        packed = packed[:1 + len(keys)].cpu()
         self.state.step += 1
         self.state.samples += self.cfg.train.batch_size
         for key, value in zip(keys, packed[1:].tolist()):

@@ -1,0 +1,316 @@
+"""ltm train on real DeepSpeed (CPU accelerator, gloo): ranks agree, exact resume, atomic saves, universal resume,
+preemption, and the errors that name a file. Tiny model (MobileNetV3-small-0.5 at 64 px, a 1-block ViT) on
+synthetic shards written with data_prep's shard writer, so the whole file takes a few minutes on 2 cores."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ltm.checkpoint import COMPLETE, Checkpointer, CheckpointError, tag_for
+from ltm.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+# One thread per rank: two ranks on a shared 2-core machine with 2 OpenMP threads each spin-wait ~100x slower.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(name, None)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures/helpers
+
+
+def _jpeg(rng: np.random.Generator, fake: int, size: int = 64) -> bytes:
+    img = np.clip(rng.integers(60, 200, size=3) + rng.normal(0, 12, (size, size, 3)), 0, 255)
+    if fake:  # a high-frequency patch, the "artifact" to find
+        y, x = rng.integers(8, size - 28, size=2)
+        img[y:y + 20, x:x + 20] += ((np.indices((20, 20)).sum(0) % 2) * 80 - 40)[..., None]
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    from data_prep.shards import write_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 48), ("val", 24)):
+        for method, fake in (("real", 0), ("fake", 1)):
+            samples = [{"__key__": f"{split}{method}{i // 4:03d}-{i % 4:06d}", "jpg": _jpeg(rng, fake), "cls": fake,
+                        "json": {"dataset": "synth", "split": split, "video": f"{split}{method}{i // 4:03d}",
+                                 "frame": i % 4, "label": fake, "method": method}} for i in range(count)]
+            write_shards(samples, root / "synth" / split / method, f"synth-{split}-{method}", max_samples=16)
+    return root
+
+
+def write_config(folder: Path, shards: Path, run_dir: Path, **train) -> Path:
+    t = dict(run_dir=str(run_dir), batch_size=4, iters_per_epoch=2, epochs=3, log_every=1, val_every=3,
+             ckpt_every=3, zero_stage=1, keep_last=3)
+    t.update(train)
+    cfg = {
+        "base": "tiny-cpu",
+        "model": {"backbone": "mobilenetv3_small_050", "vit": {"dim": 32, "heads": 2, "depth": 1, "mlp_ratio": 2.0},
+                  "mask_strategy": "random", "mixup": True},  # both random parts of the model are exercised
+        "data": {"root": str(shards), "image_size": 64, "loader": "reference", "num_threads": 0,
+                 "train": [{"path": "synth/train/real", "weight": 1}, {"path": "synth/train/fake", "weight": 1}],
+                 "val": ["synth/val"], "test": ["synth/val"]},
+        "train": t,
+    }
+    path = folder / f"{run_dir.name}.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def ltm_train(config: Path, *args: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "ltm.cli", "train", "--config", str(config), "--nproc", str(nproc), *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def module_state(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                      weights_only=False)["module"]
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    """metrics.jsonl lines of one type, without wall-clock fields."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["type"] == kind:
+            out.append({k: v for k, v in r.items() if k not in ("time", "images_per_s")})
+    return out
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+DRIVER = """
+import sys, torch
+from ltm.config import load_config
+from ltm.engine import Trainer
+trainer = Trainer(load_config(sys.argv[1]))
+result = trainer.fit()
+state = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+torch.save({"result": result, "state": state}, f"{sys.argv[2]}/rank{trainer.env.rank}.pt")
+trainer.close()
+"""
+
+
+@pytest.fixture(scope="session")
+def run_a(tmp_path_factory, shards) -> dict:
+    """Run A: 2 gloo ranks, ZeRO-1, 6 steps over 3 epochs; each rank dumps its final in-memory weights."""
+    from ltm.distributed import launch_local
+
+    tmp = tmp_path_factory.mktemp("run_a")
+    config = write_config(tmp, shards, tmp / "A")
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER)
+    old = dict(os.environ)
+    os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    try:
+        assert launch_local(2, [str(driver), str(config), str(tmp)]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return {"tmp": tmp, "config": config, "run_dir": tmp / "A", "ranks": ranks,
+            "weights": module_state(tmp / "A", tag_for(6)), "train": records(tmp / "A", "train"),
+            "val": records(tmp / "A", "val")}
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_two_ranks_end_with_the_same_weights(run_a):
+    r0, r1 = run_a["ranks"]
+    assert r0["result"]["status"] == "completed" and r0["result"]["step"] == 6
+    assert_same_weights(r0["state"], r1["state"])  # parameters and BatchNorm buffers alike
+    assert_same_weights(r0["state"], run_a["weights"])  # and the checkpoint holds exactly that model
+
+    run_dir = run_a["run_dir"]
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    assert ckpt.latest() == "step00000006"
+    assert ckpt.tags() == ["step00000003", "step00000004", "step00000006"]  # saves at 2, 3, 4, 6; keep_last=3
+    files = json.loads((run_dir / "checkpoints" / "step00000006" / COMPLETE).read_text())["files"]
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "rank00000_state.pt", "rank00001_state.pt", "mp_rank_00_model_states.pt"} <= set(files)
+    client = torch.load(run_dir / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt",
+                        weights_only=False)
+    assert client["step"] == 6 and client["epoch"] == 3 and client["samples"] == 24
+    assert client["config"]["model"]["backbone"] == "mobilenetv3_small_050"
+
+    train = run_a["train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "cls_t", "vit_t", "div", "student", "lr", "samples"} <= set(train[0])
+    assert [round(r["lr"], 6) for r in train] == [0.01, 0.01, 0.009, 0.009, 0.0081, 0.0081]  # gamma 0.9 per epoch
+    val = run_a["val"]
+    assert [r["step"] for r in val] == [3, 6] and all(0 <= r["val_auc"] <= 1 for r in val)
+    assert all(r["val_frames"] == 48 for r in val)  # every val frame scored once across the two ranks
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert load_config(run_dir / "config.yaml").train.run_dir == str(run_dir)
+
+
+def test_resume_after_sigkill_is_bitwise_exact(run_a, shards, tmp_path):
+    config = write_config(tmp_path, shards, tmp_path / "B")
+    ckpt = Checkpointer(tmp_path / "B" / "checkpoints")
+    cmd = [sys.executable, "-m", "ltm.cli", "train", "--config", str(config), "--nproc", "2"]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while (ckpt.latest() or "step00000000") < "step00000003" and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-training
+    proc.wait()
+    killed_at = ckpt.latest()
+    assert killed_at in ("step00000003", "step00000004"), f"run B was not stopped mid-way: latest={killed_at}"
+
+    done = ltm_train(config, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 6
+    assert_same_weights(module_state(tmp_path / "B", tag_for(6)), run_a["weights"])
+    assert records(tmp_path / "B", "train") == run_a["train"]  # every loss term of every step
+    assert records(tmp_path / "B", "val") == run_a["val"]
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(shards, tmp_path):
+    """SIGKILL while DeepSpeed writes the optimizer file of step 4: `latest` still names step 2, which loads."""
+    config = write_config(tmp_path, shards, tmp_path / "K", epochs=2, ckpt_every=2, val_every=0, zero_stage=0)
+    driver = tmp_path / "kill_in_save.py"
+    driver.write_text(
+        "import io, os, signal, sys, torch\n"
+        "real_save = torch.save\n"
+        "def save(obj, f, *args, **kwargs):\n"
+        "    if 'step00000004' in str(f) and 'mp_rank_00_model_states' in str(f):\n"
+        "        buf = io.BytesIO(); real_save(obj, buf)\n"
+        "        with open(f, 'wb') as out: out.write(buf.getvalue()[: len(buf.getvalue()) // 2])\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)  # half a file on disk, then gone\n"
+        "    return real_save(obj, f, *args, **kwargs)\n"
+        "torch.save = save\n"
+        "from ltm.cli import main\n"
+        "sys.exit(main(['train', '--config', sys.argv[1]]))\n"
+    )
+    killed = subprocess.run([sys.executable, str(driver), str(config)], env=ENV, cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    ckpt = Checkpointer(tmp_path / "K" / "checkpoints")
+    assert ckpt.latest() == "step00000002"
+    partial = tmp_path / "K" / "checkpoints" / "step00000004"
+    assert partial.is_dir() and not (partial / COMPLETE).exists()
+    assert ckpt.resolve("auto") == "step00000002"
+    with pytest.raises(CheckpointError, match="step00000004.*incomplete"):
+        ckpt.resolve("step00000004")
+
+    done = ltm_train(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and "step00000002" in done.stderr
+    assert ckpt.latest() == "step00000004" and (partial / COMPLETE).is_file()
+    assert [r["step"] for r in records(tmp_path / "K", "train")] == [1, 2, 3, 4]
+
+
+def test_universal_resume_two_ranks_to_one(run_a, tmp_path):
+    """A 2-rank ZeRO-1 checkpoint continues on 1 rank: weights and SGD momentum arrive whole, steps go on."""
+    from ltm.engine import Trainer
+
+    run_dir = tmp_path / "C"
+    shutil.copytree(run_a["run_dir"], run_dir)
+    cfg = load_config(run_a["config"], [f"train.run_dir={run_dir}", "train.epochs=4"])
+    old, threads = dict(os.environ), torch.get_num_threads()
+    torch.set_num_threads(1)
+    trainer = Trainer(cfg)  # world of one, in this process
+    try:
+        assert trainer.universal and (run_dir / "checkpoints" / "universal" / "step00000006" / COMPLETE).is_file()
+        assert trainer.state.step == 6
+        assert_same_weights({k: v for k, v in trainer.engine.module.state_dict().items()}, run_a["weights"])
+        saved = [torch.load(run_dir / "checkpoints" / "step00000006" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                            weights_only=False)["optimizer_state_dict"] for r in range(2)]
+        joined = sum(float(s["base_optimizer_state"]["state"][0]["momentum_buffer"].double().sum()) for s in saved)
+        loaded = trainer.engine.optimizer.optimizer.state
+        assert len(loaded) == 1
+        assert next(iter(loaded.values()))["momentum_buffer"].double().sum().item() == pytest.approx(joined, rel=1e-9)
+        assert trainer.lr() == pytest.approx(0.01 * 0.9**3)
+        result = trainer.fit()
+    finally:
+        trainer.close()
+        os.environ.clear()
+        os.environ.update(old)
+        torch.set_num_threads(threads)
+    assert result["status"] == "completed" and result["step"] == 8 and result["world_size"] == 1
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert Checkpointer(run_dir / "checkpoints").latest() == "step00000008"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _rank_of(pid: int) -> int:
+    env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+    return int(env["RANK"])
+
+
+def test_preemption_signal_saves_at_the_next_step_and_exits_cleanly(shards, tmp_path):
+    config = write_config(tmp_path, shards, tmp_path / "P", epochs=100, ckpt_every=1000, val_every=0)
+    cmd = [sys.executable, "-m", "ltm.cli", "train", "--config", str(config), "--nproc", "2"]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "P" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and '"type": "train"' in metrics.read_text()) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    signalled_at = max(r["step"] for r in records(tmp_path / "P", "train"))
+    rank1 = next(pid for pid in _children(proc.pid) if _rank_of(pid) == 1)
+    os.kill(rank1, signal.SIGUSR1)  # one rank only: the ranks must agree through the step's all-reduce
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["status"] == "preempted"
+    assert signalled_at < result["step"] < 200
+    ckpt = Checkpointer(tmp_path / "P" / "checkpoints")
+    assert ckpt.latest() == tag_for(result["step"]) and ckpt.verify(ckpt.latest())["world_size"] == 2
+    end = records(tmp_path / "P", "end")
+    assert end[-1]["status"] == "preempted"
+
+
+def test_errors_name_the_file(run_a, shards, tmp_path):
+    from ltm.engine import train
+
+    run_dir = run_a["run_dir"]
+    other_model = load_config(run_a["config"], ["model.backbone=resnet18"])
+    with pytest.raises(ConfigError, match=f"{run_dir}/config.yaml.*model.backbone"):
+        train(other_model)
+
+    cfg = load_config(run_a["config"])
+    with pytest.raises(CheckpointError, match=f"{run_dir}/checkpoints/step00000099: no such tag"):
+        train(cfg, resume="step00000099")
+    with pytest.raises(CheckpointError, match="holds checkpoints"):
+        train(cfg, resume="never")
+
+    broken = tmp_path / "D"
+    shutil.copytree(run_dir, broken)
+    victim = broken / "checkpoints" / "step00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{victim}: corrupt"):
+        train(load_config(run_a["config"], [f"train.run_dir={broken}"]))
+
+    (broken / "checkpoints" / "step00000006" / COMPLETE).unlink()
+    with pytest.raises(CheckpointError, match="step00000006: incomplete"):
+        train(load_config(run_a["config"], [f"train.run_dir={broken}"]))
