@@ -153,6 +153,8 @@ def test_restored_loader_continues_bitwise(shard_root, loader):
     other = build_train_loader(cfg, 0, 2, "cpu")
     with pytest.raises(ValueError, match="rank"):
         other.load_state_dict(state)
+    for loader_ in (first, restored, other):
+        loader_.close()  # no pipeline threads left behind when later tests fork DataLoader workers
 
 
 def test_per_rank_batch():
@@ -236,3 +238,13 @@ def test_corrupt_jpeg_skipped_and_counted(bad_root, loader):
     train = _train(bad_root, loader, "corrupt", "data.on_bad_sample=skip")
     seen = sum(next(train)[0].shape[0] for _ in range(6))  # 24 draws over 2 passes of 12 samples
     assert train.skipped >= 1 and seen == 24 - train.skipped
+
+
+def test_dali_missing_falls_back_to_reference(shard_root, monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # `import nvidia.dali` now raises ImportError
+    loader = build_train_loader(_cfg(shard_root, "dali"), 0, 1, "cpu")
+    assert loader.kind == "reference" and "nvidia.dali cannot be imported" in caplog.text
+    assert next(loader)[0].shape == (16, 3, SIZE, SIZE)
+    loader.close()

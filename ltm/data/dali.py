@@ -113,7 +113,8 @@ def _read_eval(sources: list[Source], rank: int, world: int, skip: bool):
 
 @pipeline_def(enable_conditionals=True)
 def _decode(size: int, device: str):
-    jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1)
+    # no_copy: the fed arrays stay referenced by the pending _Batch until their iteration's outputs are taken
+    jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1, no_copy=True)
     shape = fn.peek_image_shape(jpg)
     image = fn.decoders.image(jpg, device=device, output_type=types.RGB)
     if (shape[0] != size) | (shape[1] != size):  # resize only samples not already stored at the training size

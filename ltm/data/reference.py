@@ -29,6 +29,9 @@ from ltm.data.shards import Shard, ShardError, Source, rank_range
 
 log = logging.getLogger(__name__)
 
+# A worker that produces nothing for this long is reported instead of waited for (a batch takes well under a second).
+WORKER_TIMEOUT_S = 300
+
 
 def decode_jpeg(data: bytes, size: int, where: str) -> np.ndarray:
     """JPEG bytes -> uint8 (size, size, 3) RGB; resized (bilinear, antialiased) only when the stored size differs."""
@@ -188,6 +191,7 @@ class ReferenceTrainLoader:
             prefetch_factor=self.prefetch if self.workers > 0 else None,
             collate_fn=_collate,
             persistent_workers=False,
+            timeout=WORKER_TIMEOUT_S if self.workers > 0 else 0,
         )
         self._it = iter(self._loader)
 
@@ -335,7 +339,13 @@ class ReferenceEvalLoader:
             return
         stream = _EvalStream(self.sources, self.lo, self.hi, self.size, self.on_bad)
         workers = max(0, min(self.workers, self.num_samples // self.batch))  # no idle workers on tiny sets
-        loader = DataLoader(stream, batch_size=self.batch, num_workers=workers, collate_fn=_eval_collate)
+        loader = DataLoader(
+            stream,
+            batch_size=self.batch,
+            num_workers=workers,
+            collate_fn=_eval_collate,
+            timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
+        )
         for out in loader:
             bad = out.pop("bad")
             if bad:
