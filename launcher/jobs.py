@@ -61,6 +61,13 @@ def setup_task(gpus_per_node: int, cpus_per_task: int | None = None) -> submitit
     return dist_env
 
 
+def slurm_job_state(job_id: str) -> str:
+    """JobState of a job from `scontrol show job` (UNKNOWN when SLURM does not know it)."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=60)
+    m = re.search(r"\bJobState=(\S+)", proc.stdout)
+    return m.group(1) if proc.returncode == 0 and m else "UNKNOWN"
+
+
 class TrainJob:
     """`ltm train` of one resolved config on every task of the allocation; requeues itself when preempted."""
 
@@ -94,25 +101,26 @@ class TrainJob:
                 f"(launch.max_requeue={max_requeue}); resume it with `ltm submit train` on the same run_dir"
             )
         if rank == 0:
-            # Rewrite the submitted pickle with checkpoint()'s submission (as submitit's own handler would), then
-            # requeue: the job keeps its id, its log files and its dependants (a chained eval waits on).
             job_env = submitit.JobEnvironment()
-            delayed = self.checkpoint()
-            delayed.set_timeout(time_min, max_requeue - restarts)
-            pickle_path = job_env.paths.submitted_pickle
-            tmp = pickle_path.with_name(f".{pickle_path.name}.tmp{os.getpid()}")
-            delayed.dump(tmp)
-            os.replace(tmp, pickle_path)
-            proc = subprocess.run(["scontrol", "requeue", job_env.job_id], capture_output=True, text=True, timeout=60)
-            if proc.returncode != 0:
-                # `scontrol requeue` from outside (or a preemption with PreemptMode=REQUEUE) got there first: the
-                # job is already on its way back and SLURM refuses a second requeue. Anything else is an error.
-                state = subprocess.run(["scontrol", "show", "job", "-o", job_env.job_id], capture_output=True,
-                                       text=True).stdout
-                if not re.search(r"JobState=(REQUEUE\w*|PENDING|COMPLETING)|Reason=.*[Rr]equeue", state):
-                    raise RuntimeError(f"scontrol requeue {job_env.job_id} failed: {proc.stderr.strip()}")
-                log.info("job %s is already being requeued", job_env.job_id)
+            state = slurm_job_state(job_env.job_id)
+            if state != "RUNNING":
+                # COMPLETING/CANCELLED: `scancel` (its SIGTERM made the ranks save) must end the job, and an outside
+                # `scontrol requeue` (or PreemptMode=REQUEUE) already brings it back; requeueing again would undo
+                # a cancel. Only a running job -- time-limit signal, preemption grace time -- requeues itself.
+                log.info("job %s is %s: saved at step boundary, not requeued from here", job_env.job_id, state)
             else:
+                # Rewrite the submitted pickle with checkpoint()'s submission (as submitit's own handler would),
+                # then requeue: the job keeps its id, its log files and its dependants (a chained eval).
+                delayed = self.checkpoint()
+                delayed.set_timeout(time_min, max_requeue - restarts)
+                pickle_path = job_env.paths.submitted_pickle
+                tmp = pickle_path.with_name(f".{pickle_path.name}.tmp{os.getpid()}")
+                delayed.dump(tmp)
+                os.replace(tmp, pickle_path)
+                proc = subprocess.run(["scontrol", "requeue", job_env.job_id], capture_output=True, text=True,
+                                      timeout=60)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"scontrol requeue {job_env.job_id} failed: {proc.stderr.strip()}")
                 log.info("requeued job %s (restart %d of at most %d)", job_env.job_id, restarts + 1, max_requeue)
         # SystemExit is not an Exception: submitit writes no result file, so the submitter keeps waiting for the
         # requeued job instead of taking this allocation's "preempted" as the final result.

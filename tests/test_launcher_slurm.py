@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.shards import read_shard
+from launcher.jobs import slurm_job_state
 from launcher.submit import job_state, submit_prep, submit_train, wait_for
 from ltm.config import load_config
 
@@ -174,3 +175,21 @@ def test_prep_array_and_merge_equal_a_single_process_prep(slurm_cluster, sample_
         for key in ("settings", "totals", "stats", "skipped", "shards"):
             assert a[key] == b[key], (split, key)
     assert not (out / ".prep").exists()  # the merge removed the parts' work folder
+
+
+def test_cancelled_job_is_not_running_so_training_does_not_requeue_it(slurm_cluster, tmp_path):
+    """A TrainJob requeues only while its job is RUNNING: after `scancel` (whose SIGTERM also makes the ranks
+    save) SLURM would accept `scontrol requeue` and bring the cancelled job back."""
+    job_id = subprocess.run(["sbatch", "--parsable", "--requeue", f"--output={tmp_path}/%j.out", "--wrap",
+                             "srun bash -c 'trap \"\" TERM; sleep 60'"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        deadline = time.monotonic() + 60
+        while slurm_job_state(job_id) != "RUNNING":
+            assert time.monotonic() < deadline, slurm_job_state(job_id)
+            time.sleep(0.2)
+        subprocess.run(["scancel", job_id], check=True)
+        time.sleep(0.5)
+        assert slurm_job_state(job_id) in ("COMPLETING", "CANCELLED")
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
