@@ -248,3 +248,26 @@ def test_dali_missing_falls_back_to_reference(shard_root, monkeypatch, caplog):
     assert loader.kind == "reference" and "nvidia.dali cannot be imported" in caplog.text
     assert next(loader)[0].shape == (16, 3, SIZE, SIZE)
     loader.close()
+
+
+def test_both_loaders_on_prepared_sample_shards(sample_shards):
+    """The project's own prep output (real face crops, manifest) through the tiny-cpu config."""
+    import json
+
+    cfg = {name: load_config("tiny-cpu", [f"data.root={sample_shards}", f"data.loader={name}"]) for name in LOADERS}
+    manifest = json.loads((sample_shards / "ffpp_c23/test/manifest.json").read_text())
+    expected = {}
+    for tar in sorted((sample_shards / "ffpp_c23/test").glob("*/*.tar")):
+        for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+            meta = json.loads(s["json"])
+            expected[s["__key__"], meta["method"]] = (float(s["cls"].decode()), meta["video"])
+    assert len(expected) == sum(sh["samples"] for sh in manifest["shards"])
+    for name in LOADERS:
+        got = {}
+        for b in build_eval_loader(cfg[name], cfg[name].data.test, 0, 1, "cpu", 16):
+            assert b["images"].shape[1:] == (3, 112, 112)
+            for k, y, v, m in zip(b["keys"], b["labels"].tolist(), b["videos"], b["methods"]):
+                got[k, m] = (y, v)
+        assert got == expected, name
+        images, labels = next(build_train_loader(cfg[name], 0, 1, "cpu"))
+        assert images.shape == (32, 3, 112, 112) and set(labels.tolist()) <= {0.0, 1.0}
