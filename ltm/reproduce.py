@@ -590,7 +590,17 @@ def _csv(value: str | None) -> list[str] | None:
     return [v for v in value.split(",") if v] if value else None
 
 
+def _keys_epilog() -> str:
+    lines = ["row and column keys (--rows / --columns):"]
+    for t in TABLES.values():
+        lines.append(f"  {t.name}: rows {','.join(r.key for r in t.rows if not r.cited)}; "
+                     f"columns {','.join(t.columns)}")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _keys_epilog()
     parser.add_argument("table", choices=sorted(TABLES), help="which of the paper's tables")
     parser.add_argument("--runs", required=True, help="folder holding one run folder per experiment, and the tables")
     parser.add_argument("--shards", help="shard root (data.root) with ffpp_c23/, ffpp_c40/, celebdf_v2/, wdf/")

@@ -296,3 +296,20 @@ def test_slurm_submission_of_reduced_table4_completes_and_collects(
     assert main(reduced_table4(sample_shards, runs, *SLURM_OPTIONS)) == 0
     assert json.loads((runs / ".reproduce" / "jobs.json").read_text()) == jobs
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_bad_reports_and_tags_name_the_file(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    report = report_dir(runs / "ffpp_c40_df_ltm", "ffpp_c40/test") / "report.json"
+    report.parent.mkdir(parents=True)
+    report.write_text("{not json")
+    with pytest.raises(ValueError, match=str(report)):
+        collect(select(TABLES["table1"], ["ltm"], ["df"]), runs)
+    _report(report.parent, 0.9, {"FaceSwap": 0.8})  # the Deepfakes entry is absent
+    with pytest.raises(ValueError, match="no per_method entry 'Deepfakes'"):
+        collect(select(TABLES["table1"], ["ltm"], ["df"]), runs)
+    latest = runs / "ffpp_c40_df_ltm" / "checkpoints" / "latest"
+    latest.parent.mkdir(parents=True)
+    latest.write_text("global_step7")
+    with pytest.raises(ValueError, match="unexpected checkpoint tag"):
+        checkpoint_step(latest.parent.parent)
