@@ -8,7 +8,7 @@ A table (`ltm.paper_results`) names, per cell, the experiment config that trains
 (`ltm/configs/experiments/<run>.yaml`, run folder `<runs>/<run>/`) and the shard split its evaluation scores.
 Runs shared by several tables are trained once. Each run's config is resolved once (experiment <- `--base` <-
 `--map` <- `--weights` <- key=value overrides <- shard root and run folder) and written to
-`<runs>/.reproduce/configs/<run>.yaml`; that file is what `ltm train --config` (or the SLURM job) reads.
+`<runs>/.reproduce/configs/<run>.yaml`, the file `ltm train --config` reads (a SLURM job gets the same config).
 
 State of a run, from its folder: `done` (every report its cells need exists: skipped), `eval` (training finished:
 only the missing evaluations run), `resume` (checkpoints but not the last step: training resumes from `latest`,
@@ -277,20 +277,26 @@ def run_local(plans: list[RunPlan], nproc: int | None = None) -> int:
     A failed run is reported and the others still run; the exit status is 1 when any failed.
     """
     failed = []
-    todo = [p for p in plans if p.state != "done"]
-    for i, plan in enumerate(todo, 1):
-        steps = [("train", train_command(plan, nproc))] if plan.state in ("train", "resume") else []
-        steps.append(("eval", eval_command(plan)))
-        for what, cmd in steps:
-            log.info("[%d/%d] %s %s: %s", i, len(todo), what, plan.name, " ".join(cmd[1:]))
-            rc = subprocess.run(cmd, check=False).returncode
-            if rc != 0:
-                log.error("%s of run %s failed (exit %d); the other runs go on", what, plan.name, rc)
-                failed.append(plan.name)
-                break
     for plan in plans:
         if plan.state == "done":
             log.info("skipped %s: its reports exist", plan.name)
+    todo = [p for p in plans if p.state != "done"]
+    for i, plan in enumerate(todo, 1):
+        if plan.state in ("train", "resume"):
+            log.info("[%d/%d] train %s: %s", i, len(todo), plan.name, " ".join(train_command(plan, nproc)[1:]))
+            rc = subprocess.run(train_command(plan, nproc), check=False).returncode
+            step = checkpoint_step(plan.run_dir)
+            if rc != 0 or step is None or step < plan.total:
+                # a stopped (signalled) training exits 0 after saving: evaluating it would pass for a finished run
+                log.error("training of %s did not finish (exit %d, checkpoint step %s of %d); the other runs go on",
+                          plan.name, rc, step, plan.total)
+                failed.append(plan.name)
+                continue
+        log.info("[%d/%d] eval %s: %s", i, len(todo), plan.name, " ".join(eval_command(plan)[1:]))
+        rc = subprocess.run(eval_command(plan), check=False).returncode
+        if rc != 0:
+            log.error("evaluation of %s failed (exit %d); the other runs go on", plan.name, rc)
+            failed.append(plan.name)
     if failed:
         log.error("failed runs: %s (re-run the same command to continue)", ", ".join(failed))
     return 1 if failed else 0
