@@ -266,6 +266,18 @@ def test_rerun_skips_finished_runs_and_evaluates_only_what_is_missing(
     check_table4(runs)
 
 
+def test_failed_training_is_reported_and_not_evaluated(sample_shards: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """Without --map the paper's FF++ methods are absent from the sample: the training fails, nothing is scored."""
+    runs = tmp_path / "runs"
+    argv = ["reproduce", "table4", "--shards", str(sample_shards), "--runs", str(runs), "--rows", "high",
+            "--columns", "ffpp_c23", "--base", "tiny-cpu", "--local", *TINY]
+    assert main(argv) == 1
+    assert not (runs / "ffpp_c23_ltm" / "eval").exists()
+    assert "| high | missing | 98.59 | — |" in (runs / "table4.md").read_text()
+    assert "| high | missing |" in capsys.readouterr().out
+
+
 # --- on the local SLURM cluster (last: it shares the machine with the other tests' jobs) -------------------------
 
 SLURM_OPTIONS = ["--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "15"]
