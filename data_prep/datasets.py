@@ -16,7 +16,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
+import shutil
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -194,15 +196,19 @@ def safe_extract(archive: Path, dest: Path) -> None:
                 raise ValueError(f"{archive}: member {m.name!r} is not a regular file; archive refused")
             if target != dest and dest not in target.parents:
                 raise ValueError(f"{archive}: member {m.name!r} would be written outside {dest}; archive refused")
-        tmp = dest.with_name(dest.name + ".tmp")
+        # a temp folder per process (array tasks may list the same archives at once), renamed when complete
+        tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         extract_kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         tar.extractall(tmp, members=members, **extract_kw)
-        tmp.replace(dest)
+        try:
+            tmp.replace(dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same archive first
 
 
 def _frame_folders(top: Path) -> list[Path]:
