@@ -118,14 +118,16 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def time_train(cfg, images: int) -> tuple[float, float]:
-    """(images per wall second, images per CPU second); the warm-up's CPU is left out by a separate loader run."""
-    loader = build_train_loader(cfg, 0, 1, "cpu")
+def time_train(cfg, images: int, device: str = "cpu") -> tuple[float, float]:
+    """(images per wall second, images per CPU second), after a warm-up."""
+    loader = build_train_loader(cfg, 0, 1, device)
     for _ in range(3):  # warm-up: pipeline build, shuffle buffer fill, worker start
         next(loader)
     n, t, c = 0, time.perf_counter(), cpu_seconds()
     while n < images:
         x, _ = next(loader)
+        if device != "cpu":
+            torch.cuda.synchronize()
         loader.state_dict()  # what a checkpointing run pays
         n += x.shape[0]
     wall = time.perf_counter() - t
@@ -186,12 +188,18 @@ def main() -> None:
 
         jpgs = [s["jpg"] for tar in sorted((root / "bench/test/real").glob("*.tar")) for s in read_shard(tar)]
 
-    names = ("dali_train", "ref_train", "bare", "dali_eval", "ref_eval")
+    names: tuple[str, ...] = ("dali_train", "ref_train", "bare", "dali_eval", "ref_eval")
+    if torch.cuda.is_available():  # nvJPEG ("mixed") decode where a GPU is present
+        names += ("dali_mixed_train",)
     runs: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.rounds):
         for name in names:
-            if name == "bare":
+            if name == "dali_mixed_train":
+                cfg = _cfg(root, "dali", args.batch, cores)
+                cfg.data.device = "gpu"
+                wall, per_cpu = time_train(cfg, args.measure, "cuda")
+            elif name == "bare":
                 wall, per_cpu = time_bare(jpgs, min(args.measure, len(jpgs)))
             elif name.endswith("train"):
                 wall, per_cpu = time_train(_cfg(root, LOADER[name], args.batch, cores), args.measure)
@@ -251,6 +259,9 @@ def main() -> None:
         "ratio_per_cpu_s": round(ratio_cpu, 3),
         "ratio_vs_bare_per_cpu_s": round(ratio_bare_cpu, 3),
     }
+    if "dali_mixed_train" in med:
+        print(f"DALI mixed (nvJPEG) decode, train: {med['dali_mixed_train']:.0f} images/s")
+        result["dali_mixed_train_img_s"] = round(med["dali_mixed_train"], 1)
     if tmp is not None:
         tmp.cleanup()
     print(json.dumps(result))

@@ -144,6 +144,7 @@ class _Batch:
 
     def __init__(self, jpgs: list[np.ndarray], labels: list[float], where: list[tuple[str, str]], meta: list, state):
         self.jpgs, self.labels, self.where, self.meta, self.state = jpgs, labels, where, meta, state
+        self.bad: list[str] = []  # errors of the samples dropped from it (on_bad_sample: skip)
 
     def drop(self, bad: set[int]) -> None:
         keep = [i for i in range(len(self.jpgs)) if i not in bad]
@@ -182,6 +183,7 @@ class _Decoder:
             num_threads=self.threads,
             device_id=self.device_id,
             prefetch_queue_depth=len(batches),  # the first schedule_run() runs this many iterations
+            exec_dynamic=False,  # the pipelined executor: ~15% less CPU per image than the dynamic one here
         )
         self.pipe.build()
         for b in batches:
@@ -199,7 +201,7 @@ class _Decoder:
             out = _to_torch(images, out_device)
         except RuntimeError as exc:
             return self._repair(exc, out_device)
-        b = self.pending.popleft()
+        b = self._hand_out(self.pending.popleft())
         nb = self.read()
         if nb is not None:
             if len(nb.jpgs) > self.max_batch:
@@ -211,28 +213,32 @@ class _Decoder:
             self.pipe = None
         return out, b
 
+    def _hand_out(self, b: _Batch) -> _Batch:
+        # skips are counted when the batch that lost them is handed out, so the count matches what was consumed
+        for err in b.bad:
+            self.skipped += 1
+            log.warning("skipped bad sample (%d so far): %s", self.skipped, err)
+        return b
+
     def _repair(self, exc: RuntimeError, out_device: torch.device) -> tuple[torch.Tensor, _Batch]:
         # An operator error leaves the pipeline unusable: rebuild it, after naming the bad samples with PIL.
         pending, self.pending, self.pipe = list(self.pending), deque(), None
-        bad: dict[int, set[int]] = {}
-        errors = []
+        bad: dict[int, dict[int, str]] = {}  # pending batch -> sample index -> error
         for n, b in enumerate(pending):
             for i, (tar, key) in enumerate(b.where):
                 try:
                     decode_jpeg(b.jpgs[i].tobytes(), self.size, f"shard {tar} key {key!r}")
                 except ShardError as err:
-                    bad.setdefault(n, set()).add(i)
-                    errors.append(err)
+                    bad.setdefault(n, {})[i] = str(err)
+        errors = [e for per in bad.values() for e in per.values()]
         if not errors:
             raise RuntimeError(f"DALI decode pipeline failed and no sample in flight fails to decode alone: {exc}")
         if self.on_bad != "skip":
-            raise ShardError("; ".join(str(e) for e in errors)) from exc
-        for err in errors:
-            self.skipped += 1
-            log.warning("skipped bad sample (%d so far): %s", self.skipped, err)
-        for n, b in enumerate(pending):
-            b.drop(bad.get(n, set()))
-        first = pending[0]
+            raise ShardError("; ".join(dict.fromkeys(errors))) from exc
+        for n, per in bad.items():
+            pending[n].bad += list(per.values())
+            pending[n].drop(set(per))
+        first = self._hand_out(pending[0])
         images = [torch.from_numpy(decode_jpeg(j.tobytes(), self.size, "")).permute(2, 0, 1) for j in first.jpgs]
         out = torch.stack(images).float().div_(255.0) if images else torch.empty(0, 3, self.size, self.size)
         self._start([b for b in pending[1:] if b.jpgs])
@@ -283,6 +289,7 @@ class DaliTrainLoader:
             enable_checkpointing=True,
             checkpoint=checkpoint,
             seed=d.seed + SEED_STRIDE * self.rank,
+            exec_dynamic=False,
         )
         self.reader.build()
         self.decoder = _Decoder(
@@ -361,6 +368,7 @@ class DaliEvalLoader:
             num_threads=1,
             device_id=None,
             prefetch_queue_depth=max(1, d.prefetch),
+            exec_dynamic=False,
         )
         reader.build()
         left = self.num_samples
