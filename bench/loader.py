@@ -112,30 +112,40 @@ def _cfg(root: Path, loader: str, batch: int, threads: int):
     )
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process (all its threads) and of its finished children (DataLoader workers)."""
+def cpu_seconds(pids: list[int] = ()) -> float:
+    """CPU time of this process (all its threads), of its finished children, and of the running processes `pids`."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
+
+
+def _worker_pids(loader) -> list[int]:
+    # the reference loader's DataLoader workers (a private attribute; measured while they run)
+    it = getattr(loader, "_it", None)
+    return [w.pid for w in getattr(it, "_workers", [])] if loader.kind == "reference" else []
 
 
 def time_train(cfg, images: int, device: str = "cpu") -> tuple[float, float]:
-    """(images per wall second, images per CPU second), after a warm-up."""
+    """(images per wall second, images per CPU second) over the timed batches, after a warm-up."""
     loader = build_train_loader(cfg, 0, 1, device)
     for _ in range(3):  # warm-up: pipeline build, shuffle buffer fill, worker start
         next(loader)
-    n, t, c = 0, time.perf_counter(), cpu_seconds()
+    pids = _worker_pids(loader)
+    n, t, c = 0, time.perf_counter(), cpu_seconds(pids)
     while n < images:
         x, _ = next(loader)
         if device != "cpu":
             torch.cuda.synchronize()
         loader.state_dict()  # what a checkpointing run pays
         n += x.shape[0]
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, cpu_seconds(pids) - c
     loader.close()
     del loader, x
     gc.collect()
-    time.sleep(0.5)  # let DataLoader workers exit so that their CPU time is counted
-    return n / wall, n / (cpu_seconds() - c)
+    return n / wall, n / cpu
 
 
 def time_eval(cfg, batch: int) -> tuple[float, float]:
