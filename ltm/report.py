@@ -206,6 +206,9 @@ def write_report(folder: str | os.PathLike, report: dict, rows: Sequence[Any], p
     write_scores(folder / "scores.csv", rows)
     plot_roc(folder / "roc.png", report, rows)
     picture_names = write_attention(folder, pictures)
+    for old in (folder / "attention").glob("*.png"):  # pictures of an earlier evaluation of this folder
+        if f"attention/{old.name}" not in picture_names:
+            old.unlink()
     report["attention"] = picture_names
     atomic_write_text(folder / "report.md", render_markdown(report, picture_names))
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")

@@ -170,6 +170,27 @@ def toy_runs(toy_shards, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+@pytest.fixture(scope="session")
+def engine_run(toy_shards, tmp_path_factory) -> Path:
+    """`ltm train` itself on 2 ranks, ZeRO-1 in bf16 (the paper config's layout), 2 steps on the toy shards."""
+    base = tmp_path_factory.mktemp("eval-engine")
+    config = base / "toy.yaml"
+    config.write_text(textwrap.dedent(f"""
+        base: tiny-cpu
+        data:
+          root: {toy_shards}
+          image_size: 64
+          loader: reference
+          train: [{{path: toy/test/real, weight: 1}}, {{path: toy/test/FaceSwap, weight: 1}}]
+          val: []
+          test: [toy/test]
+        train: {{batch_size: 4, iters_per_epoch: 2, epochs: 1, zero_stage: 1, precision: bf16, val_every: 0}}
+    """))
+    subprocess.run([sys.executable, "-m", "ltm.cli", "train", "--config", str(config), "--nproc", "2",
+                    f"train.run_dir={base / 'run'}"], check=True, env=clean_env(), cwd=base, timeout=400)
+    return base / "run"
+
+
 def all_keys(shards: Path) -> set[str]:
     """Every sample key of the toy split, read from the DALI index files (one line per sample)."""
     from ltm.data.shards import scan_source
@@ -194,6 +215,22 @@ def test_weights_from_deepspeed_checkpoint_equal_trained_module(toy_runs, kind):
     model, cfg, source = load_model(run)  # tag from checkpoints/latest
     assert source.endswith("step00000002") and cfg.model.backbone == "resnet18"
     assert not model.training
+
+
+def test_weights_from_ltm_train_zero1_bf16(engine_run):
+    """fp32 master weights from the engine's ZeRO-1 bf16 checkpoint: they round to exactly the bf16 module."""
+    tag = engine_run / "checkpoints" / (engine_run / "checkpoints" / "latest").read_text().strip()
+    assert len(list(tag.glob("*_optim_states.pt"))) == 2
+    state = load_checkpoint_weights(tag)
+    module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert set(state) == set(module)
+    floats = [k for k, v in module.items() if v.is_floating_point()]
+    assert all(module[k].dtype == torch.bfloat16 and state[k].dtype == torch.float32 for k in floats)
+    for k in floats:
+        assert torch.equal(state[k].to(torch.bfloat16), module[k]), k
+    assert any(not torch.equal(state[k], module[k].float()) for k in floats)  # more than the bf16 copy
+    (report,) = evaluate(engine_run, ["toy/test"], out_dir=engine_run / "eval-test")
+    assert report["n_frames"] == 23 and report["checkpoint"] == str(tag)
 
 
 def test_two_rank_eval_scores_each_key_once(toy_runs, toy_shards, tmp_path):
