@@ -41,7 +41,8 @@ __all__ = [
 
 
 class TrainLoader(Protocol):
-    skipped: int
+    kind: str  # "dali" | "reference"
+    skipped: int  # bad samples dropped so far (data.on_bad_sample: skip)
 
     def __iter__(self) -> TrainLoader: ...
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
