@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 FAKE_METHODS = ("SelfBlend", "FaceSwap")
 SCENE = 256  # scene side before the camera moves over it
+GRAIN = 16.0  # grain amplitude (grey levels, std) and feature size (pixels) in every scene
+GRAIN_SIZE = 0.8
 
 
 # ---------------------------------------------------------------- sources: real face photos from installed packages
@@ -90,9 +92,10 @@ def _scene_from_lfw(face: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
 def _grain(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Fine static texture over the whole scene, like film grain and skin pores: real frames carry it everywhere;
     a face that went through a generator's lower resolution loses it inside the blend mask."""
-    g = rng.normal(0, 7.0, scene.shape[:2]).astype(np.float32)
-    g = cv2.GaussianBlur(g, (0, 0), 0.7)[..., None]
-    return np.clip(scene.astype(np.float32) + g * 1.6, 0, 255).astype(np.uint8)
+    g = rng.normal(0, 1.0, scene.shape[:2]).astype(np.float32)
+    g = cv2.GaussianBlur(g, (0, 0), GRAIN_SIZE)
+    g = g / g.std() * GRAIN
+    return np.clip(scene.astype(np.float32) + g[..., None], 0, 255).astype(np.uint8)
 
 
 def identities(n: int, seed: int = 0) -> list[dict]:

@@ -131,20 +131,50 @@ def sample_frames(path: str | Path, n: int | None = 32, seek_gap: int = 48) -> l
     return out
 
 
+def _avcc_disposable(data: bytes) -> bool:
+    """True when an H.264 packet (length-prefixed NAL units, as in MP4) holds only non-reference slices
+    (nal_ref_idc 0): no other frame is predicted from it, so it can be left undecoded."""
+    i, vcl = 0, False
+    n = len(data)
+    while i + 5 <= n:
+        size = int.from_bytes(data[i:i + 4], "big")
+        header = data[i + 4]
+        if header & 0x1F in (1, 5):  # coded slice
+            if header >> 5 & 3:
+                return False
+            vcl = True
+        i += 4 + size
+    return vcl
+
+
 def _decode_wanted(container, stream, wanted, index_of, rate, tb, start, seek_gap) -> list[tuple[int, np.ndarray]]:
     out: dict[int, np.ndarray] = {}
+    wanted_set = set(wanted)
+    ctx = stream.codec_context
+    extradata = ctx.extradata or b""
+    # MP4 H.264 with 4-byte NAL lengths (avcC): unwanted non-reference frames are skipped without decoding them
+    can_skip = ctx.name == "h264" and len(extradata) > 4 and extradata[0] == 1 and extradata[4] & 3 == 3
+
+    def frames():
+        for packet in container.demux(stream):
+            if (can_skip and packet.pts is not None and packet.size
+                    and int(round(float((packet.pts - start) * tb * rate))) not in wanted_set
+                    and _avcc_disposable(bytes(packet))):
+                continue
+            yield from packet.decode()
+
     pos = -1  # index of the last decoded frame
-    decoder = None
+    decoded = None
     frame = None
     for target in wanted:
-        if decoder is None or target - pos > seek_gap:
+        if decoded is None or target - pos > seek_gap:
             # seek to the keyframe at or before the target; decoding restarts there
             ts = int(start + target / (rate * tb)) if target > 0 else start
             container.seek(max(ts, start), stream=stream, backward=True, any_frame=False)
-            decoder = container.decode(stream)
+            decoded = frames()
             pos = -1
         while pos < target:
-            frame = next(decoder, None)
+            frame = next(decoded, None)
             if frame is None:  # end of stream (or a truncated file): nothing more to find
                 return sorted(out.items())
             pos = index_of(frame)
