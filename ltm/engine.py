@@ -93,6 +93,8 @@ def deepspeed_config(cfg: Config, micro_batch: int, world_size: int, load_univer
         "zero_allow_untested_optimizer": True,  # SGD is fine with ZeRO-1/2; DeepSpeed only lists Adam-likes
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        # BatchNorm needs its running statistics in the parameters' dtype (DeepSpeed casts only parameters).
+        "data_types": {"buffer_dtype": t.precision} if t.precision != "fp32" else {},
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,  # our own logs
         "wall_clock_breakdown": False,
@@ -235,65 +237,69 @@ class Trainer:
 
         # device and distributed: one rank of a world the environment describes (or a world of one)
         self.env = env = init_distributed()
-        self.is_main = env.is_main
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env.rank, env.world_size, cfg.train.keep_last)
-        self.universal = self.resume_tag is not None and (universal or self.checkpointer.needs_universal(
-            self.resume_tag))
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            self.checkpointer.drop_incomplete()
+        try:
+            self.is_main = env.is_main
+            self.checkpointer = Checkpointer(checkpoints.dir, env.rank, env.world_size, cfg.train.keep_last)
+            self.universal = self.resume_tag is not None and (
+                universal or self.checkpointer.needs_universal(self.resume_tag))
+            if self.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, self.run_dir / "config.yaml")
+                self.checkpointer.drop_incomplete()
 
-        # seeds: one stream per rank for the model's random draws; deterministic kernels for exact resume
-        seed_everything(cfg.train.seed + env.rank)
-        if cfg.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            # Deterministic mode also fills every torch.empty with NaN: DeepSpeed allocates its gradient buckets
-            # (hundreds of MB) each step, which made CPU steps seconds slower. Correct code never reads that memory.
-            torch.utils.deterministic.fill_uninitialized_memory = False
-            torch.backends.cudnn.benchmark = False
+            # seeds: one stream per rank for the model's random draws; deterministic kernels for exact resume
+            seed_everything(cfg.train.seed + env.rank)
+            if cfg.train.deterministic:
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                # Deterministic mode also fills every torch.empty with NaN: DeepSpeed allocates its gradient buckets
+                # (hundreds of MB) each step, which made CPU steps seconds slower. Correct code never reads that memory.
+                torch.utils.deterministic.fill_uninitialized_memory = False
+                torch.backends.cudnn.benchmark = False
 
-        # data: this rank's endless batches of per_rank_batch images
-        from ltm.data import build_train_loader, per_rank_batch
+            # data: this rank's endless batches of per_rank_batch images
+            from ltm.data import build_train_loader, per_rank_batch
 
-        self.micro_batch = per_rank_batch(cfg, env.world_size)
-        self.loader = build_train_loader(cfg, env.rank, env.world_size, env.device)
+            self.micro_batch = per_rank_batch(cfg, env.world_size)
+            self.loader = build_train_loader(cfg, env.rank, env.world_size, env.device)
 
-        # model: the same initial weights on every rank, whatever the rank streams drew; the loss is Eq. 7 in
-        # the model's forward
-        from ltm.models import build_model
+            # model: the same initial weights on every rank, whatever the rank streams drew; the loss is Eq. 7 in
+            # the model's forward
+            from ltm.models import build_model
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.train.seed)
-            model = build_model(cfg.model, cfg.data.image_size)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)
+                model = build_model(cfg.model, cfg.data.image_size)
 
-        # optimizer: SGD with an ExponentialLR stepped once per epoch (Sec. 4.1), inside a DeepSpeed engine
-        import deepspeed
+            # optimizer: SGD with an ExponentialLR stepped once per epoch (Sec. 4.1), inside a DeepSpeed engine
+            import deepspeed
 
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                         weight_decay=cfg.train.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.train.lr_gamma)
-        if self.universal:
-            self.checkpointer.to_universal(self.resume_tag)
-        ds_config = deepspeed_config(cfg, self.micro_batch, env.world_size, self.universal)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-        self.buffers = [b for b in self.engine.module.buffers() if b.is_floating_point()]
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                             weight_decay=cfg.train.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.train.lr_gamma)
+            if self.universal:
+                self.checkpointer.to_universal(self.resume_tag)
+            ds_config = deepspeed_config(cfg, self.micro_batch, env.world_size, self.universal)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
+            self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+            self.buffers = [b for b in self.engine.module.buffers() if b.is_floating_point()]
 
-        # checkpointer: resume weights, optimizer, counters, loader position and RNG states
-        self.state = TrainState()
-        if self.resume_tag is not None:
-            self.load(self.resume_tag)
+            # checkpointer: resume weights, optimizer, counters, loader position and RNG states
+            self.state = TrainState()
+            if self.resume_tag is not None:
+                self.load(self.resume_tag)
 
-        # validator: frame AUC on the val shards
-        self.validator = Validator(cfg, env)
+            # validator: frame AUC on the val shards
+            self.validator = Validator(cfg, env)
 
-        # logs: metrics.jsonl + TensorBoard + a progress bar on rank 0
-        self.metrics = MetricsLog(self.run_dir, self.state.step, self.is_main)
-        self.saved_step = self.state.step if self.resume_tag else -1
-        self._window_start = time.perf_counter()
-        self.progress = None
+            # logs: metrics.jsonl + TensorBoard + a progress bar on rank 0
+            self.metrics = MetricsLog(self.run_dir, self.state.step, self.is_main)
+            self.saved_step = self.state.step if self.resume_tag else -1
+            self._window_start = time.perf_counter()
+            self.progress = None
+        except BaseException:
+            teardown(env, wait_for_others=False)  # a later train() in this process must find no stale group
+            raise
 
     # --- checkpoints
     def client_state(self) -> dict:
@@ -333,7 +339,11 @@ class Trainer:
             group["lr"] = lr
         same_world = int(client["world_size"]) == self.env.world_size
         if rank_state is not None and same_world:
-            self.loader.load_state_dict(rank_state["loader"])
+            try:
+                self.loader.load_state_dict(rank_state["loader"])
+            except ValueError as exc:  # e.g. another batch size or other shard folders than the saved run's
+                raise CheckpointError(f"checkpoint {self.checkpointer.dir / tag}: the loader state of rank "
+                                      f"{self.env.rank} does not fit this config: {exc}") from exc
             set_rng_state(rank_state["rng"])
         else:
             # Loader positions and RNG streams belong to ranks of the old world; this one starts fresh streams
