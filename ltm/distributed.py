@@ -144,6 +144,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # Ctrl-C reaches the ranks by itself
 
 
+def _term_with_parent() -> None:
+    """In a child before exec: SIGTERM when the launching process dies (even by SIGKILL), so no rank is orphaned;
+    SIGTERM makes a training rank save and exit like a preemption."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def launch_local(nproc: int, argv: list[str], env: dict[str, str] | None = None) -> int:
     """Start `nproc` ranks of `python <argv>` on this machine (what torchrun does, without its agent).
 
@@ -160,7 +169,7 @@ def launch_local(nproc: int, argv: list[str], env: dict[str, str] | None = None)
     for rank in range(nproc):
         child_env = dict(base, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
                          LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        children.append(subprocess.Popen([sys.executable, *argv], env=child_env))
+        children.append(subprocess.Popen([sys.executable, *argv], env=child_env, preexec_fn=_term_with_parent))
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:
