@@ -314,3 +314,29 @@ def test_errors_name_the_file(run_a, shards, tmp_path):
     (broken / "checkpoints" / "step00000006" / COMPLETE).unlink()
     with pytest.raises(CheckpointError, match="step00000006: incomplete"):
         train(load_config(run_a["config"], [f"train.run_dir={broken}"]))
+
+
+def test_keep_last_and_incomplete_tags(tmp_path):
+    """Pruning keeps the newest K complete tags and the one `latest` names; unfinished saves never count."""
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        folder = tmp_path / tag_for(step)
+        folder.mkdir()
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"x" * step)
+        if step != 4:  # step 4's save was interrupted
+            (folder / COMPLETE).write_text(json.dumps({"files": {"mp_rank_00_model_states.pt": step},
+                                                       "world_size": 1}))
+    (tmp_path / "latest").write_text(tag_for(1))  # resumed from an older tag
+    assert ckpt.tags() == [tag_for(1), tag_for(2), tag_for(3)]
+    ckpt.prune()
+    assert ckpt.tags() == [tag_for(1), tag_for(2), tag_for(3)]  # newest two, and the one latest names
+    (tmp_path / "latest").write_text(tag_for(3))
+    ckpt.prune()
+    assert ckpt.tags() == [tag_for(2), tag_for(3)]
+    ckpt.drop_incomplete()
+    assert not (tmp_path / tag_for(4)).exists()
+    (tmp_path / tag_for(3) / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"{tmp_path / tag_for(3) / 'mp_rank_00_model_states.pt'}: corrupt"):
+        ckpt.resolve("auto")
+    with pytest.raises(CheckpointError, match="expected step<8 digits>"):
+        ckpt.resolve("last")
