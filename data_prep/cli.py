@@ -37,16 +37,17 @@ def _common(p: argparse.ArgumentParser, detector_default: str = "mtcnn") -> None
     p.add_argument("--detector", choices=["mtcnn", "yunet", "none"], default=detector_default,
                    help=f"face detector ({detector_default}); yunet needs --detector-model")
     p.add_argument("--detector-model", help="YuNet ONNX file (face_detection_yunet_2023mar.onnx)")
-    p.add_argument("--detect-side", type=int, default=480,
-                   help="detect on frames scaled to this short side at most (480; 0 = full size)")
-    p.add_argument("--min-face", type=int, default=24, help="smallest face side in detection pixels (24)")
+    p.add_argument("--detect-side", type=int, default=320,
+                   help="detect on frames scaled to this short side at most (320; 0 = full size)")
+    p.add_argument("--min-face", type=int, default=32,
+                   help="smallest face side in detection pixels (32: a tenth of the scaled short side)")
     p.add_argument("--threshold", type=float, default=0.9, help="face score threshold (0.9)")
     p.add_argument("--shard-samples", type=int, default=2000, help="samples per shard at most (2000)")
     p.add_argument("--shard-mb", type=float, default=512, help="shard size in MB at most (512)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (0)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes over videos (1)")
     p.add_argument("--device", default="auto", help="detector device: auto | cpu | cuda[:N] (auto)")
-    p.add_argument("--batch-size", type=int, default=16, help="frames per detector call (16)")
+    p.add_argument("--batch-size", type=int, default=32, help="frames per detector call (32)")
     p.add_argument("--part", default="0/1", help="i/N: process the i-th of N shares (0-based), then `prep merge`")
     p.add_argument("--keep-work", action="store_true", help="keep <out>/.prep (per-video crops) after finishing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

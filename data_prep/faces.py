@@ -62,7 +62,7 @@ def largest(boxes: np.ndarray) -> np.ndarray | None:
 class Detector:
     name = "base"
 
-    def __init__(self, detect_side: int = 480, min_face: int = 24, threshold: float = 0.9):
+    def __init__(self, detect_side: int = 320, min_face: int = 32, threshold: float = 0.9):
         self.detect_side = detect_side
         self.min_face = min_face
         self.threshold = threshold
@@ -114,16 +114,19 @@ class MTCNNDetector(Detector):
 
     name = "mtcnn"
 
-    def __init__(self, device: str = "cpu", batch_size: int = 16, **kw):
+    def __init__(self, device: str = "cpu", batch_size: int = 32, **kw):
         super().__init__(**kw)
         import torch
         from facenet_pytorch import MTCNN
 
         self.device = torch.device(device)
         self.batch_size = batch_size
-        # thresholds: P-Net and R-Net as facenet-pytorch's defaults, O-Net's final score as configured
+        # P-Net and R-Net thresholds a step above facenet-pytorch's 0.6 / 0.7: fewer candidate boxes to crop and
+        # re-score (the per-box resizing dominates MTCNN's CPU time) with the same faces found on FF++; the
+        # final O-Net score is the configured threshold
+        # and a pyramid step of 0.65 (facenet-pytorch: 0.709), one scale fewer over the usual face sizes
         self.model = MTCNN(keep_all=True, device=self.device, min_face_size=self.min_face,
-                           thresholds=[0.6, 0.7, self.threshold], post_process=False)
+                           thresholds=[0.7, 0.8, self.threshold], factor=0.65, post_process=False)
 
     def _detect_scaled(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -215,8 +218,8 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def build_detector(name: str = "mtcnn", device: str = "auto", model_path: str | Path | None = None,
-                   detect_side: int = 480, min_face: int = 24, threshold: float = 0.9,
-                   batch_size: int = 16) -> Detector:
+                   detect_side: int = 320, min_face: int = 32, threshold: float = 0.9,
+                   batch_size: int = 32) -> Detector:
     """A face detector by name: `mtcnn` (default), `yunet` (needs `model_path`) or `none`."""
     kw = {"detect_side": detect_side, "min_face": min_face, "threshold": threshold}
     if name == "mtcnn":

@@ -62,8 +62,8 @@ class Settings:
     quality: int = 95
     detector: str = "mtcnn"
     detector_model: str | None = None
-    detect_side: int = 480
-    min_face: int = 24
+    detect_side: int = 320  # detection on a copy with this short side at most (faces >= min_face/320 of it)
+    min_face: int = 32
     threshold: float = 0.9
     shard_samples: int = 2000
     shard_bytes: int = 512 * 1024 * 1024
@@ -76,7 +76,7 @@ class Runtime:
 
     workers: int = 1
     device: str = "auto"
-    batch_size: int = 16
+    batch_size: int = 32
     part: tuple[int, int] = (0, 1)
     keep_work: bool = False
     progress: bool = True
