@@ -253,6 +253,8 @@ def process_items(items: list[Item], out: Path, dataset: str, settings: Settings
     while True:
         remaining = {s: [it for it in its if not (item_dir(out, dataset, it) / "meta.json").is_file()]
                      for s, its in by_split.items()}
+        if restarts:
+            _clean_item_temps(out, dataset, [it for its in remaining.values() for it in its])
         try:
             with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                         initargs=(settings, runtime, 1)) as pool:
@@ -496,12 +498,12 @@ def merge(out: str | Path, dataset: str, runtime: Runtime | None = None) -> dict
     plan = json.loads((wd / "items.json").read_text())
     settings = Settings(**json.loads((wd / "settings.json").read_text()))
     items = [Item(**d) for d in plan["items"]]
-    missing = [it for it in items if not (item_dir(out, dataset, it) / "meta.json").is_file()]
+    missing = [i for i, it in enumerate(items) if not (item_dir(out, dataset, it) / "meta.json").is_file()]
     if missing:
         nparts = plan["parts"]
-        parts = sorted({i % nparts for i, it in enumerate(items) if it in missing})
-        raise RuntimeError(f"{dataset}: {len(missing)} items are not done yet (e.g. {missing[0].path}); unfinished "
-                           f"part(s) {', '.join(f'{p}/{nparts}' for p in parts)}: rerun them, then merge")
+        parts = sorted({i % nparts for i in missing})
+        raise RuntimeError(f"{dataset}: {len(missing)} items are not done yet (e.g. {items[missing[0]].path}); "
+                           f"unfinished part(s) {', '.join(f'{p}/{nparts}' for p in parts)}: rerun them, then merge")
     from data_prep.faces import build_detector
 
     detector_info = {"name": settings.detector}

@@ -163,3 +163,34 @@ def test_other_settings_do_not_mix_into_an_output(sample_root, sample_shards):
     with pytest.raises(ValueError, match="other settings"):
         other = pipeline.Settings(frames=2, size=_fixture_settings(sample_shards).size)
         pipeline.run(name, items, skipped, sample_shards, other, pipeline.Runtime(progress=False))
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def test_a_killed_worker_is_replaced_and_the_run_completes(sample_root, sample_shards, tmp_path):
+    out = tmp_path / "shards"
+    st = _fixture_settings(sample_shards)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(_cli(out, sample_root, st, "--workers", "2"), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    work = out / ".prep" / "ffpp_c23" / "items"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(work.glob("*/*/*/meta.json")) and proc.poll() is None:
+        time.sleep(0.2)
+    # the pool's workers are the grandchildren that import torch; kill one of them
+    workers = [k for c in _children(proc.pid) for k in [c, *_children(c)]
+               if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text(errors="ignore")]
+    assert workers, "no worker processes found"
+    os.kill(workers[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "a prep worker died; restarting the pool" in err
+    assert _shard_hashes(out) == _shard_hashes(sample_shards)
