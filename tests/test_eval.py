@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shared_data import SHARED_DATA
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
 
 from ltm import metrics
@@ -24,7 +25,7 @@ from ltm.evaluate import CheckpointError, evaluate, load_checkpoint_weights, loa
 from ltm.report import read_scores
 
 REPO = Path(__file__).resolve().parents[1]
-FACES = Path(os.environ.get("LTM_TEST_DATA", REPO.parent / "shared" / "data")) / "faces"
+FACES = SHARED_DATA / "faces"
 METHODS = {"real": 10, "FaceSwap": 7, "Deepfakes": 6}  # 23 samples: an uneven split over 2 ranks
 
 

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shared_data import SHARED_DATA
 
 from ltm.cli import main
 from ltm.config import load_config, save_config
 from ltm.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LTM_TEST_DATA", REPO.parent / "shared" / "data"))
+DATA = SHARED_DATA
 VIDEO = DATA / "videos" / "retalking__examples_face_1.mp4"
 PHOTO = DATA / "faces" / "3ddfa__examples_inputs_JianzhuGuo.jpg"
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shared_data import SHARED_DATA
 
 from data_prep import datasets, pipeline
 from data_prep.shards import read_shard
 
 REPO = Path(__file__).resolve().parents[1]
-FFPP_SAMPLE = Path("/work/shared/data/ffpp-sample")
-FFPP_SPLITS = Path("/work/shared/data/ffpp-splits")
+FFPP_SAMPLE = SHARED_DATA / "ffpp-sample"
+FFPP_SPLITS = SHARED_DATA / "ffpp-splits"
 
 
 def _shard_hashes(root: Path) -> dict[str, str]:
