@@ -242,3 +242,19 @@ def test_seek_sampling_matches_full_decode(tmp_path):
     assert [i for i, _ in picked] == [0, 20, 40, 60, 79, 99, 119]
     for i, arr in picked:
         assert np.array_equal(arr, full[i])
+
+
+def test_detector_choices_fail_clearly(tmp_path):
+    from data_prep.faces import build_detector, square_box
+
+    with pytest.raises(ValueError, match="--detector-model"):
+        build_detector("yunet", "cpu")
+    with pytest.raises(FileNotFoundError, match="yunet.onnx"):
+        build_detector("yunet", "cpu", tmp_path / "yunet.onnx")
+    with pytest.raises(ValueError, match="unknown face detector"):
+        build_detector("haar", "cpu")
+    # the FF++ crop: 1.3x, square, shifted inside the frame, shrunk to the short side when it cannot fit
+    assert square_box((100, 100, 200, 220), 1.3, 640, 480) == (72, 82, 228, 238)
+    assert square_box((0, 0, 100, 100), 1.3, 640, 480) == (0, 0, 130, 130)
+    assert square_box((500, 300, 640, 480), 1.3, 640, 480) == (406, 246, 640, 480)
+    assert square_box((0, 0, 600, 470), 1.3, 640, 480) == (60, 0, 540, 480)
