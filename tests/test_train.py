@@ -60,8 +60,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 def write_config(folder: Path, shards: Path, run_dir: Path, **train) -> Path:
-    t = dict(run_dir=str(run_dir), batch_size=4, iters_per_epoch=2, epochs=3, log_every=1, val_every=3,
-             ckpt_every=3, zero_stage=1, keep_last=3)
+    t = dict(run_dir=str(run_dir), batch_size=4, iters_per_epoch=2, epochs=3, lr=0.01, lr_gamma=0.9, log_every=1,
+             val_every=3, ckpt_every=3, zero_stage=1, keep_last=3)
     t.update(train)
     cfg = {
         "base": "tiny-cpu",
