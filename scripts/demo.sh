@@ -3,9 +3,9 @@
 # Every step keeps finished work: the sample videos and shard splits are not rebuilt, an interrupted training run
 # resumes from its last checkpoint (a finished one is kept), and the evaluation is rerun (it takes seconds).
 # The last line printed is the path of the evaluation's report.json.
-#   DEMO_IDENTITIES=100          identities in the sample dataset (at most 102: the packaged photos)
+#   DEMO_IDENTITIES=48           identities in the sample dataset (at most 102: the packaged photos)
 #   DEMO_NPROC=2                 local ranks for training
-#   DEMO_TRAIN_OVERRIDES="..."   `key=value` overrides for `ltm train` (default: train.epochs=8, 400 steps)
+#   DEMO_TRAIN_OVERRIDES="..."   `key=value` overrides for `ltm train` (default: none, tiny-cpu as is: 200 steps)
 #   DEMO_FRESH=1                 delete runs/demo first and train from scratch
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +13,8 @@ LTM="${VENV:-.venv}/bin/ltm"
 SAMPLE=sample
 RUN=runs/demo
 NPROC="${DEMO_NPROC:-2}"
-IDENTITIES="${DEMO_IDENTITIES:-100}"
-read -r -a TRAIN_OVERRIDES <<< "${DEMO_TRAIN_OVERRIDES:-train.epochs=8}"
+IDENTITIES="${DEMO_IDENTITIES:-48}"
+read -r -a TRAIN_OVERRIDES <<< "${DEMO_TRAIN_OVERRIDES:-}"
 start=$(date +%s)
 say() { echo "== [$(( $(date +%s) - start ))s] $*"; }
 
