@@ -270,7 +270,8 @@ def submit_prep(
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
 
-def _add_launch_flags(p: argparse.ArgumentParser) -> None:
+def add_launch_arguments(p: argparse.ArgumentParser, dry_run: bool = True) -> None:
+    """The SLURM resource flags (read back by `launch_from_args`); `ltm reproduce` shares them."""
     g = p.add_argument_group("SLURM resources (default: the config's launch.* keys)")
     g.add_argument("--nodes", type=int, help="nodes (launch.nodes)")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node = tasks per node; 0: one CPU task per node")
@@ -286,7 +287,8 @@ def _add_launch_flags(p: argparse.ArgumentParser) -> None:
                    help="shell lines run before the job, e.g. 'module load cuda/12.4' (repeatable)")
     g.add_argument("--max-requeue", type=int, help="requeues after preemption/time limit (launch.max_requeue)")
     g.add_argument("--signal-delay", type=int, help="seconds between the save signal and the kill")
-    p.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -298,7 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="shard folder to evaluate once training succeeded (repeatable)")
     p.add_argument("--eval-tag", help="checkpoint tag for the chained evaluation (default: latest)")
     p.add_argument("--resume", default="auto", help="auto | never | <tag>")
-    _add_launch_flags(p)
+    add_launch_arguments(p)
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.run_dir=runs/x")
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on shard folders")
@@ -306,7 +308,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", required=True, help="shard folder (repeatable)")
     p.add_argument("--tag", help="checkpoint tag (default: latest)")
     p.add_argument("--after", metavar="JOBID", help="start only after this job succeeded (afterok)")
-    _add_launch_flags(p)
+    add_launch_arguments(p)
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (e.g. eval.batch_size=32)")
 
     p = sub.add_parser("prep", help="dataset preparation as an array of N parts plus a merge job",
@@ -315,7 +317,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--array", type=int, default=1, help="number of parts (array tasks)")
     p.add_argument("--dataset", help="dataset name for the merge (default: found in <out>/.prep)")
     p.add_argument("--logs", help="folder for the submission's logs (default: <out>/.slurm)")
-    _add_launch_flags(p)
+    add_launch_arguments(p)
     p.add_argument("prep_args", nargs=argparse.REMAINDER, help="`ltm prep` arguments: <dataset> [options]")
 
 
@@ -349,7 +351,7 @@ def _prep_split(args: argparse.Namespace) -> list[str]:
     launch_parser.add_argument("--array", type=int)
     launch_parser.add_argument("--logs")
     launch_parser.add_argument("--dataset")
-    _add_launch_flags(launch_parser)
+    add_launch_arguments(launch_parser)
     known, rest = launch_parser.parse_known_args(args.prep_args)
     for key, value in vars(known).items():
         if value not in (None, False):

@@ -654,21 +654,9 @@ def _allow_trailing_overrides(parser: argparse.ArgumentParser) -> None:
 
 def _add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     """The resource flags of `ltm submit train` (same names and parsing: `launcher.submit.launch_from_args`)."""
-    g = parser.add_argument_group("SLURM resources, as in `ltm submit train` (default: each config's launch.* keys)")
-    g.add_argument("--nodes", type=int, help="nodes per training (launch.nodes)")
-    g.add_argument("--gpus-per-node", type=int, help="GPUs per node = tasks per node; 0: one CPU task per node")
-    g.add_argument("--cpus-per-task", type=int, help="CPU cores per task")
-    g.add_argument("--mem", help="memory per node, e.g. 64G (launch.mem_gb)")
-    g.add_argument("--time", help="time limit per job: minutes or [D-]HH:MM[:SS] (launch.time_min)")
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--qos")
-    g.add_argument("--constraint", help="node features, e.g. a100")
-    g.add_argument("--exclusive", action="store_true", default=None, help="whole nodes only")
-    g.add_argument("--setup", action="append", metavar="LINES",
-                   help="shell lines run before each job, e.g. 'module load cuda/12.4' (repeatable)")
-    g.add_argument("--max-requeue", type=int, help="requeues after preemption/time limit (launch.max_requeue)")
-    g.add_argument("--signal-delay", type=int, help="seconds between the save signal and the kill")
+    from launcher.submit import add_launch_arguments
+
+    add_launch_arguments(parser, dry_run=False)
 
 
 def _sbatch_lines(script: str) -> str:

@@ -37,7 +37,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from nvidia.dali.tensors import TensorGPU
 
-from ltm.data.reference import check_state, decode_jpeg, sample_meta
+from ltm.data.reference import check_state, decode_jpeg, loader_identity, sample_meta
 from ltm.data.shards import ShardError, Source, rank_range
 
 log = logging.getLogger(__name__)
@@ -317,14 +317,10 @@ class DaliTrainLoader:
 
     def state_dict(self) -> dict:
         return {
-            "kind": self.kind,
+            **loader_identity(self),
             "checkpoint": self._state,
             "batches": self.batches,
             "skipped": self.skipped,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch": self.batch,
-            "sources": [(str(s.folder), s.weight, len(s)) for s in self.sources],
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -213,14 +213,10 @@ class ReferenceTrainLoader:
 
     def state_dict(self) -> dict:
         return {
-            "kind": self.kind,
+            **loader_identity(self),
             "batches": self.batches,
             "counters": list(self.counters),
             "skipped": self.skipped,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch": self.batch,
-            "sources": [(str(s.folder), s.weight, len(s)) for s in self.sources],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -232,16 +228,20 @@ class ReferenceTrainLoader:
         self._it, self._loader = None, None  # drops the worker processes
 
 
-def check_state(loader: Any, state: dict) -> None:
-    """A loader state fits only a loader over the same sources, rank split and batch size."""
-    expect = {
+def loader_identity(loader: Any) -> dict:
+    """What a saved loader state must match: the same kind, sources, rank split and batch size."""
+    return {
         "kind": loader.kind,
         "rank": loader.rank,
         "world_size": loader.world_size,
         "batch": loader.batch,
         "sources": [(str(s.folder), s.weight, len(s)) for s in loader.sources],
     }
-    for k, v in expect.items():
+
+
+def check_state(loader: Any, state: dict) -> None:
+    """A loader state fits only a loader over the same sources, rank split and batch size."""
+    for k, v in loader_identity(loader).items():
         got = state.get(k)
         if k == "sources" and got is not None:
             got = [tuple(x) for x in got]
