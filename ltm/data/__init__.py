@@ -34,6 +34,7 @@ __all__ = [
     "build_eval_loader",
     "build_train_loader",
     "dali_available",
+    "dali_package",
     "per_rank_batch",
     "train_sources",
     "eval_sources",
@@ -62,6 +63,27 @@ def dali_available() -> bool:
         _DALI_ERROR = f"{type(exc).__name__}: {exc}"
         return False
     return True
+
+
+def dali_package() -> dict:
+    """Which DALI build is installed: `{"package", "version", "cuda"}` (e.g. nvidia-dali-cuda130, 2.4.0, "13.0").
+
+    The CUDA 12 and CUDA 13 wheels (and their nightly/weekly builds) install the same `nvidia.dali` package, so
+    ltm imports either the same way; this names the one present. "package" is None when none is installed; a
+    venv holding two is reported as an error because one overwrote the other's files.
+    """
+    import importlib.metadata as md
+    import re
+
+    found = sorted({d.metadata["Name"].lower() for d in md.distributions()
+                    if re.fullmatch(r"nvidia-dali(-nightly|-weekly)?-cuda\d+", (d.metadata["Name"] or "").lower())})
+    if len(found) > 1:
+        raise RuntimeError(f"several DALI builds are installed ({', '.join(found)}); they share the nvidia.dali "
+                           f"package: uninstall all but one (`make install DALI=cuda120|cuda130` does)")
+    if not found:
+        return {"package": None, "version": None, "cuda": None}
+    built = re.search(r"cuda(\d+)$", found[0]).group(1)
+    return {"package": found[0], "version": md.version(found[0]), "cuda": f"{built[:-1]}.{built[-1]}"}
 
 
 def _loader_kind(cfg: Config) -> str:
