@@ -45,6 +45,7 @@ from data_prep.shards import (
     write_json_atomic,
     write_shard,
 )
+from ltm.data.shards import video_id
 
 log = logging.getLogger(__name__)
 
@@ -357,10 +358,11 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
                             "video": it.video})
             continue
         stats["videos_used"] += 1
+        video = video_id(dataset, it.method, it.video)  # FF++ reuses `<target>_<source>` in every method folder
         for s in meta["samples"]:
-            key = f"{it.video}-{s['frame']:06d}"
+            key = f"{video}-{s['frame']:06d}"
             jpg = d / s["file"]
-            info = {"dataset": dataset, "split": split, "video": it.video, "frame": s["frame"], "label": it.label,
+            info = {"dataset": dataset, "split": split, "video": video, "frame": s["frame"], "label": it.label,
                     "method": it.method, "compression": settings_compression(dataset), "bbox": s["bbox"],
                     "source": it.source}
             size = _sample_size({"jpg": b"", "cls": "0", "json": info}) + jpg.stat().st_size

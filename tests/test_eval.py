@@ -193,11 +193,12 @@ def engine_run(toy_shards, tmp_path_factory) -> Path:
 
 
 def all_keys(shards: Path) -> set[str]:
-    """Every sample key of the toy split, read from the DALI index files (one line per sample)."""
-    from ltm.data.shards import scan_source
+    """Every sample key of the toy split, read from the DALI index files (one line per sample), with the dataset
+    and method that scores.csv keys carry."""
+    from ltm.data.shards import scan_source, video_id
 
-    return {k for m in METHODS for shard in scan_source(shards / "toy" / "test" / m, ("jpg", "cls")).shards
-            for k in shard.keys}
+    return {video_id("toy", m, k) for m in METHODS
+            for shard in scan_source(shards / "toy" / "test" / m, ("jpg", "cls")).shards for k in shard.keys}
 
 
 # ------------------------------------------------------------------------------------------- weights + scoring

@@ -61,7 +61,7 @@ def test_celebdf_list_label_is_inverted(sample_root, tmp_path):
     res = pipeline.run(name, items, skipped, out, FAST, QUIET)
     assert res["samples"] > 0
     for s in _all(out, "celebdf_v2", "test", "fake"):
-        assert s["cls"] == b"1" and json.loads(s["json"])["video"] == "id0_id1_0000"
+        assert s["cls"] == b"1" and json.loads(s["json"])["video"] == "celebdf_v2-fake-id0_id1_0000"
     for s in _all(out, "celebdf_v2", "test", "real"):
         assert s["cls"] == b"0"
     assert _manifest(out, "celebdf_v2", "test")["skipped"][0]["path"].endswith("YouTube-real/00099.mp4")
@@ -121,7 +121,7 @@ def test_wdf_folders_and_archives_with_escaping_members_refused(tmp_path):
     res = pipeline.run(name, items, skipped, out, crops, QUIET)
     assert res["samples"] == 2 + 2 + 2 + 2
     train_fake = _all(out, "wdf", "train", "fake")
-    assert [json.loads(s["json"])["video"] for s in train_fake] == ["31_31_1"] * 2
+    assert [json.loads(s["json"])["video"] for s in train_fake] == ["wdf-fake-31_31_1"] * 2
     assert all(Image.open(io.BytesIO(s["jpg"])).size == (64, 64) for s in train_fake)
     m = _manifest(out, "wdf", "train")
     assert {Path(s["path"]).name for s in m["skipped"]} == {"32.tar.gz", "33.tar.gz", "34.tar.gz"}
@@ -147,7 +147,7 @@ def test_folder_tree_and_csv(sample_root, tmp_path):
     reasons = {Path(s["path"]).name: s["reason"] for s in m["skipped"]}
     assert "not a video or image" in reasons["notes.txt"] and "unreadable image" in reasons["broken.jpg"]
     videos = {json.loads(s["json"])["video"] for s in _all(out, "mine", "test", "real")}
-    assert videos == {"clip_one", "photo"}  # key-safe ids
+    assert videos == {"mine-real-clip_one", "mine-real-photo"}  # key-safe ids, with dataset and method
 
     csv = tmp_path / "list.csv"
     csv.write_text("path,label,method,split\n"
@@ -187,7 +187,7 @@ def test_ffpp_bad_inputs_are_skipped_and_named(sample_root, tmp_path):
     # a truncated file either keeps the frames that decode or is skipped with a reason; it never stops the run
     truncated = [s for s in m["skipped"] if s["path"].endswith(f"/{b}.mp4")]
     kept = {json.loads(s["json"])["video"] for s in _all(out, "ffpp_c23", "test", "real")}
-    assert bool(truncated) != (b in kept)
+    assert bool(truncated) != (f"ffpp_c23-real-{b}" in kept)
     assert "FaceSwap" in m["totals"]["by_method"]
 
 

@@ -54,7 +54,10 @@ def test_sample_shards_labels_methods_and_splits(sample_root, sample_shards):
                 assert s["cls"] == str(label).encode() and meta["label"] == label and meta["method"] == method
                 assert meta["split"] == split and meta["dataset"] == "ffpp_c23" and meta["compression"] == "c23"
                 assert s["__key__"] == f"{meta['video']}-{meta['frame']:06d}"
-                assert meta["video"] in (ids if method == "real" else fakes)  # split membership from the pairs
+                # one id per video across methods (FF++ reuses `<target>_<source>`); its name gives the split
+                prefix = f"ffpp_c23-{method}-"
+                assert meta["video"].startswith(prefix)
+                assert meta["video"][len(prefix):] in (ids if method == "real" else fakes)
                 assert len(meta["bbox"]) == 4
             # shuffled across videos: consecutive samples are not grouped by video
             videos = [json.loads(s["json"])["video"] for s in samples]

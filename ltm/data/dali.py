@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,8 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from nvidia.dali.tensors import TensorGPU
 
-from ltm.data.reference import check_state, decode_jpeg, loader_identity, sample_meta
-from ltm.data.shards import ShardError, Source, rank_range
+from ltm.data.reference import check_state, decode_jpeg, loader_identity
+from ltm.data.shards import ShardError, Source, rank_range, sample_ids
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +346,8 @@ class DaliEvalLoader:
         self.num_samples = hi - lo
         self.decode = decode_device(cfg, device)
         self.skipped = 0
-        # method of each sample's tar, for samples whose json does not name one
-        self._method = {str(sh.tar): src.name for src in sources for sh in src.shards}
+        # shard folder of each sample's tar, for samples whose json does not name dataset or method
+        self._folder = {str(sh.tar): src.folder for src in sources for sh in src.shards}
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch)
@@ -393,15 +394,12 @@ class DaliEvalLoader:
             self.skipped = decoder.skipped
             if not b.jpgs:
                 continue
-            videos, methods = [], []
-            for (tar, key), meta in zip(b.where, b.meta):
-                video, method = sample_meta(meta, key, self._method.get(tar, ""))
-                videos.append(video)
-                methods.append(method)
+            ids = [sample_ids(meta, key, self._folder.get(tar, Path(tar).parent))
+                   for (tar, key), meta in zip(b.where, b.meta)]
             yield {
                 "images": images,
                 "labels": torch.tensor(b.labels, dtype=torch.float32).to(self.device),
-                "keys": [key for _, key in b.where],
-                "videos": videos,
-                "methods": methods,
+                "keys": [i[0] for i in ids],
+                "videos": [i[1] for i in ids],
+                "methods": [i[2] for i in ids],
             }

@@ -13,7 +13,6 @@ tars with webdataset in stored order.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from ltm.data.shards import Shard, ShardError, Source, rank_range
+from ltm.data.shards import Shard, ShardError, Source, rank_range, sample_ids
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +49,6 @@ def parse_label(data: bytes, where: str) -> float:
     if text not in (b"0", b"1"):
         raise ShardError(f"{where}: cls must be ASCII 0 or 1, got {data[:16]!r}")
     return float(text == b"1")
-
-
-def sample_meta(meta_bytes: bytes | None, key: str, method: str) -> tuple[str, str]:
-    """(video, method) from the `json` member; the key's `<video>-<frame>` form and the folder name as fallback."""
-    meta: dict[str, Any] = {}
-    if meta_bytes:
-        try:
-            meta = json.loads(meta_bytes)
-        except ValueError:
-            meta = {}
-    video = str(meta.get("video") or key.rsplit("-", 1)[0])
-    return video, str(meta.get("method") or method)
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -304,7 +291,7 @@ class _EvalStream(IterableDataset):
             if self.on_bad != "skip":
                 raise
             return (None, str(exc))
-        video, method = sample_meta(sample.get("json"), key, src.name)
+        key, video, method = sample_ids(sample.get("json"), key, src.folder)
         return (image, label, key, video, method)
 
 

@@ -12,6 +12,7 @@ W reads the contiguous range [k*N // W, (k+1)*N // W) of the concatenated sample
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,39 @@ def method_folders(folder: Path) -> list[Path]:
     if not subs:
         raise ShardError(f"shard folder {folder} holds no .tar shards and no method folders with shards")
     return subs
+
+
+def video_id(dataset: str, method: str, video: str) -> str:
+    """A video's id, unique across datasets and methods: `<dataset>-<method>-<video>`.
+
+    FF++ names every manipulated video `<target>_<source>` in each method folder, so `Deepfakes/000_003` and
+    `Face2Face/000_003` are different videos with one name; the prefix keeps them apart. Prep's names are key-safe
+    (`[A-Za-z0-9_]`), so the `-` separators are unambiguous, and an id that already carries its prefix is kept.
+    """
+    prefix = "-".join(p for p in (dataset, method) if p) + "-"
+    return video if video.startswith(prefix) else prefix + video
+
+
+def sample_ids(meta_bytes: bytes | None, key: str, folder: Path) -> tuple[str, str, str]:
+    """(key, video, method) of an eval sample, its key and video unique across datasets and methods.
+
+    Shards written by prep carry `__key__` `<video id>-<frame:06d>` and the video id in the json. Shards written
+    before ids carried dataset and method (`<video>-<frame>` keys, the dataset's own video name in the json) get
+    the same ids here from the json's `dataset`/`method`/`video`; a missing field falls back to the shard folder
+    `<dataset>/<split>/<method>` and to the key's `<video>-<frame>` form.
+    """
+    meta: dict = {}
+    if meta_bytes:
+        try:
+            meta = json.loads(meta_bytes)
+        except ValueError:
+            meta = {}
+    if not isinstance(meta, dict):
+        meta = {}
+    method = str(meta.get("method") or folder.name)
+    dataset = str(meta.get("dataset") or folder.parent.parent.name)
+    video = video_id(dataset, method, str(meta.get("video") or key.rsplit("-", 1)[0]))
+    return video_id(dataset, method, key), video, method
 
 
 def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
