@@ -8,7 +8,9 @@ Public API:
         would have; `.skipped` counts bad samples dropped when cfg.data.on_bad_sample == "skip".
     build_eval_loader(cfg, folders, rank, world_size, device, batch_size) -> iterable of dict
         {"images", "labels", "keys", "videos", "methods"}; every sample of the folders once across the ranks;
-        `.num_samples` is this rank's share.
+        `.num_samples` is this rank's share. Keys and videos are unique across datasets and methods
+        (`<dataset>-<method>-<video>[-<frame>]`, `ltm.data.shards.sample_ids`), also for shards written before
+        prep wrote them in that form.
 
 `cfg.data.loader` picks the implementation: "dali" (NVIDIA DALI pipelines, `ltm.data.dali`) or "reference"
 (webdataset + PIL + torch DataLoader, `ltm.data.reference`). Where nvidia.dali cannot be imported the DALI choice
