@@ -1,0 +1,246 @@
+"""The method as `forward()` and `predict()` run it (Sec. 3), observed from outside the model.
+
+What the student head receives is read with forward hooks on `student_cnn` / `student_head`; every expected value is
+computed here from those observations, independently of the model's own helpers, so a forward pass that pools
+without the mask, leaks L^s into the teacher, mixes labels with another lambda, or scores with the wrong head fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from ltm.config import load_config
+from ltm.models import build_model
+from ltm.models.masking import deep_mixup, feature_mask
+
+SIZE = 128  # MobileNetV3-small at 128 px: a 4x4 feature grid, so Eq. 4 masks k = 4 of 16 positions
+
+
+def make_model(size: int = SIZE, **model):
+    overrides = {"backbone": "mobilenetv3_small_050", "pretrained": "null", "vit.dim": 32, "vit.heads": 4,
+                 "vit.depth": 1, "vit.mlp_ratio": 2.0, **model}
+    cfg = load_config("tiny-cpu", [f"model.{k}={v}" for k, v in overrides.items()])
+    torch.manual_seed(0)
+    return build_model(cfg.model, image_size=size)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = make_model(mixup=False)
+    assert m.grid == (4, 4)
+    return m
+
+
+def batch(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, SIZE, SIZE, generator=g), torch.tensor([0.0, 1.0] * (n // 2))
+
+
+class Calls:
+    """Records a module's inputs (pre-hook) or outputs (hook), optionally replacing the output."""
+
+    def __init__(self, module: torch.nn.Module, output: bool = False, replace=None):
+        self.seen: list[torch.Tensor] = []
+        if output:
+            def hook(_m, _inp, out):
+                self.seen.append(out.detach().clone())
+                return replace(out) if replace is not None else None
+            self.handle = module.register_forward_hook(hook)
+        else:
+            self.handle = module.register_forward_pre_hook(lambda _m, inp: self.seen.append(inp[0].detach().clone()))
+
+    def __enter__(self) -> Calls:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+def test_eq4_student_head_receives_features_pooled_with_the_mask(model):
+    """F = AvgPool(X_s * M) inside forward(): the student loss is BCE of the head on exactly that, not on X_s pooled."""
+    images, labels = batch()
+    model.train()
+    with Calls(model.student_cnn, output=True) as x_s, Calls(model.student_head) as head_in:
+        out = model(images, labels)
+    features, mask = x_s.seen[0], out["mask"].float()
+    assert ((mask == 0).flatten(1).sum(1) == 4).all()  # k = round(0.25 * 16)
+    masked = (features * mask[:, None]).mean(dim=(2, 3))  # over all h*w positions, as printed
+    unmasked = features.mean(dim=(2, 3))
+    assert not torch.allclose(masked, unmasked, atol=1e-4)  # the mask changes what the student sees
+    assert any(torch.allclose(x, masked, atol=1e-5) for x in head_in.seen), "student head never saw X_s * M pooled"
+    with torch.no_grad():
+        expected = F.binary_cross_entropy_with_logits(model.student_head(masked).squeeze(1).float(), labels)
+        unmasked_loss = F.binary_cross_entropy_with_logits(model.student_head(unmasked).squeeze(1).float(), labels)
+    torch.testing.assert_close(out["losses"]["student"], expected, atol=1e-6, rtol=1e-5)
+    assert abs(unmasked_loss - expected) > 1e-4
+
+
+def test_eq7_student_loss_sends_no_gradient_into_the_teacher_through_forward(model):
+    """Perturbing only the student leaves the teacher's gradients of the total loss (Eq. 7) exactly as they were."""
+    images, labels = batch()
+    model.train()
+    teacher = {n: p for n, p in model.named_parameters() if n.startswith("teacher")}
+    student = [p for n, p in model.named_parameters() if n.startswith("student")]
+    assert teacher and student
+
+    def teacher_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same random draws in both passes
+        model(images, labels)["loss"].backward()
+        return {n: p.grad.clone() for n, p in teacher.items() if p.grad is not None}
+
+    before = teacher_grads()
+    saved = [p.detach().clone() for p in student]
+    try:
+        with torch.no_grad():
+            for p in student:
+                p.add_(torch.randn_like(p) * 0.5)
+        after = teacher_grads()
+        student_grads = [p.grad for p in student]
+    finally:
+        with torch.no_grad():
+            for p, s in zip(student, saved):
+                p.copy_(s)
+        model.zero_grad(set_to_none=True)
+    assert before.keys() == after.keys() and len(before) > len(teacher) // 2  # (unused timm layers get none)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=1e-7, rtol=1e-6, msg=name)
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in student_grads) > len(student) // 2  # L^s trains it
+
+
+def test_eq4_random_mask_is_random_with_exactly_k_zeros():
+    attention = torch.rand(64, 4, 4, generator=torch.Generator().manual_seed(1234))
+    high = feature_mask(attention, 0.25, "high")
+    masks = [feature_mask(attention, 0.25, "random", generator=torch.Generator().manual_seed(s)) for s in range(50)]
+    for m in masks:
+        assert set(m.unique().tolist()) <= {0.0, 1.0} and ((m == 0).flatten(1).sum(1) == 4).all()
+    assert not torch.equal(masks[0], high)  # not the attention ranking
+    assert not torch.equal(masks[0], masks[1])  # another generator state, another mask
+    again = feature_mask(attention, 0.25, "random", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, masks[0])
+    # every position is masked about k/n = 1/4 of the time, whatever its attention
+    rate = torch.stack([(m == 0).float() for m in masks]).mean(dim=(0, 1)).flatten()
+    assert ((rate - 0.25).abs() < 0.06).all(), rate  # 3200 draws per position: sigma 0.008
+    top = (high == 0).float()
+    assert ((torch.stack(masks) == 0).float() * top).sum() / (len(masks) * top.sum()) < 0.35
+
+
+def test_eq4_random_strategy_in_forward_draws_from_the_torch_generator():
+    m = make_model(mixup=False, mask_strategy="random")
+    images, labels = batch(4)
+    masks = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        masks.append(m(images, labels)["mask"])
+    assert torch.equal(masks[0], masks[2]) and not torch.equal(masks[0], masks[1])
+    assert all(((x == 0).flatten(1).sum(1) == 4).all() for x in masks)
+
+
+@pytest.mark.parametrize("alpha", [0.4, 3.0])
+def test_eq5_mixup_lambda_follows_beta_alpha_alpha(alpha):
+    torch.manual_seed(0)
+    lam = torch.cat([deep_mixup(torch.zeros(4000, 1), torch.zeros(4000), alpha)[2] for _ in range(5)]).double()
+    n = lam.numel()
+    var = 1 / (4 * (2 * alpha + 1))  # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1))
+    assert abs(lam.mean().item() - 0.5) < 4 * (var / n) ** 0.5
+    assert abs(lam.var().item() - var) < 0.05 * var  # uniform (alpha 1) would be 1/12: off by > 40% for both
+    assert stats.kstest(lam.numpy(), stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+
+
+def test_eq5_eq6_mixup_labels_use_the_features_lambda_and_partner():
+    b = 32
+    features = torch.eye(b)  # one-hot rows: each mixed row shows lambda and the partner it was mixed with
+    labels = torch.rand(b, generator=torch.Generator().manual_seed(3))  # distinct: a wrong partner shows
+    torch.manual_seed(0)
+    mixed, mixed_labels, lam = deep_mixup(features, labels, 0.7)
+    moved = 0
+    for i in range(b):
+        row = mixed[i].clone()
+        torch.testing.assert_close(row.sum(), torch.tensor(1.0))
+        own = row[i].item()
+        row[i] = 0
+        if row.abs().max() == 0:  # its own partner: F' = F, y' = y
+            assert mixed_labels[i].item() == pytest.approx(labels[i].item())
+            continue
+        moved += 1
+        j = int(row.argmax())
+        assert own == pytest.approx(lam[i].item(), abs=1e-6)
+        assert row[j].item() == pytest.approx(1 - lam[i].item(), abs=1e-6)
+        assert mixed_labels[i].item() == pytest.approx(own * labels[i].item() + (1 - own) * labels[j].item(),
+                                                       abs=1e-6)
+    assert moved >= b // 2
+
+
+def test_eq5_eq6_forward_mixes_student_labels_with_the_features_lambda_and_beta_alpha():
+    """In forward(): the student's features and labels are mixed with one lambda ~ Beta(mixup_alpha) and partner.
+
+    The student CNN's output is replaced (forward hook) by spatially constant one-hot features, so each row the
+    student head receives names its lambda and partner; the student loss must be BCE against labels mixed alike.
+    """
+    alpha, b, size = 0.4, 64, 64  # 64 px: a 2x2 grid, k = 1 masked, the same kept share 3/4
+    m = make_model(size, mixup=True, mixup_alpha=alpha)
+    m.train()
+    labels = torch.rand(b, generator=torch.Generator().manual_seed(1))  # soft, distinct: a wrong partner shows
+    images = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(2))
+    kept = 3 / 4  # avg pooling over all positions of a constant map with 1 of 4 masked
+
+    def one_hot(out):
+        code = torch.zeros_like(out)
+        code[torch.arange(b), torch.arange(b)] = 1.0
+        return code
+
+    lams = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with Calls(m.student_cnn, output=True, replace=one_hot), Calls(m.student_head) as head_in:
+            out = m(images, labels)
+        rows = head_in.seen[0] / kept
+        target = torch.empty(b)
+        for i in range(b):
+            row = rows[i].clone()
+            own = row[i].item()
+            row[i] = 0
+            if row.abs().max() < 1e-6:
+                target[i] = labels[i]
+                continue
+            j = int(row.argmax())
+            assert own + row[j].item() == pytest.approx(1.0, abs=1e-5)
+            target[i] = own * labels[i] + (1 - own) * labels[j]
+            lams.append(own)
+        with torch.no_grad():
+            expected = F.binary_cross_entropy_with_logits(m.student_head(head_in.seen[0]).squeeze(1).float(), target)
+        torch.testing.assert_close(out["losses"]["student"], expected, atol=1e-5, rtol=1e-5)
+    assert len(lams) > 200
+    assert stats.kstest(lams, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+    assert stats.kstest(lams, stats.uniform().cdf).pvalue < 1e-3  # the configured alpha, not the default 1
+
+
+def test_inference_head_returns_the_matching_heads_probability():
+    m = make_model(mixup=False)
+    m.eval()
+    images, labels = batch(4, seed=5)
+    with torch.no_grad():
+        t = m.teacher(images)
+        expected = {
+            "student": torch.sigmoid(m.student_head(m.student_cnn(images).mean(dim=(2, 3))).squeeze(1)),  # M = 1
+            "teacher_cnn": torch.sigmoid(t["cls_logits"]),
+            "teacher_vit": torch.sigmoid(t["vit_logits"]),
+        }
+    expected["ensemble"] = torch.stack(list(expected.values())).mean(dim=0)
+    names = list(expected)
+    for i, a in enumerate(names):  # the heads disagree, so returning another head's probability shows
+        for b_ in names[i + 1:]:
+            assert (expected[a] - expected[b_]).abs().max() > 1e-3, (a, b_)
+    try:
+        for head, probs in expected.items():
+            m.cfg.inference_head = head
+            got = m.predict(images)
+            torch.testing.assert_close(got, probs, atol=1e-5, rtol=1e-5, msg=head)
+            with torch.no_grad():
+                logits = m(images, labels)["logits"]  # forward's logits are the same head's, before mixup
+            torch.testing.assert_close(torch.sigmoid(logits.float()), probs, atol=1e-5, rtol=1e-5, msg=head)
+    finally:
+        m.cfg.inference_head = "student"
