@@ -72,6 +72,7 @@ def _cfg(root: Path, loader: str, *extra: str):
 def _eval_all(cfg, folders, rank=0, world=1, batch=8) -> dict[str, tuple]:
     out: dict[str, tuple] = {}
     loader = build_eval_loader(cfg, folders, rank, world, "cpu", batch)
+    assert loader.kind == cfg.data.loader  # no silent fallback: "both loaders agree" must compare two loaders
     n = 0
     for b in loader:
         assert b["images"].shape[1:] == (3, SIZE, SIZE) and b["images"].dtype == torch.float32
@@ -125,6 +126,7 @@ def _source_of(images: torch.Tensor) -> list[str]:
 @pytest.mark.parametrize("loader", LOADERS)
 def test_weighted_sources_follow_the_weights(shard_root, loader):
     train = build_train_loader(_cfg(shard_root, loader), 0, 1, "cpu")
+    assert train.kind == loader
     counts = dict.fromkeys(TRAIN, 0)
     for _ in range(60):
         images, labels = next(train)
@@ -144,6 +146,7 @@ def test_weighted_sources_follow_the_weights(shard_root, loader):
 def test_restored_loader_continues_bitwise(shard_root, loader):
     cfg = _cfg(shard_root, loader)
     first = build_train_loader(cfg, 1, 2, "cpu")  # rank 1 of 2, per-rank batch 8
+    assert first.kind == loader
     for _ in range(9):  # more than one pass over a rank's part of a source (30 samples)
         next(first)
     state = pickle.loads(pickle.dumps(first.state_dict()))
@@ -158,6 +161,30 @@ def test_restored_loader_continues_bitwise(shard_root, loader):
         other.load_state_dict(state)
     for loader_ in (first, restored, other):
         loader_.close()  # no pipeline threads left behind when later tests fork DataLoader workers
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_state_of_another_batch_size_or_source_list_is_refused(shard_root, loader):
+    """A saved position means nothing to a loader with another batch size or other sources: refused, not applied."""
+    cfg = _cfg(shard_root, loader)
+    saved = build_train_loader(cfg, 0, 1, "cpu")
+    next(saved)
+    state = pickle.loads(pickle.dumps(saved.state_dict()))
+    saved.close()
+    others = {
+        "batch": _cfg(shard_root, loader, "train.batch_size=8"),
+        "sources": _cfg(shard_root, loader, "data.train=[{path: syn/train/real, weight: 2},"
+                                            " {path: syn/train/FaceSwap, weight: 1}]"),
+    }
+    others["weight"] = _cfg(shard_root, loader, "data.train=[{path: syn/train/real, weight: 1},"
+                                                " {path: syn/train/FaceSwap, weight: 1}, {path: syn/train/Deepfakes,"
+                                                " weight: 1}]")
+    for what, other_cfg in others.items():
+        other = build_train_loader(other_cfg, 0, 1, "cpu")
+        assert other.kind == loader
+        with pytest.raises(ValueError, match="sources" if what == "weight" else what):
+            other.load_state_dict(state)
+        other.close()
 
 
 def test_per_rank_batch():
@@ -196,7 +223,9 @@ def bad_root(tmp_path_factory) -> Path:
 
 def _train(root: Path, loader: str, path: str, *extra: str):
     cfg = _cfg(root, loader, f"data.train=[{{path: {path}, weight: 1}}]", "train.batch_size=4", *extra)
-    return build_train_loader(cfg, 0, 1, "cpu")
+    train = build_train_loader(cfg, 0, 1, "cpu")
+    assert train.kind == loader
+    return train
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -236,6 +265,7 @@ def test_corrupt_jpeg_error_names_shard_and_key(bad_root, loader):
 def test_corrupt_jpeg_skipped_and_counted(bad_root, loader):
     cfg = _cfg(bad_root, loader, "data.on_bad_sample=skip")
     loader_ = build_eval_loader(cfg, ["corrupt"], 0, 1, "cpu", 4)
+    assert loader_.kind == loader
     keys = [k for b in loader_ for k in b["keys"]]
     assert len(keys) == 11 and not any(k.endswith("-real_001-000003") for k in keys) and loader_.skipped == 1
     train = _train(bad_root, loader, "corrupt", "data.on_bad_sample=skip")
@@ -272,5 +302,7 @@ def test_both_loaders_on_prepared_sample_shards(sample_shards):
             for k, y, v, m in zip(b["keys"], b["labels"].tolist(), b["videos"], b["methods"]):
                 got[k, m] = (y, v)
         assert got == expected, name
-        images, labels = next(build_train_loader(cfg[name], 0, 1, "cpu"))
+        train = build_train_loader(cfg[name], 0, 1, "cpu")
+        assert train.kind == name
+        images, labels = next(train)
         assert images.shape == (32, 3, 112, 112) and set(labels.tolist()) <= {0.0, 1.0}

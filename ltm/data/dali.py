@@ -338,6 +338,8 @@ class DaliTrainLoader:
 class DaliEvalLoader:
     """Iterable of dicts `images, labels, keys, videos, methods`; each pass reads the rank's samples once."""
 
+    kind = "dali"
+
     def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
         self.sources, self.cfg, self.rank, self.world_size, self.device = sources, cfg, rank, world_size, device
         self.batch = batch

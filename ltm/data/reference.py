@@ -310,6 +310,8 @@ def _eval_collate(batch: list) -> dict:
 class ReferenceEvalLoader:
     """Iterable of dicts `images, labels, keys, videos, methods`; each pass reads the rank's samples once."""
 
+    kind = "reference"
+
     def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
         n = sum(len(s) for s in sources)
         self.lo, self.hi = rank_range(n, rank, world_size)
