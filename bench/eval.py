@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ltm import distributed
 from ltm.config import load_config
-from ltm.evaluate import gather_rows, score_folder
+from ltm.evaluate import gather_rows, score_folder, scoring_accelerator
 from ltm.metrics import compute_metrics
 from ltm.models import build_model
 
@@ -70,6 +69,53 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def eval_throughput(model: torch.nn.Module, cfg, folder: Path, accelerator, batch: int, rounds: int) -> dict:
+    """`ltm eval`'s scoring path against forward-only on the same batches, timed interleaved (median of rounds).
+
+    Both run under the accelerator's autocast (bf16 on CUDA for a bf16 config), as `ltm eval` does.
+    """
+    from ltm.data import build_eval_loader
+
+    device = accelerator.device
+
+    def eval_path() -> tuple[float, int]:
+        sync(device)
+        start = time.perf_counter()
+        rows, _, counts = score_folder(model, cfg, folder, accelerator, batch)
+        rows = gather_rows(rows, counts)
+        compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
+                        [r.score for r in rows], cfg.eval.video_agg)
+        sync(device)
+        return time.perf_counter() - start, len(rows)
+
+    # the same batches, decoded once and kept in memory on the device
+    batches = [b["images"] for b in build_eval_loader(cfg, [folder], accelerator.process_index,
+                                                      accelerator.num_processes, device, batch)]
+    n_images = sum(len(b) for b in batches)
+
+    def forward_only() -> float:
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode(), accelerator.autocast():
+            for images in batches:
+                model.predict(images).float().cpu()
+        sync(device)
+        return time.perf_counter() - start
+
+    eval_path()  # warm-up: worker start, allocator, first-call costs
+    forward_only()
+    eval_s, fwd_s = [], []
+    for _ in range(rounds):
+        seconds, n = eval_path()
+        assert n == n_images, f"eval scored {n} images, the loader gave {n_images}"
+        eval_s.append(seconds)
+        fwd_s.append(forward_only())
+    eval_ips = n_images / statistics.median(eval_s)
+    fwd_ips = n_images / statistics.median(fwd_s)
+    return {"images": n_images, "eval_s": eval_s, "forward_s": fwd_s, "eval_images_per_s": round(eval_ips, 2),
+            "forward_images_per_s": round(fwd_ips, 2), "ratio": round(eval_ips / fwd_ips, 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny-cpu")
@@ -86,65 +132,24 @@ def main() -> None:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     loader = args.loader or ("dali" if cuda else "reference")
     cfg = load_config(args.config, [f"data.loader={loader}", "eval.attention_samples=0", *args.overrides])
-    env = distributed.init_distributed()
-    device = env.device if cuda else torch.device("cpu")
-    env.device = device
     tmp = tempfile.TemporaryDirectory(prefix="ltm-bench-eval-")
     folder = Path(args.data) if args.data else write_face_shards(Path(tmp.name), args.samples, cfg.data.image_size)
-
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.data.image_size).to(device).eval()
-
-    def eval_path() -> tuple[float, int]:
-        sync(device)
-        start = time.perf_counter()
-        rows, _, _ = score_folder(model, cfg, folder, env, args.batch)
-        rows = gather_rows(rows)
-        compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
-                        [r.score for r in rows], cfg.eval.video_agg)
-        sync(device)
-        return time.perf_counter() - start, len(rows)
-
-    # the same batches, decoded once and kept in memory on the device
-    from ltm.data import build_eval_loader
-
-    batches = [b["images"] for b in build_eval_loader(cfg, [folder], env.rank, env.world_size, device, args.batch)]
-    n_images = sum(len(b) for b in batches)
-
-    def forward_only() -> float:
-        sync(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for images in batches:
-                model.predict(images).float().cpu()
-        sync(device)
-        return time.perf_counter() - start
-
-    eval_path()  # warm-up: worker start, allocator, first-call costs
-    forward_only()
-    eval_s, fwd_s = [], []
-    for _ in range(args.rounds):
-        seconds, n = eval_path()
-        assert n == n_images, f"eval scored {n} images, the loader gave {n_images}"
-        eval_s.append(seconds)
-        fwd_s.append(forward_only())
-    eval_ips = n_images / statistics.median(eval_s)
-    fwd_ips = n_images / statistics.median(fwd_s)
-    ratio = eval_ips / fwd_ips
+    with scoring_accelerator(cfg.train.precision, "cuda" if cuda else "cpu") as accelerator:
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.data.image_size).to(accelerator.device).eval()
+        r = eval_throughput(model, cfg, folder, accelerator, args.batch, args.rounds)
+        device = accelerator.device
 
     print(f"model {cfg.model.kind} {cfg.model.backbone} at {cfg.data.image_size} px, batch {args.batch}, "
-          f"{n_images} images from {folder}, loader {cfg.data.loader}, device {device}, "
+          f"{r['images']} images from {folder}, loader {cfg.data.loader}, device {device}, "
           f"{torch.get_num_threads()} torch threads, {args.rounds} interleaved rounds (median)")
     print(f"{'path':<14}{'median s':>10}{'images/s':>12}")
-    print(f"{'ltm eval':<14}{statistics.median(eval_s):>10.3f}{eval_ips:>12.1f}")
-    print(f"{'forward only':<14}{statistics.median(fwd_s):>10.3f}{fwd_ips:>12.1f}")
-    print(f"ratio eval / forward-only = {ratio:.3f} (target >= 0.9)")
-    print(json.dumps({"bench": "eval", "images": n_images, "batch": args.batch, "device": str(device),
-                      "loader": cfg.data.loader, "model": f"{cfg.model.kind}/{cfg.model.backbone}",
-                      "image_size": cfg.data.image_size, "eval_s": eval_s, "forward_s": fwd_s,
-                      "eval_images_per_s": round(eval_ips, 2), "forward_images_per_s": round(fwd_ips, 2),
-                      "ratio": round(ratio, 4), "target": 0.9}))
-    distributed.teardown(env)
+    print(f"{'ltm eval':<14}{statistics.median(r['eval_s']):>10.3f}{r['eval_images_per_s']:>12.1f}")
+    print(f"{'forward only':<14}{statistics.median(r['forward_s']):>10.3f}{r['forward_images_per_s']:>12.1f}")
+    print(f"ratio eval / forward-only = {r['ratio']:.3f} (target >= 0.9)")
+    print(json.dumps({"bench": "eval", "batch": args.batch, "device": str(device), "loader": cfg.data.loader,
+                      "model": f"{cfg.model.kind}/{cfg.model.backbone}", "image_size": cfg.data.image_size,
+                      **r, "target": 0.9}))
     tmp.cleanup()
 
 

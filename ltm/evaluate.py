@@ -5,6 +5,10 @@ any number of ranks can evaluate a checkpoint trained on any other number. Each 
 the eval loader gives it (every sample exactly once over all ranks, no padding); the (key, video, method, label,
 score) rows are gathered once, and every rank computes the same metrics; rank 0 writes
 `<run>/eval/<dataset>-<split>/{report.json, report.md, scores.csv, roc.png, attention/*.png}`.
+
+accelerate's `Accelerator` provides what scoring needs from the environment: this rank's device, bf16 autocast on
+CUDA for a run trained in bf16, `gather_object` across ranks and the main process. It reads the ranks that
+`accelerate launch`, torchrun, SLURM/submitit or `ltm eval --nproc N` describe (gloo on CPU, NCCL on CUDA).
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import logging
 import os
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ltm import distributed
+from ltm import distributed  # sets DS_ACCELERATOR=cpu without CUDA before DeepSpeed's zero_to_fp32 is imported
 from ltm.config import Config, load_config
 from ltm.metrics import VIDEO_AGGREGATIONS, compute_metrics
 
@@ -99,6 +104,8 @@ def load_checkpoint_weights(tag_dir: str | os.PathLike) -> dict[str, torch.Tenso
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from ltm.checkpoint import UnsafeCheckpointError, load_file, weights_only_loads
+
     tag_dir = Path(tag_dir)
     model_files = sorted(tag_dir.glob("*_model_states.pt"))
     optim_files = sorted(tag_dir.glob("*_optim_states.pt"))
@@ -107,9 +114,10 @@ def load_checkpoint_weights(tag_dir: str | os.PathLike) -> dict[str, torch.Tenso
                               f"the tag folder: an incomplete or foreign checkpoint)")
     try:
         if optim_files:
-            state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(tag_dir.parent), tag=tag_dir.name)
+            with weights_only_loads(model_files + optim_files):  # the helper itself unpickles everything
+                state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(tag_dir.parent), tag=tag_dir.name)
         else:
-            saved = torch.load(model_files[0], map_location="cpu", weights_only=False)
+            saved = load_file(model_files[0])
             if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
                 raise CheckpointError(f"{model_files[0]}: no 'module' state dict (not a DeepSpeed model state file)")
             state = saved["module"]
@@ -119,6 +127,8 @@ def load_checkpoint_weights(tag_dir: str | os.PathLike) -> dict[str, torch.Tenso
                             "in a form DeepSpeed's helpers read)", model_files[0], *precision, *precision)
     except CheckpointError:
         raise
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - torch/DeepSpeed raise many kinds for a damaged checkpoint
         bad = _find_corrupt(model_files + optim_files)
         if bad is not None:
@@ -132,8 +142,12 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r}: no such file")
+    from ltm.checkpoint import UnsafeCheckpointError, load_file
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_file(path)
+    except UnsafeCheckpointError as exc:
+        raise CheckpointError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"weights file {str(path)!r}: corrupt or not a torch state dict ({exc})") from exc
     for key in ("module", "state_dict", "model"):
@@ -195,6 +209,44 @@ def load_model(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The ranks: accelerate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def scoring_accelerator(precision: str = "fp32", device: str = "auto") -> Iterator:
+    """An `accelerate.Accelerator` for scoring (eval, predict) in the world the environment describes.
+
+    bf16 autocast only on CUDA and only for a run trained in bf16 (on the CPU bf16 would only cost accuracy).
+    `device`: auto | cpu | cuda | cuda:N (N picks the GPU of a single process; ranks take their LOCAL_RANK's).
+    A process group and accelerate state made here are dropped on the way out, so a later job in the same process
+    (another eval, `ltm train`) starts from a clean slate, as after a process exit.
+    """
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, is_initialized
+
+    cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here (use auto or cpu)")
+        if ":" in device and "LOCAL_RANK" not in os.environ:
+            torch.cuda.set_device(torch.device(device))
+    fresh = not is_initialized() and not dist.is_initialized()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and precision == "bf16" else "no")
+    ok = False
+    try:
+        yield accelerator
+        ok = True
+    finally:
+        if fresh:
+            if ok:
+                accelerator.wait_for_everyone()
+            accelerator.state.destroy_process_group()
+            AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's own way to start over
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Data folders
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -224,19 +276,20 @@ def dataset_name(folder: Path) -> str:
 
 
 def score_folder(
-    model: nn.Module, cfg: Config, folder: Path, env: distributed.DistEnv, batch_size: int, keep_per_label: int = 0
-) -> tuple[list[Row], dict[int, list[tuple[str, torch.Tensor]]], int]:
+    model: nn.Module, cfg: Config, folder: Path, accelerator, batch_size: int, keep_per_label: int = 0
+) -> tuple[list[Row], dict[int, list[tuple[str, torch.Tensor]]], dict[str, int]]:
     """Score this rank's share of a folder; also keep up to `keep_per_label` (key, image) pairs per label.
 
-    Returns (rows of this rank, kept images by label, images scored by this rank).
+    Returns (rows of this rank, kept images by label, counts `{"total", "share", "skipped"}`: samples in the folder,
+    samples given to this rank, bad samples this rank dropped).
     """
     from ltm.data import build_eval_loader
 
-    loader = build_eval_loader(cfg, [folder], env.rank, env.world_size, env.device, batch_size)
-    use_bf16 = env.device.type == "cuda" and cfg.train.precision == "bf16"
+    loader = build_eval_loader(cfg, [folder], accelerator.process_index, accelerator.num_processes,
+                               accelerator.device, batch_size)
     rows: list[Row] = []
     kept: dict[int, list[tuple[str, torch.Tensor]]] = {0: [], 1: []}
-    with torch.inference_mode(), torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.inference_mode(), accelerator.autocast():
         for batch in loader:
             probs = model.predict(batch["images"]).float().cpu().tolist()
             labels = batch["labels"].cpu().round().int().tolist()
@@ -246,13 +299,28 @@ def score_folder(
                 rows.append(Row(key, video, method, label, p))
                 if len(kept[label]) < keep_per_label:
                     kept[label].append((key, batch["images"][i].detach().float().cpu().clone()))
-    return rows, kept, len(rows)
+    counts = {"total": sum(len(s) for s in loader.sources), "share": loader.num_samples, "skipped": loader.skipped}
+    if len(rows) + counts["skipped"] != counts["share"]:
+        raise RuntimeError(f"shard folder {str(folder)!r}: rank {accelerator.process_index} was given "
+                           f"{counts['share']} samples but scored {len(rows)} and skipped {counts['skipped']}")
+    return rows, kept, counts
 
 
-def gather_rows(rows: list[Row]) -> list[Row]:
-    """All ranks' rows, once each (one all_gather of plain tuples), sorted by (method, key)."""
-    parts = distributed.all_gather_object([(r.key, r.video, r.method, r.label, r.score) for r in rows])
-    merged = [Row(*t) for part in parts for t in part]
+def gather_rows(rows: list[Row], counts: dict[str, int] | None = None) -> list[Row]:
+    """All ranks' rows, once each (one `gather_object` of plain tuples), sorted by (method, key).
+
+    With this rank's `counts` from `score_folder`, also checks that the ranks' shares cover the folder: no sample
+    dropped by the rank split, none scored twice.
+    """
+    from accelerate.utils import gather_object
+
+    parts = gather_object([([(r.key, r.video, r.method, r.label, r.score) for r in rows], counts)])
+    merged = [Row(*t) for part, _ in parts for t in part]
+    if counts is not None:
+        shares, skipped = sum(c["share"] for _, c in parts), sum(c["skipped"] for _, c in parts)
+        if shares != counts["total"] or len(merged) + skipped != counts["total"]:
+            raise RuntimeError(f"the eval loader broke its contract: {counts['total']} samples, ranks were given "
+                               f"{shares}, scored {len(merged)} and skipped {skipped}")
     seen: set[tuple[str, str]] = set()
     for r in merged:
         if (r.method, r.key) in seen:
@@ -292,60 +360,63 @@ def evaluate(
     """Score each data folder (default: the config's `data.test`); one report dict per folder (DESIGN.md keys).
 
     Runs on the ranks the environment describes (a world of one without it); every rank returns the same list,
-    rank 0 writes `<out_dir or run/eval>/<dataset>-<split>/`.
+    the main process writes `<out_dir or run/eval>/<dataset>-<split>/` (its reports carry `report_dir`).
     """
-    from ltm import report as report_mod
-
     saved_env = {k: os.environ.get(k) for k in distributed.DIST_VARS}
-    env = distributed.init_distributed()
+    model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, "cpu")
     try:
-        model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, env.device)
-        folders = [resolve_folder(f, cfg) for f in (data or cfg.data.test)]
-        if not folders:
-            raise ValueError(f"{Path(run_dir) / 'config.yaml'}: data.test is empty and no --data was given")
-        out_root = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
-        reports = []
-        for folder in folders:
-            name = dataset_name(folder)
-            start = time.perf_counter()
-            rows, kept, n_local = score_folder(model, cfg, folder, env, cfg.eval.batch_size,
-                                               cfg.eval.attention_samples if env.is_main else 0)
-            rows = gather_rows(rows)
-            seconds = time.perf_counter() - start
-            if not rows:
-                raise ValueError(f"shard folder {str(folder)!r}: the loader yielded no samples")
-            metrics = compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
-                                      [r.score for r in rows], cfg.eval.video_agg, cfg.eval.threshold)
-            report = {
-                "name": name,
-                **metrics,
-                "checkpoint": source,
-                "data": str(folder),
-                "run": str(run_dir),
-                "model": {"kind": cfg.model.kind, "backbone": cfg.model.backbone,
-                          "inference_head": cfg.model.inference_head, "image_size": cfg.data.image_size},
-                "world_size": env.world_size,
-                "seconds": round(seconds, 3),
-                "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
-            }
-            if env.is_main:
-                folder_out = out_root / name
-                pictures = attention_maps(model, kept, env.device) if cfg.eval.attention_samples > 0 else []
-                report_mod.write_report(folder_out, report, rows, pictures)
-                report["report_dir"] = str(folder_out)
-                log.info("%s: %d frames, %d videos, frame AUC %s, %.1f images/s on %d rank(s) -> %s",
-                         name, report["n_frames"], report["n_videos"], report_mod.fmt(report["frame_auc"]),
-                         report["images_per_s"] or 0.0, env.world_size, folder_out)
-            reports.append(report)
-        distributed.barrier()
-        return reports
+        with scoring_accelerator(cfg.train.precision) as accelerator:
+            return _score_folders(accelerator, model, cfg, source, run_dir, data, out_dir)
     finally:
-        distributed.teardown(env)
-        for k, v in saved_env.items():  # a world of one made up here must not leak into later jobs of the process
+        for k, v in saved_env.items():  # variables set for this world must not leak into later jobs of the process
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_dir, data, out_dir) -> list[dict]:
+    from ltm import report as report_mod
+
+    model = accelerator.prepare_model(model, evaluation_mode=True)  # this rank's device, no DDP wrapper
+    folders = [resolve_folder(f, cfg) for f in (data or cfg.data.test)]
+    if not folders:
+        raise ValueError(f"{Path(run_dir) / 'config.yaml'}: data.test is empty and no --data was given")
+    out_root = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
+    reports = []
+    for folder in folders:
+        name = dataset_name(folder)
+        start = time.perf_counter()
+        rows, kept, counts = score_folder(model, cfg, folder, accelerator, cfg.eval.batch_size,
+                                          cfg.eval.attention_samples if accelerator.is_main_process else 0)
+        rows = gather_rows(rows, counts)
+        seconds = time.perf_counter() - start
+        if not rows:
+            raise ValueError(f"shard folder {str(folder)!r}: the loader yielded no samples")
+        metrics = compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
+                                  [r.score for r in rows], cfg.eval.video_agg, cfg.eval.threshold)
+        report = {
+            "name": name,
+            **metrics,
+            "checkpoint": source,
+            "data": str(folder),
+            "run": str(run_dir),
+            "model": {"kind": cfg.model.kind, "backbone": cfg.model.backbone,
+                      "inference_head": cfg.model.inference_head, "image_size": cfg.data.image_size},
+            "world_size": accelerator.num_processes,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
+        }
+        if accelerator.is_main_process:
+            folder_out = out_root / name
+            pictures = attention_maps(model, kept, accelerator.device) if cfg.eval.attention_samples > 0 else []
+            report_mod.write_report(folder_out, report, rows, pictures)
+            report["report_dir"] = str(folder_out)
+            log.info("%s: %d frames, %d videos, frame AUC %s, %.1f images/s on %d rank(s) -> %s",
+                     name, report["n_frames"], report["n_videos"], report_mod.fmt(report["frame_auc"]),
+                     report["images_per_s"] or 0.0, accelerator.num_processes, folder_out)
+        reports.append(report)
+    return reports
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -379,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size:
         overrides.append(f"eval.batch_size={args.batch_size}")
     reports = evaluate(args.run, args.data, args.tag, overrides, args.weights, args.out)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if "report_dir" in reports[-1]:  # the main process, which wrote the reports
         from ltm.report import print_table
 
         print_table(reports)

@@ -158,36 +158,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="face detector (default: as in the training shards' manifest, else mtcnn); "
                              "`none` when the inputs already are face crops")
     parser.add_argument("--detector-model", default=None, help="YuNet ONNX file for --detector yunet")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--device", default="auto",
+                        help="auto | cpu | cuda[:N] (under `accelerate launch` each rank uses its own GPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file instead of text")
     parser.add_argument("overrides", nargs="*", default=[], help="config key=value overrides")
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.faces import build_detector, resolve_device
-    from ltm.evaluate import load_model
+    """Score the inputs; under `accelerate launch` (or any launcher's ranks) each process takes a share of the
+    files and the main process prints every result in input order."""
+    from accelerate.utils import gather_object
 
-    device = torch.device(resolve_device(args.device))
-    model, cfg, source = load_model(args.run, args.tag, args.weights, args.overrides, device)
-    crop = crop_settings(cfg)
-    if args.detector:
-        crop.detector, crop.detector_model = args.detector, args.detector_model or crop.detector_model
-    detector = build_detector(crop.detector, str(device), crop.detector_model, crop.detect_side, crop.min_face,
-                              crop.threshold)
-    log.info("weights %s; crops %d px x%.2f by %s (settings from %s)", source, crop.size, crop.scale,
-             crop.detector, crop.source)
-    for path in args.inputs:
-        pred = predict_file(path, model, cfg, detector, crop, args.frames or None, args.heatmap,
-                            cfg.eval.batch_size)
+    from data_prep.faces import build_detector
+    from ltm.evaluate import load_model, scoring_accelerator
+
+    model, cfg, source = load_model(args.run, args.tag, args.weights, args.overrides, "cpu")
+    with scoring_accelerator(cfg.train.precision, args.device) as accelerator:
+        model = accelerator.prepare_model(model, evaluation_mode=True)  # this rank's device, no DDP wrapper
+        crop = crop_settings(cfg)
+        if args.detector:
+            crop.detector, crop.detector_model = args.detector, args.detector_model or crop.detector_model
+        detector = build_detector(crop.detector, str(accelerator.device), crop.detector_model, crop.detect_side,
+                                  crop.min_face, crop.threshold)
+        log.info("weights %s; crops %d px x%.2f by %s (settings from %s)", source, crop.size, crop.scale,
+                 crop.detector, crop.source)
+        mine: list[tuple[int, Prediction | None, str | None]] = []
+        with accelerator.split_between_processes(list(enumerate(args.inputs))) as share, accelerator.autocast():
+            for i, path in share:
+                try:
+                    mine.append((i, predict_file(path, model, cfg, detector, crop, args.frames or None, args.heatmap,
+                                                 cfg.eval.batch_size), None))
+                except (ValueError, FileNotFoundError) as exc:  # reported in input order, after the files before it
+                    mine.append((i, None, str(exc)))
+        results = sorted(gather_object(mine), key=lambda r: r[0])
+        if not accelerator.is_main_process:
+            return 0
+    for _, pred, error in results:
+        if error is not None:
+            raise ValueError(error)
         if args.json:
             print(json.dumps(pred.to_dict()))
             continue
+        name = Path(pred.file).name
         for f in pred.frames:
-            print(f"{Path(path).name}  frame {f['frame']:6d}  P(fake) {f['p_fake']:.4f}")
+            print(f"{name}  frame {f['frame']:6d}  P(fake) {f['p_fake']:.4f}")
         if pred.no_face:
-            print(f"{Path(path).name}  no face in frames {pred.no_face}")
+            print(f"{name}  no face in frames {pred.no_face}")
         verdict = "fake" if pred.p_fake >= cfg.eval.threshold else "real"
-        print(f"{path}: P(fake) = {pred.p_fake:.4f} (mean of {len(pred.frames)} frames) -> {verdict}")
+        print(f"{pred.file}: P(fake) = {pred.p_fake:.4f} (mean of {len(pred.frames)} frames) -> {verdict}")
         for p in pred.pictures:
             print(f"heatmap: {p}")
     return 0
