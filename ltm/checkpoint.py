@@ -18,14 +18,17 @@ A process killed in the middle of a save therefore leaves `latest` naming the pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,83 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------ safe loading
+
+# torch.load runs whatever callable a pickle names unless it loads weights only (tensors, plain containers and
+# allow-listed types). These are the only other types ltm's own checkpoint files hold: DeepSpeed's ZeRO optimizer
+# state (loss scaler, stage enum, parameter fragment addresses) and numpy's RNG state in our rank files.
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file whose pickle names something other than tensors, plain data and the allow-listed types."""
+
+
+def safe_types() -> list:
+    """The non-tensor types that `torch.load(weights_only=True)` may rebuild from ltm's checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [
+        LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address,
+        # np.random.get_state(): ('MT19937', uint32 array, pos, has_gauss, cached_gaussian)
+        np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct,
+        (reconstruct, "numpy.core.multiarray._reconstruct"),  # the name numpy 1.x pickles it under
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+    ]
+
+
+def refused_names(path: str | os.PathLike) -> list[str]:
+    """What a checkpoint file's pickle names beyond tensors, plain data and `safe_types()` (read, never run)."""
+    try:
+        with torch.serialization.safe_globals(safe_types()):
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: torch.load reports what is wrong with it
+        return []
+
+
+def _refused(path: str | os.PathLike, exc: BaseException) -> UnsafeCheckpointError:
+    names = ", ".join(refused_names(path)) or str(exc).strip().splitlines()[-1]
+    return UnsafeCheckpointError(
+        f"checkpoint file {path}: refused, its pickle names {names}: code that would run on loading (ltm loads "
+        f"checkpoints weights-only: tensors, plain data and the few types DeepSpeed's and ltm's own files hold)")
+
+
+def load_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU with `safe_types()` allowed; a file that names any other
+    callable is refused (UnsafeCheckpointError naming it) before anything of it runs."""
+    try:
+        with torch.serialization.safe_globals(safe_types()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise _refused(path, exc) from exc
+
+
+@contextlib.contextmanager
+def weights_only_loads(files: list[Path]) -> Iterator[None]:
+    """Every `torch.load` inside loads weights only, also those of library code that asks for full unpickling
+    (DeepSpeed's zero_to_fp32 passes weights_only=False): torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD switch, with
+    `safe_types()` allowed. A refusal names the first of `files` that holds anything else."""
+    saved = {k: os.environ.pop(k, None) for k in (FORCE_WEIGHTS_ONLY, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(safe_types()):
+            yield
+    except pickle.UnpicklingError as exc:
+        bad = next((f for f in files if refused_names(f)), None)
+        if bad is None:
+            raise
+        raise _refused(bad, exc) from exc
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------------------ the checkpointer
@@ -242,7 +322,7 @@ class Checkpointer:
         if universal:
             # The universal loader restores parameters from zero/ and skips the module state dict, buffers and
             # all (it was built for models without any); BatchNorm running statistics come from the saved module.
-            saved = torch.load(path, map_location="cpu", weights_only=False)["module"]
+            saved = load_file(path)["module"]
             with torch.no_grad():
                 for name, buf in engine.module.named_buffers():
                     if name in saved:
@@ -251,7 +331,9 @@ class Checkpointer:
         if not own.is_file():
             return client_state, None
         try:
-            rank_state = torch.load(own, map_location="cpu", weights_only=False)  # our own file: numpy RNG state
+            rank_state = load_file(own)
+        except UnsafeCheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"checkpoint file {own}: cannot be read ({type(exc).__name__}: {exc})") from exc
         return client_state, rank_state
@@ -296,7 +378,7 @@ def convert_to_universal(src: Path, dst: Path) -> None:
     if not files:
         raise CheckpointError(f"checkpoint {src}: no ZeRO optimizer partitions to convert")
     model_file = src / "mp_rank_00_model_states.pt"
-    model_state = torch.load(model_file, map_location="cpu", weights_only=False)
+    model_state = load_file(model_file)
     shapes: dict[str, torch.Size] = {}
     for group in model_state["param_shapes"]:
         shapes.update(group)
@@ -305,7 +387,7 @@ def convert_to_universal(src: Path, dst: Path) -> None:
     steps: dict[str, Any] = {}
     first: dict | None = None
     for f in files:
-        osd = torch.load(f, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
+        osd = load_file(f)[OPTIMIZER_STATE_DICT]
         first = first or osd
         for g, mapping in enumerate(osd[PARAM_SLICE_MAPPINGS]):
             group_state = osd[BASE_OPTIMIZER_STATE]["state"].get(g, {})
