@@ -1,0 +1,94 @@
+"""What a table costs: GPU hours per run from the model's FLOPs and the frames each run reads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ltm.config import Config
+from ltm.reproduce.plan import RunPlan
+
+FRAMES_PER_VIDEO = 32  # `ltm prep` default (--frames)
+
+
+NOMINAL_VIDEOS = {  # videos (WDF: face sequences) per split folder where no manifest is there to count
+    ("ffpp", "val"): 140, ("ffpp", "test"): 140,  # per method folder; the official 70 pairs -> 140 videos
+    ("celebdf_v2", "test"): 518,  # List_of_testing_videos.txt: 178 real, 340 fake
+    ("wdf", "test"): 1460,  # assumed: about a fifth of WildDeepfake's 7,314 sequences
+}
+
+
+FFPP_METHODS_IN_SPLIT = 5  # real + the paper's four methods
+
+
+def split_frames(root: Path, folder: str) -> int:
+    """Frames in a split (or method) folder: the manifest's totals when the shards exist, else a nominal count."""
+    parts = Path(folder).parts
+    dataset, split = parts[0], parts[1] if len(parts) > 1 else "test"
+    method = parts[2] if len(parts) > 2 else None
+    manifest = root / dataset / split / "manifest.json"
+    if manifest.is_file():
+        by_method = json.loads(manifest.read_text()).get("totals", {}).get("by_method", {})
+        if by_method:
+            return int(by_method.get(method, 0) if method else sum(by_method.values()))
+    family = "ffpp" if dataset.startswith("ffpp") else dataset
+    videos = NOMINAL_VIDEOS.get((family, split), 0)
+    if family == "ffpp" and method is None:
+        videos *= FFPP_METHODS_IN_SPLIT
+    return videos * FRAMES_PER_VIDEO
+
+
+def model_gflops(cfg: Config) -> tuple[float, float]:
+    """(training forward, inference) GFLOP per image, counted by torch's FlopCounterMode on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ltm.models import build_model
+
+    size = cfg.data.image_size
+    with torch.device("meta"):
+        # mixup draws lambda with .item(), which meta tensors cannot do; it adds no measurable FLOPs
+        model = build_model(replace(cfg.model, mixup=False), size)
+        images, labels = torch.empty(2, 3, size, size), torch.empty(2)
+        with torch.no_grad(), FlopCounterMode(display=False) as train_fc:
+            model(images, labels)
+        with FlopCounterMode(display=False) as predict_fc:
+            model.predict(images)
+    return train_fc.get_total_flops() / 2e9, predict_fc.get_total_flops() / 2e9
+
+
+def estimate(plans: list[RunPlan], tflops: float) -> list[dict[str, Any]]:
+    """GPU hours per run from FLOPs: training steps at 3x the forward cost (forward + backward), validation and
+    evaluation forward-only, all at `tflops` sustained TFLOP/s."""
+    rows = []
+    for plan in plans:
+        cfg = plan.cfg
+        fwd, pred = model_gflops(cfg)
+        root = Path(cfg.data.root)
+        images = cfg.train.epochs * cfg.train.iters_per_epoch * cfg.train.batch_size
+        total_steps = cfg.train.epochs * cfg.train.iters_per_epoch
+        passes = max(total_steps // cfg.train.val_every, cfg.train.epochs) if cfg.train.val_every else cfg.train.epochs
+        val_frames = sum(split_frames(root, f) for f in cfg.data.val)
+        if cfg.train.val_batches:
+            val_frames = min(val_frames, cfg.train.val_batches * cfg.eval.batch_size)
+        test_frames = sum(split_frames(root, f) for f in plan.data)
+        pflop = {"train": 3 * fwd * images / 1e6, "val": pred * val_frames * (passes if cfg.data.val else 0) / 1e6,
+                 "eval": pred * test_frames / 1e6}
+        hours = sum(pflop.values()) * 1e15 / (tflops * 1e12) / 3600
+        rows.append({"run": plan.name, "state": plan.state, "train_images": images,
+                     "train_gflop_per_image": 3 * fwd, "predict_gflop_per_image": pred, "val_frames": val_frames,
+                     "val_passes": passes, "test_frames": test_frames, "pflop": pflop, "gpu_hours": hours})
+    return rows
+
+
+def print_estimate(rows: list[dict[str, Any]], tflops: float) -> None:
+    print(f"{'run':<38} {'GFLOP/img':>9} {'train PFLOP':>11} {'val PFLOP':>9} {'eval PFLOP':>10} {'GPU h':>6}")
+    for r in rows:
+        p = r["pflop"]
+        print(f"{r['run']:<38} {r['train_gflop_per_image']:>9.1f} {p['train']:>11.2f} {p['val']:>9.2f} "
+              f"{p['eval']:>10.3f} {r['gpu_hours']:>6.2f}")
+    todo = sum(r["gpu_hours"] for r in rows if r["state"] != "done")
+    print(f"total {sum(r['gpu_hours'] for r in rows):.1f} GPU hours ({todo:.1f} still to run) at {tflops:g} TFLOP/s "
+          "sustained per GPU; training = 3x forward FLOPs (FlopCounterMode), validation/eval forward only")
