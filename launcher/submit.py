@@ -177,6 +177,10 @@ def submit_train(
     launch = cfg.launch
     if launch.nodes < 1:
         raise ConfigError(f"key 'launch.nodes': must be >= 1, got {launch.nodes}")
+    if not dry_run and not (run_dir / "checkpoints" / "latest").is_file():
+        from ltm.models.weights import check_offline
+
+        check_offline(cfg.model)  # a fresh run on an offline compute node would fail only after queueing
     folder = submission_folder(run_dir / "slurm", "train")
     params = executor_parameters(launch, f"ltm-train-{run_dir.name}")
     params["additional_parameters"] = {"requeue": True}  # a preempted allocation comes back (`scontrol requeue`)

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("ltm.predict", "P(fake) for a video or image file, per frame, with attention pictures"),
     "submit": ("launcher.submit", "submit train / eval / prep jobs to SLURM with submitit"),
     "reproduce": ("ltm.reproduce", "run or collect one of the paper's tables (Tables 1-5)"),
+    "weights": ("ltm.models.weights", "ImageNet backbone weights: fetch into the cache, list what loads offline"),
     "config": ("ltm.cli", "print a resolved config (packaged name or path, plus key=value overrides)"),
 }
 

@@ -8,6 +8,7 @@ OmegaConf does the merging and type checking (unknown keys and wrong types are e
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -37,8 +38,10 @@ class ModelConfig:
     kind: str = "ltm"  # ltm | baseline
     backbone: str = "legacy_xception"  # student CNN (and teacher CNN unless teacher_backbone is set)
     teacher_backbone: str | None = None
-    pretrained: str | None = None  # local state-dict file for the student backbone (no hub downloads)
-    teacher_pretrained: str | None = None  # null = same file as `pretrained` when the backbones match
+    # null (random init) | imagenet (timm's default weights: shipped in a package, or the hub cache) | a local file
+    pretrained: str | None = None  # the student backbone's
+    teacher_pretrained: str | None = None  # null = the same as `pretrained` when the backbones match
+    input_norm: str = "backbone"  # backbone: each CNN normalises [0, 1] input by its weights' mean/std | none
     vit: ViTConfig = field(default_factory=ViTConfig)
     mask_ratio: float = 0.25  # Eq. 4: k = round(mask_ratio * h * w)
     mask_strategy: str = "high"  # high | low | random (Table 4)
@@ -46,6 +49,7 @@ class ModelConfig:
     mixup: bool = True  # deep mixup, Eq. 5-6 (Table 3 "w/o mixup")
     mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); 1.0 is uniform on [0, 1]
     div_weight: float = 0.1  # alpha of Eq. 7
+    student_hidden: int = 512  # Sec. 3.3's "MLP classifier" on F': hidden width (0 = one linear layer)
     inference_head: str = "student"  # student | teacher_cnn | teacher_vit | ensemble
 
 
@@ -132,6 +136,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.kind": ("ltm", "baseline"),
     "model.mask_strategy": ("high", "low", "random"),
     "model.pooling": ("avg", "masked_mean"),
+    "model.input_norm": ("backbone", "none"),
     "model.inference_head": ("student", "teacher_cnn", "teacher_vit", "ensemble"),
     "data.loader": ("dali", "reference"),
     "data.device": ("auto", "cpu", "gpu"),
@@ -234,6 +239,7 @@ def validate(cfg: Config) -> None:
         "model.div_weight": cfg.model.div_weight >= 0,
         "model.vit.heads": cfg.model.vit.heads > 0 and cfg.model.vit.dim % cfg.model.vit.heads == 0,
         "model.vit.depth": cfg.model.vit.depth > 0,
+        "model.student_hidden": cfg.model.student_hidden >= 0,
         "data.image_size": cfg.data.image_size >= 32,
         "train.batch_size": cfg.train.batch_size > 0,
         "train.grad_accum": cfg.train.grad_accum > 0,
@@ -260,8 +266,41 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+LEGACY_MODEL_DEFAULTS: dict[str, Any] = {"input_norm": "none", "student_hidden": 0}
+
+
+def upgrade_stored(data: Any) -> Any:
+    """A stored (resolved) config from before a default changed keeps meaning what it meant when it was trained.
+
+    `model.input_norm` appeared with per-backbone input normalisation (runs written before it fed [0, 1] pixels)
+    and `model.student_hidden` with the MLP student classifier (before it: one linear layer).
+    """
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        return data
+    legacy = {key: value for key, value in LEGACY_MODEL_DEFAULTS.items() if key not in model}
+    return {**data, "model": {**model, **legacy}} if legacy else data
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """A run folder's resolved `config.yaml` (as `load_config`), upgraded with `upgrade_stored`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from exc
+    upgraded = upgrade_stored(data)
+    if upgraded is data:
+        return load_config(path, overrides)
+    with tempfile.TemporaryDirectory() as folder:  # the run folder itself may be read-only
+        tmp = Path(folder) / path.name
+        tmp.write_text(yaml.safe_dump(upgraded, sort_keys=False))
+        return load_config(tmp, overrides)
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `to_dict` (checkpoints and run folders store the resolved config this way)."""
+    data = upgrade_stored(data)
     try:
         cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore
     except OmegaConfBaseException as exc:

@@ -11,13 +11,16 @@ from ltm.models.ltm import Baseline, LearningToMask
 MODELS: dict[str, type[nn.Module]] = {"ltm": LearningToMask, "baseline": Baseline}
 
 
-def build_model(cfg: ModelConfig, image_size: int = 224) -> nn.Module:
-    """`image_size` fixes the feature grid (h, w) that the ViT's position embeddings are sized for."""
+def build_model(cfg: ModelConfig, image_size: int = 224, load_weights: bool = True) -> nn.Module:
+    """`image_size` fixes the feature grid (h, w) that the ViT's position embeddings are sized for.
+
+    `load_weights=False` skips `pretrained` (random init): for models whose weights a checkpoint then provides.
+    """
     try:
         model_cls = MODELS[cfg.kind]
     except KeyError:
         raise ValueError(f"model.kind {cfg.kind!r}: expected one of {sorted(MODELS)}") from None
-    return model_cls(cfg, image_size=image_size)
+    return model_cls(cfg, image_size=image_size, load_weights=load_weights)
 
 
 __all__ = ["Backbone", "BackboneError", "Baseline", "LearningToMask", "MODELS", "build_model"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import timm
+import timm.data
 import torch
 from torch import nn
+
+from ltm.models.weights import WeightsError, load_pretrained
 
 
 class BackboneError(ValueError):
@@ -15,9 +17,15 @@ class BackboneError(ValueError):
 
 
 class Backbone(nn.Module):
-    """A timm model cut before its pooling and classifier."""
+    """A timm model cut before its pooling and classifier, normalising its own [0, 1] input.
 
-    def __init__(self, name: str, pretrained: str | os.PathLike | None = None):
+    `normalize`: subtract the mean and divide by the std of the architecture's pretrained config (timm's
+    `resolve_data_config`), so a teacher and a student of different families (Table 5) each get theirs while the
+    loaders keep delivering [0, 1] pixels. The constants are non-persistent buffers: they follow `.to()` but are
+    not in checkpoints, which keeps old checkpoints loadable.
+    """
+
+    def __init__(self, name: str, pretrained: str | os.PathLike | None = None, normalize: bool = True):
         super().__init__()
         try:
             self.net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
@@ -25,10 +33,20 @@ class Backbone(nn.Module):
             raise BackboneError(f"backbone {name!r}: {exc}") from exc
         self.name = name
         self.channels: int = self.net.num_features
+        self.normalize = normalize
+        data_cfg = timm.data.resolve_data_config({}, model=self.net)
+        self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        self.weights_source = "random"
         if pretrained:
-            load_pretrained(self.net, pretrained)
+            try:
+                self.weights_source = load_pretrained(self.net, name, pretrained)
+            except WeightsError as exc:
+                raise BackboneError(str(exc)) from exc
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         return self.net.forward_features(images)
 
     @torch.no_grad()
@@ -43,39 +61,3 @@ class Backbone(nn.Module):
             raise BackboneError(f"backbone {self.name!r} cannot take {image_size} px input: {exc}") from exc
         self.train(was_training)
         return int(out.shape[-2]), int(out.shape[-1])
-
-
-def load_pretrained(net: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local state dict (timm/torchvision layout; a checkpoint dict with `state_dict`/`model` works too).
-
-    Classifier weights are ignored (the backbone has none); any other missing or mis-shaped tensor is an error.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"pretrained weights {str(path)!r}: no such file (no hub downloads are made)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-        raise BackboneError(f"pretrained weights {str(path)!r}: cannot be read: {exc}") from exc
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise BackboneError(f"pretrained weights {str(path)!r}: not a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = net.state_dict()
-    head_prefixes = ("fc.", "classifier.", "head.", "last_linear.")
-    state = {k: v for k, v in state.items() if not k.startswith(head_prefixes) or k in own}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if missing or unexpected or shape:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
-        if shape:
-            detail.append(f"shape mismatch for {shape[:3]}")
-        raise BackboneError(f"pretrained weights {str(path)!r} do not fit the backbone: {'; '.join(detail)}")
-    net.load_state_dict(state)

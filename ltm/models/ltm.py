@@ -12,13 +12,24 @@ from ltm.models.masking import attention_map, cls_attention, deep_mixup, diversi
 from ltm.models.vit import TokenViT
 
 
+def _norm(cfg: ModelConfig) -> dict:
+    return {"normalize": cfg.input_norm == "backbone"}
+
+
+def student_classifier(channels: int, hidden: int) -> nn.Module:
+    """Sec. 3.3: "a MLP classifier takes as input F'" (hidden = 0: one linear layer)."""
+    if hidden == 0:
+        return nn.Linear(channels, 1)
+    return nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+
 class Baseline(nn.Module):
     """The paper's "Xception [11]" rows: backbone + global average pooling + a linear head, BCE."""
 
-    def __init__(self, cfg: ModelConfig, image_size: int = 224):
+    def __init__(self, cfg: ModelConfig, image_size: int = 224, load_weights: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.backbone = Backbone(cfg.backbone, cfg.pretrained)
+        self.backbone = Backbone(cfg.backbone, cfg.pretrained if load_weights else None, **_norm(cfg))
         self.head = nn.Linear(self.backbone.channels, 1)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -41,13 +52,17 @@ class LearningToMask(nn.Module):
     detached attention and the student is a separate CNN, so L^s sends no gradient into the teacher.
     """
 
-    def __init__(self, cfg: ModelConfig, image_size: int = 224):
+    def __init__(self, cfg: ModelConfig, image_size: int = 224, load_weights: bool = True):
         super().__init__()
         self.cfg = cfg
         teacher_name = cfg.teacher_backbone or cfg.backbone
         teacher_weights = cfg.teacher_pretrained or (cfg.pretrained if teacher_name == cfg.backbone else None)
-        self.teacher_cnn = Backbone(teacher_name, teacher_weights)
-        self.student_cnn = Backbone(cfg.backbone, cfg.pretrained)
+        if not load_weights:
+            teacher_weights = student_weights = None
+        else:
+            student_weights = cfg.pretrained
+        self.teacher_cnn = Backbone(teacher_name, teacher_weights, **_norm(cfg))
+        self.student_cnn = Backbone(cfg.backbone, student_weights, **_norm(cfg))
         self.grid = self.teacher_cnn.grid(image_size)
         student_grid = self.student_cnn.grid(image_size)
         if student_grid != self.grid:
@@ -60,7 +75,7 @@ class LearningToMask(nn.Module):
         self.teacher_vit = TokenViT(self.teacher_cnn.channels, self.grid, v.dim, v.heads, v.depth, v.mlp_ratio)
         self.teacher_cnn_head = nn.Linear(self.teacher_cnn.channels, 1)
         self.teacher_vit_head = nn.Linear(v.dim, 1)
-        self.student_head = nn.Linear(self.student_cnn.channels, 1)
+        self.student_head = student_classifier(self.student_cnn.channels, cfg.student_hidden)
 
     def teacher(self, images: torch.Tensor, all_attentions: bool = False) -> dict:
         x_t = self.teacher_cnn(images)
