@@ -56,6 +56,9 @@ def run(tmp_path_factory) -> Path:
             write_shards(samples, tmp / "shards" / "synth" / split / method, f"synth-{split}-{method}")
     config = write_config(tmp, tmp / "shards", tmp / "R", epochs=1, iters_per_epoch=2, ckpt_every=2, val_every=0,
                           zero_stage=1)
+    cfg = json.loads(config.read_text())
+    cfg["model"]["pretrained"] = None  # random init: this test is about the files a run writes, not its weights
+    config.write_text(json.dumps(cfg))
     cmd = [sys.executable, "-m", "ltm.cli", "train", "--config", str(config), "--nproc", "1"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
