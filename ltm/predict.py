@@ -9,6 +9,7 @@ manifest of the run's training shards when it is there, so a model sees faces fr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -135,12 +136,14 @@ def write_heatmaps(folder: Path, path: Path, model: nn.Module, images: torch.Ten
         log.info("model kind %s has no teacher attention: no heatmaps written", type(model).__name__)
         return []
     device = next(model.parameters()).device
+    # FF++ names a video `<target>_<source>` in every method folder: the path's digest keeps their pictures apart
+    tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
     written = []
     for start in range(0, len(images), batch_size):
         out = model.explain(images[start:start + batch_size].to(device))
         for j in range(out["attention"].shape[0]):
             i = start + j
-            name = folder / f"{_safe(path.stem)}_frame{kept[i]:06d}.png"
+            name = folder / f"{_safe(path.stem)}_{tag}_frame{kept[i]:06d}.png"
             plot_attention(name, images[i], out["attention"][j].float().cpu(), out["mask"][j].float().cpu(),
                            f"{path.name} frame {kept[i]}: P(fake) = {probs[i]:.3f}")
             written.append(str(name))

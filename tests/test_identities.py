@@ -117,3 +117,17 @@ def test_report_video_auc_equals_sklearn_on_scores_csv(sample_shards, old_shards
     assert report["video_auc"] == pytest.approx(_video_auc(rows), abs=1e-9)
     for method in ("SelfBlend", "FaceSwap"):
         assert report["per_method"][method]["video_auc"] == pytest.approx(_video_auc(rows, method), abs=1e-9)
+
+
+def test_predict_heatmaps_of_same_named_videos_stay_apart(tmp_path):
+    """`ltm predict Deepfakes/.../000_003.mp4 Face2Face/.../000_003.mp4 --heatmap DIR`: one picture set per video."""
+    from ltm.models import build_model
+    from ltm.predict import write_heatmaps
+
+    cfg = load_config("tiny-cpu")
+    model = build_model(cfg.model, cfg.data.image_size, load_weights=False).eval()
+    images = torch.rand(1, 3, cfg.data.image_size, cfg.data.image_size)
+    written = [write_heatmaps(tmp_path / "maps", tmp_path / m / "c23" / "videos" / "000_003.mp4", model, images,
+                              [0], [0.5], 1) for m in ("Deepfakes", "Face2Face")]
+    assert len(set(written[0]) | set(written[1])) == 2
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 2
