@@ -273,7 +273,8 @@ def test_preemption_signal_saves_at_the_next_step_and_exits_cleanly(shards, tmp_
     proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "P" / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (metrics.is_file() and '"type": "train"' in metrics.read_text()) and time.time() < deadline:
+    # past step 3: the epoch-end checkpoint of step 2 is older than the one the signal will make
+    while not (metrics.is_file() and '"step": 3' in metrics.read_text()) and time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.05)
     signalled_at = max(r["step"] for r in records(tmp_path / "P", "train"))
@@ -288,6 +289,16 @@ def test_preemption_signal_saves_at_the_next_step_and_exits_cleanly(shards, tmp_
     assert ckpt.latest() == tag_for(result["step"]) and ckpt.verify(ckpt.latest())["world_size"] == 2
     end = records(tmp_path / "P", "end")
     assert end[-1]["status"] == "preempted"
+
+    # the same command resumes from the checkpoint the signal wrote (an older epoch-end tag exists as well)
+    k = result["step"]
+    assert tag_for(2) in ckpt.tags() and k > 3
+    done = ltm_train(config, f"train.epochs={k // 2 + 2}", nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {ckpt.dir / tag_for(k)} (step {k}," in done.stderr
+    assert [r["step"] for r in records(tmp_path / "P", "train")] == list(range(1, 2 * (k // 2 + 2) + 1))
+    assert [(r["status"], r["step"]) for r in records(tmp_path / "P", "end")] == [
+        ("preempted", k), ("completed", 2 * (k // 2 + 2))]
 
 
 def test_errors_name_the_file(run_a, shards, tmp_path):
@@ -340,3 +351,151 @@ def test_keep_last_and_incomplete_tags(tmp_path):
         ckpt.resolve("auto")
     with pytest.raises(CheckpointError, match="expected step<8 digits>"):
         ckpt.resolve("last")
+
+
+# ------------------------------------------------------------------------------------------------ training paths
+
+
+def edit_config(path: Path, run_dir: Path, **sections) -> Path:
+    """A copy of a write_config file for another run folder, with some sections' keys replaced."""
+    cfg = json.loads(path.read_text())
+    cfg["train"]["run_dir"] = str(run_dir)
+    for section, values in sections.items():
+        cfg[section].update(values)
+    out = path.with_name(f"{run_dir.name}.yaml")
+    out.write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="session")
+def artifact_shards(tmp_path_factory) -> Path:
+    """Fakes carry a full-frame checkerboard of 4 px blocks (+-30 grey levels under noise of 12), learnable."""
+    from data_prep.shards import write_shards
+
+    root = tmp_path_factory.mktemp("artifact")
+    rng = np.random.default_rng(2)
+    board = (((np.indices((64, 64)) // 4).sum(0) % 2) * 60 - 30)[..., None]
+    for split, count in (("train", 64), ("val", 32)):
+        samples = []
+        for i in range(2 * count):
+            fake = i % 2
+            img = rng.integers(60, 200, size=3) + rng.normal(0, 12, (64, 64, 3)) + fake * board
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+            samples.append({"__key__": f"{split}{i // 4:03d}-{i % 4:06d}", "jpg": buf.getvalue(), "cls": fake,
+                            "json": {"dataset": "synth", "split": split, "video": f"{split}{i // 4:03d}",
+                                     "frame": i % 4, "label": fake, "method": "fake" if fake else "real"}})
+        write_shards(samples, root / "synth" / split / "mixed", f"synth-{split}-mixed", max_samples=64)
+    return root
+
+
+def test_training_learns_the_planted_artifact(artifact_shards, tmp_path):
+    """A short run on one rank: validation AUC of the student (the inference head) ends far above chance and every
+    part of the model moved (a no-op optimizer step or a detached term would leave a part where it started)."""
+    from ltm.models import build_model
+
+    base = write_config(tmp_path, artifact_shards, tmp_path / "L")
+    config = edit_config(base, tmp_path / "L", data={"train": [{"path": "synth/train/mixed", "weight": 1}],
+                                                     "val": ["synth/val"]},
+                         train={"batch_size": 16, "iters_per_epoch": 10, "epochs": 5, "lr": 0.03,
+                                "val_every": 10, "ckpt_every": 50})
+    done = ltm_train(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    val = records(tmp_path / "L", "val")
+    assert [r["step"] for r in val] == [10, 20, 30, 40, 50] and val[-1]["val_frames"] == 64
+    assert val[-1]["val_auc"] > 0.85, val
+    cfg = load_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)  # the Trainer's initial weights
+        start = build_model(cfg.model, cfg.data.image_size).state_dict()
+    end = module_state(tmp_path / "L", tag_for(50))
+    for part in ("teacher_cnn.", "teacher_vit.", "teacher_cnn_head.", "teacher_vit_head.", "student_cnn.",
+                 "student_head."):
+        names = [k for k in start if k.startswith(part) and start[k].is_floating_point()]
+        assert names, part
+        moved = sum(not torch.equal(start[k], end[k]) for k in names)
+        assert moved > len(names) // 2, f"{part}: {moved} of {len(names)} tensors changed"
+
+
+@pytest.fixture(scope="session")
+def mixed_shards(shards) -> Path:
+    """One training folder holding both classes: its sample order does not depend on the batch size."""
+    from data_prep.shards import write_shards
+
+    rng = np.random.default_rng(1)
+    samples = [{"__key__": f"mixed{i // 4:03d}-{i % 4:06d}", "jpg": _jpeg(rng, i % 2), "cls": i % 2,
+                "json": {"dataset": "synth", "split": "train", "video": f"mixed{i // 4:03d}", "frame": i % 4,
+                         "label": i % 2, "method": "mixed"}} for i in range(32)]
+    write_shards(samples, shards / "synth" / "mixed", "synth-mixed", max_samples=16)
+    return shards
+
+
+def test_grad_accum_equals_the_larger_batch(mixed_shards, tmp_path):
+    """batch 8 as 2 micro-batches of 4 (train.grad_accum=2) ends with the weights of batch 8 in one go.
+
+    BatchNorm statistics and the mixup partners depend on the micro-batch, so this model has neither (ConvNeXt
+    has LayerNorm; mixup off, `high` mask): what remains is the gradient, which accumulation must average exactly.
+    """
+    base = write_config(tmp_path, mixed_shards, tmp_path / "G1")
+    model = {"backbone": "convnext_atto", "mixup": False, "mask_strategy": "high"}
+    data = {"train": [{"path": "synth/mixed", "weight": 1}], "val": []}
+    train = {"batch_size": 8, "epochs": 2, "val_every": 0, "lr": 0.05}
+    runs = {}
+    for name, accum in (("G1", 1), ("G2", 2)):
+        config = edit_config(base, tmp_path / name, model=model, data=data, train={**train, "grad_accum": accum})
+        done = ltm_train(config)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = (module_state(tmp_path / name, tag_for(4)), records(tmp_path / name, "train"))
+    (one, log_one), (two, log_two) = runs["G1"], runs["G2"]
+    assert one.keys() == two.keys()
+    changed = 0
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=2e-6, rtol=1e-4, msg=k)
+        changed += not torch.equal(one[k], module_state(tmp_path / "G1", tag_for(2))[k])
+    assert changed > len(one) // 2  # steps 3-4 moved the weights: the comparison is not between two idle models
+    assert [r["samples"] for r in log_two] == [r["samples"] for r in log_one] == [8, 16, 24, 32]
+    for a, b in zip(log_one, log_two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+
+
+def test_zero2_trains_like_zero1_and_resumes_exactly(run_a, shards, tmp_path):
+    """ZeRO-2 on 2 ranks, stopped after epoch 2 and continued to epoch 3 in a new process: the same weights as the
+    uninterrupted ZeRO-1 run A (two ranks' gradient sums are exact in any order)."""
+    config = write_config(tmp_path, shards, tmp_path / "Z", zero_stage=2, epochs=2)
+    first = ltm_train(config, nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = Checkpointer(tmp_path / "Z" / "checkpoints")
+    assert ckpt.latest() == tag_for(4) and ckpt.verify(tag_for(4))["zero_stage"] == 2
+    done = ltm_train(config, "train.epochs=3", nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'Z' / 'checkpoints' / tag_for(4)} (step 4," in done.stderr
+    assert_same_weights(module_state(tmp_path / "Z", tag_for(6)), run_a["weights"])
+    assert records(tmp_path / "Z", "train") == run_a["train"]
+
+
+def _resume_copy_of_run_a(run_a, tmp_path: Path, name: str, *args: str) -> tuple[Path, float]:
+    run_dir = tmp_path / name
+    shutil.copytree(run_a["run_dir"], run_dir)
+    config = edit_config(run_a["config"], run_dir)
+    saved_at = json.loads((run_dir / "checkpoints" / tag_for(6) / COMPLETE).read_text())["time"]
+    done = ltm_train(config, "--resume", tag_for(4), *args, nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / tag_for(4)} (step 4," in done.stderr
+    return run_dir, saved_at
+
+
+def test_resume_from_an_older_tag_continues_exactly(run_a, tmp_path):
+    """`--resume step00000004` in a folder whose latest is step 6: steps 5-6 are trained again, to run A's weights."""
+    run_dir, saved_at = _resume_copy_of_run_a(run_a, tmp_path, "R")
+    info = json.loads((run_dir / "checkpoints" / tag_for(6) / COMPLETE).read_text())
+    assert info["time"] > saved_at  # step 6 was saved again by this run
+    assert_same_weights(module_state(run_dir, tag_for(6)), run_a["weights"])
+    assert records(run_dir, "train") == run_a["train"] and records(run_dir, "val") == run_a["val"]
+
+
+def test_universal_resume_at_the_same_world_size(run_a, tmp_path):
+    """`--universal` on the same 2 ranks: loads through the converted checkpoint and lands on run A's weights."""
+    run_dir, _ = _resume_copy_of_run_a(run_a, tmp_path, "U", "--universal")
+    assert (run_dir / "checkpoints" / "universal" / tag_for(4) / COMPLETE).is_file()
+    assert_same_weights(module_state(run_dir, tag_for(6)), run_a["weights"])
+    assert records(run_dir, "train") == run_a["train"]
