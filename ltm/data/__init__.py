@@ -11,6 +11,8 @@ Public API:
         `.num_samples` is this rank's share. Keys and videos are unique across datasets and methods
         (`<dataset>-<method>-<video>[-<frame>]`, `ltm.data.shards.sample_ids`), also for shards written before
         prep wrote them in that form.
+    loader_identity(loader) -> dict, check_state(loader, state)
+        what a saved loader state must match to be restored (kind, sources, rank split, batch size); both loaders.
 
 `cfg.data.loader` picks the implementation: "dali" (NVIDIA DALI pipelines, `ltm.data.dali`) or "reference"
 (webdataset + PIL + torch DataLoader, `ltm.data.reference`). Where nvidia.dali cannot be imported the DALI choice
@@ -35,11 +37,13 @@ __all__ = [
     "TrainLoader",
     "build_eval_loader",
     "build_train_loader",
+    "check_state",
     "dali_available",
     "dali_package",
     "per_rank_batch",
     "train_sources",
     "eval_sources",
+    "loader_identity",
 ]
 
 
@@ -52,6 +56,27 @@ class TrainLoader(Protocol):
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
     def close(self) -> None: ...
+
+
+def loader_identity(loader: Any) -> dict:
+    """What a saved loader state must match: the same kind, sources, rank split and batch size."""
+    return {
+        "kind": loader.kind,
+        "rank": loader.rank,
+        "world_size": loader.world_size,
+        "batch": loader.batch,
+        "sources": [(str(s.folder), s.weight, len(s)) for s in loader.sources],
+    }
+
+
+def check_state(loader: Any, state: dict) -> None:
+    """A loader state fits only a loader over the same sources, rank split and batch size."""
+    for k, v in loader_identity(loader).items():
+        got = state.get(k)
+        if k == "sources" and got is not None:
+            got = [tuple(x) for x in got]
+        if got != v:
+            raise ValueError(f"loader state does not fit this loader: {k} is {got!r} in the state, {v!r} here")
 
 
 _DALI_ERROR: str | None = None

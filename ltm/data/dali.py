@@ -38,7 +38,8 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from nvidia.dali.tensors import TensorGPU
 
-from ltm.data.reference import check_state, decode_jpeg, loader_identity
+from ltm.data import check_state, loader_identity
+from ltm.data.reference import decode_jpeg
 from ltm.data.shards import ShardError, Source, rank_range, sample_ids
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ltm.data import check_state, loader_identity
 from ltm.data.shards import Shard, ShardError, Source, rank_range, sample_ids
 
 log = logging.getLogger(__name__)
@@ -213,27 +214,6 @@ class ReferenceTrainLoader:
 
     def close(self) -> None:
         self._it, self._loader = None, None  # drops the worker processes
-
-
-def loader_identity(loader: Any) -> dict:
-    """What a saved loader state must match: the same kind, sources, rank split and batch size."""
-    return {
-        "kind": loader.kind,
-        "rank": loader.rank,
-        "world_size": loader.world_size,
-        "batch": loader.batch,
-        "sources": [(str(s.folder), s.weight, len(s)) for s in loader.sources],
-    }
-
-
-def check_state(loader: Any, state: dict) -> None:
-    """A loader state fits only a loader over the same sources, rank split and batch size."""
-    for k, v in loader_identity(loader).items():
-        got = state.get(k)
-        if k == "sources" and got is not None:
-            got = [tuple(x) for x in got]
-        if got != v:
-            raise ValueError(f"loader state does not fit this loader: {k} is {got!r} in the state, {v!r} here")
 
 
 # ----------------------------------------------------------------------------------------------------- eval
