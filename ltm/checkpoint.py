@@ -14,6 +14,10 @@ A save is complete only once `complete.json` exists, and `latest` moves only aft
 `save_latest` writes `latest` on rank 0 as soon as rank 0's files are written — before the other ranks' optimizer
 partitions are, and not atomically — so it is turned off and `latest` is replaced here by a rename after a barrier.
 A process killed in the middle of a save therefore leaves `latest` naming the previous, loadable checkpoint.
+
+Every checkpoint file ltm reads itself (eval and predict weights, universal conversion, rank state) is loaded
+weights-only (`load_file`, `weights_only_loads` around DeepSpeed's zero_to_fp32), so a run folder from elsewhere
+cannot run code on loading; DeepSpeed's own engine loader (resuming training) reads its files as it does.
 """
 
 from __future__ import annotations
