@@ -60,7 +60,7 @@ def main() -> None:
 
     models, optimizers, flops = {}, {}, {}
     for kind in ("ltm", "baseline"):
-        cfg = load_config("paper", [f"model.kind={kind}", f"model.backbone={args.backbone}",
+        cfg = load_config("paper", [f"model.kind={kind}", f"model.backbone={args.backbone}", "model.pretrained=null",
                                     f"data.image_size={args.size}"])
         model = build_model(cfg.model, args.size).to(device).train()
         models[kind] = model

@@ -49,7 +49,7 @@ class ModelConfig:
     mixup: bool = True  # deep mixup, Eq. 5-6 (Table 3 "w/o mixup")
     mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); 1.0 is uniform on [0, 1]
     div_weight: float = 0.1  # alpha of Eq. 7
-    student_hidden: int = 512  # Sec. 3.3's "MLP classifier" on F': hidden width (0 = one linear layer)
+    student_hidden: int = 0  # Sec. 3.3's "MLP classifier" on F': hidden width (0 = one linear layer)
     inference_head: str = "student"  # student | teacher_cnn | teacher_vit | ensemble
 
 

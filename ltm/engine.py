@@ -34,7 +34,7 @@ import torch
 
 from ltm import distributed
 from ltm.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state, step_of, tag_for
-from ltm.config import Config, ConfigError, load_config, save_config, to_dict
+from ltm.config import Config, ConfigError, load_config, load_run_config, save_config, to_dict
 from ltm.distributed import DistEnv, all_gather_object, all_reduce_sum, init_distributed, teardown
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def check_run_folder(run_dir: Path, cfg: Config) -> None:
     if not stored_path.is_file():
         return
     try:
-        stored = to_dict(load_config(stored_path))
+        stored = to_dict(load_run_config(stored_path))
     except ConfigError as exc:
         raise ConfigError(f"{stored_path}: the run folder's config cannot be read: {exc}") from exc
     mine = to_dict(cfg)
@@ -269,7 +269,8 @@ class Trainer:
 
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)
-                model = build_model(cfg.model, cfg.data.image_size)
+                # a resumed run takes every weight from its checkpoint: no pretrained file (or hub) is needed
+                model = build_model(cfg.model, cfg.data.image_size, load_weights=self.resume_tag is None)
 
             # optimizer: SGD with an ExponentialLR stepped once per epoch (Sec. 4.1), inside a DeepSpeed engine
             import deepspeed

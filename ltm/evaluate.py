@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ltm import distributed  # sets DS_ACCELERATOR=cpu without CUDA before DeepSpeed's zero_to_fp32 is imported
-from ltm.config import Config, load_config
+from ltm.config import Config, load_run_config
 from ltm.metrics import VIDEO_AGGREGATIONS, compute_metrics
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def load_model(
     config_path = run / "config.yaml"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: no such file (not a run folder written by `ltm train`)")
-    cfg = load_config(config_path, cfg_overrides or [])
+    cfg = load_run_config(config_path, cfg_overrides or [])
     if weights is not None:
         source = str(Path(weights))
         state = load_weights_file(weights)
@@ -202,7 +202,7 @@ def load_model(
         tag_dir = resolve_tag(run, tag)
         source = str(tag_dir)
         state = load_checkpoint_weights(tag_dir)
-    model = build_model(cfg.model, cfg.data.image_size)
+    model = build_model(cfg.model, cfg.data.image_size, load_weights=False)  # the checkpoint's weights follow
     fit_weights(model, state, source, str(config_path))
     model.to(device).eval()
     return model, cfg, source

@@ -26,7 +26,7 @@ say "2/4 faces (MTCNN) -> 112 px crops, 16 frames per video -> shards in $SAMPLE
     --workers 2 --no-progress
 
 if [[ "${DEMO_FRESH:-0}" == 1 ]]; then rm -rf "$RUN"; fi
-say "3/4 train tiny-cpu (ResNet-18 teacher + student, 2-block ViT) with DeepSpeed on $NPROC local ranks -> $RUN/"
+say "3/4 train tiny-cpu (ImageNet EfficientNet-Lite0 teacher + student, 2-block ViT) with DeepSpeed on $NPROC local ranks -> $RUN/"
 "$LTM" train --config tiny-cpu --nproc "$NPROC" "train.run_dir=$RUN" "${TRAIN_OVERRIDES[@]}"
 
 say "4/4 evaluate the last checkpoint on the sample's test split (teacher ViT head, then the paper's student head)"

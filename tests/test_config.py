@@ -13,7 +13,8 @@ def test_packaged_configs_load():
     assert paper.model.backbone == "legacy_xception" and paper.train.lr == 0.01 and paper.train.batch_size == 32
     assert paper.model.mask_ratio == 0.25 and paper.model.div_weight == 0.1 and paper.train.lr_gamma == 0.9
     tiny = load_config("tiny-cpu")
-    assert tiny.model.backbone == "resnet18" and tiny.data.image_size == 112
+    assert tiny.model.backbone == "tf_efficientnet_lite0" and tiny.data.image_size == 112
+    assert paper.model.pretrained == tiny.model.pretrained == "imagenet"  # Sec. 4.1: ImageNet-initialised
     assert tiny.model.mask_strategy == "high"  # inherited from paper through `base`
 
 

@@ -215,7 +215,7 @@ def test_weights_from_deepspeed_checkpoint_equal_trained_module(toy_runs, kind):
     for k in ref:
         assert torch.equal(state[k].float(), ref[k].float()), k
     model, cfg, source = load_model(run)  # tag from checkpoints/latest
-    assert source.endswith("step00000002") and cfg.model.backbone == "resnet18"
+    assert source.endswith("step00000002") and cfg.model.backbone == "tf_efficientnet_lite0"
     assert not model.training
 
 

@@ -128,7 +128,7 @@ def test_model_api_shapes_and_predict(tiny_ltm):
 
 @pytest.mark.parametrize("backbone", ["legacy_xception", "resnet18"])
 def test_paper_config_builds_and_trains_one_step(backbone):
-    cfg = load_config("paper", [f"model.backbone={backbone}"])
+    cfg = load_config("paper", [f"model.backbone={backbone}", "model.pretrained=null"])
     model = build_model(cfg.model, cfg.data.image_size)
     if backbone == "legacy_xception":
         assert model.teacher_cnn.channels == 2048

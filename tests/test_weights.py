@@ -135,8 +135,10 @@ def test_a_run_stored_before_normalisation_keeps_its_meaning(tmp_path):
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(stored)))
     old = load_run_config(tmp_path / "config.yaml")
     assert old.model.input_norm == "none" and old.model.student_hidden == 0
-    new = load_config("tiny-cpu")
-    assert new.model.input_norm == "backbone" and new.model.student_hidden > 0
+    assert load_config("tiny-cpu").model.input_norm == "backbone"
+    stored["model"]["student_hidden"] = 256  # a stored value always wins over the legacy default
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(stored)))
+    assert load_run_config(tmp_path / "config.yaml").model.student_hidden == 256
 
 
 def test_submit_refuses_a_run_whose_weights_are_not_offline(tmp_path, monkeypatch, caplog):
