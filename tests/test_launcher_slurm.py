@@ -193,3 +193,53 @@ def test_cancelled_job_is_not_running_so_training_does_not_requeue_it(slurm_clus
         assert slurm_job_state(job_id) in ("COMPLETING", "CANCELLED")
     finally:
         subprocess.run(["scancel", job_id], capture_output=True)
+
+
+GUARD_DRIVER = """
+import logging, signal, sys, time
+from launcher.jobs import TrainJob
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+cancelled = []
+signal.signal(signal.SIGTERM, lambda *_: cancelled.append(1))
+print("ready", flush=True)
+while not cancelled:
+    time.sleep(0.05)
+time.sleep(0.5)  # SLURM marks the job cancelled as it signals the steps
+TrainJob({"train": {"run_dir": sys.argv[1]}})._requeue(max_requeue=3, time_min=5, rank=0)
+"""
+
+
+def test_train_job_does_not_requeue_a_job_slurm_reports_cancelled(slurm_cluster, tmp_path):
+    """The guard in TrainJob._requeue itself: after `scancel` the job's rank 0 reaches the requeue step (as when the
+    SIGTERM made the ranks save) and must leave the job cancelled. Without the guard it would rewrite the submitted
+    pickle and `scontrol requeue` the job, which SLURM accepts."""
+    import os
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    driver = tmp_path / "guard.py"
+    driver.write_text(GUARD_DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(repo), "SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(tmp_path)}
+    out = tmp_path / "job.out"
+    job_id = subprocess.run(["sbatch", "--parsable", "--requeue", f"--output={out}", "--wrap",
+                             f"srun {sys.executable} {driver} {tmp_path / 'run'}"],
+                            capture_output=True, text=True, check=True, env=env).stdout.strip()
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.is_file() and "ready" in out.read_text()):
+            assert time.monotonic() < deadline and job_state(job_id) not in ("FAILED", "CANCELLED"), job_state(job_id)
+            time.sleep(0.2)
+        subprocess.run(["scancel", job_id], check=True)
+        deadline = time.monotonic() + 60
+        while "not requeued from here" not in out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # a requeue, had there been one, shows in the job record by now
+        show = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    log_text = out.read_text()
+    assert re.search(rf"job {job_id} is (CANCELLED|COMPLETING): saved at step boundary, not requeued",
+                     log_text), log_text
+    assert "requeued job" not in log_text
+    assert re.search(r"\bRestarts=0\b", show) and re.search(r"\bJobState=CANCELLED\b", show), show
+    assert not list(tmp_path.glob("*_submitted.pkl"))  # the submission was not rewritten for a restart
