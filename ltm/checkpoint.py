@@ -144,8 +144,14 @@ def refused_names(path: str | os.PathLike) -> list[str]:
         return []
 
 
-def _refused(path: str | os.PathLike, exc: BaseException) -> UnsafeCheckpointError:
-    names = ", ".join(refused_names(path)) or str(exc).strip().splitlines()[-1]
+def _refused(path: str | os.PathLike, exc: BaseException) -> UnsafeCheckpointError | None:
+    """The refusal of a file whose pickle names a global outside the allow-list; None for other unpickling errors
+    (a damaged file), which the callers report as such."""
+    found = refused_names(path)
+    if not found and "Unsupported global" not in str(exc):
+        return None
+    names = ", ".join(found) or next(
+        (line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "a global")
     return UnsafeCheckpointError(
         f"checkpoint file {path}: refused, its pickle names {names}: code that would run on loading (ltm loads "
         f"checkpoints weights-only: tensors, plain data and the few types DeepSpeed's and ltm's own files hold)")
@@ -158,7 +164,10 @@ def load_file(path: str | os.PathLike, mmap: bool = False) -> Any:
         with torch.serialization.safe_globals(safe_types()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        raise _refused(path, exc) from exc
+        refused = _refused(path, exc)
+        if refused is None:
+            raise
+        raise refused from exc
 
 
 @contextlib.contextmanager
@@ -173,7 +182,7 @@ def weights_only_loads(files: list[Path]) -> Iterator[None]:
             yield
     except pickle.UnpicklingError as exc:
         bad = next((f for f in files if refused_names(f)), None)
-        if bad is None:
+        if bad is None:  # not a refusal, or a file outside `files`: the library's own error
             raise
         raise _refused(bad, exc) from exc
     finally:

@@ -73,6 +73,10 @@ def test_a_pickled_callable_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match=f"weights file.*{evil}|checkpoint file {evil}: refused"):
         load_weights_file(evil)  # `ltm eval/predict --weights FILE`
     assert not marker.exists()
+    junk = tmp_path / "junk.pt"  # damaged, not hostile: reported as such, not as refused
+    junk.write_bytes(os.urandom(3000))
+    with pytest.raises(CheckpointError, match="junk.pt.*corrupt"):
+        load_weights_file(junk)
 
 
 def test_real_checkpoint_loads_on_every_path(run, tmp_path):
