@@ -110,6 +110,9 @@ def teardown(env: DistEnv, wait_for_others: bool = True) -> None:
         import deepspeed.comm.comm as ds_comm
 
         ds_comm.cdb = None  # DeepSpeed keeps its own handle on the destroyed group
+        import deepspeed.utils.groups as ds_groups
+
+        ds_groups._WORLD_GROUP = None  # and its clone of the world group, which a later engine would broadcast over
     for name in env.set_vars:
         os.environ.pop(name, None)
 
