@@ -267,7 +267,10 @@ class Trainer:
             # the model's forward
             from ltm.models import build_model
 
-            with torch.random.fork_rng(devices=[]):
+            # torch.manual_seed also reseeds every CUDA generator: fork the rank's GPU too, or all ranks would
+            # draw the same mixup partners, lambdas and random masks on the GPU
+            cuda_rng = [env.device.index] if env.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda_rng):
                 torch.manual_seed(cfg.train.seed)
                 # a resumed run takes every weight from its checkpoint: no pretrained file (or hub) is needed
                 model = build_model(cfg.model, cfg.data.image_size, load_weights=self.resume_tag is None)
