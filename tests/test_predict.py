@@ -99,3 +99,95 @@ def test_predict_errors(ltm, run_folder, tmp_path):
     assert proc.returncode == 2 and "missing.mp4: no such file" in proc.stderr
     proc = ltm(str(PHOTO), "--run", str(tmp_path / "no-run"), cwd=tmp_path)
     assert proc.returncode == 2 and "no-run" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ the score equals prep's crop
+
+FACES = [DATA / "faces" / "3ddfa__examples_inputs_JianzhuGuo.jpg", DATA / "faces" / "3ddfa__examples_inputs_emma.jpg"]
+CROP = {"size": 96, "scale": 1.6}  # not prep's defaults (224, 1.3): predict must take them from the manifest
+
+
+def _prep(media: Path, out: Path, **settings) -> None:
+    from data_prep import datasets, pipeline
+
+    name, items, skipped = datasets.folder(media, split="train", name="faces")
+    result = pipeline.run(name, items, skipped, out, pipeline.Settings(frames=1, **settings),
+                          pipeline.Runtime(progress=False))
+    assert result["samples"] == len(items), result
+
+
+def _loader_scores(cfg, folder: str, state: dict) -> dict[str, float]:
+    """model.predict on every sample of a shard folder, decoded by the eval loader: video id -> P(fake)."""
+    from ltm.data import build_eval_loader
+
+    model = build_model(cfg.model, cfg.data.image_size)
+    model.load_state_dict(state)
+    model.eval()
+    out = {}
+    for b in build_eval_loader(cfg, [folder], 0, 1, "cpu", 8):
+        out.update(zip(b["videos"], model.predict(b["images"]).tolist()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepped_run(tmp_path_factory) -> dict:
+    """Two face photos prepped with non-default crop settings, and a run trained 4 steps on them (a tag per step)."""
+    tmp = tmp_path_factory.mktemp("prepped")
+    media = tmp / "media"
+    for path, where in zip(FACES, ("real", "fake/Synth")):
+        (media / where).mkdir(parents=True)
+        (media / where / path.name).write_bytes(path.read_bytes())
+    _prep(media, tmp / "shards", **CROP)
+    run = tmp / "run"
+    overrides = [f"data.root={tmp / 'shards'}", "data.loader=reference", "data.num_threads=0", "data.image_size=64",
+                 "data.train=[{path: faces/train/real, weight: 1}, {path: faces/train/Synth, weight: 1}]",
+                 "data.val=[]", "model.backbone=mobilenetv3_small_050", "model.vit.dim=32", "model.vit.depth=1",
+                 "model.pretrained=null", "train.batch_size=2", "train.iters_per_epoch=1", "train.epochs=4",
+                 "train.lr=0.05", "train.lr_gamma=1.0", "train.ckpt_every=1", "train.val_every=0",
+                 "train.zero_stage=0",
+                 f"train.run_dir={run}"]
+    proc = subprocess.run([sys.executable, "-m", "ltm.cli", "train", "--config", "tiny-cpu", *overrides], cwd=tmp,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = {tag: torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=False)["module"] for tag in ("step00000003", "step00000004")}
+    return {"tmp": tmp, "run": run, "cfg": load_config(run / "config.yaml"), "weights": weights}
+
+
+def test_predict_scores_the_crop_prep_makes_and_the_tag_asked_for(ltm, prepped_run, tmp_path):
+    """`ltm predict PHOTO --tag T` equals model.predict (weights of T) on PHOTO's sample in the prepped shards:
+    same detector settings, colour order, margin and crop size (all from the manifest), JPEG and decode."""
+    r = prepped_run
+    photo = FACES[1]
+    got = {}
+    for tag in ("step00000003", "step00000004"):
+        scores = _loader_scores(r["cfg"], "faces/train", r["weights"][tag])
+        (video,) = [v for v in scores if "emma" in v]
+        expected = scores[video]
+        # not saturated, and the two photos' scores far apart: another crop of the photo would score differently
+        assert 0.001 < expected < 0.999 and max(scores.values()) - min(scores.values()) > 0.01, scores
+        proc = ltm(str(photo), "--run", str(r["run"]), "--tag", tag, "--json", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[tag] = json.loads(proc.stdout.strip().splitlines()[-1])["p_fake"]
+        assert got[tag] == pytest.approx(expected, abs=1e-5), tag
+    assert abs(got["step00000003"] - got["step00000004"]) > 1e-4  # the tags hold different weights
+
+
+def test_predict_detector_none_scores_the_file_as_a_crop(ltm, prepped_run, tmp_path):
+    """`--detector none` on a file that already is a face crop equals prep with `--detector none` of that file."""
+    import webdataset as wds
+
+    r = prepped_run
+    tar = next((r["tmp"] / "shards" / "faces" / "train" / "real").glob("*.tar"))
+    sample = next(iter(wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)))
+    media = tmp_path / "media"
+    (media / "real").mkdir(parents=True)
+    crop = media / "real" / "crop.jpg"
+    crop.write_bytes(sample["jpg"])
+    _prep(media, tmp_path / "shards", detector="none", **CROP)
+    cfg = load_config(r["run"] / "config.yaml", [f"data.root={tmp_path / 'shards'}"])
+    (expected,) = _loader_scores(cfg, "faces/train", r["weights"]["step00000004"]).values()
+    proc = ltm(str(crop), "--run", str(r["run"]), "--detector", "none", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["p_fake"] == pytest.approx(expected, abs=1e-5)
