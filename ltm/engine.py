@@ -34,7 +34,7 @@ import torch
 
 from ltm import distributed
 from ltm.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state, step_of, tag_for
-from ltm.config import Config, ConfigError, load_config, load_run_config, save_config, to_dict
+from ltm.config import Config, ConfigError, load_config, load_run_config, save_config, to_dict, upgrade_stored
 from ltm.distributed import DistEnv, all_gather_object, all_reduce_sum, init_distributed, teardown
 
 log = logging.getLogger(__name__)
@@ -332,8 +332,13 @@ class Trainer:
     def load(self, tag: str) -> None:
         client, rank_state = self.checkpointer.load(self.engine, tag, self.universal)
         stored = client.get("config")
-        if stored and stored["model"] != to_dict(self.cfg)["model"]:
-            raise ConfigError(f"checkpoint {self.checkpointer.dir / tag}: was trained with a different model config")
+        if stored:
+            stored_model, mine = upgrade_stored(stored)["model"], to_dict(self.cfg)["model"]
+            diff = [f"model.{k}: {stored_model.get(k)!r} there, {v!r} here" for k, v in mine.items()
+                    if stored_model.get(k) != v]
+            if diff:
+                raise ConfigError(f"checkpoint {self.checkpointer.dir / tag}: was trained with a different model "
+                                  f"config ({'; '.join(diff)})")
         s = self.state
         s.step, s.samples = int(client["step"]), int(client["samples"])
         s.best_val_auc, s.last_val_auc = float(client["best_val_auc"]), float(client["last_val_auc"])

@@ -32,7 +32,7 @@ PREP_ARGS = ["--frames", "4", "--size", "112"]
 
 def tiny_config(shards: Path, run_dir: Path, **launch):
     overrides = [
-        f"data.root={shards}", "data.image_size=64", "model.backbone=resnet18",
+        f"data.root={shards}", "data.image_size=64", "model.backbone=resnet18", "model.pretrained=null",
         "model.vit.dim=32", "model.vit.depth=1", "model.vit.heads=2", "model.vit.mlp_ratio=2.0",
         "train.batch_size=8", "train.iters_per_epoch=10", f"train.epochs={TOTAL_STEPS // 10}",
         "train.ckpt_every=10", "train.log_every=1", "train.val_every=0", f"train.run_dir={run_dir}",

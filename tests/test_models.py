@@ -11,6 +11,7 @@ from ltm.models.masking import deep_mixup, diversity_loss, feature_mask, num_mas
 
 
 def tiny_model_cfg(**overrides):
+    overrides = {"pretrained": "null", **overrides}  # random init: these tests exercise shapes and wiring
     cfg = load_config("tiny-cpu", [f"model.{k}={v}" for k, v in overrides.items()])
     return cfg.model
 

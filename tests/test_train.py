@@ -65,7 +65,9 @@ def write_config(folder: Path, shards: Path, run_dir: Path, **train) -> Path:
     t.update(train)
     cfg = {
         "base": "tiny-cpu",
-        "model": {"backbone": "mobilenetv3_small_050", "vit": {"dim": 32, "heads": 2, "depth": 1, "mlp_ratio": 2.0},
+        # ImageNet EfficientNet-Lite0 (shipped weights): exact resume and eval are checked on a pretrained run
+        "model": {"backbone": "tf_efficientnet_lite0", "pretrained": "imagenet",
+                  "vit": {"dim": 32, "heads": 2, "depth": 1, "mlp_ratio": 2.0},
                   "mask_strategy": "random", "mixup": True},  # both random parts of the model are exercised
         "data": {"root": str(shards), "image_size": 64, "loader": "reference", "num_threads": 0,
                  "train": [{"path": "synth/train/real", "weight": 1}, {"path": "synth/train/fake", "weight": 1}],
@@ -156,7 +158,7 @@ def test_two_ranks_end_with_the_same_weights(run_a):
     client = torch.load(run_dir / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt",
                         weights_only=False)
     assert client["step"] == 6 and client["epoch"] == 3 and client["samples"] == 24
-    assert client["config"]["model"]["backbone"] == "mobilenetv3_small_050"
+    assert client["config"]["model"]["backbone"] == "tf_efficientnet_lite0"
 
     train = run_a["train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
