@@ -392,12 +392,14 @@ def artifact_shards(tmp_path_factory) -> Path:
 
 
 def test_training_learns_the_planted_artifact(artifact_shards, tmp_path):
-    """A short run on one rank: validation AUC of the student (the inference head) ends far above chance and every
-    part of the model moved (a no-op optimizer step or a detached term would leave a part where it started)."""
+    """A short run on one rank from random weights: validation AUC of the student (the inference head) ends far
+    above chance and every part of the model moved (a no-op optimizer step or a detached term would leave a part
+    where it started)."""
     from ltm.models import build_model
 
     base = write_config(tmp_path, artifact_shards, tmp_path / "L")
-    config = edit_config(base, tmp_path / "L", data={"train": [{"path": "synth/train/mixed", "weight": 1}],
+    config = edit_config(base, tmp_path / "L", model={"backbone": "mobilenetv3_small_050", "pretrained": None},
+                         data={"train": [{"path": "synth/train/mixed", "weight": 1}],
                                                      "val": ["synth/val"]},
                          train={"batch_size": 16, "iters_per_epoch": 10, "epochs": 5, "lr": 0.03,
                                 "val_every": 10, "ckpt_every": 50})
@@ -439,7 +441,7 @@ def test_grad_accum_equals_the_larger_batch(mixed_shards, tmp_path):
     has LayerNorm; mixup off, `high` mask): what remains is the gradient, which accumulation must average exactly.
     """
     base = write_config(tmp_path, mixed_shards, tmp_path / "G1")
-    model = {"backbone": "convnext_atto", "mixup": False, "mask_strategy": "high"}
+    model = {"backbone": "convnext_atto", "pretrained": None, "mixup": False, "mask_strategy": "high"}
     data = {"train": [{"path": "synth/mixed", "weight": 1}], "val": []}
     train = {"batch_size": 8, "epochs": 2, "val_every": 0, "lr": 0.05}
     runs = {}
