@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-generalization")
     parser.add_argument("--config", default="tiny-cpu")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (batch: the config's)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (batch: the config's)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. model.mixup=false)")
     args = parser.parse_args()
