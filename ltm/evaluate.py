@@ -160,19 +160,10 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, config_path: str) -> None:
     """`load_state_dict(strict=True)`, with a message that names both files when they do not belong together."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if shapes:
-            parts.append(f"{len(shapes)} of another shape (e.g. {shapes[:3]})")
+    from ltm.models.weights import state_mismatch
+
+    parts = state_mismatch(model.state_dict(), state)
+    if parts:
         raise CheckpointError(f"weights {source!r} do not fit the model built from {config_path!r} "
                               f"(model/config mismatch): {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)

@@ -191,6 +191,22 @@ def read_state_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `state` from loading strictly into a module whose state dict is `own` (empty: it fits)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensors (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape (e.g. tensor {', '.join(shapes[:3])})")
+    return parts
+
+
 def load_state_file(net: nn.Module, path: str | os.PathLike, in_order: bool = False) -> None:
     """Load a local state dict into `net`; classifier weights are ignored (the backbone has none).
 
@@ -211,20 +227,9 @@ def load_state_file(net: nn.Module, path: str | os.PathLike, in_order: bool = Fa
                                    f"{tuple(value.shape)}, backbone tensor {own_key!r} needs {tuple(own_value.shape)}")
             state[own_key] = value
     state = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIXES) or k in own}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and own[k].shape != v.shape]
-    if missing or unexpected or shape:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
-        if unexpected:
-            detail.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[:3]})")
-        if shape:
-            more = f" and {len(shape) - 1} more" if shape[1:] else ""
-            detail.append(f"shape mismatch for tensor {shape[0]}{more}")
-        raise WeightsError(f"pretrained weights {str(path)!r} do not fit the backbone: {'; '.join(detail)}")
+    mismatch = state_mismatch(own, state)
+    if mismatch:
+        raise WeightsError(f"pretrained weights {str(path)!r} do not fit the backbone: {'; '.join(mismatch)}")
     net.load_state_dict(state)
 
 
