@@ -2,17 +2,27 @@
 
 Inputs go through the same steps as the training data: frames decoded by data_prep (evenly spaced, PyAV), the
 largest face detected and cut as data_prep cuts it (box enlarged `scale` times, square, `size` px), stored as JPEG
-at prep's quality and decoded and resized by the eval loader's own function. The crop settings are read from the
-manifest of the run's training shards when it is there, so a model sees faces framed as in training.
+at prep's quality and decoded and resized by the eval loader's own function. The crop geometry (size, enlargement)
+is read from the manifest of the run's training shards when it is there, so a model sees faces framed as in
+training. The detector is picked per file (`Detectors.choose`): `--detector` when given, `none` for a file whose
+frames are squares of exactly the crop size (a crop as prep writes it), else a real face detector, the manifest's
+or MTCNN where the manifest says `none` (a run trained on pre-cropped faces still gets faces, not whole frames).
+
+Folders among the inputs are searched recursively for videos and images; the results go to a CSV (path, P(fake),
+frames scored, detector, error), where a file that cannot be decoded or shows no face gets its error and the
+others are kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,10 +57,11 @@ class Prediction:
     frames: list[dict] = field(default_factory=list)  # {frame, p_fake, box}
     no_face: list[int] = field(default_factory=list)  # frame indices where no face was found
     pictures: list[str] = field(default_factory=list)
+    detector: str = ""  # the detector that cut this file's faces (`none`: the frames were taken as crops)
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "p_fake": self.p_fake, "n_frames": len(self.frames), "frames": self.frames,
-                "no_face": self.no_face, "pictures": self.pictures}
+        return {"file": self.file, "p_fake": self.p_fake, "n_frames": len(self.frames), "detector": self.detector,
+                "frames": self.frames, "no_face": self.no_face, "pictures": self.pictures}
 
 
 def crop_settings(cfg: Config) -> CropSettings:
@@ -69,6 +80,70 @@ def crop_settings(cfg: Config) -> CropSettings:
             known = {k: v for k, v in stored.items() if k in CropSettings.__dataclass_fields__ and k != "source"}
             return CropSettings(**known, source=str(manifest))
     return CropSettings()
+
+
+class Detectors:
+    """The face detectors of one predict job, each built on first use, and the rule that picks one for a file."""
+
+    def __init__(self, crop: CropSettings, asked: str | None = None, device: str = "cpu",
+                 model_path: str | None = None):
+        self.crop, self.asked, self.device = crop, asked, device
+        self.model_path = model_path or crop.detector_model
+        self._built: dict = {}
+
+    def choose(self, frames: list[tuple[int, np.ndarray]]) -> str:
+        """`--detector` when asked; `none` when every frame is a square of exactly the crop size (a face crop as
+        prep writes it); else the manifest's detector, MTCNN where that is `none`: the manifest's `none` says the
+        training inputs were crops, not that these inputs are."""
+        if self.asked:
+            return self.asked
+        if frames and all(f.shape[0] == f.shape[1] == self.crop.size for _, f in frames):
+            return "none"
+        return self.crop.detector if self.crop.detector != "none" else "mtcnn"
+
+    def get(self, name: str):
+        if name not in self._built:
+            from data_prep.faces import build_detector
+
+            c = self.crop
+            self._built[name] = build_detector(name, self.device, self.model_path, c.detect_side, c.min_face,
+                                               c.threshold)
+        return self._built[name]
+
+
+def media_files(inputs: list[str]) -> tuple[list[str], list[Path]]:
+    """(files to score, folders given): a folder stands for its videos and images, recursively, in sorted order."""
+    from data_prep.video import IMAGE_EXTS, VIDEO_EXTS
+
+    files, folders = [], []
+    for item in inputs:
+        path = Path(item)
+        if not path.is_dir():
+            files.append(item)
+            continue
+        found = sorted(str(p) for p in path.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTS | VIDEO_EXTS and p.is_file() and not p.name.startswith("."))
+        if not found:
+            raise ValueError(f"{path}: no video or image files in this folder (looked for "
+                             f"{', '.join(sorted(IMAGE_EXTS | VIDEO_EXTS))})")
+        files += found
+        folders.append(path)
+    return files, folders
+
+
+def write_csv(path: Path, results: list[tuple[str, Prediction | None, str | None]]) -> None:
+    """One row per input file: path, p_fake, frames (scored), no_face (frames without one), detector, error."""
+    from ltm.report import atomic_write_text
+
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["path", "p_fake", "frames", "no_face", "detector", "error"])
+    for file, pred, error in results:
+        if pred is None:
+            out.writerow([file, "", 0, "", "", error])
+        else:
+            out.writerow([file, f"{pred.p_fake:.6f}", len(pred.frames), len(pred.no_face), pred.detector, ""])
+    atomic_write_text(path, buf.getvalue())  # temp name then rename: a reader never sees half a table
 
 
 def read_frames(path: Path, n_frames: int | None) -> list[tuple[int, np.ndarray]]:
@@ -95,7 +170,7 @@ def face_batch(frames: list[tuple[int, np.ndarray]], detector, crop: CropSetting
         pixels = decode_jpeg(jpeg_bytes(face.crop, crop.quality), image_size, f"frame {index}")
         images.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0))
         kept.append(index)
-        boxes.append(face.crop_box)
+        boxes.append({"box": face.crop_box, "face": face.box})  # the square cut, and the face as detected
     batch = torch.stack(images) if images else torch.empty(0, 3, image_size, image_size)
     return batch, kept, boxes, no_face
 
@@ -104,7 +179,7 @@ def predict_file(
     path: str | os.PathLike,
     model: nn.Module,
     cfg: Config,
-    detector,
+    detectors: Detectors,
     crop: CropSettings,
     n_frames: int | None = 32,
     heatmap_dir: str | os.PathLike | None = None,
@@ -113,16 +188,16 @@ def predict_file(
     """Score one video or image file; a file where no frame shows a face is an error naming it."""
     path = Path(path)
     frames = read_frames(path, n_frames)
-    images, kept, boxes, no_face = face_batch(frames, detector, crop, cfg.data.image_size)
+    name = detectors.choose(frames)
+    images, kept, boxes, no_face = face_batch(frames, detectors.get(name), crop, cfg.data.image_size)
     if not kept:
-        raise ValueError(f"{path}: no face found in any of its {len(frames)} sampled frames "
-                         f"(detector {crop.detector})")
+        raise ValueError(f"{path}: no face found in any of its {len(frames)} sampled frames (detector {name})")
     device = next(model.parameters()).device
     with torch.inference_mode():
         probs = torch.cat([model.predict(images[i:i + batch_size].to(device)).float().cpu()
                            for i in range(0, len(images), batch_size)]).tolist()
-    result = Prediction(str(path), float(np.mean(probs)), no_face=no_face)
-    result.frames = [{"frame": i, "p_fake": p, "box": b} for i, p, b in zip(kept, probs, boxes)]
+    result = Prediction(str(path), float(np.mean(probs)), no_face=no_face, detector=name)
+    result.frames = [{"frame": i, "p_fake": p, **b} for i, p, b in zip(kept, probs, boxes)]
     if heatmap_dir is not None:
         result.pictures = write_heatmaps(Path(heatmap_dir), path, model, images, kept, probs, batch_size)
     return result
@@ -151,64 +226,100 @@ def write_heatmaps(folder: Path, path: Path, model: nn.Module, images: torch.Ten
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", help="video or image files")
+    parser.add_argument("inputs", nargs="+",
+                        help="video or image files, or folders (every video and image under them, recursively)")
     parser.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints/)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
     parser.add_argument("--weights", default=None, help="a consolidated fp32 state-dict file instead of a tag")
     parser.add_argument("--frames", type=int, default=32, help="frames per video, evenly spaced (32; 0 = all)")
     parser.add_argument("--heatmap", metavar="DIR", default=None, help="write attention pictures into DIR")
     parser.add_argument("--detector", choices=["mtcnn", "yunet", "none"], default=None,
-                        help="face detector (default: as in the training shards' manifest, else mtcnn); "
+                        help="face detector for every input (default: `none` for a file whose frames are squares "
+                             "of exactly the crop size, else the manifest's detector, mtcnn where that is `none`); "
                              "`none` when the inputs already are face crops")
     parser.add_argument("--detector-model", default=None, help="YuNet ONNX file for --detector yunet")
     parser.add_argument("--device", default="auto",
                         help="auto | cpu | cuda[:N] (under `accelerate launch` each rank uses its own GPU)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file instead of text")
+    parser.add_argument("--csv", metavar="FILE", default=None,
+                        help="write one row per file (path, p_fake, frames, no_face, detector, error) to FILE "
+                             "(default with a folder among the inputs: <run>/predict/<first folder's name>.csv)")
     parser.add_argument("overrides", nargs="*", default=[], help="config key=value overrides")
 
 
 def run(args: argparse.Namespace) -> int:
     """Score the inputs; under `accelerate launch` (or any launcher's ranks) each process takes a share of the
-    files and the main process prints every result in input order."""
-    from accelerate.utils import gather_object
+    files and the main process prints every result in input order.
 
-    from data_prep.faces import build_detector
+    With a table (a folder among the inputs, or --csv) a file that fails gets its error in the table and the
+    others go on; the exit status is then 1. Without one, the first failing file (in input order) is the error."""
+    from accelerate.utils import gather_object
+    from tqdm import tqdm
+
+    from data_prep.video import VideoError
     from ltm.evaluate import load_model, scoring_accelerator
 
+    files, folders = media_files(args.inputs)
+    # beside `ltm eval`'s reports, not in the data folder (often read-only or shared)
+    table = Path(args.csv) if args.csv else (
+        Path(args.run) / "predict" / f"{folders[0].resolve().name or 'root'}.csv" if folders else None)
+    if table is not None:
+        _check_writable(table)  # before an hour of scoring, not after
     model, cfg, source = load_model(args.run, args.tag, args.weights, args.overrides, "cpu")
     with scoring_accelerator(cfg.train.precision, args.device) as accelerator:
         model = accelerator.prepare_model(model, evaluation_mode=True)  # this rank's device, no DDP wrapper
         crop = crop_settings(cfg)
-        if args.detector:
-            crop.detector, crop.detector_model = args.detector, args.detector_model or crop.detector_model
-        detector = build_detector(crop.detector, str(accelerator.device), crop.detector_model, crop.detect_side,
-                                  crop.min_face, crop.threshold)
-        log.info("weights %s; crops %d px x%.2f by %s (settings from %s)", source, crop.size, crop.scale,
-                 crop.detector, crop.source)
+        detectors = Detectors(crop, args.detector, str(accelerator.device), args.detector_model)
+        log.info("weights %s; crops %d px x%.2f (settings from %s), detector %s", source, crop.size, crop.scale,
+                 crop.source, args.detector or f"per file (none for {crop.size}x{crop.size} crops, else "
+                 f"{crop.detector if crop.detector != 'none' else 'mtcnn'})")
+        # a table keeps going past any failing file (decoder errors included); one file at a time stops at it
+        caught = Exception if table is not None else (ValueError, FileNotFoundError, VideoError)
         mine: list[tuple[int, Prediction | None, str | None]] = []
-        with accelerator.split_between_processes(list(enumerate(args.inputs))) as share, accelerator.autocast():
-            for i, path in share:
+        with accelerator.split_between_processes(list(enumerate(files))) as share, accelerator.autocast():
+            bar = tqdm(share, desc="predict", unit="file", disable=not accelerator.is_main_process or len(files) < 2)
+            for i, path in bar:
                 try:
-                    mine.append((i, predict_file(path, model, cfg, detector, crop, args.frames or None, args.heatmap,
-                                                 cfg.eval.batch_size), None))
-                except (ValueError, FileNotFoundError) as exc:  # reported in input order, after the files before it
-                    mine.append((i, None, str(exc)))
+                    mine.append((i, predict_file(path, model, cfg, detectors, crop, args.frames or None,
+                                                 args.heatmap, cfg.eval.batch_size), None))
+                except caught as exc:  # reported in input order, after the files before it
+                    error = str(exc) if str(exc).startswith(str(path)) else f"{path}: {type(exc).__name__}: {exc}"
+                    mine.append((i, None, error))
         results = sorted(gather_object(mine), key=lambda r: r[0])
         if not accelerator.is_main_process:
             return 0
+    failed = 0
     for _, pred, error in results:
         if error is not None:
-            raise ValueError(error)
+            if table is None:
+                raise ValueError(error)
+            log.error("%s", error)
+            failed += 1
+            continue
         if args.json:
             print(json.dumps(pred.to_dict()))
             continue
         name = Path(pred.file).name
-        for f in pred.frames:
-            print(f"{name}  frame {f['frame']:6d}  P(fake) {f['p_fake']:.4f}")
+        if table is None:
+            for f in pred.frames:
+                print(f"{name}  frame {f['frame']:6d}  P(fake) {f['p_fake']:.4f}")
         if pred.no_face:
             print(f"{name}  no face in frames {pred.no_face}")
         verdict = "fake" if pred.p_fake >= cfg.eval.threshold else "real"
-        print(f"{pred.file}: P(fake) = {pred.p_fake:.4f} (mean of {len(pred.frames)} frames) -> {verdict}")
+        print(f"{pred.file}: P(fake) = {pred.p_fake:.4f} (mean of {len(pred.frames)} frames, detector "
+              f"{pred.detector}) -> {verdict}")
         for p in pred.pictures:
             print(f"heatmap: {p}")
-    return 0
+    if table is not None:
+        write_csv(table, [(files[i], pred, error) for i, pred, error in results])
+        print(f"{table}: {len(results)} files, {failed} failed")
+    return 1 if failed else 0
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot write the predictions table there ({exc}; pass --csv FILE)") from exc

@@ -191,3 +191,108 @@ def test_predict_detector_none_scores_the_file_as_a_crop(ltm, prepped_run, tmp_p
     proc = ltm(str(crop), "--run", str(r["run"]), "--detector", "none", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["p_fake"] == pytest.approx(expected, abs=1e-5)
+
+
+# ------------------------------------------------------------- a run trained on crops, scoring whole video frames
+
+
+@pytest.fixture(scope="module")
+def crops_run(tmp_path_factory, run_folder) -> Path:
+    """A run whose training shards were prepped with `--detector none` (96 px, x1.6), with run_folder's weights."""
+    tmp = tmp_path_factory.mktemp("crops-run")
+    (tmp / "media" / "real").mkdir(parents=True)
+    (tmp / "media" / "real" / "face.jpg").write_bytes(PHOTO.read_bytes())
+    _prep(tmp / "media", tmp / "shards", detector="none", **CROP)
+    settings = json.loads((tmp / "shards" / "faces" / "train" / "manifest.json").read_text())["settings"]
+    assert settings["detector"] == "none" and settings["size"] == CROP["size"], settings
+    run = tmp / "run"
+    run.mkdir()
+    cfg = load_config("tiny-cpu", [f"data.root={tmp / 'shards'}", "data.train=[{path: faces/train/real, weight: 1}]"])
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
+def _save_crop(frame: np.ndarray, box: list[int], path: Path) -> Path:
+    """The square `box` of `frame` at the crop size, cut and resized as data_prep.faces cuts a face, as PNG."""
+    import cv2
+
+    x0, y0, x1, y1 = box
+    size = CROP["size"]
+    interp = cv2.INTER_AREA if y1 - y0 > size else cv2.INTER_CUBIC
+    cut = np.ascontiguousarray(frame[y0:y1, x0:x1])
+    Image.fromarray(cv2.resize(cut, (size, size), interpolation=interp)).save(path)
+    return path
+
+
+def test_predict_detects_faces_in_video_frames_when_the_run_was_trained_on_crops(ltm, crops_run, run_folder,
+                                                                                 tmp_path):
+    """Manifest `none`, whole 700x700 video frames: MTCNN finds the face by default, the cut has the manifest's
+    size and enlargement, and each frame's P(fake) is that crop's (the crop saved at 96 px scores the same, taken
+    as a crop because of its size)."""
+    from data_prep.video import sample_frames
+
+    weights = ("--weights", str(run_folder / "weights.pt"))
+    proc = ltm(str(VIDEO), "--run", str(crops_run), *weights, "--frames", "2", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    video = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert video["detector"] == "mtcnn" and video["n_frames"] == 2 and video["no_face"] == []
+    frames = dict(sample_frames(VIDEO, 2))
+    crops = []
+    for f in video["frames"]:
+        (x0, y0, x1, y1), (fx0, fy0, fx1, fy1) = f["box"], f["face"]
+        assert x1 - x0 == y1 - y0 < 700  # a square around the face, not the frame
+        assert x1 - x0 == pytest.approx(CROP["scale"] * max(fx1 - fx0, fy1 - fy0), abs=2)
+        assert (x0 + x1) / 2 == pytest.approx((fx0 + fx1) / 2, abs=2)
+        crops.append(_save_crop(frames[f["frame"]], f["box"], tmp_path / f"crop{f['frame']}.png"))
+    proc = ltm(*map(str, crops), "--run", str(crops_run), *weights, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    as_crops = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [c["detector"] for c in as_crops] == ["none", "none"]
+    assert [c["p_fake"] for c in as_crops] == pytest.approx([f["p_fake"] for f in video["frames"]], abs=1e-5)
+    proc = ltm(str(VIDEO), "--run", str(crops_run), *weights, "--frames", "1", cwd=tmp_path)
+    assert proc.returncode == 0 and "detector mtcnn) -> " in proc.stdout.strip().splitlines()[-1], proc.stdout
+
+
+def test_predict_detector_none_scores_the_whole_frame(ltm, crops_run, run_folder, tmp_path):
+    from data_prep.video import sample_frames
+
+    weights = ("--weights", str(run_folder / "weights.pt"))
+    proc = ltm(str(VIDEO), "--run", str(crops_run), *weights, "--frames", "1", "--detector", "none", "--json",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    video = json.loads(proc.stdout.strip().splitlines()[-1])
+    (frame,) = video["frames"]
+    assert video["detector"] == "none" and frame["box"] == [0, 0, 700, 700]
+    whole = _save_crop(dict(sample_frames(VIDEO, 1))[frame["frame"]], [0, 0, 700, 700], tmp_path / "whole.png")
+    proc = ltm(str(whole), "--run", str(crops_run), *weights, "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["p_fake"] == pytest.approx(frame["p_fake"], abs=1e-5)
+
+
+def test_predict_folder_writes_one_csv_row_per_file(ltm, crops_run, run_folder, tmp_path):
+    """`ltm predict DIR`: every video and image under DIR (recursively) gets a row of <run>/predict/DIR.csv; an
+    undecodable file gets its error there, named in the log, and the other rows are kept."""
+    import csv
+
+    media = tmp_path / "media"
+    (media / "clips" / "photos").mkdir(parents=True)
+    (media / "clips" / "clip.mp4").write_bytes(VIDEO.read_bytes())
+    (media / "clips" / "photos" / "face.jpg").write_bytes(PHOTO.read_bytes())
+    (media / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    (media / "notes.txt").write_text("not media")
+    weights = ("--weights", str(run_folder / "weights.pt"))
+    proc = ltm(str(media), "--run", str(crops_run), *weights, "--frames", "2", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one file failed
+    assert "broken.mp4" in proc.stderr
+    table = crops_run / "predict" / "media.csv"
+    assert proc.stdout.strip().splitlines()[-1] == f"{table}: 3 files, 1 failed"
+    with open(table, newline="") as f:
+        rows = {Path(r["path"]).relative_to(media).as_posix(): r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["broken.mp4", "clips/clip.mp4", "clips/photos/face.jpg"]
+    assert rows["broken.mp4"]["p_fake"] == "" and "broken.mp4" in rows["broken.mp4"]["error"]
+    for name, n in (("clips/clip.mp4", "2"), ("clips/photos/face.jpg", "1")):
+        row = rows[name]
+        assert row["frames"] == n and row["detector"] == "mtcnn" and row["error"] == "", row
+        assert 0.0 <= float(row["p_fake"]) <= 1.0
+    assert sorted(p.name for p in table.parent.iterdir()) == ["media.csv"]  # no temporary file left
+    assert sorted(p.name for p in media.iterdir()) == ["broken.mp4", "clips", "notes.txt"]  # the data untouched
