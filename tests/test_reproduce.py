@@ -34,7 +34,7 @@ def test_experiment_loads_and_builds(name: str) -> None:
     assert cfg.data.train and cfg.data.test, name
     # The teacher's mask (Eq. 4) must fit the student's grid at the paper's 224 px: the model checks it on build.
     with torch.device("meta"):
-        model = build_model(cfg.model, cfg.data.image_size)
+        model = build_model(cfg.model, cfg.data.image_size, load_weights=False)
     if cfg.model.kind == "ltm":
         assert model.grid == (7, 7)
 
@@ -92,7 +92,7 @@ def test_map_renames_components_and_merges_sources(tmp_path: Path) -> None:
                      overrides=["train.epochs=1"], mapping=mapping, weights={"resnet18": "/w/r18.pth"})
     assert [(s.path, s.weight) for s in cfg.data.train] == [
         ("ffpp_c23/train/real", 4), ("ffpp_c23/train/SelfBlend", 2), ("ffpp_c23/train/FaceSwap", 2)]
-    assert cfg.model.backbone == "resnet18" and cfg.data.image_size == 112  # from tiny-cpu
+    assert cfg.model.backbone == "tf_efficientnet_lite0" and cfg.data.image_size == 112  # from tiny-cpu
     assert cfg.model.pretrained == cfg.model.teacher_pretrained == "/w/r18.pth"
     assert cfg.train.epochs == 1 and cfg.train.run_dir == str((tmp_path / "runs" / "ffpp_c23_ltm").resolve())
     assert cfg.data.root == str((tmp_path / "shards").resolve())

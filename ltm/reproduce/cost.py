@@ -50,7 +50,7 @@ def model_gflops(cfg: Config) -> tuple[float, float]:
     size = cfg.data.image_size
     with torch.device("meta"):
         # mixup draws lambda with .item(), which meta tensors cannot do; it adds no measurable FLOPs
-        model = build_model(replace(cfg.model, mixup=False), size)
+        model = build_model(replace(cfg.model, mixup=False), size, load_weights=False)  # FLOPs need no weights
         images, labels = torch.empty(2, 3, size, size), torch.empty(2)
         with torch.no_grad(), FlopCounterMode(display=False) as train_fc:
             model(images, labels)
