@@ -5,7 +5,7 @@
 # The last line printed is the path of the evaluation's report.json.
 #   DEMO_IDENTITIES=48           identities in the sample dataset (at most 102: the packaged photos)
 #   DEMO_NPROC=2                 local ranks for training
-#   DEMO_TRAIN_OVERRIDES="..."   `key=value` overrides for `ltm train` (default: none, tiny-cpu as is: 200 steps)
+#   DEMO_TRAIN_OVERRIDES="..."   `key=value` overrides for `ltm train` (default: none, tiny-cpu as is: 100 steps)
 #   DEMO_FRESH=1                 delete runs/demo first and train from scratch
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +30,8 @@ say "3/4 train tiny-cpu (ImageNet EfficientNet-Lite0 teacher + student, 2-block 
 "$LTM" train --config tiny-cpu --nproc "$NPROC" "train.run_dir=$RUN" "${TRAIN_OVERRIDES[@]}"
 
 say "4/4 evaluate the last checkpoint on the sample's test split (teacher ViT head, then the paper's student head)"
-# The paper infers with the student; on the short demo training the teacher's ViT head generalises further, so
-# its row is shown too (same weights, `model.inference_head` only picks the head that scores).
+# The paper infers with the student; the teacher's ViT head is scored too, for comparison (same weights,
+# `model.inference_head` only picks the head that scores).
 "$LTM" eval --run "$RUN" --data ffpp_c23/test --out "$RUN/eval-teacher_vit" model.inference_head=teacher_vit \
     eval.attention_samples=0 | sed '$d' | sed '$d'
 out="$("$LTM" eval --run "$RUN" --data ffpp_c23/test)"
