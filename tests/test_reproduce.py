@@ -89,11 +89,11 @@ def test_map_renames_components_and_merges_sources(tmp_path: Path) -> None:
     assert map_path("ffpp_c23/test", {"test": "val"}) == "ffpp_c23/val"
     mapping = {"Deepfakes": "SelfBlend", "Face2Face": "SelfBlend", "NeuralTextures": "FaceSwap"}
     cfg = run_config("ffpp_c23_ltm", tmp_path / "shards", tmp_path / "runs", base="tiny-cpu",
-                     overrides=["train.epochs=1"], mapping=mapping, weights={"resnet18": "/w/r18.pth"})
+                     overrides=["train.epochs=1"], mapping=mapping, weights={"tf_efficientnet_lite0": "/w/lite0.pth"})
     assert [(s.path, s.weight) for s in cfg.data.train] == [
         ("ffpp_c23/train/real", 4), ("ffpp_c23/train/SelfBlend", 2), ("ffpp_c23/train/FaceSwap", 2)]
     assert cfg.model.backbone == "tf_efficientnet_lite0" and cfg.data.image_size == 112  # from tiny-cpu
-    assert cfg.model.pretrained == cfg.model.teacher_pretrained == "/w/r18.pth"
+    assert cfg.model.pretrained == cfg.model.teacher_pretrained == "/w/lite0.pth"
     assert cfg.train.epochs == 1 and cfg.train.run_dir == str((tmp_path / "runs" / "ffpp_c23_ltm").resolve())
     assert cfg.data.root == str((tmp_path / "shards").resolve())
     with pytest.raises(ConfigError, match="train.epochs"):
