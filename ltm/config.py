@@ -169,16 +169,22 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
-    """Read one YAML file (safe loader: no object tags) with its `base:` chain merged under it."""
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: `base` chain loops back to itself")
+def read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (safe loader: no object tags); errors name the file."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """Read one YAML file (safe loader: no object tags) with its `base:` chain merged under it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to itself")
+    data = read_mapping(path)
     base = data.pop("base", None)
     node = OmegaConf.create(data)
     if base is None:

@@ -7,9 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ltm.config import CONFIG_DIR, Config, ConfigError, SourceConfig, load_config, to_dict, validate
+from ltm.config import CONFIG_DIR, Config, ConfigError, SourceConfig, load_config, read_mapping, to_dict, validate
 
 EXPERIMENTS_DIR = CONFIG_DIR / "experiments"
 
@@ -23,13 +21,7 @@ def experiment_path(name: str) -> Path:
 
 def experiment_layer(name: str) -> tuple[str, list[str]]:
     """The experiment file as (its base config, its keys as `key=value` overrides of that base)."""
-    path = experiment_path(name)
-    try:
-        layer = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(layer, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    layer = read_mapping(experiment_path(name))
     base = str(layer.pop("base", "paper"))
     return base, _dotlist(layer)
 
