@@ -60,7 +60,7 @@ def ensure_real_ffpp(root: Path | None, out: Path) -> list[Path]:
     if root is None or not (root / "original_sequences").is_dir():
         return []
     shards = out / "real-ffpp-shards"
-    splits = ROOT.parent / "shared" / "data" / "ffpp-splits" if root.name == "ffpp-sample" else root / "splits"
+    splits = root.parent / "ffpp-splits" if (root.parent / "ffpp-splits").is_dir() else root / "splits"
     if not any(shards.glob("ffpp_c23/*/manifest.json")):
         subprocess.run([sys.executable, "-m", "ltm.cli", "prep", "ffpp", "--root", str(root), "--splits",
                         str(splits), "--out", str(shards), "--frames", "16", "--size", "112", "--workers", "2",

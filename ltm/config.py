@@ -8,7 +8,6 @@ OmegaConf does the merging and type checking (unknown keys and wrong types are e
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -195,15 +194,16 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
 
 def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Structured defaults <- YAML file (and its `base` chain) <- `key=value` overrides."""
-    schema = OmegaConf.structured(Config)
-    layers = []
-    source = "defaults"
-    if name_or_path is not None:
-        path = resolve_config_path(name_or_path)
-        source = str(path)
-        layers.append(_read_yaml(path))
+    if name_or_path is None:
+        return _merge("defaults", [], overrides)
+    path = resolve_config_path(name_or_path)
+    return _merge(str(path), [_read_yaml(path)], overrides)
+
+
+def _merge(source: str, layers: list[Any], overrides: list[str] | None) -> Config:
+    """Structured defaults <- `layers` (read from `source`) <- `key=value` overrides, validated."""
     try:
-        merged = schema
+        merged = OmegaConf.structured(Config)
         for layer in layers:
             merged = OmegaConf.merge(merged, layer)
     except OmegaConfBaseException as exc:
@@ -290,18 +290,9 @@ def upgrade_stored(data: Any) -> Any:
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """A run folder's resolved `config.yaml` (as `load_config`), upgraded with `upgrade_stored`."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot be read: {exc}") from exc
-    upgraded = upgrade_stored(data)
-    if upgraded is data:
-        return load_config(path, overrides)
-    with tempfile.TemporaryDirectory() as folder:  # the run folder itself may be read-only
-        tmp = Path(folder) / path.name
-        tmp.write_text(yaml.safe_dump(upgraded, sort_keys=False))
-        return load_config(tmp, overrides)
+    path = resolve_config_path(path)
+    stored = OmegaConf.to_container(_read_yaml(path))
+    return _merge(str(path), [OmegaConf.create(upgrade_stored(stored))], overrides)
 
 
 def from_dict(data: dict[str, Any]) -> Config:

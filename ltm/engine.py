@@ -107,6 +107,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_differences(stored: dict, mine: dict) -> list[str]:
+    """`model.<key>: <stored> there, <mine> here` for each model setting a run was trained with and this one lacks."""
+    return [f"model.{k}: {stored.get(k)!r} there, {v!r} here" for k, v in mine.items() if stored.get(k) != v]
+
+
 def check_run_folder(run_dir: Path, cfg: Config) -> None:
     """A run folder holds one model: refuse a config whose model differs from the one trained there."""
     stored_path = run_dir / "config.yaml"
@@ -117,8 +122,7 @@ def check_run_folder(run_dir: Path, cfg: Config) -> None:
     except ConfigError as exc:
         raise ConfigError(f"{stored_path}: the run folder's config cannot be read: {exc}") from exc
     mine = to_dict(cfg)
-    diff = [f"model.{k}: {stored['model'][k]!r} there, {mine['model'][k]!r} here"
-            for k in mine["model"] if stored["model"].get(k) != mine["model"][k]]
+    diff = model_differences(stored["model"], mine["model"])
     if stored["data"]["image_size"] != mine["data"]["image_size"]:
         diff.append(f"data.image_size: {stored['data']['image_size']} there, {mine['data']['image_size']} here")
     if diff:
@@ -333,9 +337,7 @@ class Trainer:
         client, rank_state = self.checkpointer.load(self.engine, tag, self.universal)
         stored = client.get("config")
         if stored:
-            stored_model, mine = upgrade_stored(stored)["model"], to_dict(self.cfg)["model"]
-            diff = [f"model.{k}: {stored_model.get(k)!r} there, {v!r} here" for k, v in mine.items()
-                    if stored_model.get(k) != v]
+            diff = model_differences(upgrade_stored(stored)["model"], to_dict(self.cfg)["model"])
             if diff:
                 raise ConfigError(f"checkpoint {self.checkpointer.dir / tag}: was trained with a different model "
                                   f"config ({'; '.join(diff)})")

@@ -10,10 +10,13 @@ from ltm.config import ModelConfig
 from ltm.models.backbone import Backbone, BackboneError
 from ltm.models.masking import attention_map, cls_attention, deep_mixup, diversity_loss, feature_mask
 from ltm.models.vit import TokenViT
+from ltm.models.weights import backbone_weights
 
 
-def _norm(cfg: ModelConfig) -> dict:
-    return {"normalize": cfg.input_norm == "backbone"}
+def build_cnn(cfg: ModelConfig, role: str, load_weights: bool = True) -> Backbone:
+    """The `student` or `teacher` CNN with the weights `backbone_weights` assigns it (none: random init)."""
+    name, weights = backbone_weights(cfg)[role]
+    return Backbone(name, weights if load_weights else None, normalize=cfg.input_norm == "backbone")
 
 
 def student_classifier(channels: int, hidden: int) -> nn.Module:
@@ -29,7 +32,7 @@ class Baseline(nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int = 224, load_weights: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.backbone = Backbone(cfg.backbone, cfg.pretrained if load_weights else None, **_norm(cfg))
+        self.backbone = build_cnn(cfg, "student", load_weights)
         self.head = nn.Linear(self.backbone.channels, 1)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -55,19 +58,13 @@ class LearningToMask(nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int = 224, load_weights: bool = True):
         super().__init__()
         self.cfg = cfg
-        teacher_name = cfg.teacher_backbone or cfg.backbone
-        teacher_weights = cfg.teacher_pretrained or (cfg.pretrained if teacher_name == cfg.backbone else None)
-        if not load_weights:
-            teacher_weights = student_weights = None
-        else:
-            student_weights = cfg.pretrained
-        self.teacher_cnn = Backbone(teacher_name, teacher_weights, **_norm(cfg))
-        self.student_cnn = Backbone(cfg.backbone, student_weights, **_norm(cfg))
+        self.teacher_cnn = build_cnn(cfg, "teacher", load_weights)
+        self.student_cnn = build_cnn(cfg, "student", load_weights)
         self.grid = self.teacher_cnn.grid(image_size)
         student_grid = self.student_cnn.grid(image_size)
         if student_grid != self.grid:
             raise BackboneError(
-                f"teacher {teacher_name!r} gives a {self.grid[0]}x{self.grid[1]} feature grid but student "
+                f"teacher {self.teacher_cnn.name!r} gives a {self.grid[0]}x{self.grid[1]} feature grid but student "
                 f"{cfg.backbone!r} gives {student_grid[0]}x{student_grid[1]} at {image_size} px: the mask of "
                 "Eq. 4 needs the same grid (pick backbones with the same total stride)"
             )

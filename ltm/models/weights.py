@@ -140,13 +140,7 @@ def load_imagenet(net: nn.Module, name: str) -> str:
     if shipped is not None:
         load_state_file(net, shipped, in_order=SHIPPED[name].in_order)
         return f"package {SHIPPED[name].package}"
-    cached = cached_file(name)
-    if cached is None:
-        reachable, why = _hub_reachable()
-        if not reachable:
-            raise WeightsError(f"backbone {name!r}: ImageNet weights are not in the cache and cannot be downloaded "
-                               f"({why}); {fetch_hint(name)}")
-        cached = download(name)
+    cached = ensure_cached(name)
     # timm's own loader reads the file: it knows each family's checkpoint filters (key renames, stem surgery)
     try:
         loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)},
@@ -155,6 +149,18 @@ def load_imagenet(net: nn.Module, name: str) -> str:
         raise WeightsError(f"backbone {name!r}: cached weights {str(cached)!r} cannot be loaded: {exc}") from exc
     net.load_state_dict(loaded.state_dict())
     return f"cache {cached}"
+
+
+def ensure_cached(name: str) -> Path:
+    """The cached weights file of `name`, downloaded first where the hub is reachable."""
+    cached = cached_file(name)
+    if cached is not None:
+        return cached
+    reachable, why = _hub_reachable()
+    if not reachable:
+        raise WeightsError(f"backbone {name!r}: ImageNet weights are not in the cache and cannot be downloaded "
+                           f"({why}); {fetch_hint(name)}")
+    return download(name)
 
 
 def download(name: str) -> Path:
@@ -241,16 +247,22 @@ def load_pretrained(net: nn.Module, name: str, pretrained: str | os.PathLike) ->
     return f"file {pretrained}"
 
 
-def required_imagenet(model_cfg) -> list[str]:
-    """Backbone names whose `imagenet` weights a model config asks for (student, then teacher)."""
-    names = []
-    if str(model_cfg.pretrained) == IMAGENET:
-        names.append(model_cfg.backbone)
+def backbone_weights(model_cfg) -> dict[str, tuple[str, str | None]]:
+    """Each CNN of a model config as (timm name, `pretrained`): `student` (also the Baseline's only CNN) and
+    `teacher`, whose weights are the student's unless set, when both use the same backbone."""
     teacher = model_cfg.teacher_backbone or model_cfg.backbone
     teacher_weights = model_cfg.teacher_pretrained or (
         model_cfg.pretrained if teacher == model_cfg.backbone else None)
-    if model_cfg.kind != "baseline" and str(teacher_weights) == IMAGENET and teacher not in names:
-        names.append(teacher)
+    return {"student": (model_cfg.backbone, model_cfg.pretrained), "teacher": (teacher, teacher_weights)}
+
+
+def required_imagenet(model_cfg) -> list[str]:
+    """Backbone names whose `imagenet` weights a model config asks for (student, then teacher)."""
+    roles = ("student",) if model_cfg.kind == "baseline" else ("student", "teacher")
+    names = []
+    for name, weights in (backbone_weights(model_cfg)[role] for role in roles):
+        if str(weights) == IMAGENET and name not in names:
+            names.append(name)
     return names
 
 
@@ -280,13 +292,7 @@ def run(args: argparse.Namespace) -> int:
         failed = 0
         for name in args.names:
             try:
-                source = offline_source(name)
-                if source is None:
-                    reachable, why = _hub_reachable()
-                    if not reachable:
-                        raise WeightsError(f"backbone {name!r}: cannot download ({why})")
-                    source = f"cache {download(name)}"
-                print(f"{name}\t{source}")
+                print(f"{name}\t{offline_source(name) or f'cache {ensure_cached(name)}'}")
             except WeightsError as exc:
                 log.error("%s", exc)
                 failed += 1
