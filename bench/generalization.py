@@ -1,23 +1,40 @@
-"""Does LTM generalise better than its own baseline? Train on real vs SelfBlend only, score a method never seen.
+"""Does the student generalise better than its baseline to manipulations it never saw? (Tables 3 and 4, on data
+that can tell.)
 
-On the sample dataset (`ltm prep sample` + `ltm prep ffpp`, as `make demo` builds it), for each seed: LTM with the
-`high` mask (the paper's method), LTM with `low` and `random` masks (Table 4) and the Baseline (same backbone, same
-pretrained weights, same steps, batch and schedule) are trained by `ltm.engine.train` in this process on
-`real` + `SelfBlend`, then `ltm.evaluate` scores the test split: FaceSwap frames are the unseen method, SelfBlend the
-seen one. Printed: per-seed frame AUCs, the mean difference LTM(high) - Baseline on the unseen method with a 95%
-t-interval over seeds, whether Table 4's ordering high > random > low holds on unseen data, and as the last line one
-JSON object with `ratio` = mean unseen AUC of LTM / Baseline and `target` 1.03.
+The benchmark: `ltm prep synth` turns real face photos (default `../shared/data/faces`, 305 photos, read in place)
+into identity-disjoint train/val/test shards of real faces and five synthetic fake families with different
+artefacts (SelfBlend, IdentitySwap, Upsample, ExpressionWarp, TextureRender; see data_prep/synth.py). Each variant is
+trained by `ltm.engine.train` in this process on real + one family (`--train-family`, SelfBlend by default: the
+paper's Table 3 protocol of one training manipulation) and scored by every head it has on the other four families
+(unseen) and on its own (seen), frame AUC per family:
 
-    python bench/generalization.py                       # 3 seeds x 4 variants on the sample dataset (CPU)
-    python bench/generalization.py --seeds 1 --steps 20  # a quick look
+    baseline      the plain backbone + linear head (the paper's "Xception" rows)
+    ltm-high      the method as configured (`high` mask, deep mixup) — heads: student (the paper's inference head),
+                  teacher_cnn, teacher_vit
+    ltm-random    Table 4, random mask            ltm-low      Table 4, least attended positions masked
+    ltm-nomixup   Table 3's "w/o mixup"
 
-Finished runs are kept under --out and reused: an interrupted benchmark continues where it stopped.
+Schedule: epochs of `--epoch-steps` (100) optimizer steps, lr x `train.lr_gamma` (0.9, the paper's) per epoch, the
+config's batch (32) and image size (tiny-cpu: 112 px). A run is trained to each budget in turn (100, 200, ...) by
+resuming its own checkpoint, so every point of a learning curve is the same run, and the `--steps` point is exactly
+the run a `--steps` budget trains. `--curve 400,800` extends seed 0 of `--curve-variants` past the budget.
+Selection (`--split val`, the default) never looks at test; `--split test` prints the final table.
 
-Where the real FaceForensics++ c23 videos of the shared test media exist (`--real-ffpp`, default
-`../shared/data/ffpp-sample`: 3 real videos and one each of Deepfakes, Face2Face, FaceSwap, NeuralTextures), they
-are prepped once into `<out>/real-ffpp-shards` (read, never copied) and every run also scores them: a second unseen
-test whose artefacts come from the real manipulation methods, not from the sample's generator (112 frames of 7
-videos: a small, noisy figure, printed beside the main one, not part of `ratio`).
+    python bench/generalization.py --quick                # first look: 1 seed, ltm-high + baseline, 100 steps
+    python bench/generalization.py                        # 3 seeds x 5 variants, 200 steps, val split
+    python bench/generalization.py --split test --curve 400,800 --plot docs/img/generalization-curves.png
+    python bench/generalization.py model.mixup=false      # overrides apply to every run
+    python bench/generalization.py --variants baseline,ltm-high,os16 --variant "os16:model.output_stride=16"
+                                                          # a hypothesis as one more LTM variant, same seeds
+
+Finished points are kept under --out (`<variant>-seed<k>/scores/step<N>-<split>.json`) and reused: an interrupted
+benchmark continues where it stopped. Printed: per family, per head and per seed frame AUC; each variant's unseen mean
+with a 95% t-interval over seeds; the student's difference to the baseline and to the teacher's CNN head (paired
+by seed, 95% interval); Table 4's order on unseen families; the learning curves; last line one JSON object with
+`ratio` = student unseen mean / baseline unseen mean and `target` = (baseline + 0.02) / baseline.
+
+Where the real FaceForensics++ c23 videos of the shared media exist (`--real-ffpp`), every scored point also scores
+them (112 frames of 7 videos: a small, noisy figure, printed beside the main one).
 """
 
 from __future__ import annotations
@@ -33,25 +50,29 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 VARIANTS = {  # name -> model overrides
+    "baseline": ["model.kind=baseline"],
     "ltm-high": ["model.kind=ltm", "model.mask_strategy=high"],
     "ltm-random": ["model.kind=ltm", "model.mask_strategy=random"],
     "ltm-low": ["model.kind=ltm", "model.mask_strategy=low"],
-    "baseline": ["model.kind=baseline"],
+    "ltm-nomixup": ["model.kind=ltm", "model.mask_strategy=high", "model.mixup=false"],
 }
-SEEN, UNSEEN = "SelfBlend", "FaceSwap"
+FAMILIES = ("SelfBlend", "IdentitySwap", "Upsample", "ExpressionWarp", "TextureRender")
+HEADS = {"baseline": ("baseline",), "ltm": ("student", "teacher_cnn", "teacher_vit")}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def ensure_sample(sample: Path, identities: int) -> Path:
-    """The sample dataset's shards, built as `make demo` builds them when missing."""
-    shards = sample / "shards"
-    if not (shards / "ffpp_c23" / "test" / "manifest.json").is_file():
-        ltm = [sys.executable, "-m", "ltm.cli"]
-        subprocess.run([*ltm, "prep", "sample", "--out", str(sample), "--identities", str(identities)], check=True)
-        subprocess.run([*ltm, "prep", "ffpp", "--root", str(sample), "--splits", str(sample / "splits"), "--out",
-                        str(shards), "--frames", "16", "--size", "112", "--workers", "2", "--no-progress"],
-                       check=True)
+# ------------------------------------------------------------------------------------------------- data
+def ensure_synth(faces: Path, out: Path, size: int, frames: int, identity_regex: str | None) -> Path:
+    """The benchmark's shards (`ltm prep synth`), built once under `out`."""
+    shards = out / f"synth-{size}px-{frames}f"
+    if not all((shards / "synth" / s / "manifest.json").is_file() for s in ("train", "val", "test")):
+        cmd = [sys.executable, "-m", "ltm.cli", "prep", "synth", "--root", str(faces), "--out", str(shards),
+               "--size", str(size), "--frames", str(frames)]
+        if identity_regex:
+            cmd += ["--identity-regex", identity_regex]
+        subprocess.run(cmd, check=True)
     return shards
 
 
@@ -68,138 +89,262 @@ def ensure_real_ffpp(root: Path | None, out: Path) -> list[Path]:
     return sorted(p.parent for p in shards.glob("ffpp_c23/*/manifest.json"))
 
 
-def score_folders(run_dir: Path, folders: list[Path]) -> float:
-    """Frame AUC of the run's inference head over all frames of `folders` together."""
+# ------------------------------------------------------------------------------------------------- scoring
+def head_scores(run_dir: Path, folders: list[Path]) -> dict:
+    """P(fake) of every head of the run's latest checkpoint on `folders`: {"labels", "methods", head: scores}."""
     import torch
-    from sklearn.metrics import roc_auc_score
 
     from ltm.data import build_eval_loader
     from ltm.evaluate import load_model
 
     model, cfg, _ = load_model(run_dir)
-    scores, labels = [], []
+    out: dict = {"labels": [], "methods": []}
     with torch.no_grad():
         for batch in build_eval_loader(cfg, [str(f) for f in folders], 0, 1, "cpu", 64):
-            scores += model.predict(batch["images"]).tolist()
-            labels += batch["labels"].tolist()
-    return float(roc_auc_score(labels, scores))
-
-
-def run_variant(name: str, seed: int, args: argparse.Namespace, shards: Path) -> dict:
-    """Train one variant (or reuse its finished run) and score the test split; returns per-method frame AUCs."""
-    from ltm.config import load_config
-    from ltm.engine import train
-    from ltm.evaluate import evaluate
-
-    run_dir = args.out / f"{name}-seed{seed}"
-    report = run_dir / "eval" / "report.json"
-    if report.is_file():
-        out = json.loads(report.read_text())
-        if args.real_ffpp_folders and "real_ffpp_auc" not in out:  # a run from before the real-video test
-            out["real_ffpp_auc"] = score_folders(run_dir, args.real_ffpp_folders)
-            write_json(report, out)
-        return out
-    epochs = 2
-    overrides = [
-        *VARIANTS[name], *args.overrides, f"data.root={shards}",
-        f"data.train=[{{path: ffpp_c23/train/real, weight: 1}}, {{path: ffpp_c23/train/{SEEN}, weight: 1}}]",
-        "data.val=[]", "data.test=[ffpp_c23/test]", f"train.run_dir={run_dir}", f"train.seed={seed}",
-        f"data.seed={seed}", f"train.epochs={epochs}", f"train.iters_per_epoch={math.ceil(args.steps / epochs)}",
-        "train.val_every=0", "train.log_every=10", "eval.attention_samples=0",
-    ]
-    cfg = load_config(args.config, overrides)
-    started = time.perf_counter()
-    train(cfg, resume="auto")
-    seconds = time.perf_counter() - started
-    (result,) = evaluate(run_dir, ["ffpp_c23/test"], out_dir=run_dir / "eval" / "reports")
-    out = {"variant": name, "seed": seed, "train_s": round(seconds, 1),
-           "seen_auc": result["per_method"][SEEN]["frame_auc"], "unseen_auc": result["per_method"][UNSEEN]["frame_auc"],
-           "frame_auc": result["frame_auc"]}
-    if args.real_ffpp_folders:
-        out["real_ffpp_auc"] = score_folders(run_dir, args.real_ffpp_folders)
-    write_json(report, out)
+            images = batch["images"]
+            if cfg.model.kind == "baseline":
+                heads = {"baseline": model.logits(images)}
+            else:
+                t = model.teacher(images)
+                student = model.student_head(model.pool(model.student_cnn(images), None)).squeeze(1)
+                heads = {"student": student, "teacher_cnn": t["cls_logits"], "teacher_vit": t["vit_logits"]}
+            for name, logits in heads.items():
+                out.setdefault(name, []).extend(torch.sigmoid(logits.float()).tolist())
+            out["labels"] += batch["labels"].tolist()
+            out["methods"] += list(batch["methods"])
     return out
 
 
+def family_aucs(scores: dict, heads: tuple[str, ...]) -> dict:
+    """{head: {family: frame AUC of family's frames against all real frames}}."""
+    from sklearn.metrics import roc_auc_score
+
+    real = [i for i, m in enumerate(scores["methods"]) if m == "real"]
+    out = {}
+    for head in heads:
+        s = scores[head]
+        out[head] = {}
+        for fam in sorted(set(scores["methods"]) - {"real"}):
+            fake = [i for i, m in enumerate(scores["methods"]) if m == fam]
+            idx = real + fake
+            out[head][fam] = float(roc_auc_score([scores["labels"][i] for i in idx], [s[i] for i in idx]))
+    return out
+
+
+def overall_auc(scores: dict, head: str) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(scores["labels"], scores[head]))
+
+
+# ------------------------------------------------------------------------------------------------- training
+def run_point(variant: str, seed: int, steps: int, args: argparse.Namespace) -> dict:
+    """Train variant/seed to `steps` (resuming its own run) and score it; cached as JSON."""
+    from ltm.config import load_config
+    from ltm.engine import train
+
+    run_dir = args.out / f"{variant}-seed{seed}"
+    path = run_dir / "scores" / f"step{steps:06d}-{args.split}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if steps % args.epoch_steps:
+        raise SystemExit(f"budget {steps} is not a multiple of --epoch-steps {args.epoch_steps}")
+    overrides = [
+        *VARIANTS[variant], *args.overrides, f"data.root={args.shards}",
+        f"data.train=[{{path: synth/train/real, weight: 1}}, {{path: synth/train/{args.train_family}, weight: 1}}]",
+        "data.val=[]", f"data.test=[synth/{args.split}]", f"train.run_dir={run_dir}", f"train.seed={seed}",
+        f"data.seed={seed}", f"train.epochs={steps // args.epoch_steps}", f"train.iters_per_epoch={args.epoch_steps}",
+        f"train.lr_gamma={args.lr_gamma}", "train.val_every=0", "train.log_every=50",
+        f"train.ckpt_every={args.epoch_steps}", "train.keep_last=1", "eval.attention_samples=0",
+    ]
+    cfg = load_config(args.config, overrides)
+    started = time.perf_counter()
+    result = train(cfg, resume="auto")
+    if result.get("step") != steps:
+        raise SystemExit(f"{run_dir}: training stopped at step {result.get('step')} of {steps} ({result})")
+    seconds = time.perf_counter() - started
+    heads = HEADS["baseline" if cfg.model.kind == "baseline" else "ltm"]
+    scores = head_scores(run_dir, [args.shards / "synth" / args.split])
+    row = {"variant": variant, "seed": seed, "steps": steps, "split": args.split, "train_s": round(seconds, 1),
+           "family_auc": family_aucs(scores, heads), "auc": {h: overall_auc(scores, h) for h in heads},
+           "overrides": args.overrides, "train_family": args.train_family}
+    if args.real_ffpp_folders:
+        real = head_scores(run_dir, args.real_ffpp_folders)
+        row["real_ffpp_auc"] = {h: overall_auc(real, h) for h in heads}
+    write_json(path, row)
+    return row
+
+
 def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
 
 
-def interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of per-seed differences (nan half-width for one seed)."""
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval (nan half-width for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
         return mean, float("nan"), float("nan")
-    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
+
+
+def unseen_mean(row: dict, head: str, seen: str) -> float:
+    return statistics.fmean(v for f, v in row["family_auc"][head].items() if f != seen)
+
+
+# ------------------------------------------------------------------------------------------------- report
+def plot_curves(curves: dict, seen: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for (variant, head), points in sorted(curves.items()):
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=head if variant.startswith("baseline") else
+                f"{variant} {head}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({x for p in curves.values() for x in p}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("optimizer steps (batch 32)")
+    ax.set_ylabel(f"mean frame AUC, 4 families unseen in training (train: real + {seen})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Learning curves on the synthetic cross-manipulation benchmark", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print(f"curves: {path}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sample", type=Path, default=ROOT / "sample", help="sample dataset folder (built if missing)")
-    parser.add_argument("--identities", type=int, default=48)
+    parser.add_argument("--faces", type=Path, default=SHARED / "faces", help="real face photos/videos for prep synth")
+    parser.add_argument("--identity-regex", default="^[^_]+",
+                        help="identity groups of --faces files (default: the shared media's source repository)")
+    parser.add_argument("--size", type=int, default=112, help="crop side of the benchmark's shards (112)")
+    parser.add_argument("--frames", type=int, default=4, help="views per face (4)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-generalization")
     parser.add_argument("--config", default="tiny-cpu")
+    parser.add_argument("--train-family", default="SelfBlend", choices=FAMILIES)
+    parser.add_argument("--split", default="val", choices=["val", "test"], help="scored split (val: selection)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (batch: the config's)")
+    parser.add_argument("--steps", type=int, default=200, help="the default budget in optimizer steps (200)")
+    parser.add_argument("--epoch-steps", type=int, default=100, help="steps per epoch (lr decays per epoch) (100)")
+    parser.add_argument("--lr-gamma", type=float, default=0.9, help="lr factor per epoch (0.9, the paper's)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
-    shared = ROOT.parent / "shared" / "data" / "ffpp-sample"
-    parser.add_argument("--real-ffpp", type=Path, default=shared if shared.is_dir() else None,
-                        help="FF++ layout folder of real videos scored as a second unseen test (none: skip)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE ...",
+                        help="define one more variant: an LTM run with these space-separated overrides")
+    parser.add_argument("--shards-out", type=Path, default=ROOT / "runs" / "bench-synth",
+                        help="where the benchmark's shards are built once (shared by every --out)")
+    parser.add_argument("--curve", default="", help="extra budgets for seed 0's learning curves, e.g. 400,800")
+    parser.add_argument("--curve-variants", default="baseline,ltm-high")
+    parser.add_argument("--plot", type=Path, help="write the learning curves as a PNG here")
+    parser.add_argument("--quick", action="store_true", help="1 seed, baseline + ltm-high, 100 steps")
+    parser.add_argument("--real-ffpp", type=Path, default=SHARED / "ffpp-sample" if (SHARED / "ffpp-sample").is_dir()
+                        else None, help="FF++ layout folder of real videos scored as a second unseen test (none: skip)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. model.mixup=false)")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.steps, args.variants = 1, 100, "baseline,ltm-high"
+    for spec in args.variant:
+        name, sep, overrides = spec.partition(":")
+        if not sep or not name or not all("=" in o for o in overrides.split()):
+            parser.error(f"--variant {spec!r}: expected NAME:key=value [key=value ...]")
+        VARIANTS[name] = ["model.kind=ltm", *overrides.split()]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     variants = args.variants.split(",")
-    for needed in ("ltm-high", "baseline"):
-        if needed not in variants:
-            parser.error(f"--variants must include {needed}")
-    shards = ensure_sample(args.sample, args.identities)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "baseline" not in variants or "ltm-high" not in variants:
+        parser.error(f"--variants: unknown {unknown}; baseline and ltm-high are required")
+    if not args.faces.is_dir():
+        parser.error(f"--faces {args.faces}: no such folder (a folder of real face photos or videos)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.shards = ensure_synth(args.faces, args.shards_out, args.size, args.frames, args.identity_regex)
     args.real_ffpp_folders = ensure_real_ffpp(args.real_ffpp, args.out)
+    seen = args.train_family
+    budgets = sorted({b for b in (args.epoch_steps, args.steps) if b <= args.steps} | set(
+        range(args.epoch_steps, args.steps + 1, args.epoch_steps)))
+    curve_extra = sorted(int(x) for x in args.curve.split(",") if x)
 
-    rows = []
+    rows: dict[tuple[str, int, int], dict] = {}
     for seed in range(args.seeds):
-        for name in variants:
-            row = run_variant(name, seed, args, shards)
-            rows.append(row)
-            real = f"   real FF++ AUC {row['real_ffpp_auc']:.4f}" if "real_ffpp_auc" in row else ""
-            print(f"seed {seed}  {name:<11} unseen {UNSEEN} AUC {row['unseen_auc']:.4f}   seen {SEEN} AUC "
-                  f"{row['seen_auc']:.4f}{real}   ({row['train_s']:.0f} s training)", flush=True)
+        for variant in variants:
+            for steps in budgets:
+                rows[variant, seed, steps] = run_point(variant, seed, steps, args)
+            row = rows[variant, seed, args.steps]
+            for head, fams in row["family_auc"].items():
+                cells = "  ".join(f"{f} {fams[f]:.3f}" for f in FAMILIES if f in fams)
+                real = row.get("real_ffpp_auc", {}).get(head)
+                print(f"seed {seed} {variant:<12}{head:<12} unseen {unseen_mean(row, head, seen):.4f} | {cells}"
+                      + (f" | real FF++ {real:.3f}" if real is not None else ""), flush=True)
+    if curve_extra:
+        for variant in args.curve_variants.split(","):
+            if variant in variants:
+                for steps in curve_extra:
+                    rows[variant, 0, steps] = run_point(variant, 0, steps, args)
 
-    def mean_unseen(name: str) -> float:
-        return statistics.fmean(r["unseen_auc"] for r in rows if r["variant"] == name)
+    final = {k: r for k, r in rows.items() if k[2] == args.steps}
+    seeds = range(args.seeds)
 
-    def mean_real(name: str) -> float | None:
-        values = [r["real_ffpp_auc"] for r in rows if r["variant"] == name and "real_ffpp_auc" in r]
-        return statistics.fmean(values) if values else None
+    def per_seed(variant: str, head: str) -> list[float]:
+        return [unseen_mean(final[variant, s, args.steps], head, seen) for s in seeds]
 
-    print(f"\n{'variant':<12}{'unseen ' + UNSEEN:>18}{'seen ' + SEEN:>18}{'real FF++':>12}   (mean over "
-          f"{args.seeds} seeds)")
-    for name in variants:
-        seen = statistics.fmean(r["seen_auc"] for r in rows if r["variant"] == name)
-        real = mean_real(name)
-        print(f"{name:<12}{mean_unseen(name):>18.4f}{seen:>18.4f}{'' if real is None else f'{real:12.4f}'}")
-    by_seed = {(r["variant"], r["seed"]): r["unseen_auc"] for r in rows}
-    diffs = [by_seed["ltm-high", s] - by_seed["baseline", s] for s in range(args.seeds)]
-    mean, low, high = interval(diffs)
-    print(f"\nLTM(high) - Baseline on unseen {UNSEEN}: {mean:+.4f} (95% CI {low:+.4f} .. {high:+.4f}, "
-          f"{args.seeds} seeds)")
+    print(f"\nsplit {args.split}; train: real + {seen}; {args.steps} steps; {args.seeds} seeds; unseen = mean "
+          f"frame AUC over {', '.join(f for f in FAMILIES if f != seen)}")
+    print(f"{'variant':<13}{'head':<12}{'unseen (95% CI)':>26}" + "".join(f"{f[:12]:>14}" for f in FAMILIES))
+    summary: dict = {}
+    for variant in variants:
+        for head in final[variant, 0, args.steps]["family_auc"]:
+            mean, lo, hi = interval(per_seed(variant, head))
+            fam = {f: statistics.fmean(final[variant, s, args.steps]["family_auc"][head][f] for s in seeds)
+                   for f in FAMILIES}
+            summary[f"{variant}/{head}"] = {"unseen": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)]
+                                            if math.isfinite(lo) else None, "per_family": {k: round(v, 4) for k, v
+                                                                                           in fam.items()}}
+            print(f"{variant:<13}{head:<12}{mean:>10.4f} ({lo:.4f} .. {hi:.4f})" + "".join(f"{fam[f]:>14.4f}"
+                                                                                        for f in FAMILIES))
+
+    def paired(a: tuple[str, str], b: tuple[str, str]) -> tuple[float, float, float]:
+        return interval([x - y for x, y in zip(per_seed(*a), per_seed(*b))])
+
+    diffs = {}
+    for name, a, b in (("student-baseline", ("ltm-high", "student"), ("baseline", "baseline")),
+                       ("student-teacher_cnn", ("ltm-high", "student"), ("ltm-high", "teacher_cnn")),
+                       ("teacher_cnn-baseline", ("ltm-high", "teacher_cnn"), ("baseline", "baseline"))):
+        mean, lo, hi = paired(a, b)
+        diffs[name] = {"mean": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)] if math.isfinite(lo) else None}
+        print(f"{name:<22} {mean:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f}, paired by seed)")
     ordering = None
     if {"ltm-high", "ltm-random", "ltm-low"} <= set(variants):
-        h, r, lo = mean_unseen("ltm-high"), mean_unseen("ltm-random"), mean_unseen("ltm-low")
+        h, r, lo = (statistics.fmean(per_seed(v, "student")) for v in ("ltm-high", "ltm-random", "ltm-low"))
         ordering = h > r > lo
-        print(f"Table 4 ordering on unseen data, high > random > low: {'holds' if ordering else 'does not hold'} "
-              f"({h:.4f}, {r:.4f}, {lo:.4f})")
-    ratio = mean_unseen("ltm-high") / mean_unseen("baseline")
+        print(f"Table 4 order on unseen families (student), high > random > low: "
+              f"{'holds' if ordering else 'does not hold'} ({h:.4f}, {r:.4f}, {lo:.4f})")
+
+    curves: dict[tuple[str, str], dict[int, float]] = {}
+    for (variant, seed, steps), row in rows.items():
+        if seed == 0:
+            for head in row["family_auc"]:
+                curves.setdefault((variant, head), {})[steps] = unseen_mean(row, head, seen)
+    print("\nlearning curves (seed 0, unseen mean):")
+    for (variant, head), points in sorted(curves.items()):
+        print(f"  {variant:<13}{head:<12}" + "  ".join(f"{s}: {v:.4f}" for s, v in sorted(points.items())))
+    if args.plot:
+        plot_curves({k: v for k, v in curves.items() if k[0] in args.curve_variants.split(",")}, seen, args.plot)
+
+    base = statistics.fmean(per_seed("baseline", "baseline"))
+    student = statistics.fmean(per_seed("ltm-high", "student"))
     print(json.dumps({
-        "bench": "generalization", "config": args.config, "steps": args.steps, "seeds": args.seeds,
-        "overrides": args.overrides, "unseen": UNSEEN, "seen": SEEN,
-        "mean_unseen_auc": {name: round(mean_unseen(name), 4) for name in variants},
-        "mean_real_ffpp_auc": {name: round(mean_real(name), 4) for name in variants if mean_real(name) is not None},
-        "diff_ltm_baseline": round(mean, 4),
-        "diff_ci95": [round(x, 4) if math.isfinite(x) else None for x in (low, high)],
-        "table4_order_holds": ordering, "runs": rows, "ratio": round(ratio, 4), "target": 1.03,
+        "bench": "generalization", "benchmark": "synth", "split": args.split, "train_family": seen,
+        "config": args.config, "steps": args.steps, "seeds": args.seeds, "overrides": args.overrides,
+        "summary": summary, "diffs": diffs, "table4_order_holds": ordering,
+        "curves": {f"{v}/{h}": p for (v, h), p in curves.items()},
+        "ratio": round(student / base, 4), "target": round((base + 0.02) / base, 4),
     }))
     return 0
 

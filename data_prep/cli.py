@@ -8,6 +8,7 @@
     ltm prep folder --root my_videos --out shards --split test      # <root>/{real,fake}/... or --csv list.csv
     ltm prep ffpp ... --part 3/8                                    # SLURM array task 3 of 8, then:
     ltm prep merge --out shards --dataset ffpp_c23
+    ltm prep synth --root photos/ --out shards --identity-regex '^[^_]+'   # cross-manipulation benchmark (5 families)
 """
 
 from __future__ import annotations
@@ -90,6 +91,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=224, help="with --shards: crop side (224)")
     p.add_argument("--workers", type=int, default=1, help="with --shards: worker processes (1)")
 
+    p = sub.add_parser("synth", help="real faces (photos/videos) -> real + five synthetic fake families, as shards")
+    p.add_argument("--root", required=True, help="folder of real face photos and/or videos (searched recursively)")
+    p.add_argument("--out", required=True, help="shard root: writes <out>/<name>/<split>/<method>/*.tar")
+    p.add_argument("--name", default="synth", help="dataset name in the shard root (synth)")
+    p.add_argument("--frames", type=int, default=4,
+                   help="views per face: jittered crops of a photo, frames of a video (4)")
+    p.add_argument("--size", type=int, default=224, help="face crop side in pixels (224)")
+    p.add_argument("--families", nargs="+", help="fake families (default: all five)")
+    p.add_argument("--strength", nargs="+", default=[], metavar="[FAMILY=]X",
+                   help="artefact strength, one number for every family and/or FAMILY=X (1.0)")
+    p.add_argument("--identity-regex", help="identity of a file = first match on its relative path (default: the "
+                   "file itself); files of one identity stay in one split")
+    p.add_argument("--split", default="0.6,0.2,0.2", help="train,val,test fractions of the faces (0.6,0.2,0.2)")
+    p.add_argument("--min-face", type=int, default=64, help="smallest face box side in source pixels (64)")
+    p.add_argument("--max-faces", type=int, default=4, help="faces per photo or frame, the largest first (4)")
+    p.add_argument("--threshold", type=float, default=0.95, help="MTCNN face probability (0.95)")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("merge", help="after --part runs: write shards and manifests from all parts")
     p.add_argument("--out", required=True)
     p.add_argument("--dataset", required=True, help="dataset name under --out, e.g. ffpp_c23")
@@ -118,6 +137,31 @@ def _report(result: dict) -> int:
     return 0
 
 
+def build_synth_from_args(args: argparse.Namespace) -> dict:
+    from data_prep.synth import FAMILIES, SynthError, SynthSettings, build_synth
+
+    families = list(args.families or FAMILIES)
+    strength = {f: 1.0 for f in families}
+    for item in args.strength:
+        name, _, value = item.rpartition("=")
+        try:
+            x = float(value)
+        except ValueError:
+            raise SynthError(f"--strength {item!r}: expected a number or FAMILY=number") from None
+        if name and name not in families:
+            raise SynthError(f"--strength {item!r}: {name!r} is not among the families {families}")
+        for f in [name] if name else families:
+            strength[f] = x
+    try:
+        fractions = tuple(float(x) for x in args.split.split(","))
+    except ValueError:
+        raise SynthError(f"--split {args.split!r}: expected three comma-separated fractions") from None
+    settings = SynthSettings(frames=args.frames, size=args.size, families=families, strength=strength,
+                             split_fractions=fractions, identity_regex=args.identity_regex, min_face=args.min_face,
+                             max_faces=args.max_faces, threshold=args.threshold, seed=args.seed)
+    return build_synth(args.root, args.out, args.name, settings)
+
+
 def run(args: argparse.Namespace) -> int:
     from data_prep import datasets, pipeline
 
@@ -131,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
             name, items, skipped = datasets.ffpp(args.out, Path(args.out) / "splits", "c23")
             return _report(pipeline.run(name, items, skipped, args.shards, settings, runtime))
         return 0
+    if args.source == "synth":
+        return _report(build_synth_from_args(args))
     if args.source == "merge":
         return _report(pipeline.merge(args.out, args.dataset, pipeline.Runtime(keep_work=args.keep_work)))
     settings, runtime = settings_from(args)

@@ -41,9 +41,15 @@ class ModelConfig:
     pretrained: str | None = None  # the student backbone's
     teacher_pretrained: str | None = None  # null = the same as `pretrained` when the backbones match
     input_norm: str = "backbone"  # backbone: each CNN normalises [0, 1] input by its weights' mean/std | none
+    # null: the backbone's own total stride (32 for most: 7x7 at 224 px, 4x4 at 112 px) | 16 or 8: the last stages
+    # dilated instead of strided (timm `output_stride`), a finer grid for Eq. 4's mask with the same weights
+    output_stride: int | None = None
     vit: ViTConfig = field(default_factory=ViTConfig)
     mask_ratio: float = 0.25  # Eq. 4: k = round(mask_ratio * h * w)
     mask_strategy: str = "high"  # high | low | random (Table 4)
+    # training forwards during which the student's features go unmasked (M = 1) while the teacher's attention is
+    # still untrained (the paper is silent on a schedule; 0 = masked from the first step, as printed)
+    mask_warmup: int = 0
     pooling: str = "avg"  # avg: mean over all h*w (as printed) | masked_mean: mean over kept positions
     mixup: bool = True  # deep mixup, Eq. 5-6 (Table 3 "w/o mixup")
     mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); 1.0 is uniform on [0, 1]
@@ -136,6 +142,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.mask_strategy": ("high", "low", "random"),
     "model.pooling": ("avg", "masked_mean"),
     "model.input_norm": ("backbone", "none"),
+    "model.output_stride": (None, 8, 16, 32),
     "model.inference_head": ("student", "teacher_cnn", "teacher_vit", "ensemble"),
     "data.loader": ("dali", "reference"),
     "data.device": ("auto", "cpu", "gpu"),
@@ -246,6 +253,7 @@ def validate(cfg: Config) -> None:
         "model.vit.heads": cfg.model.vit.heads > 0 and cfg.model.vit.dim % cfg.model.vit.heads == 0,
         "model.vit.depth": cfg.model.vit.depth > 0,
         "model.student_hidden": cfg.model.student_hidden >= 0,
+        "model.mask_warmup": cfg.model.mask_warmup >= 0,
         "data.image_size": cfg.data.image_size >= 32,
         "train.batch_size": cfg.train.batch_size > 0,
         "train.grad_accum": cfg.train.grad_accum > 0,

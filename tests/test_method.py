@@ -244,3 +244,46 @@ def test_inference_head_returns_the_matching_heads_probability():
             torch.testing.assert_close(torch.sigmoid(logits.float()), probs, atol=1e-5, rtol=1e-5, msg=head)
     finally:
         m.cfg.inference_head = "student"
+
+
+def test_mask_warmup_leaves_the_student_unmasked_for_its_first_forwards_then_masks():
+    """`model.mask_warmup: N`: the first N training forwards pool X_s unmasked; from forward N + 1, Eq. 4's mask."""
+    m = make_model(mixup=False, mask_warmup=2)
+    images, labels = batch()
+    m.train()
+    seen = []
+    for _ in range(3):
+        with Calls(m.student_cnn, output=True) as x_s, Calls(m.student_head) as head_in:
+            out = m(images, labels)
+        unmasked = x_s.seen[0].mean(dim=(2, 3))
+        seen.append((torch.allclose(head_in.seen[0], unmasked, atol=1e-5), int((out["mask"] == 0).sum())))
+    assert seen == [(True, 0), (True, 0), (False, 6 * 4)]  # then k = 4 of 16 positions per sample
+    assert int(m.state_dict()["forwards"]) == 3  # in checkpoints: a resumed run keeps its place in the schedule
+    m.eval()
+    with torch.no_grad():
+        m(images, labels)
+    assert int(m.forwards) == 3  # evaluation forwards do not count
+
+
+def test_output_stride_gives_a_finer_mask_grid_with_the_same_weights():
+    """`model.output_stride: 16` dilates the last stage instead of striding: 8x8 instead of 4x4 at 128 px, Eq. 4's
+    k grows with the grid, and the CNNs' parameters keep their shapes (ImageNet weights still fit)."""
+    coarse = make_model(backbone="tf_efficientnet_lite0")
+    fine = make_model(backbone="tf_efficientnet_lite0", output_stride=16)
+    assert coarse.grid == (4, 4) and fine.grid == (8, 8)
+    def cnn_shapes(m):
+        return {k: v.shape for k, v in m.state_dict().items() if "_cnn." in k}
+
+    assert cnn_shapes(coarse) == cnn_shapes(fine)  # the ViT's position embeddings follow the grid, the CNNs do not
+    images, labels = batch()
+    fine.train()
+    out = fine(images, labels)
+    assert out["mask"].shape == (6, 8, 8)
+    assert ((out["mask"] == 0).flatten(1).sum(1) == 16).all()  # k = round(0.25 * 64)
+
+
+def test_output_stride_on_a_backbone_without_dilation_names_the_backbone_and_key():
+    from ltm.models.backbone import BackboneError
+
+    with pytest.raises(BackboneError, match="mobilenetv3_small_050.*model.output_stride=16"):
+        make_model(output_stride=16)

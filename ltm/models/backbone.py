@@ -25,12 +25,16 @@ class Backbone(nn.Module):
     not in checkpoints, which keeps old checkpoints loadable.
     """
 
-    def __init__(self, name: str, pretrained: str | os.PathLike | None = None, normalize: bool = True):
+    def __init__(self, name: str, pretrained: str | os.PathLike | None = None, normalize: bool = True,
+                 output_stride: int | None = None):
         super().__init__()
+        extra = {"output_stride": output_stride} if output_stride else {}
         try:
-            self.net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+            self.net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **extra)
         except RuntimeError as exc:  # timm raises RuntimeError for unknown names
             raise BackboneError(f"backbone {name!r}: {exc}") from exc
+        except (TypeError, AssertionError, ValueError) as exc:  # a family without dilation support
+            raise BackboneError(f"backbone {name!r} with model.output_stride={output_stride}: {exc}") from exc
         self.name = name
         self.channels: int = self.net.num_features
         self.normalize = normalize

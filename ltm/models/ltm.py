@@ -16,7 +16,8 @@ from ltm.models.weights import backbone_weights
 def build_cnn(cfg: ModelConfig, role: str, load_weights: bool = True) -> Backbone:
     """The `student` or `teacher` CNN with the weights `backbone_weights` assigns it (none: random init)."""
     name, weights = backbone_weights(cfg)[role]
-    return Backbone(name, weights if load_weights else None, normalize=cfg.input_norm == "backbone")
+    return Backbone(name, weights if load_weights else None, normalize=cfg.input_norm == "backbone",
+                    output_stride=cfg.output_stride)
 
 
 def student_classifier(channels: int, hidden: int) -> nn.Module:
@@ -73,6 +74,8 @@ class LearningToMask(nn.Module):
         self.teacher_cnn_head = nn.Linear(self.teacher_cnn.channels, 1)
         self.teacher_vit_head = nn.Linear(v.dim, 1)
         self.student_head = student_classifier(self.student_cnn.channels, cfg.student_hidden)
+        if cfg.mask_warmup > 0:  # counts training forwards; in checkpoints, so a resumed run keeps its schedule
+            self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
 
     def teacher(self, images: torch.Tensor, all_attentions: bool = False) -> dict:
         x_t = self.teacher_cnn(images)
@@ -99,6 +102,10 @@ class LearningToMask(nn.Module):
         labels = labels.float()
         t = self.teacher(images)
         mask = feature_mask(t["attention"], self.cfg.mask_ratio, self.cfg.mask_strategy)  # Eq. 4
+        if self.cfg.mask_warmup > 0 and self.training:
+            if int(self.forwards) < self.cfg.mask_warmup:
+                mask = torch.ones_like(mask)
+            self.forwards += 1
         x_s = self.student_cnn(images)
         features = self.pool(x_s, mask)
         student_labels = labels

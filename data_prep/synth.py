@@ -1,0 +1,592 @@
+"""`ltm prep synth`: a cross-manipulation benchmark built from real faces, with fakes of five artefact families.
+
+From a folder of real photos and/or videos, MTCNN finds each face and its five landmarks (eyes, nose, mouth corners);
+every face becomes a source ("video") of `frames` real views — jittered crops of a photo (scale, shift, rotation,
+sensor noise, JPEG quality) or decoded frames of a video — and each family turns every real view into a fake one.
+Real and fake views then share their framing, noise and final JPEG quality, so only the manipulation tells them apart.
+Shards follow DESIGN.md's contract: `<out>/<dataset>/<split>/{real,<Family>}/*.tar`, one `manifest.json` per split.
+
+The families (their artefacts differ on purpose; `strength` scales every magnitude below, 1.0 = the defaults):
+
+- `SelfBlend` (after Shiohara & Yamasaki's self-blended images, SBI): the face blended back onto itself after a colour
+  (per-channel gain/offset, HSV), frequency (blur or sharpening) and geometry (scale, shift) jitter, through the
+  landmarks' face oval deformed elastically, eroded or dilated and blurred by a random amount, at a random opacity.
+  Blending-boundary and colour-mismatch artefacts without another identity: the usual training family for users
+  who have real videos only.
+- `IdentitySwap` (FaceSwap / Deepfakes-like): another source's face of the same split aligned on the 5 landmarks
+  (similarity transform), passed through a lower-resolution "reconstruction", colour-matched (Reinhard, LAB) inside
+  the inner-face hull and blended in: identity, resolution and partial colour mismatches at a tighter boundary.
+- `Upsample` (generator traces): the face region goes to 1/2 or 1/4 resolution and back through a transposed-
+  convolution-like zero-insertion up-sampling with a random small kernel, which leaves a periodic (checkerboard)
+  pattern in the spectrum; colours and geometry unchanged, soft face-wide mask.
+- `ExpressionWarp` (Face2Face-like reenactment): a smooth displacement field localised at the mouth and eyes (mouth
+  opening/closing, smile, eye-lid motion) resampled bilinearly: geometry and interpolation artefacts only,
+  no colour change, no foreign texture.
+- `TextureRender` (NeuralTextures-like): the mouth and lower face re-rendered: edge-preserving smoothing (skin pores
+  lost), a band-pass "neural texture" pattern and a slight tone shift, blended through a soft lower-face mask.
+
+Identities: sources are split identity-disjointly by `identity_regex` (the first match of the regex on the file's
+path relative to `root` names its identity; default: the file's own path, i.e. one identity per file; faces of one
+group photo or one video share the file's identity). Whole identity groups go to train/val/test greedily by face
+count. Every draw comes from `numpy.random.default_rng([seed, ...])` keyed by the source's sorted position, view and
+family: the same inputs and settings give the same shards, byte for byte.
+
+Resumable: detections are cached in `<out>/.synth/<dataset>/faces.json` (keyed by the detection settings); a split
+whose manifest holds the same settings is left as it is; a different setting on an existing split is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from data_prep.shards import clean_partial, jpeg_bytes, shard_name, write_json_atomic, write_shard
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("SelfBlend", "IdentitySwap", "Upsample", "ExpressionWarp", "TextureRender")
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
+WORK = 256  # manipulations happen on WORK x WORK views, then every view is resized to the output size
+MANIFEST_VERSION = 1
+
+
+class SynthError(ValueError):
+    """Bad input to `ltm prep synth`; the message names the file or option."""
+
+
+@dataclass
+class SynthSettings:
+    """Everything that decides the output (stored in each split's manifest; a rerun with others is refused)."""
+
+    frames: int = 4  # views per source
+    size: int = 224  # output crop side
+    scale: float = 1.3  # face box enlargement of the crop (the FF++ protocol)
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
+    strength: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in FAMILIES})
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, val, test (by faces)
+    identity_regex: str | None = None
+    min_face: int = 64  # smallest face box side in source pixels
+    max_faces: int = 4  # per photo or video frame, the largest first
+    threshold: float = 0.95  # MTCNN face probability
+    seed: int = 0
+    shard_samples: int = 2000
+    detector: str = "mtcnn"
+
+
+# ------------------------------------------------------------------------------------------- sources and faces
+def list_sources(root: Path) -> list[Path]:
+    """Image and video files under `root`, sorted by relative path (the order every seed is keyed by)."""
+    if not root.is_dir():
+        raise SynthError(f"--root {root}: not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXT | VIDEO_EXT)
+    if not files:
+        raise SynthError(f"--root {root}: no images ({', '.join(sorted(IMAGE_EXT))}) or videos "
+                         f"({', '.join(sorted(VIDEO_EXT))}) found")
+    return files
+
+
+def identity_of(rel: str, regex: str | None) -> str:
+    if not regex:
+        return rel
+    m = re.search(regex, rel)
+    return m.group(0) if m else rel
+
+
+def _read_frames(path: Path, frames: int) -> list[np.ndarray]:
+    if path.suffix.lower() in VIDEO_EXT:
+        from data_prep.video import sample_frames
+
+        return [f for _, f in sample_frames(path, frames)]
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise SynthError(f"{path}: not a readable image")
+    return [cv2.cvtColor(img, cv2.COLOR_BGR2RGB)]
+
+
+class LandmarkDetector:
+    """MTCNN (facenet-pytorch, weights in its wheel) returning boxes, probabilities and the 5 landmarks."""
+
+    def __init__(self, min_face: int, threshold: float, detect_side: int = 1024):
+        from facenet_pytorch import MTCNN
+
+        self.detect_side = detect_side
+        self.threshold = threshold
+        self.min_face = min_face
+        self.model = MTCNN(keep_all=True, device="cpu", min_face_size=20, post_process=False)
+
+    def __call__(self, image: np.ndarray) -> list[dict]:
+        h, w = image.shape[:2]
+        s = min(1.0, self.detect_side / max(h, w))
+        small = cv2.resize(image, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA) if s < 1 else image
+        boxes, probs, points = self.model.detect(small, landmarks=True)
+        faces = []
+        if boxes is None:
+            return faces
+        for box, prob, pts in zip(boxes, probs, points):
+            box, pts = np.asarray(box) / s, np.asarray(pts) / s
+            side = max(box[2] - box[0], box[3] - box[1])
+            if prob >= self.threshold and side >= self.min_face:
+                faces.append({"box": [round(float(v), 2) for v in box], "prob": round(float(prob), 4),
+                              "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in pts]})
+        return faces
+
+
+def detect_faces(root: Path, files: list[Path], settings: SynthSettings, cache: Path) -> tuple[list[dict], list[dict]]:
+    """Sources (one per face: file, identity, views as (frame index, box, landmarks)) and skipped files."""
+    key = {"min_face": settings.min_face, "threshold": settings.threshold, "max_faces": settings.max_faces,
+           "frames": settings.frames}
+    cached = {}
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("settings") == key:
+            cached = stored["files"]
+    detector = None
+    results: dict[str, dict] = {}
+    for i, path in enumerate(files):
+        rel = path.relative_to(root).as_posix()
+        if rel in cached:
+            results[rel] = cached[rel]
+            continue
+        if detector is None:
+            detector = LandmarkDetector(settings.min_face, settings.threshold)
+        try:
+            frames = _read_frames(path, settings.frames)
+            per_frame = [sorted(detector(f), key=lambda d: -(d["box"][2] - d["box"][0]))[: settings.max_faces]
+                         for f in frames]
+            results[rel] = {"frames": per_frame}
+        except Exception as exc:  # a broken file is skipped with its reason, never the whole run
+            results[rel] = {"error": f"{type(exc).__name__}: {exc}"}
+        if (i + 1) % 50 == 0:
+            log.info("faces: %d/%d files", i + 1, len(files))
+            write_json_atomic(cache, {"settings": key, "files": {**cached, **results}})
+    write_json_atomic(cache, {"settings": key, "files": {**cached, **results}})
+    sources, skipped = [], []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        r = results[rel]
+        if "error" in r:
+            skipped.append({"path": rel, "reason": r["error"]})
+            continue
+        if not any(r["frames"]):
+            skipped.append({"path": rel, "reason": f"no face >= {settings.min_face} px with p >= {settings.threshold}"})
+            continue
+        is_video = path.suffix.lower() in VIDEO_EXT
+        if is_video:  # the largest face of each frame that has one: one source
+            views = [(fi, faces[0]) for fi, faces in enumerate(r["frames"]) if faces]
+            sources.append({"file": rel, "face": 0, "video": True, "views": views})
+        else:
+            for k, face in enumerate(r["frames"][0]):
+                sources.append({"file": rel, "face": k, "video": False, "views": [(0, face)]})
+    for s in sources:
+        s["identity"] = identity_of(s["file"], settings.identity_regex)
+    return sources, skipped
+
+
+def split_identities(sources: list[dict], fractions: tuple[float, float, float]) -> dict[str, list[dict]]:
+    """Whole identity groups to train/val/test, largest first, each to the split furthest below its share."""
+    groups: dict[str, list[dict]] = {}
+    for s in sources:
+        groups.setdefault(s["identity"], []).append(s)
+    if len(groups) < 3:
+        raise SynthError(f"only {len(groups)} identities with a usable face: identity-disjoint train/val/test "
+                         "splits need at least 3 (add sources or loosen --identity-regex)")
+    names = ("train", "val", "test")
+    total = len(sources)
+    splits: dict[str, list[dict]] = {n: [] for n in names}
+    order = sorted(groups, key=lambda g: (-len(groups[g]), g))
+    for n, g in zip(("val", "test"), order[-2:]):  # every split gets at least one identity
+        splits[n].extend(groups[g])
+    for g in order[:-2]:
+        deficit = {n: f * total - len(splits[n]) for n, f in zip(names, fractions)}
+        splits[max(names, key=lambda n: deficit[n])].extend(groups[g])
+    return splits
+
+
+# ------------------------------------------------------------------------------------------- geometry
+def _crop_transform(box, scale: float, rng: np.random.Generator | None) -> np.ndarray:
+    """2x3 affine from the source image to a WORK x WORK view around the face (jittered when rng is given)."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    side = max(x1 - x0, y1 - y0) * scale
+    angle = 0.0
+    if rng is not None:
+        side *= rng.uniform(0.93, 1.08)
+        cx += rng.uniform(-0.04, 0.04) * side
+        cy += rng.uniform(-0.04, 0.04) * side
+        angle = rng.uniform(-6, 6)
+    s = WORK / side
+    m = cv2.getRotationMatrix2D((cx, cy), angle, s)
+    m[:, 2] += (WORK / 2 - cx, WORK / 2 - cy)
+    return m
+
+
+def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ m[:, :2].T + m[:, 2]
+
+
+def face_frame(lms: np.ndarray) -> dict:
+    """Landmark geometry: eye centre, mouth centre, eye-mouth distance d, eye distance e, up (u) and side (v)."""
+    eyes, mouth = (lms[0] + lms[1]) / 2, (lms[3] + lms[4]) / 2
+    d = float(np.linalg.norm(mouth - eyes)) + 1e-3
+    u = (mouth - eyes) / d
+    v = np.array([-u[1], u[0]])
+    return {"eyes": eyes, "mouth": mouth, "nose": lms[2], "d": d, "e": float(np.linalg.norm(lms[1] - lms[0])),
+            "u": u, "v": v}
+
+
+def _ellipse_mask(center, axes, u: np.ndarray, size: int = WORK) -> np.ndarray:
+    mask = np.zeros((size, size), np.float32)
+    angle = math.degrees(math.atan2(u[1], u[0])) - 90  # axes[1] runs along u (down the face)
+    cv2.ellipse(mask, (round(center[0]), round(center[1])), (max(1, round(axes[0])), max(1, round(axes[1]))),
+                angle, 0, 360, 1.0, -1)
+    return mask
+
+
+def face_oval(f: dict) -> np.ndarray:
+    return _ellipse_mask(f["eyes"] + 0.45 * f["d"] * f["u"], (1.0 * f["e"], 1.35 * f["d"]), f["u"])
+
+
+def inner_face(lms: np.ndarray, f: dict) -> np.ndarray:
+    """Hull of the landmarks pushed outwards (brows above the eyes, chin below the mouth)."""
+    pts = np.concatenate([lms, [f["eyes"] - 0.45 * f["d"] * f["u"] - 0.7 * f["e"] * f["v"],
+                                f["eyes"] - 0.45 * f["d"] * f["u"] + 0.7 * f["e"] * f["v"],
+                                f["mouth"] + 0.55 * f["d"] * f["u"]]])
+    c = pts.mean(0)
+    pts = c + (pts - c) * 1.15
+    mask = np.zeros((WORK, WORK), np.float32)
+    cv2.fillConvexPoly(mask, cv2.convexHull(pts.astype(np.int32)), 1.0)
+    return mask
+
+
+def _deform(mask: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
+    """Elastic wobble, random erosion or dilation, then a blur of random width (SBI's mask augmentation)."""
+    h, w = mask.shape
+    dx = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 14) * amount * 40
+    dy = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), 14) * amount * 40
+    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    mask = cv2.remap(mask, gx + dx, gy + dy, cv2.INTER_LINEAR)
+    k = int(rng.integers(1, 12))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    mask = cv2.erode(mask, kernel) if rng.random() < 0.5 else cv2.dilate(mask, kernel)
+    mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(2, 10))
+    return np.clip(mask / max(float(mask.max()), 1e-6), 0, 1)
+
+
+def _blend(target: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None]
+    return np.clip(m * source + (1 - m) * target.astype(np.float32), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------- the five families
+def self_blend(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    f = face_frame(lms)
+    src = img.astype(np.float32)
+    gain = 1 + strength * rng.uniform(-0.12, 0.12, 3)
+    src = src * gain + strength * rng.uniform(-14, 14, 3)
+    if rng.random() < 0.5:
+        src = cv2.GaussianBlur(src, (0, 0), 0.4 + strength * rng.uniform(0.3, 1.4))
+    else:  # unsharp mask
+        amount = strength * rng.uniform(0.4, 1.2)
+        src = src + amount * (src - cv2.GaussianBlur(src, (0, 0), 1.5))
+    s = 1 + strength * rng.uniform(-0.05, 0.05)
+    m = cv2.getRotationMatrix2D(tuple(f["nose"]), 0, s)
+    m[:, 2] += strength * rng.uniform(-0.03, 0.03, 2) * WORK
+    src = cv2.warpAffine(np.clip(src, 0, 255), m, (WORK, WORK), borderMode=cv2.BORDER_REFLECT)
+    mask = _deform(face_oval(f) if rng.random() < 0.6 else inner_face(lms, f), rng, 0.6)
+    opacity = min(1.0, rng.uniform(0.5, 1.0) * (0.5 + 0.5 * strength))
+    return _blend(img, src, mask * opacity)
+
+
+def _reinhard(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, amount: float) -> np.ndarray:
+    """Colour transfer in LAB: src's statistics inside the mask moved `amount` of the way to dst's."""
+    s = cv2.cvtColor(np.clip(src, 0, 255).astype(np.uint8), cv2.COLOR_RGB2LAB).astype(np.float32)
+    d = cv2.cvtColor(dst, cv2.COLOR_RGB2LAB).astype(np.float32)
+    sel = mask > 0.5
+    if sel.sum() < 16:
+        return src
+    sm, ss = s[sel].mean(0), s[sel].std(0) + 1e-3
+    dm, ds = d[sel].mean(0), d[sel].std(0) + 1e-3
+    matched = (s - sm) / ss * ds + dm
+    out = amount * matched + (1 - amount) * s
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB).astype(np.float32)
+
+
+def identity_swap(img: np.ndarray, lms: np.ndarray, donor: np.ndarray, donor_lms: np.ndarray,
+                  rng: np.random.Generator, strength: float) -> np.ndarray:
+    f = face_frame(lms)
+    m, _ = cv2.estimateAffinePartial2D(donor_lms.astype(np.float32), lms.astype(np.float32))
+    if m is None:
+        m = np.float32([[1, 0, 0], [0, 1, 0]])
+    src = cv2.warpAffine(donor, m, (WORK, WORK), borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+    # the generator's own resolution: a 64-128 px reconstruction, brought back up
+    r = int(np.clip(rng.uniform(64, 128) / max(0.5, strength), 48, WORK))
+    src = cv2.resize(cv2.resize(src, (r, r), interpolation=cv2.INTER_AREA), (WORK, WORK),
+                     interpolation=cv2.INTER_LINEAR)
+    mask = inner_face(lms, f)
+    src = _reinhard(src, img, mask, amount=float(np.clip(1.0 - strength * rng.uniform(0.1, 0.5), 0, 1)))
+    mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(2, 5))
+    return _blend(img, src, mask)
+
+
+def upsample_traces(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    f = face_frame(lms)
+    factor = int(rng.choice([2, 4]))
+    x = img.astype(np.float32)
+    small = cv2.resize(x, (WORK // factor, WORK // factor), interpolation=cv2.INTER_AREA)
+    # zero insertion then a small random kernel: a transposed convolution whose taps do not sum evenly over the
+    # stride leaves a period-`factor` pattern (the checkerboard of Odena et al.)
+    up = np.zeros_like(x)
+    up[::factor, ::factor] = small
+    k = rng.uniform(0.5, 1.5, (factor + 1, factor + 1)).astype(np.float32)
+    k = k / k.sum() * factor * factor
+    rendered = cv2.filter2D(up, -1, k, borderType=cv2.BORDER_REFLECT)
+    smooth = cv2.resize(small, (WORK, WORK), interpolation=cv2.INTER_LINEAR)
+    src = smooth + strength * 0.35 * (rendered - smooth)  # the periodic residue, scaled by strength
+    mask = cv2.GaussianBlur(face_oval(f), (0, 0), 8)
+    return _blend(img, src, mask)
+
+
+def expression_warp(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    f = face_frame(lms)
+    gx, gy = np.meshgrid(np.arange(WORK, dtype=np.float32), np.arange(WORK, dtype=np.float32))
+    dx, dy = np.zeros_like(gx), np.zeros_like(gy)
+    region = np.zeros_like(gx)
+
+    def bump(center, radius, shift):
+        nonlocal dx, dy, region
+        g = np.exp(-(((gx - center[0]) ** 2 + (gy - center[1]) ** 2) / (2 * radius ** 2)))
+        dx += g * shift[0]
+        dy += g * shift[1]
+        region = np.maximum(region, g)
+
+    amp = strength * f["d"]
+    # mouth: open/close along u, smile (corners outwards and up along v / -u)
+    bump(f["mouth"], 0.45 * f["d"], amp * rng.uniform(-0.18, 0.18) * f["u"])
+    for corner, side in ((lms[3], -1), (lms[4], 1)):
+        bump(corner, 0.3 * f["d"], amp * (side * rng.uniform(-0.12, 0.12) * f["v"] + rng.uniform(-0.1, 0.1) * f["u"]))
+    for eye in (lms[0], lms[1]):  # lids
+        bump(eye, 0.25 * f["d"], amp * rng.uniform(-0.1, 0.1) * f["u"])
+    warped = cv2.remap(img, gx + dx, gy + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    # re-rendered through the reenactment's own resampling: a slight blur where the face moved
+    warped = cv2.GaussianBlur(warped, (0, 0), 0.3 + 0.5 * strength)
+    mask = np.clip(region * 2.5, 0, 1)
+    return _blend(img, warped.astype(np.float32), mask)
+
+
+def texture_render(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    f = face_frame(lms)
+    smooth = cv2.bilateralFilter(img, 9, 20 + 40 * strength, 5).astype(np.float32)
+    noise = rng.normal(0, 1, (WORK // 2, WORK // 2)).astype(np.float32)
+    band = cv2.GaussianBlur(noise, (0, 0), 0.8) - cv2.GaussianBlur(noise, (0, 0), 2.0)  # band-pass "texture"
+    band = cv2.resize(band, (WORK, WORK), interpolation=cv2.INTER_CUBIC)
+    src = smooth + strength * 10 * band[..., None] / (band.std() + 1e-6) * 0.4
+    src = src * (1 + strength * rng.uniform(-0.05, 0.05, 3))
+    center = f["mouth"] + 0.15 * f["d"] * f["u"]
+    mask = _ellipse_mask(center, (0.75 * f["e"], 0.6 * f["d"]), f["u"])
+    mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(3, 8))
+    return _blend(img, src, mask)
+
+
+def manipulate(family: str, img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float,
+               donor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """One fake view of `family` from a real WORK x WORK view and its landmarks (in view pixels)."""
+    if family == "SelfBlend":
+        return self_blend(img, lms, rng, strength)
+    if family == "IdentitySwap":
+        if donor is None:
+            raise SynthError("IdentitySwap needs a donor face")
+        return identity_swap(img, lms, donor[0], donor[1], rng, strength)
+    if family == "Upsample":
+        return upsample_traces(img, lms, rng, strength)
+    if family == "ExpressionWarp":
+        return expression_warp(img, lms, rng, strength)
+    if family == "TextureRender":
+        return texture_render(img, lms, rng, strength)
+    raise SynthError(f"unknown family {family!r}: choose from {', '.join(FAMILIES)}")
+
+
+# ------------------------------------------------------------------------------------------- views and shards
+def _views(source: dict, image_cache: dict, root: Path, settings: SynthSettings, rng: np.random.Generator):
+    """(WORK x WORK real view, its landmarks, final noise sigma, JPEG quality) for each of the source's frames."""
+    path = root / source["file"]
+    if source["file"] not in image_cache:
+        image_cache.clear()  # one file at a time: group photos and videos are large
+        image_cache[source["file"]] = _read_frames(path, settings.frames)
+    frames = image_cache[source["file"]]
+    out = []
+    for v in range(settings.frames):
+        if source["video"]:
+            fi, face = source["views"][v % len(source["views"])]
+            m = _crop_transform(face["box"], settings.scale, rng if v >= len(source["views"]) else None)
+        else:
+            fi, face = source["views"][0]
+            m = _crop_transform(face["box"], settings.scale, rng if v > 0 else None)
+        view = cv2.warpAffine(frames[fi], m, (WORK, WORK), flags=cv2.INTER_AREA if m[0, 0] < 1 else cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REFLECT)
+        lms = _apply(m, np.asarray(face["landmarks"], np.float64))
+        out.append((view, lms, float(rng.uniform(0.5, 2.5)), int(rng.integers(85, 97))))
+    return out
+
+
+def _finish(view: np.ndarray, noise: float, quality: int, size: int, rng: np.random.Generator) -> bytes:
+    """Sensor noise, resize to the output size, JPEG: the same for a real view and each of its fakes."""
+    x = view.astype(np.float32) + rng.normal(0, noise, view.shape).astype(np.float32)
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    if size != WORK:
+        x = cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA if size < WORK else cv2.INTER_CUBIC)
+    return jpeg_bytes(x, quality)
+
+
+def _source_id(source: dict) -> str:
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", source["file"].rsplit(".", 1)[0]).strip("_")
+    return f"{stem}_f{source['face']}"
+
+
+def build_split(dataset: str, split: str, sources: list[dict], all_index: dict[int, int], root: Path, out: Path,
+                settings: SynthSettings, skipped: list[dict], detector_info: dict) -> dict:
+    """Every view of every source of one split: real and one fake per family, into shards and a manifest."""
+    import random
+
+    methods = ["real", *settings.families]
+    samples: dict[str, list[dict]] = {m: [] for m in methods}
+    cache: dict = {}
+    views_of: dict[int, list] = {}
+    order = sorted(range(len(sources)), key=lambda i: (sources[i]["file"], sources[i]["face"]))
+    for i in order:
+        rng = np.random.default_rng([settings.seed, all_index[id(sources[i])], 0])
+        views_of[i] = _views(sources[i], cache, root, settings, rng)
+    for i in order:
+        src, gi = sources[i], all_index[id(sources[i])]
+        donor_choices = [j for j in order if sources[j]["identity"] != src["identity"]] or [j for j in order if j != i]
+        for v, (view, lms, noise, quality) in enumerate(views_of[i]):
+            for fam_no, method in enumerate(methods):
+                rng = np.random.default_rng([settings.seed, gi, v + 1, fam_no])
+                if method == "real":
+                    img = view
+                else:
+                    donor = None
+                    if method == "IdentitySwap":
+                        j = donor_choices[int(rng.integers(len(donor_choices)))]
+                        dview, dlms, _, _ = views_of[j][v % len(views_of[j])]
+                        donor = (dview, dlms)
+                    img = manipulate(method, view, lms, rng, settings.strength.get(method, 1.0), donor)
+                finish_rng = np.random.default_rng([settings.seed, gi, v + 1, 99])  # same noise for real and fakes
+                video = f"{dataset}-{method}-{_source_id(src)}"
+                key = f"{video}-{v:06d}"
+                label = 0 if method == "real" else 1
+                samples[method].append({
+                    "__key__": key, "jpg": _finish(img, noise, quality, settings.size, finish_rng), "cls": label,
+                    "json": {"dataset": dataset, "split": split, "video": video, "frame": v, "label": label,
+                             "method": method, "compression": f"jpeg{quality}", "bbox": src["views"][0][1]["box"],
+                             "source": src["file"], "identity": src["identity"]}})
+    split_dir = out / dataset / split
+    records = []
+    totals = {"samples": 0, "by_label": {"0": 0, "1": 0}, "by_method": {}, "videos_by_method": {}}
+    for method in methods:
+        rows = samples[method]
+        random.Random(f"{settings.seed}/{dataset}/{split}/{method}").shuffle(rows)  # across sources
+        mdir = split_dir / method
+        mdir.mkdir(parents=True, exist_ok=True)
+        clean_partial(mdir)
+        for stale in mdir.glob("*.tar"):
+            stale.unlink()
+            stale.with_suffix(".idx").unlink(missing_ok=True)
+        prefix = f"{dataset}-{split}-{method}"
+        for k in range(0, len(rows), settings.shard_samples):
+            rec = write_shard(rows[k: k + settings.shard_samples],
+                              mdir / shard_name(prefix, k // settings.shard_samples))
+            records.append({"name": f"{method}/{rec['name']}", "method": method, "samples": rec["samples"],
+                            "bytes": rec["bytes"], "sha256": rec["sha256"]})
+        totals["samples"] += len(rows)
+        totals["by_label"]["0" if method == "real" else "1"] += len(rows)
+        totals["by_method"][method] = len(rows)
+        totals["videos_by_method"][method] = len(sources)
+    manifest = {
+        "format": MANIFEST_VERSION, "dataset": dataset, "split": split,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": _settings_record(settings), "detector": detector_info, "kind": "synth",
+        "shards": records, "totals": totals,
+        "identities": sorted({s["identity"] for s in sources}),
+        "stats": {"sources": len(sources), "views_per_source": settings.frames},
+        "skipped": skipped,
+    }
+    write_json_atomic(split_dir / "manifest.json", manifest)
+    log.info("%s/%s: %d sources, %d samples (%s)", dataset, split, len(sources), totals["samples"],
+             ", ".join(f"{m} {n}" for m, n in totals["by_method"].items()))
+    return manifest
+
+
+def _settings_record(settings: SynthSettings) -> dict:
+    d = asdict(settings)
+    d["split_fractions"] = list(d["split_fractions"])
+    return json.loads(json.dumps(d))
+
+
+def build_synth(root: str | Path, out: str | Path, dataset: str = "synth",
+                settings: SynthSettings | None = None) -> dict:
+    """Build (or finish) the benchmark; returns {dataset, splits: {split: samples}, samples, skipped}."""
+    settings = settings or SynthSettings()
+    root, out = Path(root).resolve(), Path(out)
+    unknown = [f for f in settings.families if f not in FAMILIES]
+    if unknown:
+        raise SynthError(f"--families: unknown {unknown}; choose from {', '.join(FAMILIES)}")
+    twice = sorted({f for f in settings.families if settings.families.count(f) > 1})
+    if twice:
+        raise SynthError(f"--families: {', '.join(twice)} named more than once")
+    bad = [k for k in settings.strength if k not in FAMILIES]
+    if bad:
+        raise SynthError(f"--strength: unknown family {bad}; choose from {', '.join(FAMILIES)}")
+    bad = [f"{k}={v}" for k, v in settings.strength.items() if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise SynthError(f"--strength {' '.join(bad)}: a strength must be a number > 0")
+    if settings.frames < 1 or settings.size < 16:
+        raise SynthError("--frames must be >= 1 and --size >= 16")
+    if not re.fullmatch(r"[A-Za-z0-9_]+", dataset):
+        raise SynthError(f"--name {dataset!r}: letters, digits and _ only (it is part of every sample key)")
+    fractions = settings.split_fractions
+    if len(fractions) != 3 or not all(math.isfinite(f) and f >= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise SynthError(f"--split {','.join(map(str, fractions))}: three fractions >= 0 summing to 1")
+    if settings.identity_regex:
+        try:
+            re.compile(settings.identity_regex)
+        except re.error as exc:
+            raise SynthError(f"--identity-regex {settings.identity_regex!r}: {exc}") from exc
+    record = _settings_record(settings)
+    done = {}
+    for split in ("train", "val", "test"):
+        mf = out / dataset / split / "manifest.json"
+        if mf.is_file():
+            stored = json.loads(mf.read_text()).get("settings")
+            if stored != record:
+                raise SynthError(f"{mf} was written with other settings; choose another --out or remove {mf.parent}")
+            done[split] = json.loads(mf.read_text())["totals"]["samples"]
+    if len(done) == 3:
+        log.info("%s: every split is complete; nothing to do", out / dataset)
+        return {"dataset": dataset, "splits": done, "samples": sum(done.values()), "skipped": None}
+    files = list_sources(root)
+    sources, skipped = detect_faces(root, files, settings, out / ".synth" / dataset / "faces.json")
+    splits = split_identities(sources, settings.split_fractions)
+    all_index = {id(s): i for i, s in enumerate(sources)}
+    from importlib.metadata import version
+
+    detector_info = {"name": "mtcnn", "facenet-pytorch": version("facenet-pytorch"), "landmarks": 5,
+                     "min_face": settings.min_face, "threshold": settings.threshold}
+    result = {"dataset": dataset, "splits": dict(done), "skipped": len(skipped)}
+    for split, members in splits.items():
+        if split in done:
+            continue
+        if "IdentitySwap" in settings.families and len({s["identity"] for s in members}) < 2:
+            raise SynthError(f"split {split}: IdentitySwap needs two identities; it has one")
+        m = build_split(dataset, split, members, all_index, root, out, settings, skipped, detector_info)
+        result["splits"][split] = m["totals"]["samples"]
+    result["samples"] = sum(result["splits"].values())
+    return result
