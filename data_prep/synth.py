@@ -188,6 +188,8 @@ def detect_faces(root: Path, files: list[Path], settings: SynthSettings, cache: 
                 sources.append({"file": rel, "face": k, "video": False, "views": [(0, face)]})
     for s in sources:
         s["identity"] = identity_of(s["file"], settings.identity_regex)
+    for item in skipped:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
     return sources, skipped
 
 
@@ -447,8 +449,12 @@ def _finish(view: np.ndarray, noise: float, quality: int, size: int, rng: np.ran
 
 
 def _source_id(source: dict) -> str:
+    """Key-safe and unique: the path made key-safe plus a digest of the path itself (`a.jpg`/`a.png`, `a-b`/`a_b`)."""
+    import hashlib
+
     stem = re.sub(r"[^A-Za-z0-9]+", "_", source["file"].rsplit(".", 1)[0]).strip("_")
-    return f"{stem}_f{source['face']}"
+    digest = hashlib.sha1(source["file"].encode()).hexdigest()[:6]
+    return f"{stem}_{digest}_f{source['face']}"
 
 
 def build_split(dataset: str, split: str, sources: list[dict], all_index: dict[int, int], root: Path, out: Path,
