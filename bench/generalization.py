@@ -17,12 +17,14 @@ paper's Table 3 protocol of one training manipulation) and scored by every head 
 Schedule: epochs of `--epoch-steps` (100) optimizer steps, lr x `train.lr_gamma` (0.9, the paper's) per epoch, the
 config's batch (32) and image size (tiny-cpu: 112 px). A run is trained to each budget in turn (100, 200, ...) by
 resuming its own checkpoint, so every point of a learning curve is the same run, and the `--steps` point is exactly
-the run a `--steps` budget trains. `--curve 400,800` extends seed 0 of `--curve-variants` past the budget.
+the run a `--steps` budget trains. `--curve 200,400` extends seed 0 of `--curve-variants` past the budget.
+The default budget is 100 steps (about 1.8 passes over real + SelfBlend's 1,776 training crops): on 2 CPU cores a
+Baseline run takes 2-3 minutes and an LTM run 5-7, so 3 seeds of 5 variants fit in about 1.5 hours.
 Selection (`--split val`, the default) never looks at test; `--split test` prints the final table.
 
     python bench/generalization.py --quick                # first look: 1 seed, ltm-high + baseline, 100 steps
-    python bench/generalization.py                        # 3 seeds x 5 variants, 200 steps, val split
-    python bench/generalization.py --split test --curve 400,800 --plot docs/img/generalization-curves.png
+    python bench/generalization.py                        # 3 seeds x 5 variants, 100 steps, val split
+    python bench/generalization.py --split test --curve 200,400,800 --plot docs/img/generalization-curves.png
     python bench/generalization.py model.mixup=false      # overrides apply to every run
     python bench/generalization.py --variants baseline,ltm-high,os16 --variant "os16:model.output_stride=16"
                                                           # a hypothesis as one more LTM variant, same seeds
@@ -233,7 +235,7 @@ def main() -> int:
     parser.add_argument("--train-family", default="SelfBlend", choices=FAMILIES)
     parser.add_argument("--split", default="val", choices=["val", "test"], help="scored split (val: selection)")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=200, help="the default budget in optimizer steps (200)")
+    parser.add_argument("--steps", type=int, default=100, help="the default budget in optimizer steps (100)")
     parser.add_argument("--epoch-steps", type=int, default=100, help="steps per epoch (lr decays per epoch) (100)")
     parser.add_argument("--lr-gamma", type=float, default=0.9, help="lr factor per epoch (0.9, the paper's)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
