@@ -63,7 +63,6 @@ VARIANTS = {  # name -> model overrides
 }
 DEFAULT_VARIANTS = "baseline,ltm-high,ltm-random,ltm-low,ltm-mixup"
 FAMILIES = ("SelfBlend", "IdentitySwap", "Upsample", "ExpressionWarp", "TextureRender")
-BASELINE_KEYS = {"kind", "backbone", "pretrained", "input_norm", "output_stride"}
 HEADS = {"baseline": ("baseline",), "ltm": ("student", "teacher_cnn", "teacher_vit")}
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -167,8 +166,6 @@ def run_point(variant: str, seed: int, steps: int, args: argparse.Namespace) -> 
         from ltm.engine import model_differences
 
         diff = model_differences(to_dict(load_run_config(stored))["model"], to_dict(cfg)["model"])
-        if cfg.model.kind == "baseline":  # a backbone and a linear head: the LTM-only keys change nothing
-            diff = [d for d in diff if d.split(":")[0].removeprefix("model.").split(".")[0] in BASELINE_KEYS]
         if diff:
             raise SystemExit(f"{run_dir} was trained as another model ({'; '.join(diff)}): remove it or use "
                              "another --out")

@@ -107,9 +107,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# what a Baseline is built from: its LTM-only keys (mask, mixup, ViT, heads) change nothing in it
+BASELINE_MODEL_KEYS = ("kind", "backbone", "pretrained", "input_norm", "output_stride")
+
+
 def model_differences(stored: dict, mine: dict) -> list[str]:
     """`model.<key>: <stored> there, <mine> here` for each model setting a run was trained with and this one lacks."""
-    return [f"model.{k}: {stored.get(k)!r} there, {v!r} here" for k, v in mine.items() if stored.get(k) != v]
+    keys = [k for k in mine if k in BASELINE_MODEL_KEYS] if stored.get("kind") == mine.get("kind") == "baseline" \
+        else list(mine)
+    return [f"model.{k}: {stored.get(k)!r} there, {mine[k]!r} here" for k in keys if stored.get(k) != mine[k]]
 
 
 def check_run_folder(run_dir: Path, cfg: Config) -> None:

@@ -45,3 +45,19 @@ def test_interval_is_the_student_t_95_percent_interval(bench):
     assert (lo, hi) == pytest.approx(ref, abs=1e-4)
     one = bench.interval([0.5])
     assert one[0] == 0.5 and math.isnan(one[1]) and math.isnan(one[2])
+
+
+def test_a_baseline_run_is_the_same_model_whatever_its_ltm_only_keys():
+    """Resume and kept benchmark runs compare models: a Baseline ignores mixup, mask and ViT keys, not its backbone."""
+    from ltm.config import load_config, to_dict
+    from ltm.engine import model_differences
+
+    def model(*overrides):
+        return to_dict(load_config("tiny-cpu", ["model.kind=baseline", *overrides]))["model"]
+
+    assert model_differences(model("model.mixup=true"), model("model.mixup=false")) == []
+    assert model_differences(model("model.mask_strategy=low", "model.vit.depth=1"), model()) == []
+    assert model_differences(model(), model("model.output_stride=16")) == ["model.output_stride: None there, 16 here"]
+    ltm = to_dict(load_config("tiny-cpu", ["model.mixup=true"]))["model"]
+    assert model_differences(ltm, {**ltm, "mixup": False}) == ["model.mixup: True there, False here"]
+    assert model_differences(ltm, model()) != []  # an LTM run is never a Baseline
