@@ -48,15 +48,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from data_prep.shards import clean_partial, jpeg_bytes, shard_name, write_json_atomic, write_shard
+from data_prep.pipeline import MANIFEST_VERSION
+from data_prep.shards import clean_partial, jpeg_bytes, write_json_atomic, write_shards
+from data_prep.video import IMAGE_EXTS as IMAGE_EXT
+from data_prep.video import VIDEO_EXTS as VIDEO_EXT
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("SelfBlend", "IdentitySwap", "Upsample", "ExpressionWarp", "TextureRender")
-IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 WORK = 256  # manipulations happen on WORK x WORK views, then every view is resized to the output size
-MANIFEST_VERSION = 1
 
 
 class SynthError(ValueError):
@@ -507,9 +507,7 @@ def build_split(dataset: str, split: str, sources: list[dict], all_index: dict[i
             stale.unlink()
             stale.with_suffix(".idx").unlink(missing_ok=True)
         prefix = f"{dataset}-{split}-{method}"
-        for k in range(0, len(rows), settings.shard_samples):
-            rec = write_shard(rows[k: k + settings.shard_samples],
-                              mdir / shard_name(prefix, k // settings.shard_samples))
+        for rec in write_shards(rows, mdir, prefix, max_samples=settings.shard_samples):
             records.append({"name": f"{method}/{rec['name']}", "method": method, "samples": rec["samples"],
                             "bytes": rec["bytes"], "sha256": rec["sha256"]})
         totals["samples"] += len(rows)
