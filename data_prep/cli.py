@@ -59,18 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("ffpp", help="FaceForensics++ (original_sequences / manipulated_sequences)")
     p.add_argument("--root", required=True, help="FF++ root folder")
-    p.add_argument("--splits", help="folder with the official train.json / val.json / test.json")
+    p.add_argument("--splits", required=True, help="folder with the official train.json / val.json / test.json "
+                   "(github.com/ondyari/FaceForensics, dataset/splits)")
     p.add_argument("--compression", default="c23", choices=["raw", "c23", "c40"], help="(c23)")
     p.add_argument("--methods", nargs="+", help="manipulations (default: every one present)")
     p.add_argument("--only-splits", nargs="+", choices=["train", "val", "test"], help="prep only these splits")
     _common(p)
 
     p = sub.add_parser("celebdf", help="Celeb-DF v2 (Celeb-real, YouTube-real, Celeb-synthesis)")
-    p.add_argument("--root", required=True)
+    p.add_argument("--root", required=True,
+                   help="Celeb-DF v2 root (Celeb-real/, YouTube-real/, Celeb-synthesis/, List_of_testing_videos.txt)")
     _common(p)
 
     p = sub.add_parser("wdf", help="WildDeepfake (real/fake x train/test, frame folders or .tar.gz)")
-    p.add_argument("--root", required=True)
+    p.add_argument("--root", required=True, help="WildDeepfake root ({real,fake}_{train,test}/ or their .tar.gz)")
     _common(p, detector_default="none")
 
     p = sub.add_parser("folder", help="a <real|fake>/... tree of videos and images, or a CSV list")
@@ -110,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("merge", help="after --part runs: write shards and manifests from all parts")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the shard root the --part runs wrote into")
     p.add_argument("--dataset", required=True, help="dataset name under --out, e.g. ffpp_c23")
     p.add_argument("--keep-work", action="store_true")
 

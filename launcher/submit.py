@@ -17,10 +17,13 @@ records (job id, job handle, batch script, log paths).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import logging
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -30,13 +33,19 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.utils import FailedJobError, FailedSubmissionError
 
+from launcher.checks import check_eval, check_prep, check_train
 from launcher.jobs import EvalJob, PrepMergeJob, PrepPartJob, TrainJob
 from ltm.config import Config, ConfigError, LaunchConfig, load_config, to_dict
 
 log = logging.getLogger("ltm.launcher")
 
 DEPENDENCY_PLACEHOLDER = "afterok:TRAIN_JOB_ID"
+
+
+class SubmitError(ConfigError):
+    """sbatch refused a job: SLURM's own message, one line."""
 
 
 @dataclass
@@ -130,6 +139,37 @@ def batch_script(folder: Path, params: dict[str, Any], array: int | None = None)
     return _make_sbatch_string(command=command, folder=folder, **params, **extra)
 
 
+def sbatch_message(exc: BaseException) -> str:
+    """SLURM's own words from a failed sbatch (submitit puts its stderr in the exception), as one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line.split("error:", 1)[1].strip() for line in lines if "error:" in line]
+    return "; ".join(errors) or (lines[-1] if lines else type(exc).__name__)
+
+
+def highest_missing(folder: Path) -> Path | None:
+    """The outermost of `folder` and its parents that does not exist yet (what a submission will create)."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def remove_created(created: Path | None) -> None:
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cleaned_up_on_failure(folder: Path, kind: str):
+    """Remove what a refused submission created (its submitit folder and the parents made for it) and turn
+    submitit's error into one line; sbatch's stderr, which submitit also prints, is kept out of the terminal."""
+    created = highest_missing(folder)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    except (FailedJobError, FailedSubmissionError, OSError) as exc:
+        remove_created(created)
+        raise SubmitError(f"sbatch refused the {kind} job: {sbatch_message(exc)}") from None
+
+
 def _submit(kind: str, folder: Path, params: dict[str, Any], fn: Any, dry_run: bool,
             max_num_timeout: int = 3) -> Submitted:
     dependency = params.get("dependency")
@@ -137,13 +177,18 @@ def _submit(kind: str, folder: Path, params: dict[str, Any], fn: Any, dry_run: b
         return Submitted(kind, folder, batch_script(folder, params), dependency=dependency)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_num_timeout)
     executor.update_parameters(**params)
-    job = executor.submit(fn)
+    with cleaned_up_on_failure(folder, kind):
+        job = executor.submit(fn)
     script = job.paths.submission_file.read_text() if job.paths.submission_file.exists() else ""
     # per task: stderr (ltm's log) and stdout
     tasks = params["nodes"] * params["ntasks_per_node"]
     logs = [path.with_name(path.name.replace("_0_", f"_{t}_"))
             for t in range(tasks) for path in (job.paths.stderr, job.paths.stdout)]
     return Submitted(kind, folder, script, job_id=str(job.job_id), job=job, dependency=dependency, logs=logs)
+
+
+def cancel(job_id: str) -> None:
+    subprocess.run(["scancel", str(job_id)], capture_output=True, text=True, timeout=60)
 
 
 def _with_dependency(params: dict[str, Any], dependency: str | None) -> dict[str, Any]:
@@ -170,29 +215,38 @@ def submit_train(
     eval_tag: str | None = None,
     resume: str = "auto",
     dry_run: bool = False,
+    check: bool = True,
 ) -> dict[str, Submitted]:
-    """Submit training (and, with `eval_data`, an evaluation chained after it). Returns {"train": .., "eval": ..}."""
+    """Submit training (and, with `eval_data`, an evaluation chained after it). Returns {"train": .., "eval": ..}.
+
+    `launcher.checks.check_train` first (also on a dry run): inputs, weights, the launch against the config."""
     cfg = absolute_paths(cfg)
     run_dir = Path(cfg.train.run_dir)
     launch = cfg.launch
     if launch.nodes < 1:
         raise ConfigError(f"key 'launch.nodes': must be >= 1, got {launch.nodes}")
-    if not dry_run and not (run_dir / "checkpoints" / "latest").is_file():
-        from ltm.models.weights import check_offline
-
-        check_offline(cfg.model)  # a fresh run on an offline compute node would fail only after queueing
+    if check:
+        for warning in check_train(cfg, eval_data, resume):
+            log.warning("%s", warning)
     folder = submission_folder(run_dir / "slurm", "train")
+    created = highest_missing(folder)
     params = executor_parameters(launch, f"ltm-train-{run_dir.name}")
     params["additional_parameters"] = {"requeue": True}  # a preempted allocation comes back (`scontrol requeue`)
     # One rank failing must end the others instead of leaving them blocked in a collective until the time limit.
     params["srun_args"] = ["--kill-on-bad-exit=1"]
     out: dict[str, Submitted] = {}
-    out["train"] = _submit("train", folder, params, TrainJob(to_dict(cfg), resume=resume), dry_run,
-                           max_num_timeout=launch.max_requeue)
-    if eval_data:
-        dependency = DEPENDENCY_PLACEHOLDER if dry_run else f"afterok:{out['train'].job_id}"
-        out["eval"] = submit_eval(str(run_dir), eval_data, tag=eval_tag, launch=launch, dependency=dependency,
-                                  dry_run=dry_run, folder=folder)
+    try:
+        out["train"] = _submit("train", folder, params, TrainJob(to_dict(cfg), resume=resume), dry_run,
+                               max_num_timeout=launch.max_requeue)
+        if eval_data:
+            dependency = DEPENDENCY_PLACEHOLDER if dry_run else f"afterok:{out['train'].job_id}"
+            out["eval"] = submit_eval(str(run_dir), eval_data, tag=eval_tag, launch=launch, dependency=dependency,
+                                      dry_run=dry_run, folder=folder, check=False)
+    except SubmitError:
+        if "train" in out and out["train"].job_id:
+            cancel(out["train"].job_id)  # all or nothing: a training whose evaluation was refused is withdrawn
+        remove_created(created)
+        raise
     return out
 
 
@@ -207,11 +261,17 @@ def submit_eval(
     cfg_overrides: list[str] | None = None,
     dry_run: bool = False,
     folder: Path | None = None,
+    check: bool = True,
 ) -> Submitted:
-    """Submit `ltm eval --run run_dir --data ...` on one node (one task per GPU), optionally after `dependency`."""
+    """Submit `ltm eval --run run_dir --data ...` on one node (one task per GPU), optionally after `dependency`.
+
+    `check`: the run folder, its checkpoint and the data folders are verified first (off when chained after the
+    training that writes the checkpoint; `check_train` verified the data)."""
     launch = launch or LaunchConfig()
     if not data:
         raise ConfigError("eval: no --data folder given")
+    if check:
+        check_eval(run_dir, data, tag, cfg_overrides)
     run_path = Path(run_dir).absolute()
     folder = folder or submission_folder(run_path / "slurm", "eval")
     params = _with_dependency(executor_parameters(launch, f"ltm-eval-{run_path.name}", nodes=1), dependency)
@@ -245,10 +305,12 @@ def submit_prep(
     out = out_parser.parse_known_args(prep_args)[0].out
     if not out:
         raise ConfigError("prep: --out is required (the shard root the parts and the merge write)")
+    check_prep(prep_args)
     prep_args = list(prep_args) + ([] if "--no-progress" in prep_args else ["--no-progress"])  # logs, not bars
     launch = launch or LaunchConfig()
     source = prep_args[0]
     folder = submission_folder(logs_dir or Path(out) / ".slurm", f"prep-{source}")
+    created = highest_missing(folder)
     params = executor_parameters(launch, f"ltm-prep-{source}", tasks_per_node=1, nodes=1)
     if launch.gpus_per_node > 0:
         params["gpus_per_node"] = 1  # the face detector uses one GPU
@@ -260,7 +322,8 @@ def submit_prep(
     else:
         executor = submitit.SlurmExecutor(folder=folder)
         executor.update_parameters(**params)
-        jobs = executor.submit_array(parts)
+        with cleaned_up_on_failure(folder, "prep array"):
+            jobs = executor.submit_array(parts)
         array_id = str(jobs[0].job_id).split("_")[0]
         script = jobs[0].paths.submission_file.read_text() if jobs[0].paths.submission_file.exists() else ""
         out_jobs["parts"] = Submitted("prep", folder, script, job_id=array_id, job=jobs,
@@ -268,7 +331,12 @@ def submit_prep(
         dependency = f"afterok:{array_id}"
     merge_params = _with_dependency(dict(params, job_name=f"ltm-prep-{source}-merge"), dependency)
     merge_params.pop("gpus_per_node", None)
-    out_jobs["merge"] = _submit("merge", folder, merge_params, PrepMergeJob(out, array, dataset), dry_run)
+    try:
+        out_jobs["merge"] = _submit("merge", folder, merge_params, PrepMergeJob(out, array, dataset), dry_run)
+    except SubmitError:
+        cancel(out_jobs["parts"].job_id)
+        remove_created(created)
+        raise
     return out_jobs
 
 

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         if args.verbose:
             raise
-        logging.getLogger("ltm").error("%s", exc)
+        for line in str(exc).splitlines() or [type(exc).__name__]:  # several problems: one line each
+            logging.getLogger("ltm").error("%s", line)
         return 2
 
 

@@ -160,16 +160,20 @@ def test_collect_cli_writes_table_and_averages(tmp_path: Path, capsys: pytest.Ca
                                                       "wdf_ltm"]  # no temp files left
 
 
-def test_dry_run_lists_runs_and_changes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_dry_run_lists_runs_and_changes_nothing(tmp_path: Path, sample_shards: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
     runs = tmp_path / "runs"
-    argv = ["reproduce", "table5", "--shards", str(tmp_path), "--runs", str(runs), "--local", "--dry-run",
-            "--rows", "resnet18", "--weights", "resnet18=/w/r18.pth"]
+    weights = tmp_path / "r18.pth"
+    argv = ["reproduce", "table5", "--shards", str(sample_shards), "--runs", str(runs), "--local", "--dry-run",
+            "--rows", "resnet18", "--weights", f"resnet18={weights}", *SAMPLE_MAP]
+    assert main(argv) == 2  # checked like a real run: the weights file does not exist
+    weights.write_bytes(b"")
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "table5: 3 runs, 3 to do" in out
     assert "model.backbone=resnet18 model.teacher_backbone=resnet34" in out
     assert out.count("ltm train --config") == 3 and out.count("ltm eval --run") == 3
-    assert "model.pretrained=/w/r18.pth" in out
+    assert f"model.pretrained={weights}" in out
     assert not runs.exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ from typing import Any
 from ltm.config import Config, ConfigError, load_config
 from ltm.paper_results import TABLES, Table
 from ltm.reproduce.configs import config_diff, experiment_path, parse_pairs
-from ltm.reproduce.cost import estimate, print_estimate
+from ltm.reproduce.cost import DEFAULT_TFLOPS, estimate, print_estimate
 from ltm.reproduce.local import eval_command, run_local, train_command
 from ltm.reproduce.plan import STATE_DIR, RunPlan, plan_table, report_dir, select, write_atomic, write_configs
 from ltm.reproduce.results import collect, render_markdown, write_collected
 from ltm.reproduce.slurm import active_jobs, load_jobs, submit_slurm, wait_for
+
+log = logging.getLogger(__name__)
 
 
 def _remember(runs: Path, table: str, options: dict[str, Any]) -> None:
@@ -62,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model.teacher_pretrained where the run uses it); repeatable")
     parser.add_argument("--nproc", type=int, help="--local: ranks per training (ltm train --nproc)")
     parser.add_argument("--estimate", action="store_true", help="print the GPU hours each run needs (from FLOPs)")
-    parser.add_argument("--tflops", type=float, default=25.0,
-                        help="--estimate: sustained TFLOP/s per GPU (default 25: bf16 Xception on an A100, see README)")
+    parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
+                        help=f"sustained TFLOP/s per GPU for --estimate and for the wall-time check before submitting "
+                             f"(default {DEFAULT_TFLOPS:g}: bf16 Xception on an A100, see docs/reproduce.md)")
     parser.add_argument("--wait", action="store_true", help="SLURM: wait until the submitted jobs left the queue, "
                         "then collect")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
@@ -148,11 +152,14 @@ def run(args: argparse.Namespace) -> int:
         rows, columns = stored.get("rows"), stored.get("columns")
     table = select(TABLES[args.table], rows, columns)
     if args.collect:
+        if not runs.is_dir():
+            raise ConfigError(f"--runs {str(runs)!r}: no such folder (nothing to collect)")
         return _collect_and_print(table, runs, mapping, write=not args.dry_run)
-    if not args.shards:
+    if not args.shards and not args.estimate:
         raise ConfigError("--shards ROOT is needed to run a table (the shard root that the experiments read)")
     weights = parse_pairs(args.weights, "--weights")
-    plans = plan_table(table, args.shards, runs, args.base, args.overrides, mapping, weights)
+    # --estimate alone needs no shards: without manifests to count, frames are the datasets' nominal counts
+    plans = plan_table(table, args.shards or "shards", runs, args.base, args.overrides, mapping, weights)
     if not args.local:
         from launcher.submit import launch_from_args
 
@@ -163,7 +170,13 @@ def run(args: argparse.Namespace) -> int:
     paper = load_config("paper")
     if args.estimate:
         print_estimate(estimate(plans, args.tflops), args.tflops)
-        return 0
+        if not args.dry_run:
+            return 0
+        print()
+    from launcher.checks import check_plans
+
+    for warning in check_plans(plans, args.tflops, launch=not args.local):  # before anything is queued or run
+        log.warning("%s", warning)
     if args.dry_run:
         jobs = None if args.local else submit_slurm(plans, runs, dry_run=True)
         print_plan(plans, table, paper, args.nproc, jobs)

@@ -59,28 +59,32 @@ def model_gflops(cfg: Config) -> tuple[float, float]:
     return train_fc.get_total_flops() / 2e9, predict_fc.get_total_flops() / 2e9
 
 
-def estimate(plans: list[RunPlan], tflops: float) -> list[dict[str, Any]]:
-    """GPU hours per run from FLOPs: training steps at 3x the forward cost (forward + backward), validation and
-    evaluation forward-only, all at `tflops` sustained TFLOP/s."""
-    rows = []
-    for plan in plans:
-        cfg = plan.cfg
-        fwd, pred = model_gflops(cfg)
-        root = Path(cfg.data.root)
-        images = cfg.train.epochs * cfg.train.iters_per_epoch * cfg.train.batch_size
-        total_steps = cfg.train.epochs * cfg.train.iters_per_epoch
-        passes = max(total_steps // cfg.train.val_every, cfg.train.epochs) if cfg.train.val_every else cfg.train.epochs
-        val_frames = sum(split_frames(root, f) for f in cfg.data.val)
-        if cfg.train.val_batches:
-            val_frames = min(val_frames, cfg.train.val_batches * cfg.eval.batch_size)
-        test_frames = sum(split_frames(root, f) for f in plan.data)
-        pflop = {"train": 3 * fwd * images / 1e6, "val": pred * val_frames * (passes if cfg.data.val else 0) / 1e6,
-                 "eval": pred * test_frames / 1e6}
-        hours = sum(pflop.values()) * 1e15 / (tflops * 1e12) / 3600
-        rows.append({"run": plan.name, "state": plan.state, "train_images": images,
-                     "train_gflop_per_image": 3 * fwd, "predict_gflop_per_image": pred, "val_frames": val_frames,
-                     "val_passes": passes, "test_frames": test_frames, "pflop": pflop, "gpu_hours": hours})
-    return rows
+DEFAULT_TFLOPS = 25.0  # sustained bf16 TFLOP/s per GPU for Xception-sized models on an A100 (docs/reproduce.md)
+
+
+def run_cost(cfg: Config, test_folders: list[str], tflops: float = DEFAULT_TFLOPS) -> dict[str, Any]:
+    """GPU hours of one run from FLOPs: training steps at 3x the forward cost (forward + backward), validation and
+    evaluation of `test_folders` forward-only, all at `tflops` sustained TFLOP/s."""
+    fwd, pred = model_gflops(cfg)
+    root = Path(cfg.data.root)
+    images = cfg.train.epochs * cfg.train.iters_per_epoch * cfg.train.batch_size
+    total_steps = cfg.train.epochs * cfg.train.iters_per_epoch
+    passes = max(total_steps // cfg.train.val_every, cfg.train.epochs) if cfg.train.val_every else cfg.train.epochs
+    val_frames = sum(split_frames(root, f) for f in cfg.data.val)
+    if cfg.train.val_batches:
+        val_frames = min(val_frames, cfg.train.val_batches * cfg.eval.batch_size)
+    test_frames = sum(split_frames(root, f) for f in test_folders)
+    pflop = {"train": 3 * fwd * images / 1e6, "val": pred * val_frames * (passes if cfg.data.val else 0) / 1e6,
+             "eval": pred * test_frames / 1e6}
+    hours = sum(pflop.values()) * 1e15 / (tflops * 1e12) / 3600
+    return {"train_images": images, "train_gflop_per_image": 3 * fwd, "predict_gflop_per_image": pred,
+            "val_frames": val_frames, "val_passes": passes, "test_frames": test_frames, "pflop": pflop,
+            "gpu_hours": hours}
+
+
+def estimate(plans: list[RunPlan], tflops: float = DEFAULT_TFLOPS) -> list[dict[str, Any]]:
+    """`run_cost` of every run of a table."""
+    return [{"run": plan.name, "state": plan.state, **run_cost(plan.cfg, plan.data, tflops)} for plan in plans]
 
 
 def print_estimate(rows: list[dict[str, Any]], tflops: float) -> None:

@@ -66,9 +66,11 @@ def submit_slurm(plans: list[RunPlan], runs: Path, dry_run: bool = False) -> lis
             continue
         data = [str(Path(plan.cfg.data.root) / d) for d in plan.missing]
         if plan.state in ("train", "resume"):
-            out: dict[str, Any] = submit_train(plan.cfg, eval_data=data, dry_run=dry_run)
+            # checked by launcher.checks.check_plans with the rest of the table, before the first submission
+            out: dict[str, Any] = submit_train(plan.cfg, eval_data=data, dry_run=dry_run, check=False)
         else:
-            out = {"eval": submit_eval(str(plan.run_dir), data, launch=plan.cfg.launch, dry_run=dry_run)}
+            out = {"eval": submit_eval(str(plan.run_dir), data, launch=plan.cfg.launch, dry_run=dry_run,
+                                       check=False)}
         if not dry_run:
             jobs[plan.name] = {kind: sub.job_id for kind, sub in out.items()}
             save_jobs(runs, jobs)
