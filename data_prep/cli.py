@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("sample", help="build the offline sample dataset (FF++ layout, SelfBlend + FaceSwap fakes)")
     p.add_argument("--out", required=True, help="where to write the sample dataset")
-    p.add_argument("--identities", type=int, default=48, help="identities = real videos (48, even)")
+    p.add_argument("--identities", type=int, default=48,
+                   help="identities = real videos: an even number >= 6 (48)")
     p.add_argument("--length", type=int, default=32, help="frames per video (32)")
     p.add_argument("--frame-size", type=int, default=192, help="video frame side (192)")
     p.add_argument("--seed", type=int, default=0)
@@ -196,4 +197,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ValueError("prep folder needs --root DIR or --csv FILE")
     log.info("%s: %d inputs, %d skipped while listing", name, len(items), len(skipped))
+    if not items and not skipped:
+        where = f"CSV {args.csv}" if getattr(args, "csv", None) else f"--root {args.root}"
+        raise ValueError(f"{name}: no inputs: {where} lists no videos, frame folders or images")
     return _report(pipeline.run(name, items, skipped, args.out, settings, runtime))

@@ -169,10 +169,8 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
         return packaged
     if path.exists():
         return path
-    raise ConfigError(
-        f"config {str(name_or_path)!r}: no such file and not a packaged config "
-        f"(packaged: {', '.join(packaged_configs())})"
-    )
+    names = "\n".join(f"  {name}" for name in packaged_configs())
+    raise ConfigError(f"config {str(name_or_path)!r}: no such file and not a packaged config; packaged:\n{names}")
 
 
 def read_mapping(path: Path) -> dict[str, Any]:
@@ -195,7 +193,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     node = OmegaConf.create(data)
     if base is None:
         return node
-    base_path = resolve_config_path(base) if not (path.parent / str(base)).exists() else path.parent / base
+    try:
+        base_path = resolve_config_path(base) if not (path.parent / str(base)).exists() else path.parent / base
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: key 'base': {exc}") from None
     return OmegaConf.merge(_read_yaml(base_path, (*seen, path.resolve())), node)
 
 
@@ -246,27 +247,27 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"key {key!r}: {value!r} is not one of {list(allowed)}")
-    checks = {
-        "model.mask_ratio": 0.0 <= cfg.model.mask_ratio < 1.0,
-        "model.mixup_alpha": cfg.model.mixup_alpha > 0,
-        "model.div_weight": cfg.model.div_weight >= 0,
-        "model.vit.heads": cfg.model.vit.heads > 0 and cfg.model.vit.dim % cfg.model.vit.heads == 0,
-        "model.vit.depth": cfg.model.vit.depth > 0,
-        "model.student_hidden": cfg.model.student_hidden >= 0,
-        "model.mask_warmup": cfg.model.mask_warmup >= 0,
-        "data.image_size": cfg.data.image_size >= 32,
-        "train.batch_size": cfg.train.batch_size > 0,
-        "train.grad_accum": cfg.train.grad_accum > 0,
-        "train.iters_per_epoch": cfg.train.iters_per_epoch > 0,
-        "train.epochs": cfg.train.epochs > 0,
-        "train.lr": cfg.train.lr > 0,
-        "train.keep_last": cfg.train.keep_last > 0,
-        "eval.batch_size": cfg.eval.batch_size > 0,
+    checks = {  # key: (valid, the allowed range as said to the user)
+        "model.mask_ratio": (0.0 <= cfg.model.mask_ratio < 1.0, "in [0, 1)"),
+        "model.mixup_alpha": (cfg.model.mixup_alpha > 0, "> 0"),
+        "model.div_weight": (cfg.model.div_weight >= 0, ">= 0"),
+        "model.vit.heads": (cfg.model.vit.heads > 0 and cfg.model.vit.dim % cfg.model.vit.heads == 0,
+                            "> 0 and dividing model.vit.dim"),
+        "model.vit.depth": (cfg.model.vit.depth > 0, ">= 1"),
+        "model.student_hidden": (cfg.model.student_hidden >= 0, ">= 0 (0: a linear head)"),
+        "model.mask_warmup": (cfg.model.mask_warmup >= 0, ">= 0"),
+        "data.image_size": (cfg.data.image_size >= 32, ">= 32"),
+        "train.batch_size": (cfg.train.batch_size > 0, ">= 1"),
+        "train.grad_accum": (cfg.train.grad_accum > 0, ">= 1"),
+        "train.iters_per_epoch": (cfg.train.iters_per_epoch > 0, ">= 1"),
+        "train.epochs": (cfg.train.epochs > 0, ">= 1"),
+        "train.lr": (cfg.train.lr > 0, "> 0"),
+        "train.keep_last": (cfg.train.keep_last > 0, ">= 1"),
+        "eval.batch_size": (cfg.eval.batch_size > 0, ">= 1"),
     }
-    for key, ok in checks.items():
+    for key, (ok, allowed) in checks.items():
         if not ok:
-            hint = " (must divide model.vit.dim)" if key == "model.vit.heads" else ""
-            raise ConfigError(f"key {key!r}: invalid value {_get(cfg, key)!r}{hint}")
+            raise ConfigError(f"key {key!r}: invalid value {_get(cfg, key)!r}, must be {allowed}")
     for i, source in enumerate(cfg.data.train):
         if source.weight <= 0:
             raise ConfigError(f"key 'data.train[{i}].weight': must be > 0, got {source.weight!r}")

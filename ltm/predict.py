@@ -35,6 +35,10 @@ from ltm.config import Config
 log = logging.getLogger(__name__)
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 @dataclass
 class CropSettings:
     """The data_prep settings that decide what a face crop looks like (data_prep.pipeline.Settings' names)."""
@@ -306,13 +310,13 @@ def run(args: argparse.Namespace) -> int:
         if pred.no_face:
             print(f"{name}  no face in frames {pred.no_face}")
         verdict = "fake" if pred.p_fake >= cfg.eval.threshold else "real"
-        print(f"{pred.file}: P(fake) = {pred.p_fake:.4f} (mean of {len(pred.frames)} frames, detector "
+        print(f"{pred.file}: P(fake) = {pred.p_fake:.4f} (mean of {plural(len(pred.frames), 'frame')}, detector "
               f"{pred.detector}) -> {verdict}")
         for p in pred.pictures:
             print(f"heatmap: {p}")
     if table is not None:
         write_csv(table, [(files[i], pred, error) for i, pred, error in results])
-        print(f"{table}: {len(results)} files, {failed} failed")
+        print(f"{table}: {plural(len(results), 'file')}, {failed} failed")
     return 1 if failed else 0
 
 

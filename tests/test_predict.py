@@ -43,7 +43,7 @@ def test_cli_subprocess(run_folder, tmp_path):
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith(f"{PHOTO}: P(fake) = ") and "mean of 1 frames" in last
+    assert last.startswith(f"{PHOTO}: P(fake) = ") and "mean of 1 frame," in last
 
 
 @dataclass

@@ -202,3 +202,37 @@ def test_reproduce_refused_by_sbatch_leaves_no_job_folders(cli, slurm_cluster, t
                              "--partition", "nosuch")
     assert status == 2 and len(errors) == 1 and errors[0].startswith("sbatch refused the train job")
     assert not list(runs.glob("*/slurm"))
+
+
+# --- smaller one-line errors and help texts -------------------------------------------------------------------------
+
+def test_unknown_weights_name_and_empty_prep_input_say_what_is_wrong(cli, tmp_path, capsys):
+    status, _, _, out, _ = cli("weights", "list", "nosuchnet")
+    assert status == 0 and "nosuchnet\tnot a timm model name" in out
+    csv = tmp_path / "empty.csv"
+    csv.write_text("path,label\n")
+    status, errors, *_ = cli("prep", "folder", "--csv", str(csv), "--out", str(tmp_path / "shards"))
+    assert status == 2 and errors == [f"empty: no inputs: CSV {csv} lists no videos, frame folders or images"]
+    assert not (tmp_path / "shards").exists()
+
+
+def test_config_errors_name_the_range_the_file_and_list_configs_one_per_line(cli, tmp_path):
+    status, errors, *_ = cli("config", "--config", "tiny-cpu", "train.epochs=-3")
+    assert status == 2 and errors == ["key 'train.epochs': invalid value -3, must be >= 1"]
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("base: nosuch\n")
+    status, errors, *_ = cli("config", "--config", str(bad))
+    assert status == 2 and errors[0].startswith(f"{bad}: key 'base': config 'nosuch': no such file")
+    assert "  paper" in errors and "  tiny-cpu" in errors  # one packaged name per line
+
+
+def test_prep_help_texts(capsys):
+    for argv, text in ((["prep", "celebdf", "--help"], "Celeb-DF v2 root"),
+                       (["prep", "wdf", "--help"], "WildDeepfake root"),
+                       (["prep", "merge", "--help"], "the shard root the --part runs wrote"),
+                       (["prep", "sample", "--help"], "an even number >= 6"),
+                       (["prep", "ffpp", "--help"], "--splits SPLITS")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = " ".join(capsys.readouterr().out.split())
+        assert text in out and "[--splits" not in out, (argv, text)  # --splits is required, not optional

@@ -302,7 +302,11 @@ def run(args: argparse.Namespace) -> int:
     listed = {name for name, _ in rows}
     for name in args.names:
         if name not in listed:
-            rows.append((name, offline_source(name) or "not available offline"))
+            try:
+                _pretrained_cfg(name)  # an unknown or weightless name is said as such, not as "not offline"
+                rows.append((name, offline_source(name) or "not available offline (`ltm weights fetch` it)"))
+            except WeightsError as exc:
+                rows.append((name, str(exc).removeprefix(f"backbone {name!r}: ")))
     for name, source in sorted(rows):
         print(f"{name}\t{source}")
     return 0
