@@ -24,7 +24,6 @@ sees a shard only when both files are complete. Tar member mtimes are fixed so t
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterable
@@ -33,6 +32,8 @@ from typing import Any
 
 import wds2idx
 import webdataset as wds
+
+from data_prep.jpeg import jpeg_bytes  # noqa: F401  (re-exported: prep's and the tests' encoder)
 
 DEFAULT_MAX_SAMPLES = 2000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
@@ -202,10 +203,3 @@ def read_shard(path: str | Path) -> list[dict]:
     return list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
 
 
-def jpeg_bytes(image, quality: int = 95) -> bytes:
-    """Encode an RGB uint8 array (H, W, 3) as JPEG (PIL, 4:4:4 chroma so crops keep colour detail)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0)
-    return buf.getvalue()

@@ -217,6 +217,50 @@ def check_prep(prep_args: list[str]) -> None:
     refuse(problems)
 
 
+# --- prediction over a corpus ------------------------------------------------------------------------------------
+
+def check_predict(args: argparse.Namespace) -> tuple[list[str], Path]:
+    """`ltm submit predict`: the inputs list files, the run or exported model loads, and a table is named.
+    Returns the files and the table."""
+    from ltm.predict import media_files, table_path
+
+    problems: list[str] = []
+    files, folders = [], []
+    try:
+        files, folders = media_files(args.inputs)
+    except ValueError as exc:
+        problems.append(str(exc))
+    missing = [f for f in files if not Path(f).exists()]
+    problems += [f"{f}: no such file" for f in missing]
+    if (args.run is None) == (args.model is None):
+        problems.append("give --run RUN_FOLDER or --model FILE (an `ltm export` file), one of them")
+    elif args.model:
+        from ltm.exported import ExportError, read_metadata
+
+        try:
+            read_metadata(args.model)
+        except (ExportError, ImportError) as exc:
+            problems.append(str(exc))
+    else:
+        from ltm.evaluate import load_run_config, resolve_tag
+
+        try:
+            load_run_config(Path(args.run) / "config.yaml", args.overrides or [])
+            if not args.weights:
+                resolve_tag(args.run, args.tag)
+            elif not Path(args.weights).is_file():
+                problems.append(f"--weights {args.weights!r}: no such file")
+        except (FileNotFoundError, ValueError) as exc:
+            problems.append(f"--run {args.run}: {exc}")
+    table = None
+    if not problems:
+        table = table_path(args, folders)
+        if table is None:
+            problems.append("the array's merged table needs a name: a folder among the inputs, or --csv FILE")
+    refuse(problems)
+    return files, table
+
+
 # --- reproduce -----------------------------------------------------------------------------------------------------
 
 def check_plans(plans: list, tflops: float | None = None, launch: bool = True) -> list[str]:

@@ -2,7 +2,7 @@
 
     ltm submit train --config paper --nodes 2 --gpus-per-node 8 --eval ffpp_c23/test train.run_dir=runs/x
     ltm submit eval --run runs/x --data celebdf_v2/test
-    ltm submit prep ffpp --input /data/FaceForensics++ --out shards --array 8
+    ltm submit prep ffpp --root /data/FaceForensics++ --splits /data/ffpp-splits --out shards --array 8
 
 Training runs one task per GPU (one per node without GPUs), every task calling `ltm.engine.train` in-process
 (launcher.jobs.TrainJob); `--eval` chains an evaluation job (`afterok`, cancelled if training fails). `prep`
@@ -35,8 +35,8 @@ from typing import Any
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from launcher.checks import check_eval, check_prep, check_train
-from launcher.jobs import EvalJob, PrepMergeJob, PrepPartJob, TrainJob
+from launcher.checks import check_eval, check_predict, check_prep, check_train
+from launcher.jobs import CommandJob, EvalJob, PrepMergeJob, PrepPartJob, TrainJob
 from ltm.config import Config, ConfigError, LaunchConfig, load_config, to_dict
 
 log = logging.getLogger("ltm.launcher")
@@ -340,6 +340,87 @@ def submit_prep(
     return out_jobs
 
 
+# --- predict over a corpus -----------------------------------------------------------------------------------------
+
+def predict_argv(args: argparse.Namespace, table: Path) -> list[str]:
+    """`ltm predict` arguments with every path absolute (the tasks may start in another directory)."""
+    def absolute(path: str) -> str:
+        return str(Path(path).absolute())
+
+    argv = [absolute(p) for p in args.inputs]
+    for flag, value, is_path in (("--run", args.run, True), ("--model", args.model, True), ("--tag", args.tag, False),
+                                 ("--weights", args.weights, True), ("--frames", args.frames, False),
+                                 ("--detector", args.detector, False), ("--detector-model", args.detector_model, True)):
+        if value is not None:
+            argv += [flag, absolute(value) if is_path else str(value)]
+    return [*argv, "--csv", str(table.absolute()), *args.overrides]
+
+
+def submit_predict(
+    predict_args: list[str],
+    array: int,
+    launch: LaunchConfig | None = None,
+    dry_run: bool = False,
+) -> dict[str, Submitted]:
+    """`ltm predict <predict_args> --part i/N` as an N-task array (each a deterministic slice of the files,
+    resumable through its journal), then `ltm predict ... --merge N` after all of them: one table, input order.
+
+    A rerun of the same submission skips the files the tasks already scored. Logs go to `<table dir>/.slurm/`."""
+    from ltm import predict as predict_cli
+
+    if array < 1:
+        raise ConfigError(f"--array {array}: must be >= 1")
+    parser = argparse.ArgumentParser(prog="ltm predict", add_help=False)
+    predict_cli.add_arguments(parser)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(predict_args)
+    except SystemExit:
+        lines = [line.split("error:", 1)[1].strip() for line in stderr.getvalue().splitlines() if "error:" in line]
+        raise ConfigError(f"ltm predict: {lines[-1] if lines else 'bad arguments'}") from None
+    if args.part or args.merge is not None:
+        raise ConfigError("predict: --part and --merge are set by the array; use --array N")
+    launch = launch or LaunchConfig()
+    files, table = check_predict(args)
+    if launch.gpus_per_node > 0:
+        args.device = "cuda"
+    argv = predict_argv(args, table)
+    device = ["--device", args.device] if args.device != "auto" else []
+    folder = submission_folder(table.parent / ".slurm", "predict")
+    created = highest_missing(folder)
+    params = executor_parameters(launch, f"ltm-predict-{table.stem}", tasks_per_node=1, nodes=1)
+    if launch.gpus_per_node > 0:
+        params["gpus_per_node"] = 1
+    parts = [CommandJob(["predict", *argv, *device, "--part", f"{i}/{array}"]) for i in range(array)]
+    merge = CommandJob(["predict", *argv, "--merge", str(array)])
+    out: dict[str, Submitted] = {}
+    if dry_run:
+        out["parts"] = Submitted("predict", folder, batch_script(folder, params, array=array))
+        dependency = "afterok:PREDICT_ARRAY_JOB_ID"
+    else:
+        executor = submitit.SlurmExecutor(folder=folder)
+        executor.update_parameters(**params)
+        with cleaned_up_on_failure(folder, "predict array"):
+            jobs = executor.submit_array(parts)
+        array_id = str(jobs[0].job_id).split("_")[0]
+        script = jobs[0].paths.submission_file.read_text() if jobs[0].paths.submission_file.exists() else ""
+        out["parts"] = Submitted("predict", folder, script, job_id=array_id, job=jobs,
+                                 logs=[p for j in jobs for p in (j.paths.stderr, j.paths.stdout)])
+        dependency = f"afterok:{array_id}"
+    merge_params = _with_dependency(dict(params, job_name=f"ltm-predict-{table.stem}-merge"), dependency)
+    merge_params.pop("gpus_per_node", None)
+    try:
+        out["merge"] = _submit("merge", folder, merge_params, merge, dry_run)
+    except SubmitError:
+        cancel(out["parts"].job_id)
+        remove_created(created)
+        raise
+    log.info("%d files in %d parts -> %s", len(files), array, table)
+    out["table"] = table  # type: ignore[assignment]
+    return out
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------------
 
 def add_launch_arguments(p: argparse.ArgumentParser, dry_run: bool = True) -> None:
@@ -364,7 +445,7 @@ def add_launch_arguments(p: argparse.ArgumentParser, dry_run: bool = True) -> No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="submit_kind", metavar="{train,eval,prep}", required=True)
+    sub = parser.add_subparsers(dest="submit_kind", metavar="{train,eval,prep,predict}", required=True)
 
     p = sub.add_parser("train", help="multi-node training (+ chained evaluation with --eval)")
     p.add_argument("--config", default="paper", help="packaged config name or YAML path")
@@ -392,6 +473,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_launch_arguments(p)
     p.add_argument("prep_args", nargs=argparse.REMAINDER, help="`ltm prep` arguments: <dataset> [options]")
 
+    p = sub.add_parser("predict", help="score a corpus of videos/images as an array of N slices plus a merge job",
+                       description="ltm submit predict <inputs> (--run R | --model FILE) [ltm predict options] "
+                                   "--array N [SLURM options]; options not listed here go to `ltm predict`.")
+    p.add_argument("--array", type=int, default=1, help="number of slices (array tasks)")
+    add_launch_arguments(p)
+    p.add_argument("predict_args", nargs=argparse.REMAINDER, help="`ltm predict` arguments: inputs and options")
+
 
 def launch_from_args(args: argparse.Namespace, launch: LaunchConfig) -> LaunchConfig:
     """Command-line flags over the config's launch.* keys."""
@@ -417,14 +505,16 @@ def launch_from_args(args: argparse.Namespace, launch: LaunchConfig) -> LaunchCo
     return dataclasses.replace(launch, **changes)
 
 
-def _prep_split(args: argparse.Namespace) -> list[str]:
-    """Launch flags may also follow the dataset: pull them out of the `ltm prep` arguments."""
+def _prep_split(args: argparse.Namespace, rest_key: str = "prep_args") -> list[str]:
+    """Launch flags may also follow the dataset (or the inputs): pull them out of the `ltm prep` (`ltm predict`)
+    arguments."""
     launch_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     launch_parser.add_argument("--array", type=int)
-    launch_parser.add_argument("--logs")
-    launch_parser.add_argument("--dataset")
+    if rest_key == "prep_args":
+        launch_parser.add_argument("--logs")
+        launch_parser.add_argument("--dataset")
     add_launch_arguments(launch_parser)
-    known, rest = launch_parser.parse_known_args(args.prep_args)
+    known, rest = launch_parser.parse_known_args(getattr(args, rest_key))
     for key, value in vars(known).items():
         if value not in (None, False):
             setattr(args, key, value)
@@ -465,6 +555,12 @@ def run(args: argparse.Namespace) -> int:
         results = submit_prep(prep_args, args.array, launch=launch, logs_dir=args.logs, dataset=args.dataset,
                               dry_run=args.dry_run)
         print(f"parts={args.array} (--part i/{args.array}), then merge")
+    elif kind == "predict":
+        predict_args = _prep_split(args, "predict_args")
+        launch = launch_from_args(args, LaunchConfig())
+        results = submit_predict(predict_args, args.array, launch=launch, dry_run=args.dry_run)
+        table = results.pop("table")
+        print(f"parts={args.array} (--part i/{args.array}), then merge into {table}")
     else:  # argparse restricts the choices
         raise ConfigError(f"unknown submit kind {kind!r}")
     _print(results, args.dry_run)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ltm.engine", "train a detector with DeepSpeed (one process, --nproc N local ranks, or SLURM)"),
     "eval": ("ltm.evaluate", "score shard folders with a run's checkpoint: frame/video AUC report and plots"),
     "predict": ("ltm.predict", "P(fake) for a video or image file, per frame, with attention pictures"),
+    "export": ("ltm.export", "write one inference head (the student by default) as ONNX or TorchScript"),
     "submit": ("launcher.submit", "submit train / eval / prep jobs to SLURM with submitit"),
     "reproduce": ("ltm.reproduce", "run or collect one of the paper's tables (Tables 1-5)"),
     "weights": ("ltm.models.weights", "ImageNet backbone weights: fetch into the cache, list what loads offline"),

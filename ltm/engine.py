@@ -155,8 +155,15 @@ class MetricsLog:
         """Keep the lines up to the resumed step: a run killed after its checkpoint logged steps it will redo."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:  # the last line of a run killed mid-write (node crash, full disk)
+                log.warning("%s: dropping a line cut short by an earlier crash: %.80s", self.path, line)
+                continue
+            if record is not None and record.get("step", 0) <= step:
+                kept.append(line)
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

@@ -10,11 +10,11 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
 
 log = logging.getLogger(__name__)
 
-VIDEO_AGGREGATIONS = ("mean", "max")
+VIDEO_REDUCE = {"mean": np.mean, "max": np.max}  # a video's score from its frames' scores (eval and predict)
+VIDEO_AGGREGATIONS = tuple(VIDEO_REDUCE)
 
 
 def _two_classes(labels: np.ndarray) -> bool:
@@ -23,11 +23,15 @@ def _two_classes(labels: np.ndarray) -> bool:
 
 def auc(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
     """Area under the ROC curve (the paper's metric); None when only one class is present."""
+    from sklearn.metrics import roc_auc_score  # here, not at the top: `ltm predict --model` imports this module
+
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     return float(roc_auc_score(labels, scores)) if _two_classes(labels) else None
 
 
 def average_precision(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    from sklearn.metrics import average_precision_score
+
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     return float(average_precision_score(labels, scores)) if _two_classes(labels) else None
 
@@ -38,6 +42,8 @@ def eer(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarr
     sklearn's ROC points are joined by straight lines; on the segment where FNR - FPR changes sign both rates
     are linear in the same parameter, so the crossing is found exactly by linear interpolation.
     """
+    from sklearn.metrics import roc_curve
+
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     if not _two_classes(labels):
         return None
@@ -55,6 +61,8 @@ def accuracy(
     labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float = 0.5
 ) -> float:
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    from sklearn.metrics import accuracy_score
+
     return float(accuracy_score(labels.astype(int), (scores >= threshold).astype(int)))
 
 
@@ -74,7 +82,7 @@ def video_scores(
         groups.setdefault(key, []).append(i)
     labels_arr = np.asarray(labels, dtype=np.float64)
     scores_arr = np.asarray(scores, dtype=np.float64)
-    reduce = np.mean if agg == "mean" else np.max
+    reduce = VIDEO_REDUCE[agg]
     ids, video_labels, video_score = [], [], []
     for key, idx in groups.items():
         frame_labels = labels_arr[idx]

@@ -55,9 +55,28 @@ class CropSettings:
 
 
 @dataclass
+class ScoreSettings:
+    """How frames become a file's score: the model's input size, and the evaluation's batch, video aggregation and
+    decision threshold (so that predict and `ltm eval` agree)."""
+
+    image_size: int
+    batch_size: int = 64
+    video_agg: str = "mean"
+    threshold: float = 0.5
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ScoreSettings:
+        return cls(cfg.data.image_size, cfg.eval.batch_size, cfg.eval.video_agg, cfg.eval.threshold)
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> ScoreSettings:
+        return cls(int(meta["image_size"]), 64, meta.get("video_agg", "mean"), float(meta.get("threshold", 0.5)))
+
+
+@dataclass
 class Prediction:
     file: str
-    p_fake: float  # mean of the frames' P(fake)
+    p_fake: float  # the frames' P(fake), aggregated as the evaluation does (eval.video_agg: mean or max)
     frames: list[dict] = field(default_factory=list)  # {frame, p_fake, box}
     no_face: list[int] = field(default_factory=list)  # frame indices where no face was found
     pictures: list[str] = field(default_factory=list)
@@ -136,18 +155,9 @@ def media_files(inputs: list[str]) -> tuple[list[str], list[Path]]:
 
 
 def write_csv(path: Path, results: list[tuple[str, Prediction | None, str | None]]) -> None:
-    """One row per input file: path, p_fake, frames (scored), no_face (frames without one), detector, error."""
-    from ltm.report import atomic_write_text
-
-    buf = io.StringIO()
-    out = csv.writer(buf, lineterminator="\n")
-    out.writerow(["path", "p_fake", "frames", "no_face", "detector", "error"])
-    for file, pred, error in results:
-        if pred is None:
-            out.writerow([file, "", 0, "", "", error])
-        else:
-            out.writerow([file, f"{pred.p_fake:.6f}", len(pred.frames), len(pred.no_face), pred.detector, ""])
-    atomic_write_text(path, buf.getvalue())  # temp name then rename: a reader never sees half a table
+    """One row per input file: path, p_fake, frames (scored), no_face (frames without one), detector, error;
+    written to a temp name and renamed: a reader never sees half a table."""
+    write_rows(path, [row_of(file, pred, error) for file, pred, error in results])
 
 
 def read_frames(path: Path, n_frames: int | None) -> list[tuple[int, np.ndarray]]:
@@ -162,8 +172,7 @@ def read_frames(path: Path, n_frames: int | None) -> list[tuple[int, np.ndarray]
 
 def face_batch(frames: list[tuple[int, np.ndarray]], detector, crop: CropSettings, image_size: int):
     """Face crops as the model's input (B,3,S,S) in [0, 1]: prep's crop + JPEG, then the loader's decode + resize."""
-    from data_prep.shards import jpeg_bytes
-    from ltm.data.reference import decode_jpeg
+    from data_prep.jpeg import decode_jpeg, jpeg_bytes
 
     faces = detector.crop([f for _, f in frames], crop.size, crop.scale)
     kept, boxes, no_face, images = [], [], [], []
@@ -171,7 +180,7 @@ def face_batch(frames: list[tuple[int, np.ndarray]], detector, crop: CropSetting
         if face is None:
             no_face.append(index)
             continue
-        pixels = decode_jpeg(jpeg_bytes(face.crop, crop.quality), image_size, f"frame {index}")
+        pixels = decode_jpeg(jpeg_bytes(face.crop, crop.quality), image_size)
         images.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div(255.0))
         kept.append(index)
         boxes.append({"box": face.crop_box, "face": face.box})  # the square cut, and the face as detected
@@ -179,42 +188,49 @@ def face_batch(frames: list[tuple[int, np.ndarray]], detector, crop: CropSetting
     return batch, kept, boxes, no_face
 
 
+def model_device(model) -> torch.device:
+    device = getattr(model, "device", None)  # an ExportedModel says where it runs
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
 def predict_file(
     path: str | os.PathLike,
-    model: nn.Module,
-    cfg: Config,
+    model,
+    settings: ScoreSettings,
     detectors: Detectors,
     crop: CropSettings,
     n_frames: int | None = 32,
     heatmap_dir: str | os.PathLike | None = None,
-    batch_size: int = 32,
 ) -> Prediction:
-    """Score one video or image file; a file where no frame shows a face is an error naming it."""
+    """Score one video or image file with `model.predict` (a trained model or an `ExportedModel`); a file where no
+    frame shows a face is an error naming it."""
+    from ltm.metrics import VIDEO_REDUCE
+
     path = Path(path)
     frames = read_frames(path, n_frames)
     name = detectors.choose(frames)
-    images, kept, boxes, no_face = face_batch(frames, detectors.get(name), crop, cfg.data.image_size)
+    images, kept, boxes, no_face = face_batch(frames, detectors.get(name), crop, settings.image_size)
     if not kept:
         raise ValueError(f"{path}: no face found in any of its {len(frames)} sampled frames (detector {name})")
-    device = next(model.parameters()).device
+    device, step = model_device(model), settings.batch_size
     with torch.inference_mode():
-        probs = torch.cat([model.predict(images[i:i + batch_size].to(device)).float().cpu()
-                           for i in range(0, len(images), batch_size)]).tolist()
-    result = Prediction(str(path), float(np.mean(probs)), no_face=no_face, detector=name)
+        probs = torch.cat([model.predict(images[i:i + step].to(device)).float().cpu()
+                           for i in range(0, len(images), step)]).tolist()
+    result = Prediction(str(path), float(VIDEO_REDUCE[settings.video_agg](probs)), no_face=no_face, detector=name)
     result.frames = [{"frame": i, "p_fake": p, **b} for i, p, b in zip(kept, probs, boxes)]
     if heatmap_dir is not None:
-        result.pictures = write_heatmaps(Path(heatmap_dir), path, model, images, kept, probs, batch_size)
+        result.pictures = write_heatmaps(Path(heatmap_dir), path, model, images, kept, probs, step)
     return result
 
 
 def write_heatmaps(folder: Path, path: Path, model: nn.Module, images: torch.Tensor, kept: list[int],
                    probs: list[float], batch_size: int) -> list[str]:
-    from ltm.report import _safe, plot_attention
-
     if not hasattr(model, "explain"):
         log.info("model kind %s has no teacher attention: no heatmaps written", type(model).__name__)
         return []
-    device = next(model.parameters()).device
+    from ltm.report import _safe, plot_attention
+
+    device = model_device(model)
     # FF++ names a video `<target>_<source>` in every method folder: the path's digest keeps their pictures apart
     tag = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
     written = []
@@ -232,7 +248,9 @@ def write_heatmaps(folder: Path, path: Path, model: nn.Module, images: torch.Ten
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+",
                         help="video or image files, or folders (every video and image under them, recursively)")
-    parser.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints/)")
+    parser.add_argument("--run", help="run folder (holds config.yaml and checkpoints/)")
+    parser.add_argument("--model", help="an exported head (`ltm export`: .onnx or TorchScript .pt) instead of --run: "
+                        "needs only `pip install 'ltm[predict]'`")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/latest)")
     parser.add_argument("--weights", default=None, help="a consolidated fp32 state-dict file instead of a tag")
     parser.add_argument("--frames", type=int, default=32, help="frames per video, evenly spaced (32; 0 = all)")
@@ -248,50 +266,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", metavar="FILE", default=None,
                         help="write one row per file (path, p_fake, frames, no_face, detector, error) to FILE "
                              "(default with a folder among the inputs: <run>/predict/<first folder's name>.csv)")
+    parser.add_argument("--part", metavar="I/N", help="score only the I-th of N slices of the files (0-based; "
+                        "files I, I+N, ...), resumably: one SLURM array task (`ltm submit predict`); needs a table")
+    parser.add_argument("--merge", type=int, metavar="N", help="merge the N parts' tables into the --csv table "
+                        "(input order, every file exactly once) and score nothing")
     parser.add_argument("overrides", nargs="*", default=[], help="config key=value overrides")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Score the inputs; under `accelerate launch` (or any launcher's ranks) each process takes a share of the
-    files and the main process prints every result in input order.
+    """Score the inputs with a run's checkpoint (`--run`) or an exported head (`--model`).
 
-    With a table (a folder among the inputs, or --csv) a file that fails gets its error in the table and the
-    others go on; the exit status is then 1. Without one, the first failing file (in input order) is the error."""
-    from accelerate.utils import gather_object
-    from tqdm import tqdm
-
+    With `--run` under `accelerate launch` (or any launcher's ranks) each process takes a share of the files and the
+    main process prints every result in input order. With a table (a folder among the inputs, or --csv) a file that
+    fails gets its error in the table and the others go on; the exit status is then 1. Without one, the first
+    failing file (in input order) is the error."""
     from data_prep.video import VideoError
-    from ltm.evaluate import load_model, scoring_accelerator
 
+    if (args.run is None) == (args.model is None):
+        raise ValueError("give --run RUN_FOLDER (a training run) or --model FILE (an `ltm export` file), one of them")
     files, folders = media_files(args.inputs)
-    # beside `ltm eval`'s reports, not in the data folder (often read-only or shared)
-    table = Path(args.csv) if args.csv else (
-        Path(args.run) / "predict" / f"{folders[0].resolve().name or 'root'}.csv" if folders else None)
+    table = table_path(args, folders)
+    if args.merge is not None:
+        if table is None:
+            raise ValueError("--merge needs the table: a folder among the inputs or --csv FILE")
+        rows = merge_parts(table, files, args.merge)
+        print(f"{table}: {plural(len(rows), 'file')} from {plural(args.merge, 'part')}, "
+              f"{sum(1 for r in rows if r['error'])} failed")
+        return 0
     if table is not None:
         _check_writable(table)  # before an hour of scoring, not after
-    model, cfg, source = load_model(args.run, args.tag, args.weights, args.overrides, "cpu")
-    with scoring_accelerator(cfg.train.precision, args.device) as accelerator:
-        model = accelerator.prepare_model(model, evaluation_mode=True)  # this rank's device, no DDP wrapper
-        crop = crop_settings(cfg)
-        detectors = Detectors(crop, args.detector, str(accelerator.device), args.detector_model)
-        log.info("weights %s; crops %d px x%.2f (settings from %s), detector %s", source, crop.size, crop.scale,
-                 crop.source, args.detector or f"per file (none for {crop.size}x{crop.size} crops, else "
-                 f"{crop.detector if crop.detector != 'none' else 'mtcnn'})")
-        # a table keeps going past any failing file (decoder errors included); one file at a time stops at it
-        caught = Exception if table is not None else (ValueError, FileNotFoundError, VideoError)
-        mine: list[tuple[int, Prediction | None, str | None]] = []
-        with accelerator.split_between_processes(list(enumerate(files))) as share, accelerator.autocast():
-            bar = tqdm(share, desc="predict", unit="file", disable=not accelerator.is_main_process or len(files) < 2)
-            for i, path in bar:
-                try:
-                    mine.append((i, predict_file(path, model, cfg, detectors, crop, args.frames or None,
-                                                 args.heatmap, cfg.eval.batch_size), None))
-                except caught as exc:  # reported in input order, after the files before it
-                    error = str(exc) if str(exc).startswith(str(path)) else f"{path}: {type(exc).__name__}: {exc}"
-                    mine.append((i, None, error))
-        results = sorted(gather_object(mine), key=lambda r: r[0])
-        if not accelerator.is_main_process:
-            return 0
+    if args.part:
+        if table is None:
+            raise ValueError("--part needs a table: a folder among the inputs or --csv FILE")
+        return score_part(args, files, table)
+    # a table keeps going past any failing file (decoder errors included); one file at a time stops at it
+    caught = Exception if table is not None else (ValueError, FileNotFoundError, VideoError)
+    scored = _score_exported(args, files, caught) if args.model else _score_run(args, files, caught)
+    if scored is None:  # a rank other than the main process
+        return 0
+    results, settings = scored
     failed = 0
     for _, pred, error in results:
         if error is not None:
@@ -309,15 +322,212 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name}  frame {f['frame']:6d}  P(fake) {f['p_fake']:.4f}")
         if pred.no_face:
             print(f"{name}  no face in frames {pred.no_face}")
-        verdict = "fake" if pred.p_fake >= cfg.eval.threshold else "real"
-        print(f"{pred.file}: P(fake) = {pred.p_fake:.4f} (mean of {plural(len(pred.frames), 'frame')}, detector "
-              f"{pred.detector}) -> {verdict}")
+        verdict = "fake" if pred.p_fake >= settings.threshold else "real"
+        print(f"{pred.file}: P(fake) = {pred.p_fake:.4f} ({settings.video_agg} of {plural(len(pred.frames), 'frame')}, "
+              f"detector {pred.detector}) -> {verdict}")
         for p in pred.pictures:
             print(f"heatmap: {p}")
     if table is not None:
         write_csv(table, [(files[i], pred, error) for i, pred, error in results])
         print(f"{table}: {plural(len(results), 'file')}, {failed} failed")
     return 1 if failed else 0
+
+
+Result = tuple[int, "Prediction | None", "str | None"]
+
+
+def _score_one(i: int, path: str, model, settings: ScoreSettings, detectors: Detectors, crop: CropSettings,
+               args: argparse.Namespace, caught) -> Result:
+    try:
+        return i, predict_file(path, model, settings, detectors, crop, args.frames or None, args.heatmap), None
+    except caught as exc:  # reported in input order, after the files before it
+        return i, None, str(exc) if str(exc).startswith(str(path)) else f"{path}: {type(exc).__name__}: {exc}"
+
+
+def _log_setup(source: str, crop: CropSettings, args: argparse.Namespace) -> None:
+    log.info("weights %s; crops %d px x%.2f (settings from %s), detector %s", source, crop.size, crop.scale,
+             crop.source, args.detector or f"per file (none for {crop.size}x{crop.size} crops, else "
+             f"{crop.detector if crop.detector != 'none' else 'mtcnn'})")
+
+
+def _score_exported(args: argparse.Namespace, files: list[str], caught, on_result=None
+                    ) -> tuple[list[Result], ScoreSettings]:
+    """One process, onnxruntime or TorchScript: nothing of the training stack is imported. `on_result(file, pred,
+    error)` is called as each file ends (the array mode's journal)."""
+    from tqdm import tqdm
+
+    from ltm.exported import ExportedModel
+
+    if args.overrides or args.tag or args.weights:
+        raise ValueError("--tag, --weights and config overrides go with --run; an exported model carries its weights "
+                         "and settings")
+    model = ExportedModel(args.model, args.device)
+    crop = CropSettings(**model.meta["crop"], source=f"{args.model} (exported from {model.meta.get('crop_from')})")
+    settings = ScoreSettings.from_metadata(model.meta)
+    detectors = Detectors(crop, args.detector, str(model.device), args.detector_model)
+    _log_setup(f"{args.model} ({model.meta['head']} head, {model.format})", crop, args)
+    bar = tqdm(list(enumerate(files)), desc="predict", unit="file", disable=len(files) < 2)
+    results = []
+    for i, path in bar:
+        results.append(_score_one(i, path, model, settings, detectors, crop, args, caught))
+        if on_result is not None:
+            on_result(path, *results[-1][1:])
+    return results, settings
+
+
+def _score_run(args: argparse.Namespace, files: list[str], caught, on_result=None
+               ) -> tuple[list[Result], ScoreSettings] | None:
+    from accelerate.utils import gather_object
+    from tqdm import tqdm
+
+    from ltm.evaluate import load_model, scoring_accelerator
+
+    model, cfg, source = load_model(args.run, args.tag, args.weights, args.overrides, "cpu")
+    settings = ScoreSettings.from_config(cfg)
+    with scoring_accelerator(cfg.train.precision, args.device) as accelerator:
+        model = accelerator.prepare_model(model, evaluation_mode=True)  # this rank's device, no DDP wrapper
+        crop = crop_settings(cfg)
+        detectors = Detectors(crop, args.detector, str(accelerator.device), args.detector_model)
+        _log_setup(source, crop, args)
+        with accelerator.split_between_processes(list(enumerate(files))) as share, accelerator.autocast():
+            bar = tqdm(share, desc="predict", unit="file", disable=not accelerator.is_main_process or len(files) < 2)
+            mine = []
+            for i, path in bar:
+                mine.append(_score_one(i, path, model, settings, detectors, crop, args, caught))
+                if on_result is not None:  # array mode: one process per task, so this is the only rank
+                    on_result(path, *mine[-1][1:])
+        results = sorted(gather_object(mine), key=lambda r: r[0])
+        if not accelerator.is_main_process:
+            return None
+    return results, settings
+
+
+def table_path(args: argparse.Namespace, folders: list[Path]) -> Path | None:
+    """`--csv`, else with a folder among the inputs `<run or model's folder>/predict/<folder name>.csv`: beside
+    `ltm eval`'s reports, not in the data folder (often read-only or shared)."""
+    if args.csv:
+        return Path(args.csv)
+    if not folders:
+        return None
+    base = Path(args.run) if args.run else Path(args.model).parent
+    return base / "predict" / f"{folders[0].resolve().name or 'root'}.csv"
+
+
+# --- array mode: one slice of the files per SLURM task, a journal per slice, and the merge ------------------------
+#
+# <table dir>/.<table name>.parts/<i>-of-<N>.jsonl  one line per scored file, appended and fsynced as each file ends:
+#                                                   a rerun skips the files listed, a crash loses the file in hand
+# <table dir>/.<table name>.parts/<i>-of-<N>.csv    the slice's table, written atomically when the slice is done
+# <table>                                           `--merge N`: every slice's rows in input order, atomically
+
+CSV_COLUMNS = ("path", "p_fake", "frames", "no_face", "detector", "error")
+
+
+def parts_dir(table: Path) -> Path:
+    return table.parent / f".{table.name}.parts"
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--part {text!r}: needs 0 <= I < N")
+    return i, n
+
+
+def row_of(file: str, pred: Prediction | None, error: str | None) -> dict:
+    if pred is None:
+        return {"path": file, "p_fake": "", "frames": 0, "no_face": "", "detector": "", "error": error}
+    return {"path": file, "p_fake": f"{pred.p_fake:.6f}", "frames": len(pred.frames), "no_face": len(pred.no_face),
+            "detector": pred.detector, "error": ""}
+
+
+def read_journal(path: Path) -> dict[str, dict]:
+    """Rows of a slice's journal by path; a last line cut short by a crash is dropped (that file is scored again)."""
+    rows: dict[str, dict] = {}
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: dropping a line cut short by an earlier crash: %.80s", path, line)
+            continue
+        rows[row["path"]] = row
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    from ltm.files import atomic_write_text
+
+    buf = io.StringIO()
+    out = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    out.writeheader()
+    out.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def score_part(args: argparse.Namespace, files: list[str], table: Path) -> int:
+    """Score slice I of N (files I, I+N, ...) with its journal; exit 0 once the slice is done, failed files
+    being rows with their error (a task that failed would keep the merge job from running)."""
+    i, n = parse_part(args.part)
+    mine = files[i::n]
+    folder = parts_dir(table)
+    folder.mkdir(parents=True, exist_ok=True)
+    journal = folder / f"{i}-of-{n}.jsonl"
+    done = read_journal(journal)
+    if journal.is_file():  # cut a line left half-written by a crash, so that the next line starts on its own
+        data = journal.read_bytes()
+        if not data.endswith(b"\n") and data:
+            with open(journal, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    todo = [f for f in mine if f not in done]
+    log.info("part %d of %d: %d files, %d already scored (%s), %d to score", i, n, len(mine), len(mine) - len(todo),
+             journal, len(todo))
+    if todo:
+        args = argparse.Namespace(**{**vars(args), "heatmap": None})
+        with open(journal, "a") as out:
+            def record(file: str, pred: Prediction | None, error: str | None) -> None:
+                row = row_of(file, pred, error)
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                done[file] = row
+                log.info("%s: %s", file, row["error"] or f"P(fake) {row['p_fake']}")
+
+            if args.model:
+                _score_exported(args, todo, Exception, on_result=record)
+            else:
+                _score_run(args, todo, Exception, on_result=record)
+    rows = [done[f] for f in mine]
+    write_rows(folder / f"{i}-of-{n}.csv", rows)
+    failed = sum(1 for r in rows if r["error"])
+    print(f"{folder / f'{i}-of-{n}.csv'}: part {i} of {n}, {plural(len(rows), 'file')}, {failed} failed")
+    return 0
+
+
+def merge_parts(table: Path, files: list[str], n: int) -> list[dict]:
+    """The N slices' tables as one, in input order; a missing slice or a file not scored exactly once is an error."""
+    folder = parts_dir(table)
+    missing = [f"{i}-of-{n}.csv" for i in range(n) if not (folder / f"{i}-of-{n}.csv").is_file()]
+    if missing:
+        raise ValueError(f"{folder}: no table for part(s) {', '.join(missing)} (their tasks have not finished)")
+    rows: dict[str, dict] = {}
+    for i in range(n):
+        with open(folder / f"{i}-of-{n}.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if row["path"] in rows:
+                    raise ValueError(f"{folder}: {row['path']} is in two parts' tables")
+                rows[row["path"]] = row
+    absent = [f for f in files if f not in rows]
+    if absent:
+        raise ValueError(f"{folder}: {plural(len(absent), 'file')} of the inputs in no part's table, e.g. {absent[0]} "
+                         f"(were the parts run with other inputs or another N?)")
+    merged = [rows[f] for f in files]
+    write_rows(table, merged)
+    return merged
 
 
 def _check_writable(path: Path) -> None:

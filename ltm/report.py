@@ -26,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from ltm.files import atomic_write_bytes, atomic_write_text, temp_name  # noqa: E402, F401  (re-exported)
 from ltm.metrics import video_scores  # noqa: E402
 
 SCORE_COLUMNS = ("key", "video", "method", "label", "score")
@@ -33,25 +34,6 @@ SCORE_COLUMNS = ("key", "video", "method", "label", "score")
 
 def fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def atomic_savefig(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> None:

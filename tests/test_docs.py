@@ -4,7 +4,10 @@ Commands come from fenced code blocks (shell or unlabelled), with `\\` continuat
 and shell variables set in the same block (`W=...`, `for c in a b; do`) substituted by their (first) value.
 Parsing is `ltm.cli.build_parser(command).parse_args(argv)` with the command's module imported, so a wrong flag,
 a missing required option or a bad choice fails here. `ltm config` and `ltm weights list` run for real. Relative
-links between the pages must point at existing files and headings.
+links between the pages must point at existing files and headings. Figures and facts that the pages share with the
+code stay agreed: the demo's step count (tiny-cpu), the preemption signal (the batch scripts), `--splits` in every
+`prep ffpp` example, no path outside the project as a requirement, met / not met beside every benchmark target, and
+the GPU hours that `ltm reproduce tableN --estimate` prints.
 """
 
 from __future__ import annotations
@@ -156,3 +159,179 @@ def test_links_resolve(page):
         assert dest.exists(), f"{page.relative_to(ROOT)}: link to {target} - no such file"
         if anchor and dest.suffix == ".md":
             assert anchor in anchors(dest), f"{page.relative_to(ROOT)}: link to {target} - no such heading"
+
+
+# --- figures and facts the pages share with the code: they must stay agreed -----------------------------------------
+
+def page(name: str) -> str:
+    return (ROOT / name).read_text()
+
+
+def paragraphs(text: str) -> list[str]:
+    return [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def items(text: str) -> list[str]:
+    """Paragraphs, with every table row and list item on its own (continuation lines joined)."""
+    units = []
+    for para in paragraphs(text):
+        for unit in re.split(r"\n(?=\s*(?:\||- |\d+\. ))", para):
+            units.append(" ".join(line.strip() for line in unit.splitlines()))
+    return units
+
+
+def test_demo_step_count_is_tiny_cpus():
+    """`make demo` trains tiny-cpu as shipped: every step count the README gives for it, the schedule that
+    training.md and method.md describe, and demo.sh's comment equal tiny-cpu's iters_per_epoch x epochs."""
+    from ltm.config import load_config
+
+    train = load_config("tiny-cpu").train
+    steps = train.iters_per_epoch * train.epochs
+    readme = page("README.md")
+    demo = readme[readme.index("## What `make demo` prints"):readme.index("Before ImageNet initialisation")]
+    counts = [int(n) for n in re.findall(r"\b(\d+) steps\b", demo)]
+    assert len(counts) >= 2, "README: no demo step count found"
+    assert set(counts) == {steps}, f"README: the demo trains {steps} steps (tiny-cpu), the page says {counts}"
+    script = (ROOT / "scripts" / "demo.sh").read_text()
+    assert re.findall(r"\b(\d+) steps\b", script) == [str(steps)], "scripts/demo.sh: step count"
+    for name in ("docs/training.md", "docs/method.md"):
+        schedules = [(int(e), int(i)) for item in items(page(name)) if "tiny-cpu" in item
+                     for e, i in re.findall(r"\b(\d+) epochs of (\d+) steps\b", item)]
+        assert schedules, f"{name}: tiny-cpu's schedule is not described"
+        assert set(schedules) == {(train.epochs, train.iters_per_epoch)}, f"{name}: tiny-cpu's schedule {schedules}"
+
+
+USR_SIGNAL_CLAIMS = (
+    re.compile(r"SLURM[^.;|()]{0,40}?`?SIG(USR\d)\b"),  # "SLURM sends `SIGUSR2` ..."
+    re.compile(r"`?SIG(USR\d)`?\s*\((?:SLURM|the preemption)"),  # "SIGUSR2 (SLURM's preemption warning)"
+)
+
+
+def test_preemption_signal_matches_the_batch_scripts(tmp_path):
+    """The signal the pages say SLURM sends before the end is the one ltm's batch scripts ask for."""
+    from launcher.submit import batch_script, executor_parameters
+    from ltm.config import LaunchConfig
+
+    script = batch_script(tmp_path, executor_parameters(LaunchConfig(), "docs"))
+    signal, delay = re.search(r"^#SBATCH --signal=(?:B:)?(\w+)@(\d+)$", script, flags=re.M).groups()
+    sbatch = (ROOT / "slurm" / "train.sbatch").read_text()
+    assert re.search(r"^#SBATCH --signal=(?:B:)?(\w+)@(\d+)$", sbatch, flags=re.M).groups() == (signal, delay)
+    claimed = {}
+    for path in PAGES:
+        text = path.read_text()
+        for pattern in USR_SIGNAL_CLAIMS:
+            for m in pattern.finditer(text):
+                claimed.setdefault(path.name, []).append(m.group(1))
+        for m in re.finditer(r"--signal=(?:B:)?(\w+)@(\d+)", text):
+            assert m.groups() == (signal, delay), f"{path.name}: `{m.group(0)}`, the batch script has {signal}@{delay}"
+    assert "gpu.md" in claimed and "slurm.md" in claimed, claimed
+    wrong = {name: names for name, names in claimed.items() if set(names) != {signal}}
+    assert not wrong, f"SLURM sends SIG{signal} (#SBATCH --signal={signal}@{delay}), the pages say {wrong}"
+
+
+def test_prep_ffpp_examples_give_splits():
+    """`ltm prep ffpp` requires --splits: every example with options (code blocks, inline, sbatch lines) has it."""
+    found = 0
+    for path in PAGES:
+        text = path.read_text().replace("\\\n", " ")
+        for m in re.finditer(r"(?:\bprep|slurm/prep\.sbatch) ffpp\b([^`\n]*)", text):
+            options = m.group(1)
+            if "--" not in options:
+                continue  # the command named, not an example
+            found += 1
+            assert "--splits" in options, f"{path.name}: `{m.group(0).strip()}` lacks --splits"
+    assert found >= 5, found
+
+
+def test_nothing_outside_the_project_is_needed():
+    """No page sends a user to ../shared/tools; the optional test media beside the checkout are named as optional."""
+    for path in PAGES:
+        text = path.read_text()
+        assert "shared/tools" not in text, f"{path.name}: points to ../shared/tools, which users do not have"
+        for para in paragraphs(text):
+            if "shared/" in para:
+                assert "optional" in para, f"{path.name}: ../shared named as if it were required: {para[:200]!r}"
+
+
+def test_benchmark_targets_say_met_or_not():
+    """Every target on benchmarks.md stands next to its figure with `met` or `not met`."""
+    text = page("docs/benchmarks.md")
+    table = [line for line in text.splitlines() if line.startswith("| `bench/")]
+    assert len(table) >= 6
+    for line in table:
+        last = line.strip().strip("|").split("|")[-1]
+        assert re.search(r"\bmet\b|not measured", last), f"benchmarks.md summary: {line[:60]!r} says neither"
+    targets = re.findall(r"\(target\b[^)]*\)", text)
+    assert len(targets) >= 5
+    for target in targets:
+        assert re.search(r"\bmet\b", target), f"benchmarks.md: {target!r} without met / not met"
+    for m in re.finditer(r'"target": [\d.]+`?', text):
+        assert re.search(r"\bmet\b", text[m.end():m.end() + 20]), f"benchmarks.md: {m.group(0)} without met / not met"
+
+
+def expand_braces(name: str) -> list[str]:
+    m = re.search(r"\{([^{}]*)\}", name)
+    if not m:
+        return [name]
+    return [n for part in m.group(1).split(",") for n in expand_braces(name[:m.start()] + part + name[m.end():])]
+
+
+@pytest.fixture(scope="module")
+def printed_estimates(tmp_path_factory):
+    """{table: ({run: (GFLOP/img, GPU h)}, total)} as `ltm reproduce tableN --runs DIR --estimate` prints them."""
+    from ltm.paper_results import TABLES
+    from ltm.reproduce import cost
+    from ltm.reproduce.plan import plan_table, select
+
+    model_gflops, counted = cost.model_gflops, {}
+
+    def once_per_model(cfg):  # the same model in several runs: count its FLOPs once
+        key = (repr(cfg.model), cfg.data.image_size)
+        if key not in counted:
+            counted[key] = model_gflops(cfg)
+        return counted[key]
+
+    printed = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cost, "model_gflops", once_per_model)
+        for name in sorted(TABLES):
+            empty = tmp_path_factory.mktemp(name)  # no shards (nominal frame counts), no runs (all to do)
+            plans = plan_table(select(TABLES[name], None, None), empty / "shards", empty / "runs")
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                cost.print_estimate(cost.estimate(plans, tflops=cost.DEFAULT_TFLOPS), cost.DEFAULT_TFLOPS)
+            lines = out.getvalue().splitlines()
+            runs = {w[0]: (w[1], w[-1]) for w in (line.split() for line in lines[1:-1])}
+            printed[name] = (runs, re.match(r"total ([\d.]+) GPU hours", lines[-1]).group(1))
+    return printed
+
+
+def test_reproduce_gpu_hours_are_the_estimates(printed_estimates):
+    """docs/reproduce.md's GPU hours per run and per table are what `ltm reproduce tableN --estimate` prints."""
+    text = page("docs/reproduce.md")
+    section = text[text.index("## 5. Compute"):text.index("## 6.")]
+    assert "printed by `ltm reproduce tableN --runs /tmp/est --estimate`" in section
+    quoted: dict[str, dict[str, tuple[str, str]]] = {}
+    totals: dict[str, tuple[str, int]] = {}
+    for line in section.splitlines():
+        m = re.match(r"\|\s*(\d)\s*\|(.*)\|(.*)\|(.*)\|\s*$", line)
+        if not m:
+            continue
+        table, runs, gflop, hours = f"table{m.group(1)}", m.group(2), m.group(3).strip(), m.group(4).strip("* ")
+        if "total" in runs:
+            totals[table] = (hours, int(re.search(r"\((\d+) runs", runs).group(1)))
+            continue
+        for group in re.findall(r"`([^`]+)`", runs):
+            for run in expand_braces(group):
+                quoted.setdefault(table, {})[run] = (gflop, hours)
+    assert set(quoted) == set(printed_estimates), sorted(quoted)
+    for table, (runs, total) in printed_estimates.items():
+        assert quoted[table] == runs, f"docs/reproduce.md {table}: the page says {quoted[table]}, printed {runs}"
+        assert totals[table] == (total, len(runs)), f"docs/reproduce.md {table} total: {totals[table]}, printed {total}"
+    every_run: dict[str, float] = {}
+    for runs, _ in printed_estimates.values():
+        for run, (_, hours) in runs.items():
+            every_run[run] = max(every_run.get(run, 0.0), float(hours))
+    tables_sum = sum(float(total) for _, total in printed_estimates.values())
+    assert f"The five totals add up to {tables_sum:.1f} GPU hours" in section
+    assert f"**{sum(every_run.values()):.2f} GPU hours for {len(every_run)} distinct runs**" in section

@@ -236,3 +236,4 @@ def test_prep_help_texts(capsys):
             main(argv)
         out = " ".join(capsys.readouterr().out.split())
         assert text in out and "[--splits" not in out, (argv, text)  # --splits is required, not optional
+

@@ -503,3 +503,16 @@ def test_universal_resume_at_the_same_world_size(run_a, tmp_path):
     assert (run_dir / "checkpoints" / "universal" / tag_for(4) / COMPLETE).is_file()
     assert_same_weights(module_state(run_dir, tag_for(6)), run_a["weights"])
     assert records(run_dir, "train") == run_a["train"]
+
+
+def test_resume_keeps_metrics_when_the_last_line_was_cut_short(tmp_path):
+    """A node crash mid-write leaves half a JSON line in metrics.jsonl; the resumed run drops it and goes on."""
+    from ltm.engine import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"type": "train", "step": 1}\n{"type": "train", "step": 2}\n{"type": "train", "step": 3}\n'
+                    '{"type": "train", "st')
+    log = MetricsLog(tmp_path, start_step=2, enabled=True)
+    log.write({"type": "train", "step": 3, "loss": 0.5})
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]

@@ -12,7 +12,6 @@ tars with webdataset in stored order.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from data_prep import jpeg
 from ltm.data import check_state, loader_identity
 from ltm.data.shards import Shard, ShardError, Source, rank_range, sample_ids
 
@@ -36,11 +35,7 @@ WORKER_TIMEOUT_S = 300
 def decode_jpeg(data: bytes, size: int, where: str) -> np.ndarray:
     """JPEG bytes -> uint8 (size, size, 3) RGB; resized (bilinear, antialiased) only when the stored size differs."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.array(im)  # writable copy: torch.from_numpy needs one
+        return jpeg.decode_jpeg(data, size)
     except Exception as exc:  # PIL raises several types for broken files; all mean "not a readable JPEG"
         raise ShardError(f"{where}: corrupt JPEG ({type(exc).__name__}: {exc})") from exc
 

@@ -66,7 +66,7 @@ class TokenViT(nn.Module):
         The maps are every block's with `all_attentions`, else only the last block's (all that Eq. 2-4 use).
         """
         tokens = self.proj(features.flatten(2).transpose(1, 2))
-        x = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
         attentions = []
         for i, block in enumerate(self.blocks):
             x, attn = block(x, need_attention=all_attentions or i == len(self.blocks) - 1)
