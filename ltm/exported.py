@@ -63,8 +63,12 @@ class ExportedModel:
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        # as many threads as torch uses (OMP_NUM_THREADS, a SLURM task's CPUs): onnxruntime would otherwise take
+        # every core of the node, and array tasks sharing a node would fight over them
+        options.intra_op_num_threads = torch.get_num_threads()
         try:
-            session = ort.InferenceSession(str(self.path), providers=providers)
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own types for unreadable or invalid graphs
             raise ExportError(f"{self.path}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from None
         raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
