@@ -101,6 +101,7 @@ class TrainConfig:
     ckpt_every: int = 300  # steps; epoch ends always save
     keep_last: int = 3
     deterministic: bool = True
+    peak_tflops: float = 0.0  # one device's peak TFLOP/s for the logged MFU (0: the GPU's entry in ltm.engine's table)
 
 
 @dataclass

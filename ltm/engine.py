@@ -236,6 +236,36 @@ class TrainState:
     window_steps: int = 0
 
 
+# ------------------------------------------------------------------------------------------------ throughput
+
+# Dense peak TFLOP/s of one device from its datasheet: (bf16/fp16, tf32 for fp32 training). MFU is achieved / peak.
+PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
+               "A10": (125.0, 62.5), "L4": (121.0, 60.0), "V100": (125.0, 15.7), "RTX 4090": (165.0, 82.6)}
+
+
+def peak_tflops(cfg: Config, device: torch.device) -> float | None:
+    """`train.peak_tflops`, else the table's entry for this GPU and precision; None on the CPU or an unknown GPU."""
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32) in PEAK_TFLOPS.items():
+        if key in name:
+            return half if cfg.train.precision in ("bf16", "fp16") else tf32
+    log.info("no peak TFLOP/s known for %s: set train.peak_tflops to log MFU", name)
+    return None
+
+
+def train_flops_per_step(cfg: Config) -> float:
+    """FLOPs of one optimizer step of the whole job: 3x the model's training forward (forward + backward) per image,
+    counted by torch's FlopCounterMode on the meta device (ltm.reproduce.cost), times the global batch."""
+    from ltm.reproduce.cost import model_gflops
+
+    forward_gflop, _ = model_gflops(cfg)
+    return 3 * forward_gflop * 1e9 * cfg.train.batch_size
+
+
 # ------------------------------------------------------------------------------------------------ the trainer
 
 
@@ -313,8 +343,11 @@ class Trainer:
             # validator: frame AUC on the val shards
             self.validator = Validator(cfg, env)
 
-            # logs: metrics.jsonl + TensorBoard + a progress bar on rank 0
+            # logs: metrics.jsonl + TensorBoard + a progress bar on rank 0; throughput against the model's FLOPs
             self.metrics = MetricsLog(self.run_dir, self.state.step, self.is_main)
+            self.flops_per_step = train_flops_per_step(cfg)
+            self.peak_tflops = peak_tflops(cfg, env.device)
+            self._window_wait = 0.0  # seconds this window spent waiting for the loader
             self.saved_step = self.state.step if self.resume_tag else -1
             self._window_start = time.perf_counter()
             self.progress = None
@@ -415,8 +448,10 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns whether any rank asked to stop."""
         sums: dict[str, torch.Tensor] = {}
         for _ in range(self.cfg.train.grad_accum):
+            waited = time.perf_counter()
             with torch.random.fork_rng(devices=[]):  # the loader's own draws must not shift the model's
                 images, labels = next(self.loader)
+            self._window_wait += time.perf_counter() - waited
             out = self.engine(images.to(self.dtype), labels)
             self.engine.backward(out["loss"])
             self.engine.step()  # DeepSpeed updates at the accumulation boundary only
@@ -454,6 +489,13 @@ class Trainer:
         record.update({k: v / max(1, s.window_steps) for k, v in s.window.items()})
         record.update({"lr": self.lr(), "images_per_s": s.window_steps * self.cfg.train.batch_size / elapsed,
                        "samples": s.samples, "time": time.time()})
+        # rank 0's view: the share of step time spent waiting for the next batch, and the job's achieved FLOP rate
+        record["data_stall"] = min(1.0, self._window_wait / elapsed)
+        record["tflops"] = s.window_steps * self.flops_per_step / elapsed / 1e12
+        if self.peak_tflops:
+            record["mfu"] = record["tflops"] / (self.peak_tflops * self.env.world_size)
+        if self.env.device.type == "cuda":
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         self.metrics.write(record)
         if self.progress is not None and not self.progress.disable:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -462,7 +504,7 @@ class Trainer:
             log.info("step %d/%d loss %.4f lr %.2e %.1f img/s", s.step, self.total_steps, record["loss"],
                      record["lr"], record["images_per_s"])
         s.window, s.window_steps = {}, 0
-        self._window_start = time.perf_counter()
+        self._window_start, self._window_wait = time.perf_counter(), 0.0
 
     def validate(self) -> dict:
         started = time.perf_counter()

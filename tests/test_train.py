@@ -89,13 +89,16 @@ def module_state(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
                       weights_only=False)["module"]
 
 
+WALL_CLOCK = ("time", "images_per_s", "data_stall", "tflops", "mfu", "max_memory_gb")
+
+
 def records(run_dir: Path, kind: str) -> list[dict]:
     """metrics.jsonl lines of one type, without wall-clock fields."""
     out = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r["type"] == kind:
-            out.append({k: v for k, v in r.items() if k not in ("time", "images_per_s")})
+            out.append({k: v for k, v in r.items() if k not in WALL_CLOCK})
     return out
 
 
@@ -516,3 +519,49 @@ def test_resume_keeps_metrics_when_the_last_line_was_cut_short(tmp_path):
     log.write({"type": "train", "step": 3, "loss": 0.5})
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+class SlowLoader:
+    """A planted data stall: the real loader behind a 1.5 s sleep per batch (a tiny step takes well under that)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __next__(self):
+        time.sleep(1.5)
+        return next(self.inner)
+
+    def __iter__(self):
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_logged_throughput_data_stall_and_mfu(shards, tmp_path, monkeypatch):
+    """Every train record has images/s, the data-stall fraction, achieved TFLOP/s (from the model's FLOP count) and,
+    with a peak, MFU; a loader that sleeps shows as a stall above 50%."""
+    import ltm.data
+    from ltm.engine import Trainer, train_flops_per_step
+
+    stalls = {}
+    for name, slow in (("plain", False), ("slow", True)):
+        if slow:
+            real = ltm.data.build_train_loader
+            monkeypatch.setattr(ltm.data, "build_train_loader", lambda *a, real=real, **k: SlowLoader(real(*a, **k)))
+        cfg = load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=4, epochs=1, log_every=2,
+                                       val_every=0, ckpt_every=4),
+                          ["data.val=[]", "train.peak_tflops=2.0"])
+        trainer = Trainer(cfg)
+        trainer.fit()
+        trainer.close()
+        logged = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        train_records = [r for r in logged if r["type"] == "train"]
+        assert len(train_records) == 2
+        flops = train_flops_per_step(cfg)
+        for r in train_records:
+            # TFLOP/s and images/s come from the same steps and seconds: their ratio is the FLOPs per image
+            assert r["tflops"] * 1e12 / r["images_per_s"] == pytest.approx(flops / cfg.train.batch_size, rel=1e-6)
+            assert r["mfu"] == pytest.approx(r["tflops"] / 2.0) and 0 <= r["data_stall"] <= 1
+        stalls[name] = max(r["data_stall"] for r in train_records)
+    assert stalls["slow"] > 0.5 and stalls["plain"] < stalls["slow"]
