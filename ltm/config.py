@@ -81,6 +81,12 @@ class DataConfig:
 
 
 @dataclass
+class ProfileConfig:
+    start: int = 0  # first optimizer step traced (1-based); 0 = no profiling
+    steps: int = 0  # steps traced from `start`
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     batch_size: int = 32  # global batch (the paper's unit); per rank = batch_size / (world * grad_accum)
@@ -102,6 +108,7 @@ class TrainConfig:
     keep_last: int = 3
     deterministic: bool = True
     peak_tflops: float = 0.0  # one device's peak TFLOP/s for the logged MFU (0: the GPU's entry in ltm.engine's table)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler trace of steps start..+steps-1
 
 
 @dataclass
@@ -257,6 +264,9 @@ def validate(cfg: Config) -> None:
         "model.vit.depth": (cfg.model.vit.depth > 0, ">= 1"),
         "model.student_hidden": (cfg.model.student_hidden >= 0, ">= 0 (0: a linear head)"),
         "model.mask_warmup": (cfg.model.mask_warmup >= 0, ">= 0"),
+        "train.profile.start": (cfg.train.profile.start >= 0, ">= 0 (0: off)"),
+        "train.profile.steps": (cfg.train.profile.steps >= 0 and (cfg.train.profile.steps > 0) ==
+                                (cfg.train.profile.start > 0), ">= 1 with train.profile.start, else 0"),
         "data.image_size": (cfg.data.image_size >= 32, ">= 32"),
         "train.batch_size": (cfg.train.batch_size > 0, ">= 1"),
         "train.grad_accum": (cfg.train.grad_accum > 0, ">= 1"),

@@ -348,6 +348,7 @@ class Trainer:
             self.flops_per_step = train_flops_per_step(cfg)
             self.peak_tflops = peak_tflops(cfg, env.device)
             self._window_wait = 0.0  # seconds this window spent waiting for the loader
+            self.profiler = None
             self.saved_step = self.state.step if self.resume_tag else -1
             self._window_start = time.perf_counter()
             self.progress = None
@@ -444,8 +445,27 @@ class Trainer:
             if epoch_end:
                 return False
 
+    def profile(self) -> None:
+        """`train.profile`: a torch.profiler trace of steps start .. start+steps-1 on rank 0, written under
+        `<run>/profile/` (TensorBoard's profiler plugin or Perfetto read it). It only observes: the step is the same."""
+        p, next_step = self.cfg.train.profile, self.state.step + 1
+        if not self.is_main or not p.steps:
+            return
+        if next_step == p.start and self.profiler is None:
+            from torch.profiler import ProfilerActivity, profile, tensorboard_trace_handler
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.env.device.type == "cuda" else [])
+            self.profiler = profile(activities=activities, record_shapes=True, with_stack=False,
+                                    on_trace_ready=tensorboard_trace_handler(str(self.run_dir / "profile")))
+            self.profiler.__enter__()
+            log.info("profiling steps %d..%d into %s", p.start, p.start + p.steps - 1, self.run_dir / "profile")
+        elif next_step == p.start + p.steps and self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
+
     def train_step(self) -> bool:
         """One optimizer step over grad_accum micro-batches; returns whether any rank asked to stop."""
+        self.profile()
         sums: dict[str, torch.Tensor] = {}
         for _ in range(self.cfg.train.grad_accum):
             waited = time.perf_counter()
@@ -523,6 +543,9 @@ class Trainer:
         return result
 
     def finish(self, status: str) -> dict:
+        if self.profiler is not None:  # the run ended (or was stopped) inside the profiled steps
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
         if self.saved_step != self.state.step:
             self.save()
         result = {

@@ -565,3 +565,26 @@ def test_logged_throughput_data_stall_and_mfu(shards, tmp_path, monkeypatch):
             assert r["mfu"] == pytest.approx(r["tflops"] / 2.0) and 0 <= r["data_stall"] <= 1
         stalls[name] = max(r["data_stall"] for r in train_records)
     assert stalls["slow"] > 0.5 and stalls["plain"] < stalls["slow"]
+
+
+def test_profile_writes_a_trace_and_changes_nothing(shards, tmp_path):
+    """train.profile traces steps 2..3 on rank 0 into <run>/profile/ (a Chrome/Perfetto trace); the weights and
+    the logged losses equal those of the same run without it."""
+    from ltm.engine import Trainer
+
+    states = {}
+    for name, profile in (("plain", []), ("profiled", ["train.profile.start=2", "train.profile.steps=2"])):
+        cfg = load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=4, epochs=1, log_every=1,
+                                       val_every=0, ckpt_every=4), ["data.val=[]", *profile])
+        trainer = Trainer(cfg)
+        trainer.fit()
+        states[name] = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+        trainer.close()
+    assert_same_weights(states["plain"], states["profiled"])
+    assert records(tmp_path / "plain", "train") == records(tmp_path / "profiled", "train")
+    traces = list((tmp_path / "profiled" / "profile").glob("*.pt.trace.json"))
+    assert len(traces) == 1 and not (tmp_path / "plain" / "profile").exists()
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    assert any("ProfilerStep" in e.get("name", "") or "aten::" in e.get("name", "") for e in events)
+    with pytest.raises(ConfigError, match="train.profile.steps"):
+        load_config("tiny-cpu", ["train.profile.start=3"])
