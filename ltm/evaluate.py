@@ -347,8 +347,12 @@ def evaluate(
     cfg_overrides: list[str] | None = None,
     weights: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
+    threshold_from: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Score each data folder (default: the config's `data.test`); one report dict per folder (DESIGN.md keys).
+
+    `threshold_from`: a validation folder scored first; its EER threshold replaces `eval.threshold` for the
+    accuracy of every report (which names the folder).
 
     Runs on the ranks the environment describes (a world of one without it); every rank returns the same list,
     the main process writes `<out_dir or run/eval>/<dataset>-<split>/` (its reports carry `report_dir`).
@@ -357,7 +361,7 @@ def evaluate(
     model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, "cpu")
     try:
         with scoring_accelerator(cfg.train.precision) as accelerator:
-            return _score_folders(accelerator, model, cfg, source, run_dir, data, out_dir)
+            return _score_folders(accelerator, model, cfg, source, run_dir, data, out_dir, threshold_from)
     finally:
         for k, v in saved_env.items():  # variables set for this world must not leak into later jobs of the process
             if v is None:
@@ -366,13 +370,25 @@ def evaluate(
                 os.environ[k] = v
 
 
-def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_dir, data, out_dir) -> list[dict]:
+def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_dir, data, out_dir,
+                   threshold_from=None) -> list[dict]:
     from ltm import report as report_mod
+    from ltm.metrics import eer_threshold
 
     model = accelerator.prepare_model(model, evaluation_mode=True)  # this rank's device, no DDP wrapper
     folders = [resolve_folder(f, cfg) for f in (data or cfg.data.test)]
     if not folders:
         raise ValueError(f"{Path(run_dir) / 'config.yaml'}: data.test is empty and no --data was given")
+    threshold, threshold_folder = cfg.eval.threshold, None
+    if threshold_from is not None:
+        threshold_folder = resolve_folder(threshold_from, cfg)
+        rows, _, counts = score_folder(model, cfg, threshold_folder, accelerator, cfg.eval.batch_size, 0)
+        rows = gather_rows(rows, counts)
+        threshold = eer_threshold([r.label for r in rows], [r.score for r in rows])
+        if threshold is None:
+            raise ValueError(f"--threshold-from {str(threshold_folder)!r}: needs real and fake samples to place a "
+                             "threshold")
+        log.info("threshold %.4g: the EER point of %s (%d frames)", threshold, threshold_folder, len(rows))
     out_root = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
     reports = []
     for folder in folders:
@@ -385,10 +401,11 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
         if not rows:
             raise ValueError(f"shard folder {str(folder)!r}: the loader yielded no samples")
         metrics = compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
-                                  [r.score for r in rows], cfg.eval.video_agg, cfg.eval.threshold)
+                                  [r.score for r in rows], cfg.eval.video_agg, threshold)
         report = {
             "name": name,
             **metrics,
+            "threshold_from": str(threshold_folder) if threshold_folder is not None else None,
             "checkpoint": source,
             "data": str(folder),
             "run": str(run_dir),
@@ -420,6 +437,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-agg", choices=VIDEO_AGGREGATIONS, default=None,
                         help="frame scores -> video score (default: eval.video_agg)")
     parser.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: eval.batch_size)")
+    parser.add_argument("--threshold-from", metavar="FOLDER", default=None,
+                        help="a validation shard folder: its EER threshold, instead of eval.threshold, decides the "
+                             "accuracy of every --data report")
     parser.add_argument("--out", default=None, help="report root (default: <run>/eval)")
     parser.add_argument("--nproc", type=int, default=1, help="start N local ranks")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. data.loader=reference")
@@ -429,7 +449,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "RANK" not in os.environ:
         argv = ["-m", "ltm.cli", "eval", "--run", str(args.run)]
         for flag, value in (("--tag", args.tag), ("--weights", args.weights), ("--video-agg", args.video_agg),
-                            ("--batch-size", args.batch_size), ("--out", args.out)):
+                            ("--batch-size", args.batch_size), ("--out", args.out),
+                            ("--threshold-from", args.threshold_from)):
             if value is not None:
                 argv += [flag, str(value)]
         for folder in args.data or []:
@@ -440,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"eval.video_agg={args.video_agg}")
     if args.batch_size:
         overrides.append(f"eval.batch_size={args.batch_size}")
-    reports = evaluate(args.run, args.data, args.tag, overrides, args.weights, args.out)
+    reports = evaluate(args.run, args.data, args.tag, overrides, args.weights, args.out, args.threshold_from)
     if "report_dir" in reports[-1]:  # the main process, which wrote the reports
         from ltm.report import print_table
 

@@ -57,6 +57,39 @@ def eer(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarr
     return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
 
 
+LOW_FPRS = (0.01, 0.001)  # the operating points reported next to AUC: TPR at 1% and 0.1% false positives
+
+
+def tpr_at_fpr(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray,
+               max_fpr: float) -> dict | None:
+    """The best true-positive rate whose false-positive rate is at most `max_fpr`, with its threshold (P(fake) >=
+    threshold is called fake) and the FPR reached: a point of the ROC curve, not an interpolation, so that the
+    threshold really gives it. None without both classes."""
+    from sklearn.metrics import roc_curve
+
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if not _two_classes(labels):
+        return None
+    # every threshold (no dropped "intermediate" points): the best one may lie inside a straight stretch of the curve
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    ok = np.flatnonzero(fpr <= max_fpr)
+    i = ok[np.argmax(tpr[ok])]  # fpr[0] = 0 always qualifies (threshold +inf: nothing called fake)
+    return {"tpr": float(tpr[i]), "fpr": float(fpr[i]), "threshold": float(min(thresholds[i], 1.0))}
+
+
+def eer_threshold(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    """The threshold of the ROC point nearest the equal error rate (|FNR - FPR| smallest): the decision threshold
+    `ltm eval --threshold-from VAL` carries from a validation set to the test set."""
+    from sklearn.metrics import roc_curve
+
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if not _two_classes(labels):
+        return None
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    i = int(np.argmin(np.abs((1.0 - tpr) - fpr)))
+    return float(min(thresholds[i], 1.0))
+
+
 def accuracy(
     labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float = 0.5
 ) -> float:
@@ -119,6 +152,8 @@ def compute_metrics(
         "n_fake": int((labels_arr == 1).sum()),
         "video_agg": video_agg,
         "threshold": threshold,
+        "tpr_at_fpr": {f"{f:g}": tpr_at_fpr(labels_arr, scores_arr, f) for f in LOW_FPRS},
+        "video_tpr_at_fpr": {f"{f:g}": tpr_at_fpr(v_labels, v_scores, f) for f in LOW_FPRS},
     }
     real = labels_arr == 0
     per_method = {}

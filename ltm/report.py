@@ -48,10 +48,16 @@ def atomic_savefig(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> 
 # ---------------------------------------------------------------------------------------------------------------
 
 SUMMARY_COLUMNS = (("frames", "n_frames"), ("videos", "n_videos"), ("frame AUC", "frame_auc"),
-                   ("video AUC", "video_auc"), ("AP", "ap"), ("EER", "eer"), ("acc@0.5", "acc"))
+                   ("video AUC", "video_auc"), ("AP", "ap"), ("EER", "eer"), ("acc", "acc"),
+                   ("TPR@1%FPR", ("tpr_at_fpr", "0.01", "tpr")), ("TPR@0.1%FPR", ("tpr_at_fpr", "0.001", "tpr")))
 
 
-def _cell(report: dict, key: str) -> str:
+def _cell(report: dict, key: str | tuple[str, ...]) -> str:
+    if isinstance(key, tuple):  # a path into nested dicts; a missing level (older reports) reads as n/a
+        value: Any = report
+        for part in key:
+            value = value.get(part) if isinstance(value, dict) else None
+        return fmt(value)
     value = report.get(key)
     return str(value) if key.startswith("n_") else fmt(value)
 
@@ -62,9 +68,21 @@ def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
               f"- model: {report['model']['kind']} ({report['model']['backbone']}, "
               f"head {report['model']['inference_head']}, {report['model']['image_size']} px)",
               f"- video score: {report['video_agg']} of its frames' P(fake); accuracy at P(fake) >= "
-              f"{report['threshold']}", ""]
+              f"{report['threshold']:.4g}" + (f" (the EER threshold of `{report['threshold_from']}`)"
+                                             if report.get("threshold_from") else ""), ""]
     lines += ["| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |", "|" + "---:|" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(_cell(report, k) for _, k in SUMMARY_COLUMNS) + " |", ""]
+    low = [(f, report.get("tpr_at_fpr", {}).get(f), report.get("video_tpr_at_fpr", {}).get(f))
+           for f in report.get("tpr_at_fpr", {})]
+    if low:
+        lines += ["Low false-positive operating points (the ROC point with the best TPR at FPR <= the target; "
+                  "threshold on P(fake)):", "", "| FPR target | frame TPR | frame threshold | video TPR | "
+                  "video threshold |", "|---:|---:|---:|---:|---:|"]
+        for target, frame, video in low:
+            lines.append(f"| {float(target):.1%} | {fmt((frame or {}).get('tpr'))} | "
+                         f"{fmt((frame or {}).get('threshold'))} | {fmt((video or {}).get('tpr'))} | "
+                         f"{fmt((video or {}).get('threshold'))} |")
+        lines.append("")
     if report["per_method"]:
         lines += ["Per fake method, against all real samples:", "",
                   "| method | fake frames | frame AUC | video AUC |", "|---|---:|---:|---:|"]

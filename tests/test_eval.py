@@ -287,6 +287,23 @@ def test_report_files(toy_runs, tmp_path):
     assert reports[1]["frame_auc"] is None and reports[1]["n_frames"] == 7
 
 
+def test_threshold_from_a_validation_folder_decides_the_accuracy(toy_runs, tmp_path):
+    from ltm.metrics import accuracy, eer_threshold
+
+    plain = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "plain")[0]
+    (report,) = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "val", threshold_from="toy/test")
+    rows = read_scores(tmp_path / "val" / "toy-test" / "scores.csv")
+    labels, scores = [r["label"] for r in rows], [r["score"] for r in rows]
+    # scores.csv holds 8 decimals: the sample at the threshold may round below it, hence the 1e-7 allowance
+    assert report["threshold"] == pytest.approx(eer_threshold(labels, scores), abs=1e-7) and report["threshold"] != 0.5
+    assert report["acc"] == pytest.approx(accuracy(labels, scores, report["threshold"] - 1e-7))
+    assert report["threshold_from"].endswith("toy/test") and plain["threshold_from"] is None
+    assert report["frame_auc"] == plain["frame_auc"]  # the threshold changes the accuracy only
+    md = (tmp_path / "val" / "toy-test" / "report.md").read_text()
+    assert "(the EER threshold of `" in md and "| FPR target | frame TPR |" in md
+    assert report["tpr_at_fpr"]["0.01"] is not None and "TPR@1%FPR" in md
+
+
 def test_consolidated_weights_file_and_baseline_without_attention(toy_runs, toy_shards, tmp_path):
     from ltm.models import build_model
 

@@ -45,3 +45,40 @@ def test_eer_equals_brute_force_reference(seed):
     labels[:2] = (0, 1)
     scores = np.round(rng.random(n) * 0.6 + labels * rng.random() * 0.5, 1)  # coarse: many ties
     assert metrics.eer(labels, scores) == pytest.approx(eer_brute_force(labels, scores), abs=1e-4)
+
+
+def tpr_at_fpr_brute_force(labels, scores, max_fpr):
+    """Every distinct score as a threshold (P(fake) >= t is fake): the best TPR among those with FPR <= max_fpr."""
+    labels, scores = np.asarray(labels, float), np.asarray(scores, float)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    best = (0.0, 0.0)  # above every score: nothing called fake
+    for t in sorted(set(scores.tolist())):
+        fpr, tpr = float((neg >= t).mean()), float((pos >= t).mean())
+        if fpr <= max_fpr and tpr > best[0]:
+            best = (tpr, fpr)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tpr_at_low_fpr_equals_brute_force_and_its_threshold_gives_it(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 3000)
+    scores = np.round(rng.normal(labels * 1.5, 1.0) / 8 + 0.5, 3)  # rounding makes ties
+    for max_fpr in (0.01, 0.001, 0.1):
+        got = metrics.tpr_at_fpr(labels, scores, max_fpr)
+        tpr, fpr = tpr_at_fpr_brute_force(labels, scores, max_fpr)
+        assert got["tpr"] == pytest.approx(tpr, abs=1e-12) and got["fpr"] == pytest.approx(fpr, abs=1e-12)
+        called = scores >= got["threshold"]  # the threshold reproduces the operating point it reports
+        assert called[labels == 1].mean() == pytest.approx(got["tpr"]) and called[labels == 0].mean() <= max_fpr
+    assert metrics.tpr_at_fpr([1, 1], [0.2, 0.3], 0.01) is None
+
+
+def test_eer_threshold_sits_where_the_two_error_rates_meet():
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    scores = [0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9]  # at t = 0.4..0.6: one real above, one fake below
+    t = metrics.eer_threshold(labels, scores)
+    s, y = np.asarray(scores), np.asarray(labels)
+    assert (s[y == 0] >= t).mean() == pytest.approx((s[y == 1] < t).mean())
+    report = metrics.compute_metrics([str(i) for i in range(8)], ["m"] * 8, labels, scores)
+    assert report["tpr_at_fpr"]["0.01"]["tpr"] == pytest.approx(0.75)  # 0.7, 0.8, 0.9: above the top real, 0.6
+    assert set(report["video_tpr_at_fpr"]) == {"0.01", "0.001"}
