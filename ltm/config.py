@@ -107,6 +107,8 @@ class TrainConfig:
     ckpt_every: int = 300  # steps; epoch ends always save
     keep_last: int = 3
     deterministic: bool = True
+    channels_last: bool = False  # NHWC training batches (activations follow; faster convolutions on tensor cores)
+    optimizer_impl: str = "default"  # SGD kernels: default (torch's choice) | foreach | fused | for-loop
     peak_tflops: float = 0.0  # one device's peak TFLOP/s for the logged MFU (0: the GPU's entry in ltm.engine's table)
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler trace of steps start..+steps-1
 
@@ -157,6 +159,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.on_bad_sample": ("error", "skip"),
     "train.zero_stage": (0, 1, 2),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.optimizer_impl": ("default", "foreach", "fused", "for-loop"),
     "eval.video_agg": ("mean", "max"),
 }
 

@@ -325,8 +325,10 @@ class Trainer:
             # optimizer: SGD with an ExponentialLR stepped once per epoch (Sec. 4.1), inside a DeepSpeed engine
             import deepspeed
 
+            kernels = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
+                       "for-loop": {"foreach": False}}[cfg.train.optimizer_impl]
             self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                             weight_decay=cfg.train.weight_decay)
+                                             weight_decay=cfg.train.weight_decay, **kernels)
             self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.train.lr_gamma)
             if self.universal:
                 self.checkpointer.to_universal(self.resume_tag)
@@ -472,6 +474,10 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # the loader's own draws must not shift the model's
                 images, labels = next(self.loader)
             self._window_wait += time.perf_counter() - waited
+            if self.cfg.train.channels_last:
+                # NHWC batches: convolutions follow their input's layout, so activations stay NHWC. The weights
+                # keep the standard layout: DeepSpeed broadcasts parameters viewed as bytes, which needs it.
+                images = images.contiguous(memory_format=torch.channels_last)
             out = self.engine(images.to(self.dtype), labels)
             self.engine.backward(out["loss"])
             self.engine.step()  # DeepSpeed updates at the accumulation boundary only

@@ -588,3 +588,42 @@ def test_profile_writes_a_trace_and_changes_nothing(shards, tmp_path):
     assert any("ProfilerStep" in e.get("name", "") or "aten::" in e.get("name", "") for e in events)
     with pytest.raises(ConfigError, match="train.profile.steps"):
         load_config("tiny-cpu", ["train.profile.start=3"])
+
+
+def _train_state(shards: Path, tmp_path: Path, name: str, *overrides: str, epochs: int = 1) -> dict:
+    from ltm.engine import Trainer
+
+    cfg = load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=3, epochs=epochs, log_every=1,
+                                   val_every=0, ckpt_every=3), ["data.val=[]", *overrides])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    state = {k: v.detach().clone().contiguous() for k, v in trainer.engine.module.state_dict().items()}
+    trainer.close()
+    return state
+
+
+def test_speed_options_train_the_same_model(shards, tmp_path):
+    """foreach/for-loop SGD kernels are the same arithmetic: bitwise equal weights. The fused kernel reorders
+    floating-point operations: weights within 1e-7 (relative) after 3 steps. channels_last changes the order of the
+    convolutions' sums: the first step's loss (the same weights) within 1e-5; this tiny config's later steps amplify
+    the rounding (its loss rises from 2.0 to 3.0 in 3 steps), so they are held to 1e-2 (fp32, CPU)."""
+    base = _train_state(shards, tmp_path, "default")
+    base_losses = [r["loss"] for r in records(tmp_path / "default", "train")]
+    assert_same_weights(base, _train_state(shards, tmp_path, "foreach", "train.optimizer_impl=foreach"))
+    assert_same_weights(base, _train_state(shards, tmp_path, "loop", "train.optimizer_impl=for-loop"))
+    fused = _train_state(shards, tmp_path, "fused", "train.optimizer_impl=fused")
+    assert max(float((base[k].float() - fused[k].float()).abs().max() / base[k].float().abs().max().clamp_min(1))
+               for k in base) < 1e-7
+    _train_state(shards, tmp_path, "nhwc", "train.channels_last=true")
+    losses = [r["loss"] for r in records(tmp_path / "nhwc", "train")]
+    assert losses[0] == pytest.approx(base_losses[0], abs=1e-5) and losses != base_losses
+    assert losses == pytest.approx(base_losses, abs=1e-2)
+
+
+def test_channels_last_run_resumes_exactly(shards, tmp_path):
+    """Checkpoints hold weights, not memory formats: a channels_last run killed after its first epoch and resumed
+    ends with the weights of the same run trained straight through."""
+    straight = _train_state(shards, tmp_path, "straight", "train.channels_last=true", epochs=2)
+    _train_state(shards, tmp_path, "split", "train.channels_last=true", epochs=1)
+    resumed = _train_state(shards, tmp_path, "split", "train.channels_last=true", epochs=2)
+    assert_same_weights(straight, resumed)
