@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce": ("ltm.reproduce", "run or collect one of the paper's tables (Tables 1-5)"),
     "weights": ("ltm.models.weights", "ImageNet backbone weights: fetch into the cache, list what loads offline"),
     "config": ("ltm.cli", "print a resolved config (packaged name or path, plus key=value overrides)"),
+    "env": ("ltm.env", "the installed builds (torch/CUDA, DALI, driver, DeepSpeed) and whether they fit together"),
 }
 
 

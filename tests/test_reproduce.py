@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -271,11 +272,22 @@ def test_rerun_skips_finished_runs_and_evaluates_only_what_is_missing(
 
 
 def test_failed_training_is_reported_and_not_evaluated(sample_shards: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
-    """Without --map the paper's FF++ methods are absent from the sample: the training fails, nothing is scored."""
+                                                       capsys: pytest.CaptureFixture,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Without --map the paper's FF++ methods are absent from the sample: refused before anything runs. With a shard
+    whose bytes are cut short (its folder passes that check), the training fails, and nothing is scored."""
     runs = tmp_path / "runs"
     argv = ["reproduce", "table4", "--shards", str(sample_shards), "--runs", str(runs), "--rows", "high",
             "--columns", "ffpp_c23", "--base", "tiny-cpu", "--local", *TINY]
+    assert main(argv) == 2 and not runs.exists()
+    assert "ffpp_c23_ltm: data.train 'ffpp_c23/train/Deepfakes': shard folder" in caplog.text
+
+    broken = tmp_path / "shards"
+    shutil.copytree(sample_shards, broken)
+    victim = sorted((broken / "ffpp_c23" / "train" / "SelfBlend").glob("*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[:2000])
+    argv = ["reproduce", "table4", "--shards", str(broken), "--runs", str(runs), "--rows", "high", "--columns",
+            "ffpp_c23", "--base", "tiny-cpu", "--local", *SAMPLE_MAP, *TINY]
     assert main(argv) == 1
     assert not (runs / "ffpp_c23_ltm" / "eval").exists()
     assert "| high | missing | 98.59 | — |" in (runs / "table4.md").read_text()

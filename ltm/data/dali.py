@@ -52,6 +52,13 @@ def decode_device(cfg, device: torch.device) -> str:
     cuda = torch.cuda.is_available()
     if cfg.data.device == "gpu" and not cuda:
         raise ValueError("data.device=gpu but CUDA is not available here (use auto or cpu)")
+    if cuda and device.type == "cuda":
+        from ltm.env import EnvironmentMismatch, check_dali_serves_driver, driver_cuda
+
+        try:  # one line before a GPU pipeline is built, not a CUDA error from inside DALI
+            check_dali_serves_driver(driver=driver_cuda())
+        except EnvironmentMismatch as exc:
+            raise ValueError(str(exc)) from None
     return "mixed" if cuda and cfg.data.device in ("auto", "gpu") and device.type == "cuda" else "cpu"
 
 
