@@ -19,10 +19,17 @@ def jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
 
 
 def decode_jpeg(data: bytes, size: int) -> np.ndarray:
-    """JPEG bytes -> uint8 (size, size, 3) RGB; resized (bilinear, antialiased) only when the stored size differs.
-    PIL's own error when the bytes are not a readable JPEG."""
+    """JPEG bytes -> uint8 (size, size, 3) RGB; resized (bilinear, antialiased) only when the stored size differs
+    (size 0: as stored). PIL's own error when the bytes are not a readable JPEG."""
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("RGB")
-        if im.size != (size, size):
+        if size and im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
         return np.array(im)  # writable copy: torch.from_numpy needs one
+
+
+def resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The loaders' resize (PIL bilinear, antialiased) of a uint8 RGB array, only when its size differs."""
+    if pixels.shape[:2] == (size, size):
+        return pixels
+    return np.array(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))

@@ -119,6 +119,7 @@ class EvalConfig:
     video_agg: str = "mean"  # mean | max
     attention_samples: int = 4  # per label, pictures under attention/
     threshold: float = 0.5
+    perturb: str | None = None  # TYPE:LEVEL, a test-time perturbation of every crop (ltm.perturb; reference loader)
 
 
 @dataclass

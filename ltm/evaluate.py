@@ -406,6 +406,7 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
             "name": name,
             **metrics,
             "threshold_from": str(threshold_folder) if threshold_folder is not None else None,
+            "perturbation": cfg.eval.perturb,
             "checkpoint": source,
             "data": str(folder),
             "run": str(run_dir),
@@ -437,6 +438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--video-agg", choices=VIDEO_AGGREGATIONS, default=None,
                         help="frame scores -> video score (default: eval.video_agg)")
     parser.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: eval.batch_size)")
+    parser.add_argument("--perturb", metavar="TYPE:LEVEL", default=None,
+                        help="score every crop under a DeeperForensics-style perturbation, e.g. blur:3 (types: "
+                             "saturation contrast block noise blur pixelate jpeg; levels 1-5; see ltm/perturb.py)")
     parser.add_argument("--threshold-from", metavar="FOLDER", default=None,
                         help="a validation shard folder: its EER threshold, instead of eval.threshold, decides the "
                              "accuracy of every --data report")
@@ -450,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
         argv = ["-m", "ltm.cli", "eval", "--run", str(args.run)]
         for flag, value in (("--tag", args.tag), ("--weights", args.weights), ("--video-agg", args.video_agg),
                             ("--batch-size", args.batch_size), ("--out", args.out),
-                            ("--threshold-from", args.threshold_from)):
+                            ("--threshold-from", args.threshold_from), ("--perturb", args.perturb)):
             if value is not None:
                 argv += [flag, str(value)]
         for folder in args.data or []:
@@ -461,6 +465,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"eval.video_agg={args.video_agg}")
     if args.batch_size:
         overrides.append(f"eval.batch_size={args.batch_size}")
+    if args.perturb:
+        overrides.append(f"eval.perturb={args.perturb}")
     reports = evaluate(args.run, args.data, args.tag, overrides, args.weights, args.out, args.threshold_from)
     if "report_dir" in reports[-1]:  # the main process, which wrote the reports
         from ltm.report import print_table

@@ -304,6 +304,20 @@ def test_threshold_from_a_validation_folder_decides_the_accuracy(toy_runs, tmp_p
     assert report["tpr_at_fpr"]["0.01"] is not None and "TPR@1%FPR" in md
 
 
+def test_perturbed_evaluation_is_deterministic_and_differs_from_clean(toy_runs, tmp_path):
+    """`ltm eval --perturb TYPE:LEVEL`: every crop perturbed (on the reference path, also when the config asks for
+    DALI), the same scores on a rerun, other scores than the clean set's; the report names the perturbation."""
+    clean = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "clean")[0]
+    runs = [evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / f"p{i}",
+                     cfg_overrides=["eval.perturb=block:5", "data.loader=dali"])[0] for i in range(2)]
+    scores = [read_scores(tmp_path / f"p{i}" / "toy-test" / "scores.csv") for i in range(2)]
+    assert scores[0] == scores[1] and runs[0]["perturbation"] == "block:5" and clean["perturbation"] is None
+    clean_scores = {r["key"]: r["score"] for r in read_scores(tmp_path / "clean" / "toy-test" / "scores.csv")}
+    assert sum(abs(r["score"] - clean_scores[r["key"]]) > 1e-6 for r in scores[0]) > len(scores[0]) // 2
+    with pytest.raises(ValueError, match="expected TYPE:LEVEL"):
+        evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "bad", cfg_overrides=["eval.perturb=fog:9"])
+
+
 def test_consolidated_weights_file_and_baseline_without_attention(toy_runs, toy_shards, tmp_path):
     from ltm.models import build_model
 

@@ -173,7 +173,10 @@ def build_eval_loader(
 ) -> Any:
     device = torch.device(device)
     sources = eval_sources(cfg, folders)
-    if _loader_kind(cfg) == "dali":
+    if cfg.eval.perturb and _loader_kind(cfg) == "dali":
+        log.info("eval.perturb=%s: scoring through the reference loader (the perturbations run on the CPU)",
+                 cfg.eval.perturb)
+    elif _loader_kind(cfg) == "dali":
         from ltm.data.dali import DaliEvalLoader
 
         return DaliEvalLoader(sources, cfg, rank, world_size, device, batch_size)

@@ -217,8 +217,8 @@ class ReferenceTrainLoader:
 class _EvalStream(IterableDataset):
     """The rank's contiguous range of samples, streamed from the tars with webdataset; workers split it further."""
 
-    def __init__(self, sources: list[Source], lo: int, hi: int, size: int, on_bad: str):
-        self.size, self.on_bad = size, on_bad
+    def __init__(self, sources: list[Source], lo: int, hi: int, size: int, on_bad: str, perturb=None):
+        self.size, self.on_bad, self.perturb = size, on_bad, perturb
         # (source, shard, first, last) pieces of the rank's range, in the concatenated order
         self.pieces: list[tuple[Source, Shard, int, int]] = []
         start = 0
@@ -261,7 +261,12 @@ class _EvalStream(IterableDataset):
         where = f"shard {shard.tar} key {key!r}"
         try:
             label = parse_label(sample["cls"], where)
-            image = torch.from_numpy(decode_jpeg(sample["jpg"], self.size, where)).permute(2, 0, 1).contiguous()
+            if self.perturb is None:
+                pixels = decode_jpeg(sample["jpg"], self.size, where)
+            else:  # on the crop as stored (prep's size), then the loader's resize
+                stored = decode_jpeg(sample["jpg"], 0, where)
+                pixels = jpeg.resize(self.perturb(stored, key), self.size)
+            image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
         except ShardError as exc:
             if self.on_bad != "skip":
                 raise
@@ -292,6 +297,9 @@ class ReferenceEvalLoader:
         self.lo, self.hi = rank_range(n, rank, world_size)
         self.sources, self.device, self.batch = sources, device, batch
         self.size, self.on_bad, self.workers = cfg.data.image_size, cfg.data.on_bad_sample, cfg.data.num_threads
+        from ltm.perturb import perturbation
+
+        self.perturb = perturbation(cfg.eval.perturb)
         self.num_samples = self.hi - self.lo  # this rank's share; the sum over ranks is the whole set
         self.skipped = 0
 
@@ -301,7 +309,7 @@ class ReferenceEvalLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.num_samples == 0:
             return
-        stream = _EvalStream(self.sources, self.lo, self.hi, self.size, self.on_bad)
+        stream = _EvalStream(self.sources, self.lo, self.hi, self.size, self.on_bad, self.perturb)
         workers = max(0, min(self.workers, self.num_samples // self.batch))  # no idle workers on tiny sets
         loader = DataLoader(
             stream,
