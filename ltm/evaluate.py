@@ -428,6 +428,47 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
     return reports
 
 
+def robustness(run_dir: str | os.PathLike, data: list[str] | None = None, tag: str | None = None,
+               cfg_overrides: list[str] | None = None, weights: str | os.PathLike | None = None,
+               out_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Each data folder clean and under every perturbation type at levels 1-5 (the model loaded once, one scoring
+    pass per setting): frame and video AUC per setting in `<out>/<dataset>-<split>/robustness.{json,md,png}`."""
+    import dataclasses
+
+    from ltm import report as report_mod
+    from ltm.perturb import LEVELS
+
+    model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, "cpu")
+    out_root = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
+    results = []
+    with scoring_accelerator(cfg.train.precision) as accelerator:
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        for folder in [resolve_folder(f, cfg) for f in (data or cfg.data.test)]:
+            name = dataset_name(folder)
+            result: dict = {"name": name, "data": str(folder), "checkpoint": source, "auc": {}}
+            started = time.perf_counter()
+            for spec in [None] + [f"{kind}:{level}" for kind in LEVELS for level in range(1, 6)]:
+                setting = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, perturb=spec))
+                rows, _, counts = score_folder(model, setting, folder, accelerator, cfg.eval.batch_size, 0)
+                rows = gather_rows(rows, counts)
+                m = compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
+                                    [r.score for r in rows], cfg.eval.video_agg, cfg.eval.threshold)
+                point = {"frame_auc": m["frame_auc"], "video_auc": m["video_auc"], "n_frames": m["n_frames"]}
+                if spec is None:
+                    result["clean"] = point
+                else:
+                    kind, level = spec.split(":")
+                    result["auc"].setdefault(kind, {})[level] = point
+                if accelerator.is_main_process:
+                    log.info("%s %s: frame AUC %s", name, spec or "clean", report_mod.fmt(m["frame_auc"]))
+            result["seconds"] = round(time.perf_counter() - started, 3)
+            if accelerator.is_main_process:
+                report_mod.write_robustness(out_root / name, result)
+                result["report_dir"] = str(out_root / name)
+            results.append(result)
+    return results
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints/)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one in checkpoints/latest)")
@@ -441,6 +482,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perturb", metavar="TYPE:LEVEL", default=None,
                         help="score every crop under a DeeperForensics-style perturbation, e.g. blur:3 (types: "
                              "saturation contrast block noise blur pixelate jpeg; levels 1-5; see ltm/perturb.py)")
+    parser.add_argument("--robustness", action="store_true",
+                        help="score each --data folder clean and under every --perturb type at levels 1-5: "
+                             "robustness.json, robustness.md and robustness.png beside the report")
     parser.add_argument("--threshold-from", metavar="FOLDER", default=None,
                         help="a validation shard folder: its EER threshold, instead of eval.threshold, decides the "
                              "accuracy of every --data report")
@@ -452,6 +496,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "RANK" not in os.environ:
         argv = ["-m", "ltm.cli", "eval", "--run", str(args.run)]
+        if args.robustness:
+            argv.append("--robustness")
         for flag, value in (("--tag", args.tag), ("--weights", args.weights), ("--video-agg", args.video_agg),
                             ("--batch-size", args.batch_size), ("--out", args.out),
                             ("--threshold-from", args.threshold_from), ("--perturb", args.perturb)):
@@ -467,6 +513,13 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"eval.batch_size={args.batch_size}")
     if args.perturb:
         overrides.append(f"eval.perturb={args.perturb}")
+    if args.robustness:
+        if args.perturb or args.threshold_from:
+            raise ValueError("--robustness scores every perturbation itself: leave out --perturb and --threshold-from")
+        for result in robustness(args.run, args.data, args.tag, overrides, args.weights, args.out):
+            if "report_dir" in result:
+                print(Path(result["report_dir"]) / "robustness.md")
+        return 0
     reports = evaluate(args.run, args.data, args.tag, overrides, args.weights, args.out, args.threshold_from)
     if "report_dir" in reports[-1]:  # the main process, which wrote the reports
         from ltm.report import print_table

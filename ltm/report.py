@@ -140,6 +140,34 @@ def plot_roc(path: str | os.PathLike, report: dict, rows: Sequence[Any]) -> None
     atomic_savefig(fig, path)
 
 
+def write_robustness(folder: str | os.PathLike, result: dict) -> None:
+    """robustness.json, robustness.md (AUC per type and level) and robustness.png (AUC against level, one line per
+    type, the clean AUC as a dashed reference) for one scored folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = list(result["auc"])
+    lines = [f"# Robustness: {result['name']}", "", f"- checkpoint: `{result['checkpoint']}`",
+             f"- clean frame AUC {fmt(result['clean']['frame_auc'])}, video AUC {fmt(result['clean']['video_auc'])}",
+             "- perturbations after DeeperForensics-1.0 (`ltm/perturb.py`), levels 1 (mild) to 5", "",
+             "| frame AUC | " + " | ".join(f"level {k}" for k in range(1, 6)) + " | mean |", "|---|" + "---:|" * 6]
+    for kind in kinds:
+        values = [result["auc"][kind][str(k)]["frame_auc"] for k in range(1, 6)]
+        known = [v for v in values if v is not None]
+        mean = float(np.mean(known)) if known else None
+        lines.append(f"| {kind} | " + " | ".join(fmt(v) for v in values) + f" | {fmt(mean)} |")
+    atomic_write_text(folder / "robustness.md", "\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    for kind in kinds:
+        ax.plot(range(1, 6), [result["auc"][kind][str(k)]["frame_auc"] or np.nan for k in range(1, 6)], marker="o",
+                label=kind)
+    if result["clean"]["frame_auc"] is not None:
+        ax.axhline(result["clean"]["frame_auc"], color="black", ls="--", lw=1, label="clean")
+    ax.set(xlabel="perturbation level", ylabel="frame AUC", xticks=range(1, 6), title=result["name"])
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: no line hidden
+    atomic_savefig(fig, folder / "robustness.png")
+    atomic_write_text(folder / "robustness.json", json.dumps(result, indent=2) + "\n")
+
+
 def plot_attention(path: str | os.PathLike, image: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor,
                    title: str) -> None:
     """Face crop beside the teacher's attention A (Eq. 2) upsampled over it, masked cells (M = 0, Eq. 4) outlined."""

@@ -318,6 +318,27 @@ def test_perturbed_evaluation_is_deterministic_and_differs_from_clean(toy_runs, 
         evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "bad", cfg_overrides=["eval.perturb=fog:9"])
 
 
+def test_robustness_scores_every_type_and_level_and_draws_them(toy_runs, tmp_path, capsys):
+    from ltm.cli import main
+    from ltm.perturb import LEVELS
+
+    assert main(["eval", "--run", str(toy_runs["zero0"]), "--data", "toy/test", "--robustness", "--out",
+                 str(tmp_path)]) == 0
+    folder = tmp_path / "toy-test"
+    assert capsys.readouterr().out.strip().endswith(str(folder / "robustness.md"))
+    result = json.loads((folder / "robustness.json").read_text())
+    assert set(result["auc"]) == set(LEVELS)
+    assert all(set(v) == {"1", "2", "3", "4", "5"} for v in result["auc"].values())
+    single = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "one", cfg_overrides=["eval.perturb=blur:4"])
+    assert result["auc"]["blur"]["4"]["frame_auc"] == pytest.approx(single[0]["frame_auc"])  # the same pass
+    clean = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "clean")[0]
+    assert result["clean"]["frame_auc"] == pytest.approx(clean["frame_auc"])
+    assert "| blur |" in (folder / "robustness.md").read_text()
+    with Image.open(folder / "robustness.png") as im:
+        im.verify()
+        assert im.format == "PNG"
+
+
 def test_consolidated_weights_file_and_baseline_without_attention(toy_runs, toy_shards, tmp_path):
     from ltm.models import build_model
 

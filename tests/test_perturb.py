@@ -30,7 +30,7 @@ def chroma(rgb: np.ndarray) -> np.ndarray:
 
 
 def test_every_type_and_level_matches_its_definition(crop):
-    for kind, params in LEVELS.items():
+    for kind in LEVELS:
         previous = 0.0
         for level in range(1, 6):
             out = perturbation(f"{kind}:{level}")(crop, "key")
