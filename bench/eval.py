@@ -69,7 +69,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def eval_throughput(model: torch.nn.Module, cfg, folder: Path, accelerator, batch: int, rounds: int) -> dict:
+def eval_throughput(model: torch.nn.Module, cfg, folder: Path, accelerator, batch: int, rounds: int,
+                    perturb: str | None = None) -> dict:
     """`ltm eval`'s scoring path against forward-only on the same batches, timed interleaved (median of rounds).
 
     Both run under the accelerator's autocast (bf16 on CUDA for a bf16 config), as `ltm eval` does.
@@ -78,10 +79,10 @@ def eval_throughput(model: torch.nn.Module, cfg, folder: Path, accelerator, batc
 
     device = accelerator.device
 
-    def eval_path() -> tuple[float, int]:
+    def eval_path(setting=cfg) -> tuple[float, int]:
         sync(device)
         start = time.perf_counter()
-        rows, _, counts = score_folder(model, cfg, folder, accelerator, batch)
+        rows, _, counts = score_folder(model, setting, folder, accelerator, batch)
         rows = gather_rows(rows, counts)
         compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
                         [r.score for r in rows], cfg.eval.video_agg)
@@ -102,18 +103,27 @@ def eval_throughput(model: torch.nn.Module, cfg, folder: Path, accelerator, batc
         sync(device)
         return time.perf_counter() - start
 
+    import dataclasses
+
+    perturbed = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, perturb=perturb)) if perturb else None
     eval_path()  # warm-up: worker start, allocator, first-call costs
     forward_only()
-    eval_s, fwd_s = [], []
+    eval_s, fwd_s, pert_s = [], [], []
     for _ in range(rounds):
         seconds, n = eval_path()
         assert n == n_images, f"eval scored {n} images, the loader gave {n_images}"
         eval_s.append(seconds)
         fwd_s.append(forward_only())
+        if perturbed is not None:
+            pert_s.append(eval_path(perturbed)[0])
     eval_ips = n_images / statistics.median(eval_s)
     fwd_ips = n_images / statistics.median(fwd_s)
-    return {"images": n_images, "eval_s": eval_s, "forward_s": fwd_s, "eval_images_per_s": round(eval_ips, 2),
-            "forward_images_per_s": round(fwd_ips, 2), "ratio": round(eval_ips / fwd_ips, 4)}
+    out = {"images": n_images, "eval_s": eval_s, "forward_s": fwd_s, "eval_images_per_s": round(eval_ips, 2),
+           "forward_images_per_s": round(fwd_ips, 2), "ratio": round(eval_ips / fwd_ips, 4)}
+    if perturbed is not None:  # a perturbed evaluation's time over the clean one's (target <= 1.25)
+        out.update({"perturb": perturb, "perturbed_s": pert_s,
+                    "perturbed_over_clean_time": round(statistics.median(pert_s) / statistics.median(eval_s), 4)})
+    return out
 
 
 def main() -> None:
@@ -125,6 +135,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--loader", default=None, help="dali | reference (default: dali with CUDA, else reference)")
+    parser.add_argument("--perturb", metavar="TYPE:LEVEL", action="append", default=[],
+                        help="also time `ltm eval --perturb` (repeatable; `all`: every type at level 3)")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -138,6 +150,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.data.image_size).to(accelerator.device).eval()
         r = eval_throughput(model, cfg, folder, accelerator, args.batch, args.rounds)
+        from ltm.perturb import LEVELS
+
+        specs = [f"{k}:3" for k in LEVELS] if args.perturb == ["all"] else args.perturb
+        r["perturbed"] = {spec: eval_throughput(model, cfg, folder, accelerator, args.batch, args.rounds, spec)
+                          ["perturbed_over_clean_time"] for spec in specs}
         device = accelerator.device
 
     print(f"model {cfg.model.kind} {cfg.model.backbone} at {cfg.data.image_size} px, batch {args.batch}, "
@@ -147,6 +164,8 @@ def main() -> None:
     print(f"{'ltm eval':<14}{statistics.median(r['eval_s']):>10.3f}{r['eval_images_per_s']:>12.1f}")
     print(f"{'forward only':<14}{statistics.median(r['forward_s']):>10.3f}{r['forward_images_per_s']:>12.1f}")
     print(f"ratio eval / forward-only = {r['ratio']:.3f} (target >= 0.9)")
+    for spec, ratio in r["perturbed"].items():
+        print(f"--perturb {spec}: {ratio:.3f} x the clean evaluation's time (target <= 1.25)")
     print(json.dumps({"bench": "eval", "batch": args.batch, "device": str(device), "loader": cfg.data.loader,
                       "model": f"{cfg.model.kind}/{cfg.model.backbone}", "image_size": cfg.data.image_size,
                       **r, "target": 0.9}))
