@@ -306,3 +306,30 @@ def test_both_loaders_on_prepared_sample_shards(sample_shards):
         assert train.kind == name
         images, labels = next(train)
         assert images.shape == (32, 3, 112, 112) and set(labels.tolist()) <= {0.0, 1.0}
+
+
+def test_loader_state_matches_a_source_named_relatively_or_absolutely(tmp_path, monkeypatch):
+    """A run resumed with data.root given absolutely (or from another directory) reads the same shards: its
+    loader state must be accepted; another folder must not."""
+    from types import SimpleNamespace
+
+    from ltm.data import check_state, loader_identity
+
+    (tmp_path / "shards" / "real").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    class Src(SimpleNamespace):
+        def __len__(self):
+            return 888
+
+    def loader(folder):
+        return SimpleNamespace(kind="reference", rank=0, world_size=1, batch=32,
+                               sources=[Src(folder=folder, weight=1.0)])
+
+    saved = loader_identity(loader("shards/real"))
+    check_state(loader(str(tmp_path / "shards" / "real")), saved)
+    old_style = {**saved, "sources": [("shards/real", 1.0, 888)]}  # saved before paths were resolved
+    check_state(loader(str(tmp_path / "shards" / "real")), old_style)
+    with pytest.raises(ValueError, match="sources is"):
+        check_state(loader(str(tmp_path / "other")), saved)

@@ -65,7 +65,8 @@ def loader_identity(loader: Any) -> dict:
         "rank": loader.rank,
         "world_size": loader.world_size,
         "batch": loader.batch,
-        "sources": [(str(s.folder), s.weight, len(s)) for s in loader.sources],
+        # resolved: the same folder named relatively in one run and absolutely in the next is the same source
+        "sources": [(str(Path(s.folder).resolve()), s.weight, len(s)) for s in loader.sources],
     }
 
 
@@ -73,8 +74,8 @@ def check_state(loader: Any, state: dict) -> None:
     """A loader state fits only a loader over the same sources, rank split and batch size."""
     for k, v in loader_identity(loader).items():
         got = state.get(k)
-        if k == "sources" and got is not None:
-            got = [tuple(x) for x in got]
+        if k == "sources" and got is not None:  # states saved before paths were resolved: resolve them here
+            got = [(str(Path(x[0]).resolve()), *x[1:]) for x in got]
         if got != v:
             raise ValueError(f"loader state does not fit this loader: {k} is {got!r} in the state, {v!r} here")
 
