@@ -102,15 +102,16 @@ def print_table(reports: Sequence[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    columns = [c for c in SUMMARY_COLUMNS if c[0] != "TPR@0.1%FPR"]  # the terminal keeps one low-FPR point
     table = Table(title="ltm eval", show_lines=False)
-    table.add_column("data", style="bold")
-    for title, _ in SUMMARY_COLUMNS:
-        table.add_column(title, justify="right")
+    table.add_column("data", style="bold", no_wrap=True)
+    for title, _ in columns:
+        table.add_column(title, justify="right", no_wrap=True)
     table.add_column("per-method frame AUC")
     for r in reports:
         per_method = ", ".join(f"{m} {fmt(v['frame_auc'], 3)}" for m, v in r["per_method"].items())
-        table.add_row(r["name"], *(_cell(r, k) for _, k in SUMMARY_COLUMNS), per_method)
-    Console(width=max(120, Console().width)).print(table)
+        table.add_row(r["name"], *(_cell(r, k) for _, k in columns), per_method)
+    Console(width=max(140, Console().width)).print(table)
 
 
 # ---------------------------------------------------------------------------------------------------------------
