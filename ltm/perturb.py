@@ -43,7 +43,8 @@ GREY = 128
 
 # BT.601 full-range RGB <-> YCbCr (JPEG's): rows give Y, Cb, Cr
 _TO_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-_FROM_YCBCR = np.linalg.inv(_TO_YCBCR)
+_FROM_YCBCR = np.linalg.inv(_TO_YCBCR).astype(np.float32)
+_TO_YCBCR = _TO_YCBCR.astype(np.float32)  # float32 throughout: a twentieth of a grey level is far below a uint8 step
 
 
 class PerturbationError(ValueError):
@@ -52,7 +53,7 @@ class PerturbationError(ValueError):
 
 def _ycbcr(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB -> float YCbCr in [0, 1] (chroma centred on 0.5)."""
-    out = (rgb.astype(np.float64) / 255.0) @ _TO_YCBCR.T
+    out = (rgb.astype(np.float32) / np.float32(255.0)) @ _TO_YCBCR.T
     out[..., 1:] += 0.5
     return out
 
@@ -83,7 +84,7 @@ def block(rgb: np.ndarray, per_256: float, rng: np.random.Generator) -> np.ndarr
 
 
 def noise(rgb: np.ndarray, variance: float, rng: np.random.Generator) -> np.ndarray:
-    y = _ycbcr(rgb) + np.sqrt(variance) * rng.standard_normal(rgb.shape)
+    y = _ycbcr(rgb) + np.float32(np.sqrt(variance)) * rng.standard_normal(rgb.shape, dtype=np.float32)
     return _rgb(y)
 
 
