@@ -165,6 +165,20 @@ def check_eval(run_dir: str | Path, data: list[str], tag: str | None = None,
     refuse(problems)
 
 
+def parse_quietly(add_arguments, argv: list[str], prog: str) -> tuple[argparse.Namespace | None, str | None]:
+    """A command's own parser on `argv`: (namespace, None), or (None, argparse's error line) instead of its usage
+    text and exit."""
+    parser = argparse.ArgumentParser(prog=prog, add_help=False)
+    add_arguments(parser)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parser.parse_args(argv), None
+    except SystemExit:
+        lines = [line.split("error:", 1)[1].strip() for line in stderr.getvalue().splitlines() if "error:" in line]
+        return None, lines[-1] if lines else "bad arguments"
+
+
 # --- dataset preparation -----------------------------------------------------------------------------------------
 
 def check_prep(prep_args: list[str]) -> None:
@@ -172,15 +186,9 @@ def check_prep(prep_args: list[str]) -> None:
     from data_prep import cli as prep_cli
     from data_prep import datasets
 
-    parser = argparse.ArgumentParser(prog="ltm prep", add_help=False)
-    prep_cli.add_arguments(parser)
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            args = parser.parse_args(prep_args)
-    except SystemExit:
-        lines = [line.split("error:", 1)[1].strip() for line in stderr.getvalue().splitlines() if "error:" in line]
-        problems = [f"ltm prep {' '.join(prep_args[:1])}: {lines[-1] if lines else 'bad arguments'}"]
+    args, error = parse_quietly(prep_cli.add_arguments, prep_args, "ltm prep")
+    if args is None:
+        problems = [f"ltm prep {' '.join(prep_args[:1])}: {error}"]
         root = argparse.ArgumentParser(add_help=False)
         root.add_argument("--root")
         given = root.parse_known_args(prep_args)[0].root

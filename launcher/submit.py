@@ -35,7 +35,7 @@ from typing import Any
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from launcher.checks import check_eval, check_predict, check_prep, check_train
+from launcher.checks import check_eval, check_predict, check_prep, check_train, parse_quietly
 from launcher.jobs import CommandJob, EvalJob, PrepMergeJob, PrepPartJob, TrainJob
 from ltm.config import Config, ConfigError, LaunchConfig, load_config, to_dict
 
@@ -279,6 +279,38 @@ def submit_eval(
     return _submit("eval", folder, params, job, dry_run)
 
 
+# --- arrays of parts and the merge after them (prep, predict) -----------------------------------------------------
+
+def _submit_array_and_merge(kind: str, folder: Path, params: dict[str, Any], parts: list, merge: Any, merge_name: str,
+                            dry_run: bool) -> dict[str, Submitted]:
+    """An N-task array of `parts`, then `merge` with `afterok` on the whole array (CPU only); all or nothing: a
+    refused merge withdraws the array and removes the folders made for the submission."""
+    created = highest_missing(folder)
+    out: dict[str, Submitted] = {}
+    if dry_run:
+        out["parts"] = Submitted(kind, folder, batch_script(folder, params, array=len(parts)))
+        dependency = f"afterok:{kind.upper()}_ARRAY_JOB_ID"
+    else:
+        executor = submitit.SlurmExecutor(folder=folder)
+        executor.update_parameters(**params)
+        with cleaned_up_on_failure(folder, f"{kind} array"):
+            jobs = executor.submit_array(parts)
+        array_id = str(jobs[0].job_id).split("_")[0]
+        script = jobs[0].paths.submission_file.read_text() if jobs[0].paths.submission_file.exists() else ""
+        out["parts"] = Submitted(kind, folder, script, job_id=array_id, job=jobs,
+                                 logs=[p for j in jobs for p in (j.paths.stderr, j.paths.stdout)])
+        dependency = f"afterok:{array_id}"
+    merge_params = _with_dependency(dict(params, job_name=merge_name), dependency)
+    merge_params.pop("gpus_per_node", None)
+    try:
+        out["merge"] = _submit("merge", folder, merge_params, merge, dry_run)
+    except SubmitError:
+        cancel(out["parts"].job_id)
+        remove_created(created)
+        raise
+    return out
+
+
 # --- prep ---------------------------------------------------------------------------------------------------------
 
 def submit_prep(
@@ -310,33 +342,12 @@ def submit_prep(
     launch = launch or LaunchConfig()
     source = prep_args[0]
     folder = submission_folder(logs_dir or Path(out) / ".slurm", f"prep-{source}")
-    created = highest_missing(folder)
     params = executor_parameters(launch, f"ltm-prep-{source}", tasks_per_node=1, nodes=1)
     if launch.gpus_per_node > 0:
         params["gpus_per_node"] = 1  # the face detector uses one GPU
     parts = [PrepPartJob(prep_args, i, array) for i in range(array)]
-    out_jobs: dict[str, Submitted] = {}
-    if dry_run:
-        out_jobs["parts"] = Submitted("prep", folder, batch_script(folder, params, array=array))
-        dependency = "afterok:PREP_ARRAY_JOB_ID"
-    else:
-        executor = submitit.SlurmExecutor(folder=folder)
-        executor.update_parameters(**params)
-        with cleaned_up_on_failure(folder, "prep array"):
-            jobs = executor.submit_array(parts)
-        array_id = str(jobs[0].job_id).split("_")[0]
-        script = jobs[0].paths.submission_file.read_text() if jobs[0].paths.submission_file.exists() else ""
-        out_jobs["parts"] = Submitted("prep", folder, script, job_id=array_id, job=jobs,
-                                      logs=[p for j in jobs for p in (j.paths.stderr, j.paths.stdout)])
-        dependency = f"afterok:{array_id}"
-    merge_params = _with_dependency(dict(params, job_name=f"ltm-prep-{source}-merge"), dependency)
-    merge_params.pop("gpus_per_node", None)
-    try:
-        out_jobs["merge"] = _submit("merge", folder, merge_params, PrepMergeJob(out, array, dataset), dry_run)
-    except SubmitError:
-        cancel(out_jobs["parts"].job_id)
-        remove_created(created)
-        raise
+    out_jobs = _submit_array_and_merge("prep", folder, params, parts, PrepMergeJob(out, array, dataset),
+                                       f"ltm-prep-{source}-merge", dry_run)
     return out_jobs
 
 
@@ -370,15 +381,9 @@ def submit_predict(
 
     if array < 1:
         raise ConfigError(f"--array {array}: must be >= 1")
-    parser = argparse.ArgumentParser(prog="ltm predict", add_help=False)
-    predict_cli.add_arguments(parser)
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            args = parser.parse_args(predict_args)
-    except SystemExit:
-        lines = [line.split("error:", 1)[1].strip() for line in stderr.getvalue().splitlines() if "error:" in line]
-        raise ConfigError(f"ltm predict: {lines[-1] if lines else 'bad arguments'}") from None
+    args, error = parse_quietly(predict_cli.add_arguments, predict_args, "ltm predict")
+    if args is None:
+        raise ConfigError(f"ltm predict: {error}")
     if args.part or args.merge is not None:
         raise ConfigError("predict: --part and --merge are set by the array; use --array N")
     launch = launch or LaunchConfig()
@@ -388,34 +393,12 @@ def submit_predict(
     argv = predict_argv(args, table)
     device = ["--device", args.device] if args.device != "auto" else []
     folder = submission_folder(table.parent / ".slurm", "predict")
-    created = highest_missing(folder)
     params = executor_parameters(launch, f"ltm-predict-{table.stem}", tasks_per_node=1, nodes=1)
     if launch.gpus_per_node > 0:
         params["gpus_per_node"] = 1
     parts = [CommandJob(["predict", *argv, *device, "--part", f"{i}/{array}"]) for i in range(array)]
     merge = CommandJob(["predict", *argv, "--merge", str(array)])
-    out: dict[str, Submitted] = {}
-    if dry_run:
-        out["parts"] = Submitted("predict", folder, batch_script(folder, params, array=array))
-        dependency = "afterok:PREDICT_ARRAY_JOB_ID"
-    else:
-        executor = submitit.SlurmExecutor(folder=folder)
-        executor.update_parameters(**params)
-        with cleaned_up_on_failure(folder, "predict array"):
-            jobs = executor.submit_array(parts)
-        array_id = str(jobs[0].job_id).split("_")[0]
-        script = jobs[0].paths.submission_file.read_text() if jobs[0].paths.submission_file.exists() else ""
-        out["parts"] = Submitted("predict", folder, script, job_id=array_id, job=jobs,
-                                 logs=[p for j in jobs for p in (j.paths.stderr, j.paths.stdout)])
-        dependency = f"afterok:{array_id}"
-    merge_params = _with_dependency(dict(params, job_name=f"ltm-predict-{table.stem}-merge"), dependency)
-    merge_params.pop("gpus_per_node", None)
-    try:
-        out["merge"] = _submit("merge", folder, merge_params, merge, dry_run)
-    except SubmitError:
-        cancel(out["parts"].job_id)
-        remove_created(created)
-        raise
+    out = _submit_array_and_merge("predict", folder, params, parts, merge, f"ltm-predict-{table.stem}-merge", dry_run)
     log.info("%d files in %d parts -> %s", len(files), array, table)
     out["table"] = table  # type: ignore[assignment]
     return out
