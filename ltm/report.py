@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ltm.files import atomic_write_bytes, atomic_write_text, temp_name  # noqa: E402, F401  (re-exported)
+from ltm.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from ltm.metrics import video_scores  # noqa: E402
 
 SCORE_COLUMNS = ("key", "video", "method", "label", "score")
