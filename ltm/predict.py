@@ -76,7 +76,7 @@ class ScoreSettings:
 @dataclass
 class Prediction:
     file: str
-    p_fake: float  # the frames' P(fake), aggregated as the evaluation does (eval.video_agg: mean or max)
+    p_fake: float  # the frames' P(fake), aggregated as the evaluation does (eval.video_agg: mean, max or confident)
     frames: list[dict] = field(default_factory=list)  # {frame, p_fake, box}
     no_face: list[int] = field(default_factory=list)  # frame indices where no face was found
     pictures: list[str] = field(default_factory=list)

@@ -69,7 +69,10 @@ def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
               f"head {report['model']['inference_head']}, {report['model']['image_size']} px)",
               f"- video score: {report['video_agg']} of its frames' P(fake); accuracy at P(fake) >= "
               f"{report['threshold']:.4g}" + (f" (the EER threshold of `{report['threshold_from']}`)"
-                                             if report.get("threshold_from") else ""), ""]
+                                             if report.get("threshold_from") else ""),
+              "- frames: " + (f"{report['frames_per_video']} evenly spaced frames per video"
+                              if report.get("frames_per_video") else "all frames in the shards")
+              + (f"; perturbation `{report['perturbation']}`" if report.get("perturbation") else ""), ""]
     lines += ["| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |", "|" + "---:|" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(_cell(report, k) for _, k in SUMMARY_COLUMNS) + " |", ""]
     low = [(f, report.get("tpr_at_fpr", {}).get(f), report.get("video_tpr_at_fpr", {}).get(f))
@@ -94,6 +97,12 @@ def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
         lines += ["Teacher attention (left: face crop; right: attention map, masked grid cells outlined):", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in pictures]
         lines.append("")
+    errors = report.get("errors") or {}
+    for kind, title in (("false_positives", "Most confident false positives (real called fake)"),
+                        ("false_negatives", "Most confident false negatives (fake called real)")):
+        if errors.get(kind):
+            lines += [f"{title}:", ""] + [f"- `{e['key']}` P(fake) {e['p_fake']:.4f}: ![{e['key']}]({e['picture']})"
+                                          for e in errors[kind]] + [""]
     return "\n".join(lines)
 
 
@@ -167,12 +176,24 @@ def write_robustness(folder: str | os.PathLike, result: dict) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: no line hidden
     atomic_savefig(fig, folder / "robustness.png")
     atomic_write_text(folder / "robustness.json", json.dumps(result, indent=2) + "\n")
+    from ltm.report_html import write_html
+
+    write_html(folder)  # the page shows the robustness plot beside the report (or alone)
 
 
-def plot_attention(path: str | os.PathLike, image: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor,
-                   title: str) -> None:
-    """Face crop beside the teacher's attention A (Eq. 2) upsampled over it, masked cells (M = 0, Eq. 4) outlined."""
+def plot_attention(path: str | os.PathLike, image: torch.Tensor, attention: torch.Tensor | None,
+                   mask: torch.Tensor | None, title: str) -> None:
+    """Face crop beside the teacher's attention A (Eq. 2) upsampled over it, masked cells (M = 0, Eq. 4) outlined;
+    the crop alone for a model without attention (Baseline)."""
     img = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    if attention is None:
+        fig, ax = plt.subplots(1, 1, figsize=(2.9, 3.1))
+        ax.imshow(img)
+        ax.set_title("face crop (no teacher attention)", fontsize=8)
+        ax.set_axis_off()
+        fig.suptitle(title, fontsize=8)
+        atomic_savefig(fig, path)
+        return
     size_h, size_w = img.shape[:2]
     grid_h, grid_w = attention.shape
     up = F.interpolate(attention[None, None].float(), size=(size_h, size_w), mode="bilinear", align_corners=False)
@@ -209,6 +230,21 @@ def write_attention(folder: str | os.PathLike, pictures: Sequence[tuple]) -> lis
     return names
 
 
+def write_mistakes(folder: str | os.PathLike, mistakes: Sequence[tuple], threshold: float) -> dict[str, list[dict]]:
+    """The most confident false positives (label 0) and false negatives (label 1) as pictures under errors/;
+    returns `{"false_positives": [{key, p_fake, picture}], "false_negatives": [...]}` in order of confidence."""
+    out: dict[str, list[dict]] = {"false_positives": [], "false_negatives": []}
+    for key, label, image, attention, mask, p_fake in mistakes:
+        kind = "false_negatives" if label else "false_positives"
+        short = "fn" if label else "fp"
+        name = f"errors/{short}{len(out[kind]):02d}_{_safe(key)}.png"
+        what = "fake called real" if label else "real called fake"
+        plot_attention(Path(folder) / name, image, attention, mask,
+                       f"{key}: {what}, P(fake) = {p_fake:.3f} (threshold {threshold:.3g})")
+        out[kind].append({"key": key, "p_fake": p_fake, "picture": name})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The report folder
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,16 +264,27 @@ def read_scores(path: str | os.PathLike) -> list[dict]:
         return [dict(row, label=int(row["label"]), score=float(row["score"])) for row in csv.DictReader(f)]
 
 
-def write_report(folder: str | os.PathLike, report: dict, rows: Sequence[Any], pictures: Sequence[tuple] = ()) -> None:
-    """Everything for one scored folder; report.json last, so its presence means the folder is complete."""
+def _drop_stale(folder: Path, sub: str, keep: Sequence[str]) -> None:
+    for old in (folder / sub).glob("*.png"):  # pictures of an earlier evaluation of this folder
+        if f"{sub}/{old.name}" not in keep:
+            old.unlink()
+
+
+def write_report(folder: str | os.PathLike, report: dict, rows: Sequence[Any], pictures: Sequence[tuple] = (),
+                 mistakes: Sequence[tuple] = ()) -> None:
+    """Everything for one scored folder; report.json, then report.html, last, so that report.json's presence means
+    the folder is complete."""
+    from ltm.report_html import write_html
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_scores(folder / "scores.csv", rows)
     plot_roc(folder / "roc.png", report, rows)
     picture_names = write_attention(folder, pictures)
-    for old in (folder / "attention").glob("*.png"):  # pictures of an earlier evaluation of this folder
-        if f"attention/{old.name}" not in picture_names:
-            old.unlink()
+    _drop_stale(folder, "attention", picture_names)
     report["attention"] = picture_names
+    report["errors"] = write_mistakes(folder, mistakes, report["threshold"])
+    _drop_stale(folder, "errors", [e["picture"] for kind in report["errors"].values() for e in kind])
     atomic_write_text(folder / "report.md", render_markdown(report, picture_names))
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
+    write_html(folder)

@@ -82,3 +82,38 @@ def test_eer_threshold_sits_where_the_two_error_rates_meet():
     report = metrics.compute_metrics([str(i) for i in range(8)], ["m"] * 8, labels, scores)
     assert report["tpr_at_fpr"]["0.01"]["tpr"] == pytest.approx(0.75)  # 0.7, 0.8, 0.9: above the top real, 0.6
     assert set(report["video_tpr_at_fpr"]) == {"0.01", "0.001"}
+
+
+# ------------------------------------------------------------------------------------ confident video aggregation
+
+
+def test_confident_aggregation_hand_computed_cases():
+    # 32 frames, 14 above 0.8 (> 32 // 2.5 = 12 and > 11): the mean of those 14 only
+    scores = [0.9] * 7 + [0.95] * 7 + [0.1] * 18
+    assert metrics.confident_mean(scores) == pytest.approx((0.9 * 7 + 0.95 * 7) / 14)
+    # 12 above 0.8 of 32: 12 is not > 12, so the first rule does not apply; not > 90% below 0.2: the plain mean
+    scores = [0.9] * 12 + [0.1] * 20
+    assert metrics.confident_mean(scores) == pytest.approx(np.mean(scores))
+    # 30 of 32 below 0.2 (> 28.8): the mean of those 30, the two uncertain frames ignored
+    scores = [0.05] * 15 + [0.15] * 15 + [0.5, 0.7]
+    assert metrics.confident_mean(scores) == pytest.approx(0.1)
+    # 10 frames, all above 0.8: 10 is not > 11, not mostly real: the plain mean
+    assert metrics.confident_mean([0.85] * 5 + [0.95] * 5) == pytest.approx(0.9)
+    # exactly at the thresholds: 0.8 is not "above 0.8", 0.2 is not "below 0.2"
+    assert metrics.confident_mean([0.8] * 20 + [0.2] * 12) == pytest.approx(np.mean([0.8] * 20 + [0.2] * 12))
+
+
+def test_confident_aggregation_reaches_video_scores_and_metrics():
+    videos = ["a"] * 32 + ["b"] * 32
+    methods = ["real"] * 32 + ["FaceSwap"] * 32
+    labels = [0] * 32 + [1] * 32
+    fake_frames = [0.9] * 13 + [0.3] * 19  # a mostly-real-looking fake with 13 confident frames
+    real_frames = [0.6] * 32  # uncertain throughout: its mean outranks the fake's diluted mean
+    scores = real_frames + fake_frames
+    _, _, by_mean = metrics.video_scores(videos, methods, labels, scores, "mean")
+    _, _, by_confident = metrics.video_scores(videos, methods, labels, scores, "confident")
+    assert by_mean.tolist() == pytest.approx([0.6, (0.9 * 13 + 0.3 * 19) / 32])
+    assert by_confident.tolist() == pytest.approx([0.6, 0.9])
+    assert metrics.compute_metrics(videos, methods, labels, scores, "confident")["video_agg"] == "confident"
+    assert metrics.compute_metrics(videos, methods, labels, scores, "mean")["video_auc"] == 0.0
+    assert metrics.compute_metrics(videos, methods, labels, scores, "confident")["video_auc"] == 1.0
