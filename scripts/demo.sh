@@ -39,5 +39,6 @@ echo "$out" | sed '$d'
 report_json="$(echo "$out" | tail -n 1)"
 folder="$(dirname "$report_json")"
 echo "pictures: $folder/roc.png and $(find "$folder/attention" -name '*.png' | wc -l) attention maps in $folder/attention/"
+echo "page: $folder/report.html (open it in a browser: tables, ROC, attention and the most confident mistakes)"
 say "done"
 echo "$report_json"
