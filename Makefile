@@ -12,12 +12,36 @@ INSTALL_DALI = build=$$($(PY) -m ltm.env --dali-build $(DALI)) && \
 	for package in $(DALI_PACKAGES); do [ $$package = nvidia-dali-$$build ] || $(PIP) uninstall -q -y $$package; done && \
 	$(PIP) install -q -c constraints.txt nvidia-dali-$$build
 
-.PHONY: install test demo lint clean-runs
+# Air-gapped nodes: `make wheelhouse` (on a machine with network, after `make install`) collects every wheel
+# `make install` needs for a target into WHEELHOUSE (scripts/wheelhouse.py; resumable); `make install WHEELS=DIR` on
+# the node installs from it alone (DIR/install.sh: checksums, then every pip call --no-index --find-links DIR).
+#   PYTHON_VERSION  the node's Python (default: this venv's)      PLATFORM  its platform tag (manylinux_2_28_x86_64)
+#   TORCH=no        leave torch out (the node brings its own)       DALI      as for install (auto: this venv's torch's)
+#   PART_MB=60      also split into parts of at most 60 MiB (WHEELHOUSE/parts/p1 ... pN)
+WHEELHOUSE ?= wheelhouse
+PYTHON_VERSION ?=
+PLATFORM ?=
+TORCH ?= yes
+PART_MB ?= 0
+WHEELS ?=
+ifneq ($(WHEELS),)
+# offline: the wheelhouse's installer (in p1/ where the parts were copied as folders), ltm editable from this checkout
+INSTALLER = $(firstword $(wildcard $(WHEELS)/install.sh $(WHEELS)/p1/install.sh))
+INSTALL_OFFLINE = $(if $(INSTALLER),bash $(INSTALLER) $(WHEELS) --python $(PY) --dali $(DALI) --editable $(CURDIR),\
+	{ echo "make install: $(WHEELS) holds no wheelhouse (no install.sh): see make wheelhouse" >&2; exit 1; })
+# (the installer puts the DALI build in place: again only for another DALI=)
+INSTALL_DALI = test -e $(VENV)/.dali-$(DALI) || $(INSTALL_OFFLINE)
+endif
+
+.PHONY: install test demo lint clean-runs wheelhouse
 
 install: $(VENV)/.installed $(VENV)/.dali-$(DALI)
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
+ifneq ($(WHEELS),)
+	$(INSTALL_OFFLINE)
+else
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c constraints.txt -r requirements.txt
@@ -25,6 +49,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
 	$(PIP) install -q --no-deps facenet-pytorch==2.6.0
 	$(PIP) install -q --no-deps --no-build-isolation -e .
+endif
 	touch $@
 	rm -f $(VENV)/.dali-* && touch $(VENV)/.dali-$(DALI)
 
@@ -34,6 +59,10 @@ $(VENV)/.dali-$(DALI): $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q -x --timeout=900 tests
+
+wheelhouse: install
+	$(PY) scripts/wheelhouse.py build $(WHEELHOUSE) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION)) \
+		$(if $(PLATFORM),--platform $(PLATFORM)) --torch $(TORCH) --dali $(DALI) --part-mb $(PART_MB)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -13,15 +13,21 @@ One command runs every step of the product's GPU path and prints a table, then o
   4. resume   N steps, a real SIGUSR1 (the preemption signal) at step N, resume to 2N, against an uninterrupted
               2N run: bitwise equal weights in fp32 deterministic mode; the largest weight difference in bf16.
   5. eval     `ltm eval`'s scoring path against forward-only images/s (bench/eval.py's measurement).
+  6. options  each speed option against the default, the same steps of the same config: train.channels_last,
+              train.compile, train.optimizer_impl=fused and data.prefetch=4 through the engine, data.pin_memory
+              through the plain loop (its reference loader); figure: option images/s over default images/s.
 
 Without CUDA the same steps run on the CPU at tiny sizes (tiny-cpu model, 64 px, a few steps) and every GPU-only
-figure reads "skipped: no CUDA" (tests/test_gpu_check.py runs it so). Targets (one H100): mixed decode >= 8000
+figure reads "skipped: no CUDA" (tests/test_gpu_check.py runs it so). There the training figures come from a few
+steps after one warm-up step, which the start-up costs still dominate: the check says so, and `bench/step.py --engine`
+measures the engine against a plain loop in steady state instead. Targets (one H100): mixed decode >= 8000
 images/s at 224 px, data stall < 5 %, ltm / plain >= 1.2, LTM/Baseline time ratio <= 1.1 x FLOP ratio,
 eval >= 0.9 x forward-only.
 
     python bench/gpu.py                                # GPU sizes with CUDA, tiny CPU sizes without
     python bench/gpu.py --data shards/ffpp_c23/train   # on prepared shards
     python bench/gpu.py train.deterministic=false      # config overrides for the training steps
+    python bench/gpu.py --options compile,fused        # only these options (CPU mode: all but compile)
 """
 
 from __future__ import annotations
@@ -61,10 +67,23 @@ TARGETS = {  # figure: (comparison, target)
     "eval_over_forward": (">=", 0.9),
 }
 
-GPU_SIZES = {"config": "paper", "image_size": 224, "samples": 2048, "steps": 100, "warmup": 20, "resume_steps": 10,
+GPU_SIZES = {"config": "paper", "image_size": 224, "samples": 2048, "steps": 100, "warmup": 20, "option_steps": 100,
+             "resume_steps": 10,
              "decode_batch": 256, "eval_batch": 256, "passes": 3, "rounds": 3}
-CPU_SIZES = {"config": "tiny-cpu", "image_size": 64, "samples": 32, "steps": 4, "warmup": 1, "resume_steps": 2,
+CPU_SIZES = {"config": "tiny-cpu", "image_size": 64, "samples": 32, "steps": 4, "warmup": 1, "option_steps": 2,
+             "resume_steps": 2,
              "decode_batch": 16, "eval_batch": 16, "passes": 1, "rounds": 1, "batch": 8}
+# Speed options: (config overrides, the loop that uses them), each run against that loop's default run.
+OPTIONS = {
+    "channels_last": (["train.channels_last=true"], "engine"),
+    "compile": (["train.compile=default"], "engine"),
+    "fused": (["train.optimizer_impl=fused"], "engine"),
+    "prefetch4": (["data.prefetch=4"], "engine"),  # the default depth is 2
+    "pin_memory": (["data.pin_memory=true"], "plain"),  # the reference loader's option; the engine reads DALI
+}
+# inductor's first compile of even the toy model takes minutes on 2 cores: CPU mode runs it only when asked
+CPU_DEFAULT_OPTIONS = [name for name in OPTIONS if name != "compile"]
+STEADY_STEPS, STEADY_SPREAD = 10, 1.5  # timed steps and slowest/fastest step below which a figure is steady
 # tiny-cpu with timm's smallest ResNet, set up like the paper config where it matters for the GPU path: ZeRO-1, bf16
 CPU_OVERRIDES = ["model.backbone=test_resnet", "train.zero_stage=1", "train.precision=bf16"]
 
@@ -262,7 +281,8 @@ def engine_steps(cfg: Config, steps: int, warmup: int, cuda: bool) -> dict:
     return {"images_per_s": round(trainer.micro_batch * len(steady) / sum(steady), 2),
             "step_s": statistics.median(steady), "data_stall": round(sum(waits) / sum(steady), 4),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else SKIP_CUDA,
-            "loader": trainer.loader.kind, "micro_batch": trainer.micro_batch}
+            "loader": trainer.loader.kind, "micro_batch": trainer.micro_batch,
+            "first_step_s": step_s[0], "spread": max(steady) / min(steady), "timed_steps": len(steady)}
 
 
 def plain_steps(cfg: Config, steps: int, warmup: int, cuda: bool) -> dict:
@@ -376,6 +396,50 @@ def eval_check(cfg: Config, split: Path, cuda: bool, batch: int, rounds: int) ->
             "eval_over_forward": r["ratio"], "eval_images": r["images"]}
 
 
+# ------------------------------------------------------------------------------------------------ 6. options
+
+
+def options_check(cfg: Config, names: list[str], default: dict[str, dict], steps: int, warmup: int, cuda: bool,
+                  runs: Path) -> dict:
+    """Each option's images/s over the default's, the same steps of the same config and loop. An option that
+    fails (a kernel this GPU or torch build lacks) reads "failed: ..." instead of stopping the check."""
+    out: dict[str, Any] = {}
+    for name in names:
+        overrides, loop = OPTIONS[name]
+        try:
+            c = with_overrides(cfg, [*overrides, f"train.run_dir={runs / name}"])
+            r = engine_steps(c, steps, warmup, cuda) if loop == "engine" else plain_steps(c, steps, warmup, cuda)
+        except Exception as exc:  # noqa: BLE001 - reported as the option's figure; the other options still run
+            log.warning("option %s failed", name, exc_info=True)
+            out[f"option_{name}_over_default"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        out[f"option_{name}_images_per_s"] = r["images_per_s"]
+        out[f"option_{name}_over_default"] = round(r["images_per_s"] / default[loop]["images_per_s"], 4)
+    return out
+
+
+def steadiness(runs: list[dict], warmup: int) -> dict:
+    """Whether the engine runs' timed steps are a steady state: enough of them, and no step far slower than the
+    fastest. The first step (DeepSpeed's and the loader's start-up, first kernel choices) is never timed."""
+    timed = min(r["timed_steps"] for r in runs)
+    spread = max(r["spread"] for r in runs)
+    first = max(r["first_step_s"] / r["step_s"] for r in runs)
+    steady = timed >= STEADY_STEPS and spread <= STEADY_SPREAD
+    why = []
+    if timed < STEADY_STEPS:
+        why.append(f"warm-up-dominated: {timed} timed steps after {warmup} warm-up step(s), the first step "
+                   f"{first:.1f}x the timed median")
+    if spread > STEADY_SPREAD:
+        why.append(f"unsteady: the slowest timed step {spread:.1f}x the fastest (other jobs on the cores; with "
+                   f"{torch.get_num_threads()} OpenMP threads each step also waits for descheduled ones)")
+    note = "" if steady else (
+        f"the training figures (images/s, ltm_over_plain, the LTM/Baseline time ratio, the option ratios) are not "
+        f"a steady state, {'; '.join(why)}. `python bench/step.py --engine` measures the engine against a plain "
+        f"loop in steady state")
+    return {"train_steady": steady, "train_step_spread": round(spread, 3), "train_first_over_median": round(first, 3),
+            "train_note": note}
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -413,10 +477,14 @@ def print_table(fig: dict, env: dict, phases: dict) -> None:
           f"{env['dali_version']}, deepspeed {env['deepspeed']}, accelerate {env['accelerate']}")
     print(f"{'figure':<34}{'value':>22}  target")
     for key, value in fig.items():
+        if key == "train_note":  # a sentence, printed under the table
+            continue
         op, target = TARGETS.get(key, ("", ""))
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(f"{key:<34}{shown:>22}  {op} {target}".rstrip())
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    if fig.get("train_note"):
+        print(f"note: {fig['train_note']}")
 
 
 def main() -> None:
@@ -426,18 +494,35 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for shards and run folders (default: a temp folder)")
     parser.add_argument("--cpu", action="store_true", help="CPU mode even where CUDA exists")
     parser.add_argument("--samples", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="training steps per timed run")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per timed run (options too)")
     parser.add_argument("--resume-steps", type=int, default=None, help="N of the resume check (N, signal, 2N)")
     parser.add_argument("--threads", type=int, default=None, help="DALI threads / DataLoader workers")
+    parser.add_argument("--options", default=None,
+                        help=f"comma-separated speed options to measure, of {','.join(OPTIONS)}; 'none' for none "
+                             f"(default: all with CUDA, all but compile in CPU mode)")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides for the training steps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cuda = torch.cuda.is_available() and not args.cpu
     sizes = dict(GPU_SIZES if cuda else CPU_SIZES)
+    options = list(OPTIONS) if cuda else CPU_DEFAULT_OPTIONS
+    if args.options is not None:
+        options = [] if args.options == "none" else [o.strip() for o in args.options.split(",") if o.strip()]
+        unknown = [o for o in options if o not in OPTIONS]
+        if unknown:
+            parser.error(f"--options: unknown {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
     for key in ("samples", "steps", "resume_steps"):
         if getattr(args, key) is not None:
             sizes[key] = getattr(args, key)
+    if args.steps is not None:
+        sizes["option_steps"] = args.steps
     threads = args.threads or (min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1)
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:
+        # CPU mode: one intra-op thread unless OMP_NUM_THREADS says otherwise. With one thread per core on a machine
+        # other jobs share, every OpenMP region waits for a descheduled thread: toy steps then vary 15-50x and the
+        # training ratios measure the other jobs (ltm.engine's Trainer reads the variable, so set it too).
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     env = environment(cuda)
     tmp = tempfile.TemporaryDirectory(prefix="ltm-gpu-check-")
     work = Path(args.work or tmp.name)
@@ -477,7 +562,17 @@ def main() -> None:
                 "plain_images_per_s": plain["images_per_s"], "plain_data_stall": plain["data_stall"],
                 "ltm_over_plain": round(ltm_run["images_per_s"] / plain["images_per_s"], 4),
                 "deterministic": cfg.train.deterministic})
+    fig.update(steadiness([ltm_run, base_run], sizes["warmup"]))
     phases["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    # CPU mode: the options' steps only prove they run (one timed step each; the figures say warm-up-dominated)
+    fig.update(options_check(cfg, options, {"engine": ltm_run, "plain": plain}, sizes["option_steps"],
+                             sizes["warmup"], cuda, work / "runs" / "options"))
+    if "compile" not in options:
+        fig["option_compile_over_default"] = ("skipped: CPU mode (inductor's first compile takes minutes on a few "
+                                              "cores; --options compile runs it)" if not cuda else "skipped")
+    phases["options"] = time.perf_counter() - start
 
     start = time.perf_counter()
     for precision in ("fp32", "bf16"):
@@ -490,7 +585,8 @@ def main() -> None:
     ratio = fig["ltm_over_plain"]
     print(json.dumps({"bench": "gpu", "cuda": cuda, **env, "image_size": cfg.data.image_size,
                       "batch": cfg.train.batch_size, "steps": sizes["steps"], "warmup": sizes["warmup"],
-                      "resume_steps": sizes["resume_steps"], "threads": threads, **fig,
+                      "resume_steps": sizes["resume_steps"], "threads": threads,
+                      "torch_threads": torch.get_num_threads(), **fig,
                       "phases_s": {k: round(v, 1) for k, v in phases.items()},
                       "wall_s": round(sum(phases.values()), 1), "targets": verdicts(fig),
                       "ratio": ratio, "target": TARGETS["ltm_over_plain"][1]}))

@@ -75,7 +75,12 @@ class DataConfig:
     device: str = "auto"  # auto | cpu | gpu: where DALI decodes (auto: "mixed" when CUDA exists)
     shuffle_buffer: int = 1024
     num_threads: int = 2  # DALI CPU threads / reference loader workers per rank
+    # batches decoded ahead of the one in use: DALI's prefetch_queue_depth (read and decode pipelines), the reference
+    # loader's DataLoader prefetch_factor (per worker). The order of the batches does not depend on it.
     prefetch: int = 2
+    # reference training loader: the DataLoader's pin thread copies each batch into page-locked memory, so the
+    # host-to-GPU copy is asynchronous without the training thread pinning it; no effect without CUDA
+    pin_memory: bool = False
     on_bad_sample: str = "error"  # error | skip (counted and logged)
     seed: int = 0
 
@@ -109,6 +114,9 @@ class TrainConfig:
     deterministic: bool = True
     channels_last: bool = False  # NHWC training batches (activations follow; faster convolutions on tensor cores)
     optimizer_impl: str = "default"  # SGD kernels: default (torch's choice) | foreach | fused | for-loop
+    # torch.compile of the model inside the DeepSpeed engine (DeepSpeed's engine.compile, inductor):
+    # false | default | reduce-overhead | max-autotune (true = default); checkpoints keep the same keys
+    compile: bool | str = False
     peak_tflops: float = 0.0  # one device's peak TFLOP/s for the logged MFU (0: the GPU's entry in ltm.engine's table)
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler trace of steps start..+steps-1
 
@@ -116,10 +124,12 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 64
-    video_agg: str = "mean"  # mean | max
+    video_agg: str = "mean"  # mean | max | confident (ltm.metrics.VIDEO_REDUCE)
     attention_samples: int = 4  # per label, pictures under attention/
+    error_samples: int = 4  # the most confident false positives and false negatives each, pictures under errors/
     threshold: float = 0.5
-    perturb: str | None = None  # TYPE:LEVEL, a test-time perturbation of every crop (ltm.perturb; reference loader)
+    perturb: str | None = None  # TYPE:LEVEL, a test-time perturbation of every crop or clip (ltm.perturb)
+    frames_per_video: int = 0  # N evenly spaced frames scored per video (ltm.data.plan); 0 = all frames in the shards
 
 
 @dataclass
@@ -161,7 +171,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.zero_stage": (0, 1, 2),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.optimizer_impl": ("default", "foreach", "fused", "for-loop"),
-    "eval.video_agg": ("mean", "max"),
+    "train.compile": (False, True, "default", "reduce-overhead", "max-autotune"),
+    "eval.video_agg": ("mean", "max", "confident"),
 }
 
 
@@ -279,6 +290,9 @@ def validate(cfg: Config) -> None:
         "train.lr": (cfg.train.lr > 0, "> 0"),
         "train.keep_last": (cfg.train.keep_last > 0, ">= 1"),
         "eval.batch_size": (cfg.eval.batch_size > 0, ">= 1"),
+        "eval.frames_per_video": (cfg.eval.frames_per_video >= 0, ">= 0 (0: all frames)"),
+        "eval.attention_samples": (cfg.eval.attention_samples >= 0, ">= 0"),
+        "eval.error_samples": (cfg.eval.error_samples >= 0, ">= 0"),
     }
     for key, (ok, allowed) in checks.items():
         if not ok:

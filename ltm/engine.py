@@ -257,13 +257,35 @@ def peak_tflops(cfg: Config, device: torch.device) -> float | None:
     return None
 
 
+_FORWARD_GFLOP: dict[tuple[str, int], float] = {}  # (model config, image size) -> training forward GFLOP per image
+
+
 def train_flops_per_step(cfg: Config) -> float:
     """FLOPs of one optimizer step of the whole job: 3x the model's training forward (forward + backward) per image,
     counted by torch's FlopCounterMode on the meta device (ltm.reproduce.cost), times the global batch."""
     from ltm.reproduce.cost import model_gflops
 
-    forward_gflop, _ = model_gflops(cfg)
-    return 3 * forward_gflop * 1e9 * cfg.train.batch_size
+    # counted once per model in a process: the count takes seconds on a CPU, and benchmarks start many Trainers
+    key = (repr(cfg.model), cfg.data.image_size)
+    if key not in _FORWARD_GFLOP:
+        _FORWARD_GFLOP[key] = model_gflops(cfg)[0]
+    return 3 * _FORWARD_GFLOP[key] * 1e9 * cfg.train.batch_size
+
+
+def compile_model(engine: Any, mode: bool | str, deterministic: bool) -> None:
+    """`train.compile`: torch.compile the model inside the DeepSpeed engine, in place.
+
+    DeepSpeed's `engine.compile` calls `nn.Module.compile`, which compiles the module's `__call__` without wrapping
+    it, so the state-dict keys (and so checkpoints, resume and `ltm eval`) stay those of the eager model: no
+    `_orig_mod.` prefix. Methods other than `forward` (`predict` in validation) run eagerly.
+    """
+    if deterministic:
+        # Inductor would draw the `random` mask strategy's and mixup's numbers with its own kernels: other values
+        # than eager's from the same generator. With eager's random ops a compiled run draws what an eager one does.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fallback_random = True
+    engine.compile(compile_kwargs={} if mode in (True, "default") else {"mode": mode})
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -334,8 +356,11 @@ class Trainer:
                 self.checkpointer.to_universal(self.resume_tag)
             ds_config = deepspeed_config(cfg, self.micro_batch, env.world_size, self.universal)
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
+            if cfg.train.compile:
+                compile_model(self.engine, cfg.train.compile, cfg.train.deterministic)
             self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
             self.buffers = [b for b in self.engine.module.buffers() if b.is_floating_point()]
+            self.buffer_sizes = [b.numel() for b in self.buffers]
 
             # checkpointer: resume weights, optimizer, counters, loader position and RNG states
             self.state = TrainState()
@@ -468,7 +493,8 @@ class Trainer:
     def train_step(self) -> bool:
         """One optimizer step over grad_accum micro-batches; returns whether any rank asked to stop."""
         self.profile()
-        sums: dict[str, torch.Tensor] = {}
+        keys: list[str] = []
+        sums: torch.Tensor | None = None  # the loss terms of the step's micro-batches, summed in float64
         for _ in range(self.cfg.train.grad_accum):
             waited = time.perf_counter()
             with torch.random.fork_rng(devices=[]):  # the loader's own draws must not shift the model's
@@ -481,25 +507,30 @@ class Trainer:
             out = self.engine(images.to(self.dtype), labels)
             self.engine.backward(out["loss"])
             self.engine.step()  # DeepSpeed updates at the accumulation boundary only
-            for key, value in {"loss": out["loss"].detach(), **out["losses"]}.items():
-                sums[key] = sums.get(key, 0) + value.double()
-        # One collective per step: the stop flags (summed), the loss terms and the float buffers (averaged).
-        # DeepSpeed averages gradients but not buffers, so each rank's BatchNorm running statistics would drift
-        # apart while only rank 0's are checkpointed; averaging keeps every rank's model equal to the checkpoint.
-        keys = list(sums)
+            terms = {"loss": out["loss"].detach(), **out["losses"]}
+            keys = list(terms)
+            # one stack and one cast for all terms (a kernel each on the GPU, not one per term)
+            stacked = torch.stack(list(terms.values())).double()
+            sums = stacked if sums is None else sums + stacked
+        # One collective per step: the stop flag (summed), the loss terms and, with several ranks, the float buffers
+        # (averaged). DeepSpeed averages gradients but not buffers, so each rank's BatchNorm running statistics would
+        # drift apart while only rank 0's are checkpointed; averaging keeps every rank's model equal to the checkpoint.
+        # A world of one has nothing to average: its buffers stay out of the step.
+        world = self.env.world_size
         flag = torch.tensor([float(_stop.is_set())], dtype=torch.float64, device=self.env.device)
-        losses = torch.stack([sums[k] / self.cfg.train.grad_accum for k in keys]).to(self.env.device)
-        packed = all_reduce_sum(torch.cat([flag, losses] + [b.detach().reshape(-1).double() for b in self.buffers]))
-        if self.env.world_size > 1:
-            offset = 1 + len(keys)
-            for b in self.buffers:
-                b.copy_((packed[offset:offset + b.numel()] / self.env.world_size).view_as(b))
-                offset += b.numel()
+        parts = [flag, (sums / self.cfg.train.grad_accum).to(self.env.device)]
+        if world > 1:
+            # one concatenation, then one cast: two kernels however many buffers the model has
+            parts.append(torch.cat([b.detach().reshape(-1) for b in self.buffers]).double())
+        packed = all_reduce_sum(torch.cat(parts))
+        if world > 1:
+            averaged = (packed[1 + len(keys):] / world).split(self.buffer_sizes)
+            torch._foreach_copy_(self.buffers, [a.view_as(b) for a, b in zip(averaged, self.buffers)])
         packed = packed[:1 + len(keys)].cpu()
         self.state.step += 1
         self.state.samples += self.cfg.train.batch_size
         for key, value in zip(keys, packed[1:].tolist()):
-            self.state.window[key] = self.state.window.get(key, 0.0) + value / self.env.world_size
+            self.state.window[key] = self.state.window.get(key, 0.0) + value / world
         self.state.window_steps += 1
         if self.progress is not None:
             self.progress.update(1)

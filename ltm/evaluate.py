@@ -266,12 +266,32 @@ def dataset_name(folder: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def score_folder(
-    model: nn.Module, cfg: Config, folder: Path, accelerator, batch_size: int, keep_per_label: int = 0
-) -> tuple[list[Row], dict[int, list[tuple[str, torch.Tensor]]], dict[str, int]]:
-    """Score this rank's share of a folder; also keep up to `keep_per_label` (key, image) pairs per label.
+@dataclass
+class Kept:
+    """Images held back from scoring for the report's pictures: the first `keep_per_label` of each label (attention
+    gallery), and this rank's most confident mistakes at the threshold, as (P(fake), key, image): the reals scored
+    highest at or above it (false positives) and the fakes scored lowest below it (false negatives)."""
 
-    Returns (rows of this rank, kept images by label, counts `{"total", "share", "skipped"}`: samples in the folder,
+    by_label: dict[int, list[tuple[str, torch.Tensor]]]
+    false_positives: list[tuple[float, str, torch.Tensor]]
+    false_negatives: list[tuple[float, str, torch.Tensor]]
+
+
+def _most_confident(candidates: list[tuple[float, str, torch.Tensor]], k: int, fakes: bool) -> list:
+    """The k most confident mistakes, ties broken by key so that every rank split picks the same ones: reals with
+    the highest P(fake), fakes with the lowest."""
+    order = sorted(candidates, key=lambda c: (c[0] if fakes else -c[0], c[1]))
+    return order[:k]
+
+
+def score_folder(
+    model: nn.Module, cfg: Config, folder: Path, accelerator, batch_size: int, keep_per_label: int = 0,
+    keep_errors: int = 0, threshold: float = 0.5,
+) -> tuple[list[Row], Kept, dict[str, int]]:
+    """Score this rank's share of a folder; also keep up to `keep_per_label` (key, image) pairs per label and this
+    rank's `keep_errors` most confident false positives and false negatives at `threshold`.
+
+    Returns (rows of this rank, kept images, counts `{"total", "share", "skipped"}`: samples in the folder,
     samples given to this rank, bad samples this rank dropped).
     """
     from ltm.data import build_eval_loader
@@ -279,7 +299,7 @@ def score_folder(
     loader = build_eval_loader(cfg, [folder], accelerator.process_index, accelerator.num_processes,
                                accelerator.device, batch_size)
     rows: list[Row] = []
-    kept: dict[int, list[tuple[str, torch.Tensor]]] = {0: [], 1: []}
+    kept = Kept({0: [], 1: []}, [], [])
     with torch.inference_mode(), accelerator.autocast():
         for batch in loader:
             probs = model.predict(batch["images"]).float().cpu().tolist()
@@ -288,13 +308,30 @@ def score_folder(
                 zip(batch["keys"], batch["videos"], batch["methods"], labels, probs)
             ):
                 rows.append(Row(key, video, method, label, p))
-                if len(kept[label]) < keep_per_label:
-                    kept[label].append((key, batch["images"][i].detach().float().cpu().clone()))
-    counts = {"total": sum(len(s) for s in loader.sources), "share": loader.num_samples, "skipped": loader.skipped}
+                if len(kept.by_label[label]) < keep_per_label:
+                    kept.by_label[label].append((key, batch["images"][i].detach().float().cpu().clone()))
+                wrong = (label == 0 and p >= threshold) or (label == 1 and p < threshold)
+                if keep_errors > 0 and wrong:
+                    errors = kept.false_negatives if label else kept.false_positives
+                    errors.append((p, key, batch["images"][i].detach().float().cpu().clone()))
+                    if len(errors) > 4 * keep_errors:  # bounded memory: trim to the k most confident now and then
+                        errors[:] = _most_confident(errors, keep_errors, fakes=bool(label))
+    kept.false_positives = _most_confident(kept.false_positives, keep_errors, fakes=False)
+    kept.false_negatives = _most_confident(kept.false_negatives, keep_errors, fakes=True)
+    counts = {"total": loader.total_samples, "share": loader.num_samples, "skipped": loader.skipped}
     if len(rows) + counts["skipped"] != counts["share"]:
         raise RuntimeError(f"shard folder {str(folder)!r}: rank {accelerator.process_index} was given "
                            f"{counts['share']} samples but scored {len(rows)} and skipped {counts['skipped']}")
     return rows, kept, counts
+
+
+def gather_errors(kept: Kept, k: int) -> tuple[list, list]:
+    """The k most confident false positives and false negatives over all ranks (every rank gets the same)."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(kept.false_positives, kept.false_negatives)])
+    return (_most_confident([e for fp, _ in parts for e in fp], k, fakes=False),
+            _most_confident([e for _, fn in parts for e in fn], k, fakes=True))
 
 
 def gather_rows(rows: list[Row], counts: dict[str, int] | None = None) -> list[Row]:
@@ -320,17 +357,19 @@ def gather_rows(rows: list[Row], counts: dict[str, int] | None = None) -> list[R
     return sorted(merged, key=lambda r: (r.method, r.key))
 
 
-def attention_maps(model: nn.Module, kept: dict[int, list[tuple[str, torch.Tensor]]], device: torch.device) -> list:
-    """[(key, label, image (3,H,W), attention (h,w), mask (h,w), P(fake))] for the kept samples; [] for Baseline."""
-    if not hasattr(model, "explain"):
-        log.info("model kind %s has no teacher attention: no attention pictures", type(model).__name__)
-        return []
-    items = [(key, label, img) for label in (0, 1) for key, img in kept[label]]
-    if not items:
+def attention_maps(model: nn.Module, items: list[tuple[str, int, torch.Tensor]], device: torch.device,
+                   crops_without_attention: bool = False) -> list:
+    """[(key, label, image (3,H,W), attention (h,w) | None, mask (h,w) | None, P(fake))] for (key, label, image)
+    items. A model without teacher attention (Baseline) gives [] , or the crops alone with
+    `crops_without_attention` (the report's mistakes are shown for every model)."""
+    explains = hasattr(model, "explain")
+    if not items or not (explains or crops_without_attention):
         return []
     images = torch.stack([img for _, _, img in items]).to(device)
-    out = model.explain(images)
     probs = model.predict(images).float().cpu()
+    if not explains:
+        return [(key, label, img, None, None, float(probs[i])) for i, (key, label, img) in enumerate(items)]
+    out = model.explain(images)
     return [(key, label, img, out["attention"][i].float().cpu(), out["mask"][i].float().cpu(), float(probs[i]))
             for i, (key, label, img) in enumerate(items)]
 
@@ -395,8 +434,10 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
         name = dataset_name(folder)
         start = time.perf_counter()
         rows, kept, counts = score_folder(model, cfg, folder, accelerator, cfg.eval.batch_size,
-                                          cfg.eval.attention_samples if accelerator.is_main_process else 0)
+                                          cfg.eval.attention_samples if accelerator.is_main_process else 0,
+                                          cfg.eval.error_samples, threshold)
         rows = gather_rows(rows, counts)
+        false_positives, false_negatives = gather_errors(kept, cfg.eval.error_samples)
         seconds = time.perf_counter() - start
         if not rows:
             raise ValueError(f"shard folder {str(folder)!r}: the loader yielded no samples")
@@ -407,6 +448,7 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
             **metrics,
             "threshold_from": str(threshold_folder) if threshold_folder is not None else None,
             "perturbation": cfg.eval.perturb,
+            "frames_per_video": cfg.eval.frames_per_video,
             "checkpoint": source,
             "data": str(folder),
             "run": str(run_dir),
@@ -418,8 +460,14 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
         }
         if accelerator.is_main_process:
             folder_out = out_root / name
-            pictures = attention_maps(model, kept, accelerator.device) if cfg.eval.attention_samples > 0 else []
-            report_mod.write_report(folder_out, report, rows, pictures)
+            if not hasattr(model, "explain"):
+                log.info("model kind %s has no teacher attention: no attention pictures", type(model).__name__)
+            gallery = [(key, label, img) for label in (0, 1) for key, img in kept.by_label[label]]
+            pictures = attention_maps(model, gallery, accelerator.device)
+            mistakes = attention_maps(model, [(key, 0, img) for _, key, img in false_positives]
+                                      + [(key, 1, img) for _, key, img in false_negatives],
+                                      accelerator.device, crops_without_attention=True)
+            report_mod.write_report(folder_out, report, rows, pictures, mistakes)
             report["report_dir"] = str(folder_out)
             log.info("%s: %d frames, %d videos, frame AUC %s, %.1f images/s on %d rank(s) -> %s",
                      name, report["n_frames"], report["n_videos"], report_mod.fmt(report["frame_auc"]),
@@ -445,7 +493,8 @@ def robustness(run_dir: str | os.PathLike, data: list[str] | None = None, tag: s
         model = accelerator.prepare_model(model, evaluation_mode=True)
         for folder in [resolve_folder(f, cfg) for f in (data or cfg.data.test)]:
             name = dataset_name(folder)
-            result: dict = {"name": name, "data": str(folder), "checkpoint": source, "auc": {}}
+            result: dict = {"name": name, "data": str(folder), "checkpoint": source,
+                            "frames_per_video": cfg.eval.frames_per_video, "auc": {}}
             started = time.perf_counter()
             for spec in [None] + [f"{kind}:{level}" for kind in LEVELS for level in range(1, 6)]:
                 setting = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, perturb=spec))
@@ -470,7 +519,11 @@ def robustness(run_dir: str | os.PathLike, data: list[str] | None = None, tag: s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints/)")
+    parser.add_argument("--run", default=None, help="run folder (holds config.yaml and checkpoints/); required "
+                        "unless --compare")
+    parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                        help="no scoring: put two evaluated runs' reports side by side in one HTML page (run folders, "
+                             "eval roots or report folders; --out FILE, default <RUN_A>/eval/compare-<RUN_B>.html)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one in checkpoints/latest)")
     parser.add_argument("--weights", default=None, help="a consolidated fp32 state-dict file instead of a tag")
     parser.add_argument("--data", action="append", default=None,
@@ -481,7 +534,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="per-rank batch (default: eval.batch_size)")
     parser.add_argument("--perturb", metavar="TYPE:LEVEL", default=None,
                         help="score every crop under a DeeperForensics-style perturbation, e.g. blur:3 (types: "
-                             "saturation contrast block noise blur pixelate jpeg; levels 1-5; see ltm/perturb.py)")
+                             "saturation contrast block noise blur pixelate jpeg video; levels 1-5; video: H.264 "
+                             "re-encoding of each video's clip at CRF 30-40; see ltm/perturb.py)")
+    parser.add_argument("--frames-per-video", type=int, default=None, metavar="N",
+                        help="score N evenly spaced frames per video (eval.frames_per_video; default: all frames "
+                             "in the shards)")
     parser.add_argument("--robustness", action="store_true",
                         help="score each --data folder clean and under every --perturb type at levels 1-5: "
                              "robustness.json, robustness.md and robustness.png beside the report")
@@ -494,13 +551,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.compare:
+        from ltm.report_html import write_compare
+
+        print(write_compare(*args.compare, args.out))
+        return 0
+    if args.run is None:
+        raise ValueError("ltm eval: --run RUN is required (or --compare RUN_A RUN_B)")
     if args.nproc > 1 and "RANK" not in os.environ:
         argv = ["-m", "ltm.cli", "eval", "--run", str(args.run)]
         if args.robustness:
             argv.append("--robustness")
         for flag, value in (("--tag", args.tag), ("--weights", args.weights), ("--video-agg", args.video_agg),
                             ("--batch-size", args.batch_size), ("--out", args.out),
-                            ("--threshold-from", args.threshold_from), ("--perturb", args.perturb)):
+                            ("--threshold-from", args.threshold_from), ("--perturb", args.perturb),
+                            ("--frames-per-video", args.frames_per_video)):
             if value is not None:
                 argv += [flag, str(value)]
         for folder in args.data or []:
@@ -513,6 +578,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"eval.batch_size={args.batch_size}")
     if args.perturb:
         overrides.append(f"eval.perturb={args.perturb}")
+    if args.frames_per_video is not None:
+        overrides.append(f"eval.frames_per_video={args.frames_per_video}")
     if args.robustness:
         if args.perturb or args.threshold_from:
             raise ValueError("--robustness scores every perturbation itself: leave out --perturb and --threshold-from")

@@ -1,7 +1,8 @@
 """Test-time perturbations of face crops, after DeeperForensics-1.0's (Jiang et al., CVPR 2020; its
 `perturbation/distortions.py` and `add_distortion_to_video.py` define the types and their five levels).
 
-    perturbation("blur:3")(crop, key)      # uint8 RGB (H, W, 3) -> the same, perturbed; deterministic per key
+    perturbation("blur:3")(crop, key)            # uint8 RGB (H, W, 3) -> the same, perturbed; deterministic per key
+    perturbation("video:3").clip(frames, video)  # a video's crops in frame order -> the same after H.264 at CRF 35
 
 Types (DeeperForensics' name) and their parameter at levels 1..5:
 
@@ -12,19 +13,37 @@ Types (DeeperForensics' name) and their parameter at levels 1..5:
     blur (GB)        OpenCV Gaussian blur, kernel 7, 9, 13, 17, 21, sigma = kernel / 6
     pixelate ("JPEG") down-scaled by 2 .. 6 and up again (bilinear): DeeperForensics calls it JPEG; it is pixelation
     jpeg (added)     a real JPEG re-encoding (PIL, 4:2:0) at quality 90, 70, 50, 30, 10
+    video (VC)       H.264 re-encoding of the whole video at CRF 30, 32, 35, 38, 40
+
+Video compression is a clip operation: the crops of one video (the shard samples sharing its id, in frame order)
+are encoded as one H.264 stream with PyAV's libx264 (`VIDEO_OPTIONS`: yuv420p, preset medium, the encoder's
+default and what DeeperForensics' plain `ffmpeg -crf` call uses, 25 fps, one thread, SIMD limited to SSE2, so the
+same frames always give the same bytes, on any machine), decoded back, and those frames are scored. The RGB <->
+YUV 4:2:0 conversions are PyAV's defaults (swscale, BT.601). Odd sides are padded to even by repeating the last
+row/column and cropped back after decoding. All crops of a video must have one size (an error names the video
+otherwise).
+
+Where each type runs: every per-crop type runs inside the DALI eval pipeline when `data.loader` is dali (on the GPU
+with CUDA, as DALI CPU operators otherwise: `ltm.data.dali_perturb`), and on the CPU with the functions below in the
+reference loader; the two agree within a pixel or two (tests/test_perturb_loaders.py states the bound per type).
+The random draws of block and noise come from the sample's key on the host in both loaders (positions, and the
+noise field fed to DALI as an external source), so they are identical. Video compression runs on the CPU (PyAV) in
+both loaders before the loader's resize; the DALI loader receives the decoded frames.
 
 Differences, on purpose: DeeperForensics perturbs whole video frames; ltm perturbs the face crops the shards hold
-(at their stored size, before the loader's resize). Its block count, `short side // 256 x n`, gives no block at all to
-a crop under 256 px; here the count is rounded from `n x side / 256` (a 224 px crop gets 14 blocks at level 1,
-70 at level 5). Its saturation change works on OpenCV's float YCrCb of 0-255 values, whose neutral chroma sits
-0.5/255 off grey; here chroma is scaled around exact grey. Video compression (H.264 CRF 30-40) re-encodes whole
-clips and is not a per-crop operation.
+(at their stored size, before the loader's resize), and compresses the sequence of a video's crops as its clip.
+Its block count, `short side // 256 x n`, gives no block at all to a crop under 256 px; here the count is rounded
+from `n x side / 256` (a 224 px crop gets 14 blocks at level 1, 70 at level 5). Its saturation change works on
+OpenCV's float YCrCb of 0-255 values, whose neutral chroma sits 0.5/255 off grey; here chroma is scaled around
+exact grey.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import platform
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -37,9 +56,17 @@ LEVELS: dict[str, tuple[float, ...]] = {
     "blur": (7, 9, 13, 17, 21),
     "pixelate": (2, 3, 4, 5, 6),
     "jpeg": (90, 70, 50, 30, 10),
+    "video": (30, 32, 35, 38, 40),
 }
 BLOCK = 8
 GREY = 128
+# libx264 settings of the video type (the CRF comes from the level), fixed so that a clip always gives the same
+# bytes. x264's SIMD is limited to SSE2 on x86-64 (no assembly elsewhere): the SSE2 code gives the same bytes as
+# x264's C code, while the AVX2/AVX-512 paths give other bytes, and with PyAV 18's libx264 on an AVX-512 CPU
+# different bytes from one run to the next (measured: 17 different streams in 30 encodes of one 16-frame clip).
+X264_ASM = "SSE2" if platform.machine().lower() in ("x86_64", "amd64") else "0"
+VIDEO_OPTIONS = {"preset": "medium", "threads": "1", "x264-params": f"asm={X264_ASM}"}
+VIDEO_FPS = 25
 
 # BT.601 full-range RGB <-> YCbCr (JPEG's): rows give Y, Cb, Cr
 _TO_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
@@ -48,7 +75,7 @@ _TO_YCBCR = _TO_YCBCR.astype(np.float32)  # float32 throughout: a twentieth of a
 
 
 class PerturbationError(ValueError):
-    """A perturbation spec that names no known type or level."""
+    """A perturbation spec that names no known type or level, or input a perturbation cannot take."""
 
 
 def _ycbcr(rgb: np.ndarray) -> np.ndarray:
@@ -74,17 +101,32 @@ def contrast(rgb: np.ndarray, factor: float, rng: np.random.Generator) -> np.nda
     return (rgb.astype(np.float32) * factor).astype(np.uint8)
 
 
+def block_anchors(h: int, w: int, per_256: float, rng: np.random.Generator) -> np.ndarray:
+    """(n, 2) top-left (y, x) corners of the grey blocks of an h x w crop, drawn in order from `rng`."""
+    n = int(round(per_256 * min(h, w) / 256))
+    if n and (h <= BLOCK or w <= BLOCK):
+        raise PerturbationError(f"block: a {h}x{w} crop has no room for {BLOCK}x{BLOCK} blocks")
+    out = np.zeros((n, 2), dtype=np.int64)
+    for i in range(n):
+        out[i] = rng.integers(0, h - BLOCK), rng.integers(0, w - BLOCK)
+    return out
+
+
 def block(rgb: np.ndarray, per_256: float, rng: np.random.Generator) -> np.ndarray:
     out = rgb.copy()
     h, w = out.shape[:2]
-    for _ in range(int(round(per_256 * min(h, w) / 256))):
-        y, x = rng.integers(0, h - BLOCK), rng.integers(0, w - BLOCK)
+    for y, x in block_anchors(h, w, per_256, rng).tolist():
         out[y:y + BLOCK, x:x + BLOCK] = GREY
     return out
 
 
+def noise_field(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """The standard normal field (float32, the crop's shape) that `noise` scales by sqrt(variance) on YCbCr."""
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
 def noise(rgb: np.ndarray, variance: float, rng: np.random.Generator) -> np.ndarray:
-    y = _ycbcr(rgb) + np.float32(np.sqrt(variance)) * rng.standard_normal(rgb.shape, dtype=np.float32)
+    y = _ycbcr(rgb) + np.float32(np.sqrt(variance)) * noise_field(rgb.shape, rng)
     return _rgb(y)
 
 
@@ -108,13 +150,43 @@ def jpeg(rgb: np.ndarray, quality: float, rng: np.random.Generator) -> np.ndarra
         return np.array(im.convert("RGB"))
 
 
+def h264(frames: Sequence[np.ndarray], crf: int) -> tuple[list[np.ndarray], bytes]:
+    """Encode uint8 RGB frames (one size) as one H.264 clip at `crf` with libx264 (`VIDEO_OPTIONS`), decode it:
+    (the decoded frames, the encoded stream)."""
+    import av
+
+    h, w = frames[0].shape[:2]
+    ph, pw = h + h % 2, w + w % 2  # yuv420p needs even sides
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="h264") as out:
+        stream = out.add_stream("libx264", rate=VIDEO_FPS, options={"crf": str(int(crf)), **VIDEO_OPTIONS})
+        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
+        for i, frame in enumerate(frames):
+            if (ph, pw) != (h, w):
+                frame = np.pad(frame, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf.pts = i
+            for packet in stream.encode(vf):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    data = buf.getvalue()
+    with av.open(io.BytesIO(data), mode="r", format="h264") as src:
+        # contiguous copies owning their memory (to_ndarray gives a strided view of the frame's buffer)
+        decoded = [np.array(f.to_ndarray(format="rgb24")[:h, :w]) for f in src.decode(video=0)]
+    return decoded, data
+
+
 FUNCTIONS = {"saturation": saturation, "contrast": contrast, "block": block, "noise": noise, "blur": blur,
              "pixelate": pixelate, "jpeg": jpeg}
+PER_CROP = tuple(FUNCTIONS)  # the types applied crop by crop; "video" works on whole clips
 
 
 class Perturbation:
-    """One type at one level; `__call__(crop, key)` draws its randomness from the sample's key, so that a rerun (or
-    another rank, or another loader) perturbs every sample the same way."""
+    """One per-crop type at one level; `__call__(crop, key)` draws its randomness from the sample's key, so that a
+    rerun (or another rank, or another loader) perturbs every sample the same way."""
+
+    per_crop = True
 
     def __init__(self, kind: str, level: int) -> None:
         self.kind, self.level = kind, level
@@ -125,20 +197,50 @@ class Perturbation:
     def name(self) -> str:
         return f"{self.kind}:{self.level}"
 
-    def __call__(self, rgb: np.ndarray, key: str) -> np.ndarray:
+    def rng(self, key: str) -> np.random.Generator:
+        """The generator of the sample `key` (its raw `__key__` in the shard)."""
         seed = int.from_bytes(hashlib.sha1(f"{self.name}/{key}".encode()).digest()[:8], "little")
-        return self.fn(np.ascontiguousarray(rgb), self.param, np.random.default_rng(seed))
+        return np.random.default_rng(seed)
+
+    def __call__(self, rgb: np.ndarray, key: str) -> np.ndarray:
+        return self.fn(np.ascontiguousarray(rgb), self.param, self.rng(key))
 
 
-def perturbation(spec: str | None) -> Perturbation | None:
-    """`TYPE:LEVEL` (e.g. `blur:3`) -> a Perturbation; None or "" -> None."""
+class VideoCompression:
+    """H.264 re-encoding of whole clips at one CRF level: `clip(frames, video)` -> the decoded frames."""
+
+    per_crop = False
+    kind = "video"
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.param = self.crf = int(LEVELS["video"][level - 1])
+
+    @property
+    def name(self) -> str:
+        return f"video:{self.level}"
+
+    def clip(self, frames: Sequence[np.ndarray], video: str = "") -> list[np.ndarray]:
+        if not len(frames):
+            raise PerturbationError(f"video {video!r}: no frames to compress")
+        sizes = {f.shape for f in frames}
+        if len(sizes) > 1 or any(f.ndim != 3 or f.shape[2] != 3 or f.dtype != np.uint8 for f in frames):
+            raise PerturbationError(f"video {video!r}: its crops must be uint8 RGB of one size to form a clip, got "
+                                    f"{sorted(sizes)}")
+        decoded, _ = h264(frames, self.crf)
+        if len(decoded) != len(frames):
+            raise PerturbationError(f"video {video!r}: {len(frames)} frames encoded, {len(decoded)} decoded")
+        return decoded
+
+
+def perturbation(spec: str | None) -> Perturbation | VideoCompression | None:
+    """`TYPE:LEVEL` (e.g. `blur:3`, `video:2`) -> a Perturbation (per crop) or VideoCompression; None or "" -> None."""
     if not spec:
         return None
     kind, sep, level = str(spec).partition(":")
-    if kind == "video":
-        raise PerturbationError("perturbation 'video' (H.264 re-encoding of whole clips) is not a per-crop operation "
-                                "and is not available in this version")
     if kind not in LEVELS or not sep or level not in ("1", "2", "3", "4", "5"):
         raise PerturbationError(f"perturbation {spec!r}: expected TYPE:LEVEL with TYPE one of {', '.join(LEVELS)} "
                                 "and LEVEL 1-5")
+    if kind == "video":
+        return VideoCompression(int(level))
     return Perturbation(kind, int(level))

@@ -333,3 +333,47 @@ def test_loader_state_matches_a_source_named_relatively_or_absolutely(tmp_path, 
     check_state(loader(str(tmp_path / "shards" / "real")), old_style)
     with pytest.raises(ValueError, match="sources is"):
         check_state(loader(str(tmp_path / "other")), saved)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_prefetch_depth_changes_no_batch_and_no_resume(shard_root, loader):
+    """data.prefetch (DALI's prefetch_queue_depth of the read and decode pipelines; the DataLoader's prefetch_factor)
+    decides how far ahead batches are decoded, not which: depths 1 and 4 give bitwise the same batches, and a state
+    saved at one depth continues exactly at the other (the state is the handed-out batch's, not the prefetched)."""
+    def take(depth: int, n: int, state: dict | None = None) -> tuple[list, dict]:
+        train = build_train_loader(_cfg(shard_root, loader, f"data.prefetch={depth}"), 1, 2, "cpu")
+        if state is not None:
+            train.load_state_dict(state)
+        got = [next(train) for _ in range(n)]
+        saved = pickle.loads(pickle.dumps(train.state_dict()))
+        train.close()
+        return got, saved
+
+    shallow, _ = take(1, 8)
+    deep, _ = take(4, 8)
+    for (xi, xl), (yi, yl) in zip(shallow, deep, strict=True):
+        assert torch.equal(xi, yi) and torch.equal(xl, yl)
+    _, saved_deep = take(4, 3)
+    continued, _ = take(1, 5, saved_deep)
+    for (xi, xl), (yi, yl) in zip(shallow[3:], continued, strict=True):
+        assert torch.equal(xi, yi) and torch.equal(xl, yl)
+
+
+def test_pin_memory_changes_no_batch(shard_root):
+    """data.pin_memory asks the reference loader's DataLoader for page-locked batches, which only a copy to a GPU
+    uses: for a CUDA device the DataLoader is built with it; on the CPU it is accepted and does nothing (the same
+    batches, bitwise)."""
+    from ltm.data import train_sources
+    from ltm.data.reference import ReferenceTrainLoader
+
+    cfg = _cfg(shard_root, "reference", "data.pin_memory=true")
+    # built, not iterated: without CUDA no batch can go to the GPU, but the choice is made at construction
+    assert ReferenceTrainLoader(train_sources(cfg), cfg, 0, 1, torch.device("cuda"), 8).pin_memory is True
+    batches = {}
+    for pin in (False, True):
+        train = build_train_loader(_cfg(shard_root, "reference", f"data.pin_memory={pin}"), 0, 1, "cpu")
+        assert train.pin_memory is False  # no CUDA: nothing to pin for
+        batches[pin] = [next(train) for _ in range(4)]
+        train.close()
+    for (xi, xl), (yi, yl) in zip(batches[False], batches[True], strict=True):
+        assert torch.equal(xi, yi) and torch.equal(xl, yl)

@@ -304,18 +304,45 @@ def test_threshold_from_a_validation_folder_decides_the_accuracy(toy_runs, tmp_p
     assert report["tpr_at_fpr"]["0.01"] is not None and "TPR@1%FPR" in md
 
 
-def test_perturbed_evaluation_is_deterministic_and_differs_from_clean(toy_runs, tmp_path):
-    """`ltm eval --perturb TYPE:LEVEL`: every crop perturbed (on the reference path, also when the config asks for
-    DALI), the same scores on a rerun, other scores than the clean set's; the report names the perturbation."""
+@pytest.mark.parametrize("spec", ["block:5", "video:3"])
+def test_perturbed_evaluation_is_deterministic_and_differs_from_clean(toy_runs, tmp_path, spec):
+    """`ltm eval --perturb TYPE:LEVEL`: every crop (inside the DALI pipeline) or every video's clip (H.264 on the
+    host) perturbed, the same scores on a rerun, other scores than the clean set's; the report names it."""
     clean = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "clean")[0]
     runs = [evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / f"p{i}",
-                     cfg_overrides=["eval.perturb=block:5", "data.loader=dali"])[0] for i in range(2)]
+                     cfg_overrides=[f"eval.perturb={spec}", "data.loader=dali"])[0] for i in range(2)]
     scores = [read_scores(tmp_path / f"p{i}" / "toy-test" / "scores.csv") for i in range(2)]
-    assert scores[0] == scores[1] and runs[0]["perturbation"] == "block:5" and clean["perturbation"] is None
+    assert scores[0] == scores[1] and runs[0]["perturbation"] == spec and clean["perturbation"] is None
     clean_scores = {r["key"]: r["score"] for r in read_scores(tmp_path / "clean" / "toy-test" / "scores.csv")}
     assert sum(abs(r["score"] - clean_scores[r["key"]]) > 1e-6 for r in scores[0]) > len(scores[0]) // 2
     with pytest.raises(ValueError, match="expected TYPE:LEVEL"):
         evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "bad", cfg_overrides=["eval.perturb=fog:9"])
+
+
+def test_frames_per_video_flag_scores_the_chosen_frames_and_says_so(toy_runs, toy_shards, tmp_path, capsys):
+    """`ltm eval --frames-per-video N` on 2 ranks: the frames of `ltm.data.plan.frame_indices` per video, each once;
+    report.json carries `frames_per_video` and report.md states the protocol."""
+    from ltm.cli import main
+    from ltm.data.plan import frame_indices
+
+    proc = subprocess.run([sys.executable, "-m", "ltm.cli", "eval", "--run", str(toy_runs["zero0"]), "--data",
+                           "toy/test", "--frames-per-video", "2", "--nproc", "2", "--out", str(tmp_path / "two")],
+                          env=clean_env(), cwd=toy_shards.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "two" / "toy-test"
+    report = json.loads((folder / "report.json").read_text())
+    by_video: dict[str, list[str]] = {}
+    for key in sorted(all_keys(toy_shards)):  # toy keys: <dataset>-<method>-<video>-<frame:06d>
+        by_video.setdefault(key.rsplit("-", 1)[0], []).append(key)
+    expected = {keys[i] for keys in by_video.values() for i in frame_indices(len(keys), 2)}
+    assert len(expected) < len(all_keys(toy_shards))  # some videos have 3 frames: a real selection
+    keys = [r["key"] for r in read_scores(folder / "scores.csv")]
+    assert sorted(keys) == sorted(expected) and report["n_frames"] == len(expected)
+    assert report["frames_per_video"] == 2 and report["world_size"] == 2
+    assert "- frames: 2 evenly spaced frames per video" in (folder / "report.md").read_text()
+    assert main(["eval", "--run", str(toy_runs["zero0"]), "--data", "toy/test", "--out", str(tmp_path / "all")]) == 0
+    assert json.loads((tmp_path / "all" / "toy-test" / "report.json").read_text())["frames_per_video"] == 0
+    assert "- frames: all frames in the shards" in (tmp_path / "all" / "toy-test" / "report.md").read_text()
 
 
 def test_robustness_scores_every_type_and_level_and_draws_them(toy_runs, tmp_path, capsys):
@@ -413,3 +440,65 @@ def test_cli_error_exit_code(toy_runs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ltm.cli", "eval", "--run", str(tmp_path / "absent"),
                            "--data", "toy/test"], env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "absent" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ mistakes, HTML report
+
+
+def test_most_confident_mistakes_are_the_extreme_errors_of_the_scores(toy_runs, tmp_path):
+    """errors/ holds the reals with the highest P(fake) at or above the threshold and the fakes with the lowest
+    below it, as scores.csv says, in that order; the threshold is the median score so both kinds exist."""
+    first = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "a")[0]
+    rows = read_scores(tmp_path / "a" / "toy-test" / "scores.csv")
+    threshold = float(np.median([r["score"] for r in rows]))
+    (report,) = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "b",
+                         cfg_overrides=[f"eval.threshold={threshold!r}", "eval.error_samples=3"])
+    fp = sorted((r for r in rows if r["label"] == 0 and r["score"] >= threshold), key=lambda r: (-r["score"], r["key"]))
+    fn = sorted((r for r in rows if r["label"] == 1 and r["score"] < threshold), key=lambda r: (r["score"], r["key"]))
+    assert fp and fn and "errors" in first  # the median threshold misplaces both classes on this toy model
+    assert [e["key"] for e in report["errors"]["false_positives"]] == [r["key"] for r in fp[:3]]
+    assert [e["key"] for e in report["errors"]["false_negatives"]] == [r["key"] for r in fn[:3]]
+    assert [e["p_fake"] for e in report["errors"]["false_positives"]] == pytest.approx([r["score"] for r in fp[:3]],
+                                                                                       abs=1e-6)
+    folder = tmp_path / "b" / "toy-test"
+    for e in report["errors"]["false_positives"] + report["errors"]["false_negatives"]:
+        with Image.open(folder / e["picture"]) as im:
+            assert im.format == "PNG"
+    assert len(list((folder / "errors").glob("*.png"))) == len(fp[:3]) + len(fn[:3])
+    assert "Most confident false negatives" in (folder / "report.md").read_text()
+
+
+def test_html_report_and_comparison_render_in_chromium(toy_runs, tmp_path):
+    """report.html after an evaluation and a robustness run, and `--compare`, opened in headless Chromium: every
+    embedded picture decodes, the page shows its tables and keys, and its screenshot is not blank."""
+    from browser import images_state, screenshot
+
+    from ltm.cli import main
+
+    out = tmp_path / "zero0"
+    (report,) = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=out, cfg_overrides=["eval.error_samples=2"])
+    assert main(["eval", "--run", str(toy_runs["zero0"]), "--data", "toy/test", "--robustness", "--out",
+                 str(out)]) == 0
+    page = out / "toy-test" / "report.html"
+    text = page.read_text()
+    assert "src=\"roc.png\"" not in text and text.count("data:image/png;base64,") >= 1  # self-contained
+    n_pictures = 2 + len(report["attention"]) + sum(len(v) for v in report["errors"].values())  # + roc, robustness
+    assert images_state(page) == f"ok:{n_pictures}"
+    for needle in ("Summary", "Per fake method", "Robustness", "Teacher attention", "Most confident false positives",
+                   "all frames in the shards", report["errors"]["false_positives"][0]["key"]
+                   if report["errors"]["false_positives"] else "none"):
+        assert needle in text, needle
+    shot = screenshot(page, tmp_path / "report.png")
+    with Image.open(shot) as im:
+        pixels = np.asarray(im.convert("L"), dtype=np.float32)
+    assert pixels.std() > 20 and (pixels < 128).mean() > 0.01  # text and pictures, not an empty white page
+    # two runs side by side
+    evaluate(toy_runs["zero2"], ["toy/test"], out_dir=tmp_path / "zero2")
+    compare = tmp_path / "compare.html"
+    assert main(["eval", "--compare", str(out), str(tmp_path / "zero2"), "--out", str(compare)]) == 0
+    assert images_state(compare) == "ok:2"  # the two ROC curves
+    ctext = compare.read_text()
+    assert "toy-test" in ctext and "B - A" in ctext and "FaceSwap frame AUC" in ctext
+    (tmp_path / "nothing-here").mkdir()
+    with pytest.raises(FileNotFoundError, match="nothing-here.: no evaluation reports"):
+        main(["-v", "eval", "--compare", str(out), str(tmp_path / "nothing-here")])

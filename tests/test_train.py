@@ -627,3 +627,47 @@ def test_channels_last_run_resumes_exactly(shards, tmp_path):
     _train_state(shards, tmp_path, "split", "train.channels_last=true", epochs=1)
     resumed = _train_state(shards, tmp_path, "split", "train.channels_last=true", epochs=2)
     assert_same_weights(straight, resumed)
+
+
+# the compile tests' model: timm's smallest ResNet (random init) keeps inductor's compile short on 2 cores
+COMPILE_MODEL = ("model.backbone=test_resnet", "model.pretrained=null")
+
+
+@pytest.mark.timeout(1200)  # a cold inductor cache: the first compile alone took 2-5 min on the shared 2-core machine
+def test_compiled_model_trains_like_eager_resumes_exactly_and_loads_in_eval(shards, tmp_path):
+    """train.compile=default compiles the model inside the DeepSpeed engine (inductor, C++ kernels). The state-dict
+    keys stay the eager model's (no `_orig_mod.` prefix), so a compiled run resumes, and its checkpoint loads in
+    `ltm eval`'s loader. With train.deterministic inductor uses eager's random ops: the first loss (the random mask
+    strategy and mixup on) equals the eager run's within 1e-6; the fused kernels sum in another order, so the later
+    losses are held to 1e-2 (fp32, CPU). A compiled run stopped after its first epoch and resumed ends bitwise equal
+    to the compiled run trained straight through."""
+    from ltm.engine import Trainer
+    from ltm.evaluate import load_model
+
+    eager = _train_state(shards, tmp_path, "eager", *COMPILE_MODEL)
+    eager_losses = [r["loss"] for r in records(tmp_path / "eager", "train")]
+
+    def compiled_run(name: str, epochs: int) -> dict[str, torch.Tensor]:
+        cfg = load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=3, epochs=epochs,
+                                       log_every=1, val_every=0, ckpt_every=3),
+                          ["data.val=[]", *COMPILE_MODEL, "train.compile=default"])
+        trainer = Trainer(cfg)
+        assert trainer.engine.is_compiled  # the option reached the engine
+        trainer.fit()
+        state = {k: v.detach().clone().contiguous() for k, v in trainer.engine.module.state_dict().items()}
+        trainer.close()
+        return state
+
+    straight = compiled_run("compiled", epochs=2)
+    assert list(straight) == list(eager)  # the same keys in the same order: checkpoints are interchangeable
+    losses = [r["loss"] for r in records(tmp_path / "compiled", "train")][:3]
+    assert losses[0] == pytest.approx(eager_losses[0], abs=1e-6)
+    assert losses == pytest.approx(eager_losses, abs=1e-2)
+
+    compiled_run("split", epochs=1)
+    resumed = compiled_run("split", epochs=2)
+    assert_same_weights(straight, resumed)
+
+    model, cfg, source = load_model(tmp_path / "split")  # ltm eval's loader: strict keys, the eager model
+    assert cfg.train.compile == "default" and source.endswith(tag_for(6))
+    assert_same_weights(straight, {k: v.contiguous() for k, v in model.state_dict().items()})

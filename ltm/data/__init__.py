@@ -7,10 +7,12 @@ Public API:
         `.state_dict()` / `.load_state_dict(d)`: a restored loader yields exactly the batches an uninterrupted one
         would have; `.skipped` counts bad samples dropped when cfg.data.on_bad_sample == "skip".
     build_eval_loader(cfg, folders, rank, world_size, device, batch_size) -> iterable of dict
-        {"images", "labels", "keys", "videos", "methods"}; every sample of the folders once across the ranks;
-        `.num_samples` is this rank's share. Keys and videos are unique across datasets and methods
-        (`<dataset>-<method>-<video>[-<frame>]`, `ltm.data.shards.sample_ids`), also for shards written before
-        prep wrote them in that form.
+        {"images", "labels", "keys", "videos", "methods"}; every sample of the folders once across the ranks, or
+        with `eval.frames_per_video` N every selected sample (N evenly spaced frames per video, `ltm.data.plan`);
+        `.num_samples` is this rank's share, `.total_samples` all ranks' together. `eval.perturb` perturbs every
+        crop (inside the DALI pipeline with the DALI loader) or every video's clip (`ltm.perturb`). Keys and
+        videos are unique across datasets and methods (`<dataset>-<method>-<video>[-<frame>]`,
+        `ltm.data.shards.sample_ids`), also for shards written before prep wrote them in that form.
     loader_identity(loader) -> dict, check_state(loader, state)
         what a saved loader state must match to be restored (kind, sources, rank split, batch size); both loaders.
 
@@ -174,10 +176,7 @@ def build_eval_loader(
 ) -> Any:
     device = torch.device(device)
     sources = eval_sources(cfg, folders)
-    if cfg.eval.perturb and _loader_kind(cfg) == "dali":
-        log.info("eval.perturb=%s: scoring through the reference loader (the perturbations run on the CPU)",
-                 cfg.eval.perturb)
-    elif _loader_kind(cfg) == "dali":
+    if _loader_kind(cfg) == "dali":
         from ltm.data.dali import DaliEvalLoader
 
         return DaliEvalLoader(sources, cfg, rank, world_size, device, batch_size)

@@ -9,7 +9,9 @@ Each loader runs two DALI pipelines:
           (`enable_checkpointing`): its `checkpoint()` is the whole data order state.
   decode  external source -> `fn.decoders.image` ("mixed", i.e. nvJPEG, where CUDA exists; CPU otherwise) ->
           `fn.resize` only for samples whose stored size differs from `data.image_size` -> float CHW in [0, 1].
-          Stateless, so it never needs restoring.
+          Stateless, so it never needs restoring. For evaluation, `eval.perturb`'s per-crop perturbation runs
+          between the decoder and the resize (`ltm.data.dali_perturb`); with an eval plan (`ltm.data.plan`:
+          frames per video, video compression) the read side is the host reading the plan by index offsets.
 
 Splitting them costs one copy of the encoded bytes (about 20 KB a sample) and buys two things: the loader state is
 the read pipeline's checkpoint taken right after the batch it belongs to (the decode pipeline's prefetch cannot
@@ -38,9 +40,12 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from nvidia.dali.tensors import TensorGPU
 
-from ltm.data import check_state, loader_identity
-from ltm.data.reference import decode_jpeg
+from data_prep import jpeg
+from ltm.data import check_state, dali_perturb, loader_identity
+from ltm.data.plan import Item, MemberReader, build_plan, compressed_frames
+from ltm.data.reference import decode_jpeg, eval_pixels, parse_label
 from ltm.data.shards import ShardError, Source, rank_range, sample_ids
+from ltm.perturb import Perturbation
 
 log = logging.getLogger(__name__)
 
@@ -185,21 +190,32 @@ class _Decoder:
         if not batches:
             return False
         self.max_batch = max(self.max_batch, *(len(b.jpgs) for b in batches))
-        self.pipe = _decode(
+        self.pipe = self._pipeline(len(batches))
+        self.pipe.build()
+        for b in batches:
+            self._feed(b)
+            self.pending.append(b)
+        self.pipe.schedule_run()
+        return True
+
+    def _pipeline(self, depth: int) -> Pipeline:
+        """The decode pipeline for batches of up to `max_batch`, `depth` of them in flight."""
+        return _decode(
             self.size,
             self.device,
             batch_size=self.max_batch,
             num_threads=self.threads,
             device_id=self.device_id,
-            prefetch_queue_depth=len(batches),  # the first schedule_run() runs this many iterations
+            prefetch_queue_depth=depth,  # the first schedule_run() runs this many iterations
             exec_dynamic=False,  # the pipelined executor: ~15% less CPU per image than the dynamic one here
         )
-        self.pipe.build()
-        for b in batches:
-            self.pipe.feed_input("jpg", b.jpgs)
-            self.pending.append(b)
-        self.pipe.schedule_run()
-        return True
+
+    def _feed(self, b: _Batch) -> None:
+        self.pipe.feed_input("jpg", b.jpgs)
+
+    def _host_image(self, b: _Batch, i: int) -> torch.Tensor:
+        """Sample i of a batch made on the host, as the pipeline would (uint8 CHW), for a batch it failed on."""
+        return torch.from_numpy(decode_jpeg(b.jpgs[i].tobytes(), self.size, "")).permute(2, 0, 1)
 
     def next(self, out_device: torch.device) -> tuple[torch.Tensor, _Batch] | None:
         """Images of the next batch and the batch (its samples as decoded); None when the stream has ended."""
@@ -215,7 +231,7 @@ class _Decoder:
         if nb is not None:
             if len(nb.jpgs) > self.max_batch:
                 raise ValueError(f"batch of {len(nb.jpgs)} exceeds the decode pipeline's {self.max_batch}")
-            self.pipe.feed_input("jpg", nb.jpgs)
+            self._feed(nb)
             self.pending.append(nb)
             self.pipe.schedule_run()
         elif not self.pending:
@@ -248,7 +264,7 @@ class _Decoder:
             pending[n].bad += list(per.values())
             pending[n].drop(set(per))
         first = self._hand_out(pending[0])
-        images = [torch.from_numpy(decode_jpeg(j.tobytes(), self.size, "")).permute(2, 0, 1) for j in first.jpgs]
+        images = [self._host_image(first, i) for i in range(len(first.jpgs))]
         out = torch.stack(images).float().div_(255.0) if images else torch.empty(0, 3, self.size, self.size)
         self._start([b for b in pending[1:] if b.jpgs])
         return out.to(out_device), first
@@ -343,17 +359,90 @@ class DaliTrainLoader:
         self.decoder = None
 
 
+@pipeline_def(enable_conditionals=True)
+def _decode_eval(size: int, device: str, perturb: Perturbation | None, raw: bool):
+    """The eval decode pipeline: `_decode` with the per-crop perturbation between the decoder and the resize (the
+    crop perturbed at its stored size); `raw`: the external source gives decoded uint8 HWC frames (the clips of
+    video compression, made on the host) instead of JPEG bytes."""
+    if raw:
+        image = fn.external_source(name="jpg", dtype=types.UINT8, ndim=3, layout="HWC", no_copy=True)
+        shape = image.shape()
+        if device == "mixed":
+            image = image.gpu()
+    else:
+        jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1, no_copy=True)
+        shape = fn.peek_image_shape(jpg)
+        image = fn.decoders.image(jpg, device=device, output_type=types.RGB)
+    if perturb is not None:
+        image = dali_perturb.apply(perturb, image, shape, device == "mixed")
+    if (shape[0] != size) | (shape[1] != size):
+        image = fn.resize(image, size=[size, size], antialias=True)
+    return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
+
+
+class _EvalDecoder(_Decoder):
+    """The decode pipeline of evaluation: with a per-crop perturbation (fed its key-drawn inputs per batch), or
+    over frames decoded on the host (`raw`)."""
+
+    def __init__(self, read, cfg, device: str, device_id: int | None, perturb: Perturbation | None, raw: bool):
+        d = cfg.data
+        super().__init__(read, d.image_size, device, device_id, d.num_threads, d.prefetch, d.on_bad_sample)
+        self.perturb, self.raw = perturb, raw
+
+    def _pipeline(self, depth: int) -> Pipeline:
+        return _decode_eval(self.size, self.device, self.perturb, self.raw, batch_size=self.max_batch,
+                            num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=depth,
+                            exec_dynamic=False)
+
+    def _feed(self, b: _Batch) -> None:
+        self.pipe.feed_input("jpg", b.jpgs)
+        if self.perturb is None or self.perturb.kind not in dali_perturb.INPUTS:
+            return
+        sizes = []
+        for j, (tar, key) in zip(b.jpgs, b.where):
+            try:
+                sizes.append(dali_perturb.stored_size(j, f"shard {tar} key {key!r}"))
+            except ShardError:  # the decoder fails on it too, and the batch is repaired or the error named
+                sizes.append((0, 0))
+        where = [f"shard {tar} key {key!r}" for tar, key in b.where]
+        for name, data in dali_perturb.feed(self.perturb, [key for _, key in b.where], sizes, where).items():
+            self.pipe.feed_input(name, data)
+
+    def _host_image(self, b: _Batch, i: int) -> torch.Tensor:
+        if self.raw:
+            return torch.from_numpy(jpeg.resize(b.jpgs[i], self.size)).permute(2, 0, 1)
+        tar, key = b.where[i]
+        return eval_pixels(b.jpgs[i].tobytes(), key, f"shard {tar} key {key!r}", self.size, self.perturb)
+
+    def _repair(self, exc: RuntimeError, out_device: torch.device) -> tuple[torch.Tensor, _Batch]:
+        if self.raw:  # the frames were decoded on the host: nothing a JPEG check could name
+            raise RuntimeError(f"DALI eval pipeline failed on host-decoded frames: {exc}") from exc
+        return super()._repair(exc, out_device)
+
+
 class DaliEvalLoader:
-    """Iterable of dicts `images, labels, keys, videos, methods`; each pass reads the rank's samples once."""
+    """Iterable of dicts `images, labels, keys, videos, methods`; each pass reads the rank's samples once.
+
+    Without a plan (`ltm.data.plan`: no frame selection, no clip perturbation) DALI's webdataset reader reads the
+    rank's contiguous range in stored order; with one, the rank's share of the plan is read on the host by the index
+    offsets and fed to the decode pipeline (video compression: as frames decoded and compressed on the host).
+    Per-crop perturbations run inside the decode pipeline (`ltm.data.dali_perturb`).
+    """
 
     kind = "dali"
 
     def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
+        from ltm.perturb import perturbation
+
         self.sources, self.cfg, self.rank, self.world_size, self.device = sources, cfg, rank, world_size, device
         self.batch = batch
-        n = sum(len(s) for s in sources)
-        lo, hi = rank_range(n, rank, world_size)
-        self.num_samples = hi - lo
+        self.perturb = perturbation(cfg.eval.perturb)
+        self.plan = build_plan(sources, cfg.eval.frames_per_video,
+                               whole_videos=self.perturb is not None and not self.perturb.per_crop)
+        n = len(self.plan.items) if self.plan is not None else sum(len(s) for s in sources)
+        self.total_samples = n  # what all ranks score together
+        self.lo, self.hi = rank_range(n, rank, world_size)
+        self.num_samples = self.hi - self.lo
         self.decode = decode_device(cfg, device)
         self.skipped = 0
         # shard folder of each sample's tar, for samples whose json does not name dataset or method
@@ -362,9 +451,8 @@ class DaliEvalLoader:
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch)
 
-    def __iter__(self) -> Iterator[dict]:
-        if self.num_samples == 0:
-            return
+    def _reader(self) -> Any:
+        """read() -> the next _Batch of the rank's range in stored order (DALI's webdataset reader), or None."""
         d = self.cfg.data
         reader = _read_eval(
             self.sources,
@@ -396,20 +484,72 @@ class DaliEvalLoader:
                 None,
             )
 
-        device_id = cuda_index(self.device) if self.decode == "mixed" else None
-        decoder = _Decoder(read, d.image_size, self.decode, device_id, d.num_threads, d.prefetch, d.on_bad_sample)
-        decoder.skipped = self.skipped
-        while (got := decoder.next(self.device)) is not None:
-            images, b = got
-            self.skipped = decoder.skipped
-            if not b.jpgs:
+        return read
+
+    def _plan_batches(self, members: MemberReader) -> Iterator[_Batch]:
+        """The rank's share of the plan in batches: JPEG bytes, or (video compression) decoded frames."""
+        share = self.plan.share(self.lo, self.hi)
+
+        def batch_of(items: list[Item], data: list[np.ndarray]) -> _Batch:
+            return _Batch(data, [parse_label(members.read(it.shard, it.index, "cls"), it.where) for it in items],
+                          [(str(it.shard.tar), it.key) for it in items],
+                          [members.read(it.shard, it.index, "json") if "json" in it.shard.members[it.index]
+                           else None for it in items], None)
+
+        if self.perturb is None or self.perturb.per_crop:
+            for i in range(0, len(share), self.batch):
+                items = share[i:i + self.batch]
+                yield batch_of(items, [np.frombuffer(members.read(it.shard, it.index, "jpg"), dtype=np.uint8)
+                                       for it in items])
+            return
+        items, frames = [], []
+        for it, frame, error in compressed_frames(share, self.plan, members, self.perturb,
+                                                  self.cfg.data.on_bad_sample):
+            if error is not None:
+                self.host_skipped += 1
+                log.warning("skipped bad sample (%d so far): %s", self.skipped + self.host_skipped, error)
                 continue
-            ids = [sample_ids(meta, key, self._folder.get(tar, Path(tar).parent))
-                   for (tar, key), meta in zip(b.where, b.meta)]
-            yield {
-                "images": images,
-                "labels": torch.tensor(b.labels, dtype=torch.float32).to(self.device),
-                "keys": [i[0] for i in ids],
-                "videos": [i[1] for i in ids],
-                "methods": [i[2] for i in ids],
-            }
+            items.append(it)
+            frames.append(np.ascontiguousarray(frame))
+            if len(items) == self.batch:
+                yield batch_of(items, frames)
+                items, frames = [], []
+        if items:
+            yield batch_of(items, frames)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_samples == 0:
+            return
+        members = MemberReader()
+        self.host_skipped = 0  # frames of compressed clips that failed to decode on the host (on_bad_sample: skip)
+        if self.plan is None:
+            read = self._reader()
+        else:
+            batches = self._plan_batches(members)
+
+            def read() -> _Batch | None:
+                return next(batches, None)
+
+        device_id = cuda_index(self.device) if self.decode == "mixed" else None
+        raw = self.perturb is not None and not self.perturb.per_crop
+        decoder = _EvalDecoder(read, self.cfg, self.decode, device_id,
+                               self.perturb if self.perturb is not None and self.perturb.per_crop else None, raw)
+        decoder.skipped = self.skipped
+        try:
+            while (got := decoder.next(self.device)) is not None:
+                images, b = got
+                self.skipped = decoder.skipped + self.host_skipped
+                if not b.jpgs:
+                    continue
+                ids = [sample_ids(meta, key, self._folder.get(tar, Path(tar).parent))
+                       for (tar, key), meta in zip(b.where, b.meta)]
+                yield {
+                    "images": images,
+                    "labels": torch.tensor(b.labels, dtype=torch.float32).to(self.device),
+                    "keys": [i[0] for i in ids],
+                    "videos": [i[1] for i in ids],
+                    "methods": [i[2] for i in ids],
+                }
+            self.skipped = decoder.skipped + self.host_skipped
+        finally:
+            members.close()

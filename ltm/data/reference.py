@@ -7,7 +7,9 @@ yields every sample of the rank's contiguous range exactly once, with its key, v
 Training reads samples by their byte offsets from the `.idx` index, so the order is a pure function of
 (seed, rank, batch number, per-source counters): `state_dict()` is those counters and a restored loader continues
 with exactly the batches an uninterrupted one would have produced, without replaying anything. Eval streams the
-tars with webdataset in stored order.
+tars with webdataset in stored order, or, with an eval plan (`eval.frames_per_video`, video compression:
+`ltm.data.plan`), reads the rank's share of the plan by the index offsets; `eval.perturb` runs on the CPU here
+(`ltm.perturb`), on each crop at its stored size before the resize, or on each video's clip.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from data_prep import jpeg
 from ltm.data import check_state, loader_identity
+from ltm.data.plan import Item, MemberReader, Plan, build_plan, compressed_frames
 from ltm.data.shards import Shard, ShardError, Source, rank_range, sample_ids
 
 log = logging.getLogger(__name__)
@@ -151,6 +154,9 @@ class ReferenceTrainLoader:
         self.sources, self.rank, self.world_size, self.device, self.batch = sources, rank, world_size, device, batch
         self.size, self.on_bad = cfg.data.image_size, cfg.data.on_bad_sample
         self.workers, self.prefetch = cfg.data.num_threads, cfg.data.prefetch
+        # data.pin_memory: page-locked batches from the DataLoader's pin thread (then `_to_device` has nothing left
+        # to pin). Page-locking serves only copies to a GPU: on the CPU the option is accepted and does nothing.
+        self.pin_memory = cfg.data.pin_memory and device.type == "cuda"
         parts = []
         for src in sources:
             flat = [(shard, i) for shard in src.shards for i in range(len(shard))]
@@ -173,6 +179,7 @@ class ReferenceTrainLoader:
             num_workers=self.workers,
             prefetch_factor=self.prefetch if self.workers > 0 else None,
             collate_fn=_collate,
+            pin_memory=self.pin_memory,
             persistent_workers=False,
             timeout=WORKER_TIMEOUT_S if self.workers > 0 else 0,
         )
@@ -261,17 +268,68 @@ class _EvalStream(IterableDataset):
         where = f"shard {shard.tar} key {key!r}"
         try:
             label = parse_label(sample["cls"], where)
-            if self.perturb is None:
-                pixels = decode_jpeg(sample["jpg"], self.size, where)
-            else:  # on the crop as stored (prep's size), then the loader's resize
-                stored = decode_jpeg(sample["jpg"], 0, where)
-                pixels = jpeg.resize(self.perturb(stored, key), self.size)
-            image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+            image = eval_pixels(sample["jpg"], key, where, self.size, self.perturb)
         except ShardError as exc:
             if self.on_bad != "skip":
                 raise
             return (None, str(exc))
         key, video, method = sample_ids(sample.get("json"), key, src.folder)
+        return (image, label, key, video, method)
+
+
+def eval_pixels(data: bytes, key: str, where: str, size: int, perturb=None) -> torch.Tensor:
+    """An eval sample's uint8 CHW image: decoded, perturbed per crop at its stored size (when `perturb` is given),
+    then resized to `size` (only when the stored size differs)."""
+    if perturb is None:
+        pixels = decode_jpeg(data, size, where)
+    else:  # on the crop as stored (prep's size), then the loader's resize
+        from ltm.perturb import PerturbationError
+
+        try:
+            pixels = jpeg.resize(perturb(decode_jpeg(data, 0, where), key), size)
+        except PerturbationError as exc:
+            raise ShardError(f"{where}: {exc}") from exc
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+class _PlanStream(IterableDataset):
+    """The rank's share of an eval plan (`ltm.data.plan`), read by the index offsets; workers split it further
+    (contiguously, like ranks); with a clip perturbation each worker compresses the videos its part touches."""
+
+    def __init__(self, sources: list[Source], plan: Plan, share: list[Item], size: int, on_bad: str, perturb=None):
+        self.folders = [s.folder for s in sources]
+        self.plan, self.share, self.size, self.on_bad, self.perturb = plan, share, size, on_bad, perturb
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        lo, hi = rank_range(len(self.share), wid, nw)
+        part = self.share[lo:hi]
+        reader = MemberReader()
+        try:
+            if self.perturb is not None and not self.perturb.per_crop:
+                for it, pixels, error in compressed_frames(part, self.plan, reader, self.perturb, self.on_bad):
+                    yield (None, error) if error is not None else self._sample(it, reader, pixels)
+            else:
+                for it in part:
+                    yield self._sample(it, reader, None)
+        finally:
+            reader.close()
+
+    def _sample(self, it: Item, reader: MemberReader, pixels: np.ndarray | None) -> tuple:
+        try:
+            label = parse_label(reader.read(it.shard, it.index, "cls"), it.where)
+            if pixels is None:
+                image = eval_pixels(reader.read(it.shard, it.index, "jpg"), it.key, it.where, self.size,
+                                    self.perturb)
+            else:
+                image = torch.from_numpy(jpeg.resize(pixels, self.size)).permute(2, 0, 1).contiguous()
+        except ShardError as exc:
+            if self.on_bad != "skip":
+                raise
+            return (None, str(exc))
+        meta = reader.read(it.shard, it.index, "json") if "json" in it.shard.members[it.index] else None
+        key, video, method = sample_ids(meta, it.key, self.folders[it.source])
         return (image, label, key, video, method)
 
 
@@ -293,13 +351,17 @@ class ReferenceEvalLoader:
     kind = "reference"
 
     def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
-        n = sum(len(s) for s in sources)
-        self.lo, self.hi = rank_range(n, rank, world_size)
-        self.sources, self.device, self.batch = sources, device, batch
-        self.size, self.on_bad, self.workers = cfg.data.image_size, cfg.data.on_bad_sample, cfg.data.num_threads
         from ltm.perturb import perturbation
 
         self.perturb = perturbation(cfg.eval.perturb)
+        # a plan when frames are selected or whole clips perturbed; None: every sample, in stored order
+        self.plan = build_plan(sources, cfg.eval.frames_per_video,
+                               whole_videos=self.perturb is not None and not self.perturb.per_crop)
+        n = len(self.plan.items) if self.plan is not None else sum(len(s) for s in sources)
+        self.total_samples = n  # what all ranks score together
+        self.lo, self.hi = rank_range(n, rank, world_size)
+        self.sources, self.device, self.batch = sources, device, batch
+        self.size, self.on_bad, self.workers = cfg.data.image_size, cfg.data.on_bad_sample, cfg.data.num_threads
         self.num_samples = self.hi - self.lo  # this rank's share; the sum over ranks is the whole set
         self.skipped = 0
 
@@ -309,7 +371,11 @@ class ReferenceEvalLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.num_samples == 0:
             return
-        stream = _EvalStream(self.sources, self.lo, self.hi, self.size, self.on_bad, self.perturb)
+        if self.plan is not None:
+            stream = _PlanStream(self.sources, self.plan, self.plan.share(self.lo, self.hi), self.size, self.on_bad,
+                                 self.perturb)
+        else:
+            stream = _EvalStream(self.sources, self.lo, self.hi, self.size, self.on_bad, self.perturb)
         workers = max(0, min(self.workers, self.num_samples // self.batch))  # no idle workers on tiny sets
         loader = DataLoader(
             stream,
