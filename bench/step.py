@@ -156,7 +156,10 @@ def engine_vs_plain(args: argparse.Namespace) -> None:
             phases = engine_phases if name == "engine" else plain_phases
             phases.now.clear()
             start = time.perf_counter()
-            trainer.train_step() if name == "engine" else plain_step()
+            if name == "engine":
+                trainer.train_step()
+            else:
+                plain_step()
             total = time.perf_counter() - start
             if timed:
                 record = {p: phases.now.get(p, 0.0) for p in PHASES[:-1]}

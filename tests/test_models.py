@@ -184,3 +184,19 @@ def test_every_blocks_attention_is_available_and_fused_path_matches(tiny_ltm):
     torch.testing.assert_close(full["attentions"][-1], fast["attentions"][-1])
     torch.testing.assert_close(full["vit_logits"], fast["vit_logits"])
     torch.testing.assert_close(full["attentions"][-1].sum(-1), torch.ones(2, tiny_ltm.cfg.vit.heads, n))
+
+
+def test_bf16_buffers_trace_under_torch_compile():
+    """train.compile with bf16: DeepSpeed casts each buffer by swapping its `.data` for a bf16 copy. A buffer that is
+    a view keeps its fp32 base, and torch.compile refuses to trace it ("float32 != bfloat16"); the backbones'
+    normalisation constants are therefore no views. Dynamo's tracing is what fails, so its `eager` backend (no
+    inductor code generation) checks it in a second."""
+    model = build_model(load_config("tiny-cpu", ["model.backbone=test_resnet", "model.pretrained=null"]).model, 64)
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(torch.bfloat16)  # what DeepSpeed's bf16 does to buffers
+    model.to(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    out = compiled(torch.rand(2, 3, 64, 64, dtype=torch.bfloat16), torch.tensor([0.0, 1.0]))
+    assert torch.isfinite(out["loss"])

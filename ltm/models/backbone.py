@@ -39,8 +39,10 @@ class Backbone(nn.Module):
         self.channels: int = self.net.num_features
         self.normalize = normalize
         data_cfg = timm.data.resolve_data_config({}, model=self.net)
-        self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1), persistent=False)
+        # clones, not views: DeepSpeed's bf16 swaps a buffer's `.data` for a bf16 copy, and a view would keep its fp32
+        # base, which torch.compile refuses to trace ("float32 != bfloat16")
+        self.register_buffer("mean", torch.tensor(data_cfg["mean"]).view(1, 3, 1, 1).clone(), persistent=False)
+        self.register_buffer("std", torch.tensor(data_cfg["std"]).view(1, 3, 1, 1).clone(), persistent=False)
         self.weights_source = "random"
         if pretrained:
             try:
