@@ -58,7 +58,7 @@ $(VENV)/.dali-$(DALI): $(VENV)/.installed
 	rm -f $(VENV)/.dali-* && touch $@
 
 test: install
-	$(PY) -m pytest -q -x --timeout=900 tests
+	$(PY) -m pytest -q -x --timeout=900 --durations=25 tests
 
 wheelhouse: install
 	$(PY) scripts/wheelhouse.py build $(WHEELHOUSE) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION)) \

@@ -53,7 +53,10 @@ def feature_mask(attention: torch.Tensor, ratio: float, strategy: str,
         elif strategy == "low":
             idx = a.topk(k, dim=1, largest=False).indices
         elif strategy == "random":
-            noise = torch.rand(b, n, device=a.device, generator=generator)
+            # rand_like, not rand(b, n): a compiled model with a dynamic batch traces b as a symbol, which
+            # torch.rand cannot take; both draw the same numbers from the same generator
+            noise = (torch.rand_like(a, dtype=torch.float32) if generator is None
+                     else torch.rand(b, n, device=a.device, generator=generator))
             idx = noise.topk(k, dim=1).indices
         else:
             raise ValueError(f"mask strategy {strategy!r}: expected high, low or random")
