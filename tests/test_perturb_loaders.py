@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from h264 import h264_roundtrip
 from PIL import Image
 from shared_data import SHARED_DATA
 
@@ -115,27 +116,6 @@ def _video_frames(root: Path, split: str, method: str, video: str) -> list[np.nd
     return [frames[k] for k in sorted(frames)]
 
 
-def _pyav_clip(frames: list[np.ndarray], crf: int) -> list[np.ndarray]:
-    """H.264 at `crf` and back, written out with PyAV: the definition of the video type."""
-    import av
-
-    h, w = frames[0].shape[:2]
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="h264") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1", "x264-params": "asm=0"}
-        for i, frame in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            vf.pts = i
-            for packet in stream.encode(vf):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    with av.open(io.BytesIO(buf.getvalue()), format="h264") as src:
-        return [np.array(f.to_ndarray(format="rgb24")) for f in src.decode(video=0)]
-
-
 # ------------------------------------------------------------------------------------------ DALI vs reference
 
 
@@ -206,7 +186,7 @@ def test_video_frames_equal_a_direct_pyav_encode_and_fall_with_the_crf(root):
             for method in ("real", "fake"):
                 for v in range(VIDEOS):
                     clean = _video_frames(root, "test", method, f"{method}_{v}")
-                    direct = _pyav_clip(clean, crf)
+                    direct = h264_roundtrip(clean, crf)
                     assert len(direct) == FRAMES
                     for f, (c, d) in enumerate(zip(clean, direct)):
                         got = images[f"t-{method}-{method}_{v}-{5 * f:06d}"].permute(1, 2, 0).numpy()

@@ -42,7 +42,7 @@ from nvidia.dali.tensors import TensorGPU
 
 from data_prep import jpeg
 from ltm.data import check_state, dali_perturb, loader_identity
-from ltm.data.plan import Item, MemberReader, build_plan, compressed_frames
+from ltm.data.plan import Item, MemberReader, compressed_frames, eval_share
 from ltm.data.reference import decode_jpeg, eval_pixels, parse_label
 from ltm.data.shards import ShardError, Source, rank_range, sample_ids
 from ltm.perturb import Perturbation
@@ -432,17 +432,11 @@ class DaliEvalLoader:
     kind = "dali"
 
     def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
-        from ltm.perturb import perturbation
-
         self.sources, self.cfg, self.rank, self.world_size, self.device = sources, cfg, rank, world_size, device
         self.batch = batch
-        self.perturb = perturbation(cfg.eval.perturb)
-        self.plan = build_plan(sources, cfg.eval.frames_per_video,
-                               whole_videos=self.perturb is not None and not self.perturb.per_crop)
-        n = len(self.plan.items) if self.plan is not None else sum(len(s) for s in sources)
-        self.total_samples = n  # what all ranks score together
-        self.lo, self.hi = rank_range(n, rank, world_size)
-        self.num_samples = self.hi - self.lo
+        share = eval_share(sources, cfg.eval, rank, world_size)
+        self.perturb, self.plan, self.lo, self.hi = share.perturb, share.plan, share.lo, share.hi
+        self.total_samples, self.num_samples = share.total_samples, share.num_samples
         self.decode = decode_device(cfg, device)
         self.skipped = 0
         # shard folder of each sample's tar, for samples whose json does not name dataset or method

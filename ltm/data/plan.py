@@ -33,7 +33,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ltm.data.shards import Shard, ShardError, Source
+from ltm.data.shards import Shard, ShardError, Source, rank_range
+from ltm.perturb import Perturbation, perturbation
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,32 @@ def build_plan(sources: list[Source], frames_per_video: int, whole_videos: bool)
         videos[group] = frames
         items += [frames[k] for k in frame_indices(len(frames), frames_per_video)]
     return Plan(items, videos, frames_per_video)
+
+
+@dataclass
+class EvalShare:
+    """What one rank of an evaluation scores: the perturbation, the plan (None: stored order), the number of samples
+    all ranks score together and this rank's contiguous range [lo, hi) of them. Both eval loaders start here."""
+
+    perturb: Perturbation | None
+    plan: Plan | None
+    total_samples: int
+    lo: int
+    hi: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.hi - self.lo
+
+
+def eval_share(sources: list[Source], eval_cfg, rank: int, world_size: int) -> EvalShare:
+    """The rank's share of an evaluation configured by `eval_cfg` (`perturb`, `frames_per_video`)."""
+    perturb = perturbation(eval_cfg.perturb)
+    # whole clips are built (and so planned) when a perturbation works on videos, not crops
+    plan = build_plan(sources, eval_cfg.frames_per_video,
+                      whole_videos=perturb is not None and not perturb.per_crop)
+    total = len(plan.items) if plan is not None else sum(len(s) for s in sources)
+    return EvalShare(perturb, plan, total, *rank_range(total, rank, world_size))
 
 
 def by_video(items: list[Item]) -> Iterator[tuple[tuple[int, str], list[Item]]]:

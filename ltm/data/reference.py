@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from data_prep import jpeg
 from ltm.data import check_state, loader_identity
-from ltm.data.plan import Item, MemberReader, Plan, build_plan, compressed_frames
+from ltm.data.plan import Item, MemberReader, Plan, compressed_frames, eval_share
 from ltm.data.shards import Shard, ShardError, Source, rank_range, sample_ids
 
 log = logging.getLogger(__name__)
@@ -351,18 +351,12 @@ class ReferenceEvalLoader:
     kind = "reference"
 
     def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
-        from ltm.perturb import perturbation
-
-        self.perturb = perturbation(cfg.eval.perturb)
-        # a plan when frames are selected or whole clips perturbed; None: every sample, in stored order
-        self.plan = build_plan(sources, cfg.eval.frames_per_video,
-                               whole_videos=self.perturb is not None and not self.perturb.per_crop)
-        n = len(self.plan.items) if self.plan is not None else sum(len(s) for s in sources)
-        self.total_samples = n  # what all ranks score together
-        self.lo, self.hi = rank_range(n, rank, world_size)
+        share = eval_share(sources, cfg.eval, rank, world_size)
+        self.perturb, self.plan, self.lo, self.hi = share.perturb, share.plan, share.lo, share.hi
+        self.total_samples = share.total_samples  # what all ranks score together
+        self.num_samples = share.num_samples  # this rank's share; the sum over ranks is the whole set
         self.sources, self.device, self.batch = sources, device, batch
         self.size, self.on_bad, self.workers = cfg.data.image_size, cfg.data.on_bad_sample, cfg.data.num_threads
-        self.num_samples = self.hi - self.lo  # this rank's share; the sum over ranks is the whole set
         self.skipped = 0
 
     def __len__(self) -> int:
