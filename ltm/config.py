@@ -102,6 +102,8 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_gamma: float = 0.9  # ExponentialLR, stepped once per epoch
+    # LTM only: the student's CNN and classifier train at lr x this (the paper: 1, one lr for both networks)
+    student_lr_scale: float = 1.0
     zero_stage: int = 0  # 0 | 1 | 2
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_clip: float = 0.0

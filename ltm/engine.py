@@ -291,6 +291,22 @@ def compile_model(engine: Any, mode: bool | str, deterministic: bool) -> None:
 # ------------------------------------------------------------------------------------------------ the trainer
 
 
+def optimizer_groups(model: torch.nn.Module, lr: float, student_lr_scale: float) -> list[dict]:
+    """SGD's parameter groups: one (the paper's single learning rate), or with `train.student_lr_scale` != 1 the
+    LTM student's CNN and classifier in a second group at lr x scale. ExponentialLR decays both groups alike."""
+    if student_lr_scale == 1.0:
+        return [{"params": list(model.parameters())}]
+    if student_lr_scale <= 0:
+        raise ConfigError(f"train.student_lr_scale must be > 0, got {student_lr_scale}")
+    if not hasattr(model, "student_cnn"):
+        raise ConfigError(f"train.student_lr_scale={student_lr_scale}: only an LTM model (model.kind: ltm) has a "
+                          "student; set it to 1.0 for this model")
+    student = [*model.student_cnn.parameters(), *model.student_head.parameters()]
+    ids = {id(p) for p in student}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": rest}, {"params": student, "lr": lr * student_lr_scale}]
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto", universal: bool = False):
         # config and run folder: what this run is, and what the folder already holds
@@ -349,7 +365,8 @@ class Trainer:
 
             kernels = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
                        "for-loop": {"foreach": False}}[cfg.train.optimizer_impl]
-            self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+            self.optimizer = torch.optim.SGD(optimizer_groups(model, cfg.train.lr, cfg.train.student_lr_scale),
+                                             lr=cfg.train.lr, momentum=cfg.train.momentum,
                                              weight_decay=cfg.train.weight_decay, **kernels)
             self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.train.lr_gamma)
             if self.universal:

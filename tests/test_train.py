@@ -620,6 +620,42 @@ def test_speed_options_train_the_same_model(shards, tmp_path):
     assert losses == pytest.approx(base_losses, abs=1e-2)
 
 
+def test_student_lr_scale_moves_only_the_student_further(shards, tmp_path):
+    """train.student_lr_scale=2: after the first SGD step (momentum buffer = gradient) every student weight has moved
+    twice as far as with one learning rate, every teacher weight exactly as far; the scheduler decays both groups.
+    A Baseline has no student: refused, naming the key."""
+    from ltm.config import ConfigError
+    from ltm.engine import Trainer
+
+    def first_step(name: str, *overrides: str) -> tuple[dict, dict, Trainer]:
+        cfg = load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=1, epochs=1, log_every=1,
+                                       val_every=0, ckpt_every=1), ["data.val=[]", *overrides])
+        trainer = Trainer(cfg)
+        before = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+        trainer.fit()
+        after = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+        trainer.close()
+        return before, after, trainer
+
+    b1, a1, _ = first_step("one")
+    b2, a2, trainer = first_step("two", "train.student_lr_scale=2")
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.01 * 0.9, 0.02 * 0.9])
+    moved = {"student": 0, "teacher": 0}
+    for k in b1:
+        assert torch.equal(b1[k], b2[k]), k  # the same initial weights
+        if not b1[k].is_floating_point() or "running" in k or torch.equal(a1[k], b1[k]):
+            continue  # counters, BatchNorm statistics (not SGD's), weights without gradient at this step
+        part = "student" if k.startswith("student_") else "teacher"
+        factor = 2.0 if part == "student" else 1.0
+        # differences of fp32 weights: exact to a few ulps of the weight, not of the (smaller) step
+        torch.testing.assert_close(a2[k] - b2[k], factor * (a1[k] - b1[k]), rtol=1e-4,
+                                   atol=4 * float(b1[k].abs().max()) * 2**-23, msg=lambda m, k=k: f"{k}: {m}")
+        moved[part] += 1
+    assert moved["student"] > 10 and moved["teacher"] > 10, moved
+    with pytest.raises(ConfigError, match="student_lr_scale"):
+        first_step("base", "model.kind=baseline", "train.student_lr_scale=2")
+
+
 def test_channels_last_run_resumes_exactly(shards, tmp_path):
     """Checkpoints hold weights, not memory formats: a channels_last run killed after its first epoch and resumed
     ends with the weights of the same run trained straight through."""
