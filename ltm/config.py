@@ -290,6 +290,9 @@ def validate(cfg: Config) -> None:
         "train.iters_per_epoch": (cfg.train.iters_per_epoch > 0, ">= 1"),
         "train.epochs": (cfg.train.epochs > 0, ">= 1"),
         "train.lr": (cfg.train.lr > 0, "> 0"),
+        "train.student_lr_scale": (cfg.train.student_lr_scale > 0 and (cfg.train.student_lr_scale == 1.0
+                                                                       or cfg.model.kind == "ltm"),
+                                   "> 0, and 1.0 unless model.kind is ltm (a baseline has no student)"),
         "train.keep_last": (cfg.train.keep_last > 0, ">= 1"),
         "eval.batch_size": (cfg.eval.batch_size > 0, ">= 1"),
         "eval.frames_per_video": (cfg.eval.frames_per_video >= 0, ">= 0 (0: all frames)"),

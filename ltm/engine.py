@@ -294,13 +294,8 @@ def compile_model(engine: Any, mode: bool | str, deterministic: bool) -> None:
 def optimizer_groups(model: torch.nn.Module, lr: float, student_lr_scale: float) -> list[dict]:
     """SGD's parameter groups: one (the paper's single learning rate), or with `train.student_lr_scale` != 1 the
     LTM student's CNN and classifier in a second group at lr x scale. ExponentialLR decays both groups alike."""
-    if student_lr_scale == 1.0:
+    if student_lr_scale == 1.0:  # any other value was checked against model.kind with the config
         return [{"params": list(model.parameters())}]
-    if student_lr_scale <= 0:
-        raise ConfigError(f"train.student_lr_scale must be > 0, got {student_lr_scale}")
-    if not hasattr(model, "student_cnn"):
-        raise ConfigError(f"train.student_lr_scale={student_lr_scale}: only an LTM model (model.kind: ltm) has a "
-                          "student; set it to 1.0 for this model")
     student = [*model.student_cnn.parameters(), *model.student_head.parameters()]
     ids = {id(p) for p in student}
     rest = [p for p in model.parameters() if id(p) not in ids]
