@@ -436,7 +436,7 @@ class DaliEvalLoader:
         self.batch = batch
         share = eval_share(sources, cfg.eval, rank, world_size)
         self.perturb, self.plan, self.lo, self.hi = share.perturb, share.plan, share.lo, share.hi
-        self.total_samples, self.num_samples = share.total_samples, share.num_samples
+        self.total_samples, self.num_samples, self.clips = share.total_samples, share.num_samples, share.clips
         self.decode = decode_device(cfg, device)
         self.skipped = 0
         # shard folder of each sample's tar, for samples whose json does not name dataset or method
@@ -490,7 +490,7 @@ class DaliEvalLoader:
                           [members.read(it.shard, it.index, "json") if "json" in it.shard.members[it.index]
                            else None for it in items], None)
 
-        if self.perturb is None or self.perturb.per_crop:
+        if not self.clips:
             for i in range(0, len(share), self.batch):
                 items = share[i:i + self.batch]
                 yield batch_of(items, [np.frombuffer(members.read(it.shard, it.index, "jpg"), dtype=np.uint8)
@@ -525,9 +525,9 @@ class DaliEvalLoader:
                 return next(batches, None)
 
         device_id = cuda_index(self.device) if self.decode == "mixed" else None
-        raw = self.perturb is not None and not self.perturb.per_crop
-        decoder = _EvalDecoder(read, self.cfg, self.decode, device_id,
-                               self.perturb if self.perturb is not None and self.perturb.per_crop else None, raw)
+        # a clip perturbation was applied on the host: the pipeline gets decoded frames and perturbs nothing
+        decoder = _EvalDecoder(read, self.cfg, self.decode, device_id, None if self.clips else self.perturb,
+                               raw=self.clips)
         decoder.skipped = self.skipped
         try:
             while (got := decoder.next(self.device)) is not None:

@@ -176,13 +176,21 @@ class EvalShare:
     def num_samples(self) -> int:
         return self.hi - self.lo
 
+    @property
+    def clips(self) -> bool:
+        """Whether the perturbation works on whole videos (compressed as clips) rather than on each crop."""
+        return clip_perturbation(self.perturb)
+
+
+def clip_perturbation(perturb: Perturbation | None) -> bool:
+    return perturb is not None and not perturb.per_crop
+
 
 def eval_share(sources: list[Source], eval_cfg, rank: int, world_size: int) -> EvalShare:
     """The rank's share of an evaluation configured by `eval_cfg` (`perturb`, `frames_per_video`)."""
     perturb = perturbation(eval_cfg.perturb)
     # whole clips are built (and so planned) when a perturbation works on videos, not crops
-    plan = build_plan(sources, eval_cfg.frames_per_video,
-                      whole_videos=perturb is not None and not perturb.per_crop)
+    plan = build_plan(sources, eval_cfg.frames_per_video, whole_videos=clip_perturbation(perturb))
     total = len(plan.items) if plan is not None else sum(len(s) for s in sources)
     return EvalShare(perturb, plan, total, *rank_range(total, rank, world_size))
 

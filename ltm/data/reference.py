@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from data_prep import jpeg
 from ltm.data import check_state, loader_identity
-from ltm.data.plan import Item, MemberReader, Plan, compressed_frames, eval_share
+from ltm.data.plan import Item, MemberReader, Plan, clip_perturbation, compressed_frames, eval_share
 from ltm.data.shards import Shard, ShardError, Source, rank_range, sample_ids
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ class _PlanStream(IterableDataset):
         part = self.share[lo:hi]
         reader = MemberReader()
         try:
-            if self.perturb is not None and not self.perturb.per_crop:
+            if clip_perturbation(self.perturb):
                 for it, pixels, error in compressed_frames(part, self.plan, reader, self.perturb, self.on_bad):
                     yield (None, error) if error is not None else self._sample(it, reader, pixels)
             else:
