@@ -252,7 +252,8 @@ def main() -> int:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {list(VARIANTS)} "
                         f"({DEFAULT_VARIANTS}: tiny-cpu trains without mixup, so ltm-mixup is Table 3's ablation)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE ...",
-                        help="define one more variant: an LTM run with these space-separated overrides")
+                        help="define one more variant: an LTM run with these space-separated overrides "
+                        "(model.kind=baseline among them makes it a Baseline)")
     parser.add_argument("--shards-out", type=Path, default=ROOT / "runs" / "bench-synth",
                         help="where the benchmark's shards are built once (shared by every --out)")
     parser.add_argument("--curve", default="", help="extra budgets for seed 0's learning curves, e.g. 400,800")

@@ -44,6 +44,9 @@ class ModelConfig:
     # null: the backbone's own total stride (32 for most: 7x7 at 224 px, 4x4 at 112 px) | 16 or 8: the last stages
     # dilated instead of strided (timm `output_stride`), a finer grid for Eq. 4's mask with the same weights
     output_stride: int | None = None
+    # true: the CNNs' BatchNorm layers normalise with their pretrained running statistics and never update them
+    # (their scale and shift still train); false: batch statistics in training, as the paper's Xception does
+    freeze_bn: bool = False
     vit: ViTConfig = field(default_factory=ViTConfig)
     mask_ratio: float = 0.25  # Eq. 4: k = round(mask_ratio * h * w)
     mask_strategy: str = "high"  # high | low | random (Table 4)

@@ -108,7 +108,7 @@ def seed_everything(seed: int) -> None:
 
 
 # what a Baseline is built from: its LTM-only keys (mask, mixup, ViT, heads) change nothing in it
-BASELINE_MODEL_KEYS = ("kind", "backbone", "pretrained", "input_norm", "output_stride")
+BASELINE_MODEL_KEYS = ("kind", "backbone", "pretrained", "input_norm", "output_stride", "freeze_bn")
 
 
 def model_differences(stored: dict, mine: dict) -> list[str]:

@@ -23,10 +23,13 @@ class Backbone(nn.Module):
     `resolve_data_config`), so a teacher and a student of different families (Table 5) each get theirs while the
     loaders keep delivering [0, 1] pixels. The constants are non-persistent buffers: they follow `.to()` but are
     not in checkpoints, which keeps old checkpoints loadable.
+
+    `freeze_bn`: every BatchNorm layer stays in eval mode while the module trains, so it normalises by its
+    pretrained running statistics and never updates them; its affine scale and shift still learn.
     """
 
     def __init__(self, name: str, pretrained: str | os.PathLike | None = None, normalize: bool = True,
-                 output_stride: int | None = None):
+                 output_stride: int | None = None, freeze_bn: bool = False):
         super().__init__()
         extra = {"output_stride": output_stride} if output_stride else {}
         try:
@@ -38,6 +41,7 @@ class Backbone(nn.Module):
         self.name = name
         self.channels: int = self.net.num_features
         self.normalize = normalize
+        self.freeze_bn = freeze_bn
         data_cfg = timm.data.resolve_data_config({}, model=self.net)
         # clones, not views: DeepSpeed's bf16 swaps a buffer's `.data` for a bf16 copy, and a view would keep its fp32
         # base, which torch.compile refuses to trace ("float32 != bfloat16")
@@ -49,6 +53,14 @@ class Backbone(nn.Module):
                 self.weights_source = load_pretrained(self.net, name, pretrained)
             except WeightsError as exc:
                 raise BackboneError(str(exc)) from exc
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode)
+        if self.freeze_bn:
+            for module in self.net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.normalize:

@@ -17,7 +17,7 @@ def build_cnn(cfg: ModelConfig, role: str, load_weights: bool = True) -> Backbon
     """The `student` or `teacher` CNN with the weights `backbone_weights` assigns it (none: random init)."""
     name, weights = backbone_weights(cfg)[role]
     return Backbone(name, weights if load_weights else None, normalize=cfg.input_norm == "backbone",
-                    output_stride=cfg.output_stride)
+                    output_stride=cfg.output_stride, freeze_bn=cfg.freeze_bn)
 
 
 def student_classifier(channels: int, hidden: int) -> nn.Module:
