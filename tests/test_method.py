@@ -298,35 +298,36 @@ def test_output_stride_gives_a_finer_mask_grid_with_the_same_weights():
 
 
 def test_freeze_bn_keeps_the_running_statistics_and_trains_the_affine_parameters():
-    """`model.freeze_bn`: in a training step the CNNs normalise by their running statistics (train-mode features
-    equal eval-mode ones) and leave them as they were; BatchNorm's scale and shift still get gradients. Without it
-    the statistics move (the default, as the paper trains)."""
+    """`model.freeze_bn`: in training the CNNs normalise by their running statistics (train-mode features equal
+    eval-mode ones) and leave them as they were, from the first forward of a freshly built model on (no `train()`
+    call needed) and after `eval()`/`train()`; BatchNorm's scale and shift still get gradients. Without it the
+    statistics move (the default, as the paper trains). For the Baseline as for LTM's two CNNs."""
     def bn_stats(m):
-        return {k: v.clone() for k, v in m.state_dict().items() if "_cnn." in k and ("running_" in k)}
+        return {k: v.clone() for k, v in m.state_dict().items() if "running_" in k}
 
     images, labels = batch()
-    for freeze in (True, False):
-        m = make_model(freeze_bn=freeze)
-        before = bn_stats(m)
-        assert before
-        m.eval()
-        with torch.no_grad():
-            eval_features = m.student_cnn(images)
-        m.train()
-        assert m.student_cnn.net.training and m.teacher_cnn.net.training
-        with torch.no_grad():
-            train_features = m.student_cnn(images)
-        out = m(images, labels)
-        out["loss"].backward()
-        moved = [k for k, v in bn_stats(m).items() if not torch.equal(v, before[k])]
-        bn_weights = [p for n, p in m.named_parameters() if "_cnn." in n and ".bn" in n and n.endswith("weight")]
-        assert bn_weights and all(p.grad is not None and p.grad.abs().sum() > 0 for p in bn_weights)
-        if freeze:
-            assert torch.allclose(train_features, eval_features, atol=1e-6)
-            assert moved == []
-        else:
-            assert not torch.allclose(train_features, eval_features, atol=1e-3)
-            assert len(moved) == len(before)
+    for kind in ("ltm", "baseline"):
+        for freeze in (True, False):
+            m = make_model(kind=kind, freeze_bn=freeze)
+            cnn = m.student_cnn if kind == "ltm" else m.backbone
+            before = bn_stats(m)
+            assert before and m.training and cnn.net.training
+            m(images, labels)["loss"].backward()  # the first forward of a fresh model, as a training loop does
+            moved = [k for k, v in bn_stats(m).items() if not torch.equal(v, before[k])]
+            bn_weights = [p for n, p in m.named_parameters() if ".bn" in n and n.endswith("weight")]
+            assert bn_weights and all(p.grad is not None and p.grad.abs().sum() > 0 for p in bn_weights)
+            m.eval()
+            with torch.no_grad():
+                eval_features = cnn(images)
+            m.train()
+            with torch.no_grad():
+                train_features = cnn(images)
+            if freeze:
+                assert moved == [], kind
+                assert torch.allclose(train_features, eval_features, atol=1e-6), kind
+            else:
+                assert len(moved) == len(before), kind
+                assert not torch.allclose(train_features, eval_features, atol=1e-3), kind
 
 
 def test_output_stride_on_a_backbone_without_dilation_names_the_backbone_and_key():

@@ -53,6 +53,7 @@ class Backbone(nn.Module):
                 self.weights_source = load_pretrained(self.net, name, pretrained)
             except WeightsError as exc:
                 raise BackboneError(str(exc)) from exc
+        self.train()  # a module starts in training mode without train() being called: apply freeze_bn now
 
     def train(self, mode: bool = True) -> Backbone:
         super().train(mode)
