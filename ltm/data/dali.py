@@ -434,9 +434,9 @@ class DaliEvalLoader:
     def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
         self.sources, self.cfg, self.rank, self.world_size, self.device = sources, cfg, rank, world_size, device
         self.batch = batch
-        share = eval_share(sources, cfg.eval, rank, world_size)
-        self.perturb, self.plan, self.lo, self.hi = share.perturb, share.plan, share.lo, share.hi
-        self.total_samples, self.num_samples, self.clips = share.total_samples, share.num_samples, share.clips
+        self.share = eval_share(sources, cfg.eval, rank, world_size)
+        self.total_samples = self.share.total_samples  # what all ranks score together
+        self.num_samples = self.share.num_samples  # this rank's share; the sum over ranks is the whole set
         self.decode = decode_device(cfg, device)
         self.skipped = 0
         # shard folder of each sample's tar, for samples whose json does not name dataset or method
@@ -482,7 +482,7 @@ class DaliEvalLoader:
 
     def _plan_batches(self, members: MemberReader) -> Iterator[_Batch]:
         """The rank's share of the plan in batches: JPEG bytes, or (video compression) decoded frames."""
-        share = self.plan.share(self.lo, self.hi)
+        share = self.share.items()
 
         def batch_of(items: list[Item], data: list[np.ndarray]) -> _Batch:
             return _Batch(data, [parse_label(members.read(it.shard, it.index, "cls"), it.where) for it in items],
@@ -490,14 +490,14 @@ class DaliEvalLoader:
                           [members.read(it.shard, it.index, "json") if "json" in it.shard.members[it.index]
                            else None for it in items], None)
 
-        if not self.clips:
+        if not self.share.clips:
             for i in range(0, len(share), self.batch):
                 items = share[i:i + self.batch]
                 yield batch_of(items, [np.frombuffer(members.read(it.shard, it.index, "jpg"), dtype=np.uint8)
                                        for it in items])
             return
         items, frames = [], []
-        for it, frame, error in compressed_frames(share, self.plan, members, self.perturb,
+        for it, frame, error in compressed_frames(share, self.share.plan, members, self.share.perturb,
                                                   self.cfg.data.on_bad_sample):
             if error is not None:
                 self.host_skipped += 1
@@ -516,7 +516,7 @@ class DaliEvalLoader:
             return
         members = MemberReader()
         self.host_skipped = 0  # frames of compressed clips that failed to decode on the host (on_bad_sample: skip)
-        if self.plan is None:
+        if self.share.plan is None:
             read = self._reader()
         else:
             batches = self._plan_batches(members)
@@ -526,8 +526,8 @@ class DaliEvalLoader:
 
         device_id = cuda_index(self.device) if self.decode == "mixed" else None
         # a clip perturbation was applied on the host: the pipeline gets decoded frames and perturbs nothing
-        decoder = _EvalDecoder(read, self.cfg, self.decode, device_id, None if self.clips else self.perturb,
-                               raw=self.clips)
+        clips = self.share.clips
+        decoder = _EvalDecoder(read, self.cfg, self.decode, device_id, None if clips else self.share.perturb, raw=clips)
         decoder.skipped = self.skipped
         try:
             while (got := decoder.next(self.device)) is not None:

@@ -181,6 +181,10 @@ class EvalShare:
         """Whether the perturbation works on whole videos (compressed as clips) rather than on each crop."""
         return clip_perturbation(self.perturb)
 
+    def items(self) -> list[Item]:
+        """The plan's items in this rank's range (there must be a plan)."""
+        return self.plan.share(self.lo, self.hi)
+
 
 def clip_perturbation(perturb: Perturbation | None) -> bool:
     return perturb is not None and not perturb.per_crop

@@ -351,10 +351,9 @@ class ReferenceEvalLoader:
     kind = "reference"
 
     def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
-        share = eval_share(sources, cfg.eval, rank, world_size)
-        self.perturb, self.plan, self.lo, self.hi = share.perturb, share.plan, share.lo, share.hi
-        self.total_samples = share.total_samples  # what all ranks score together
-        self.num_samples = share.num_samples  # this rank's share; the sum over ranks is the whole set
+        self.share = eval_share(sources, cfg.eval, rank, world_size)
+        self.total_samples = self.share.total_samples  # what all ranks score together
+        self.num_samples = self.share.num_samples  # this rank's share; the sum over ranks is the whole set
         self.sources, self.device, self.batch = sources, device, batch
         self.size, self.on_bad, self.workers = cfg.data.image_size, cfg.data.on_bad_sample, cfg.data.num_threads
         self.skipped = 0
@@ -365,11 +364,11 @@ class ReferenceEvalLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.num_samples == 0:
             return
-        if self.plan is not None:
-            stream = _PlanStream(self.sources, self.plan, self.plan.share(self.lo, self.hi), self.size, self.on_bad,
-                                 self.perturb)
+        if self.share.plan is not None:
+            stream = _PlanStream(self.sources, self.share.plan, self.share.items(), self.size, self.on_bad,
+                                 self.share.perturb)
         else:
-            stream = _EvalStream(self.sources, self.lo, self.hi, self.size, self.on_bad, self.perturb)
+            stream = _EvalStream(self.sources, self.share.lo, self.share.hi, self.size, self.on_bad, self.share.perturb)
         workers = max(0, min(self.workers, self.num_samples // self.batch))  # no idle workers on tiny sets
         loader = DataLoader(
             stream,
