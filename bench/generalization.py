@@ -17,7 +17,8 @@ paper's Table 3 protocol of one training manipulation) and scored by every head 
 Schedule: epochs of `--epoch-steps` (100) optimizer steps, lr x `train.lr_gamma` (0.9, the paper's) per epoch, the
 config's batch (32) and image size (tiny-cpu: 112 px). A run is trained to each budget in turn (100, 200, ...) by
 resuming its own checkpoint, so every point of a learning curve is the same run, and the `--steps` point is exactly
-the run a `--steps` budget trains. `--curve 200,400` extends seed 0 of `--curve-variants` past the budget.
+the run a `--steps` budget trains. `--curve 200,400` extends seed 0 of `--curve-variants` past the budget
+(`--curve-seeds 2`: seeds 0 and 1, the curves their mean).
 The default budget is 100 steps (about 1.8 passes over real + SelfBlend's 1,776 training crops): on 2 CPU cores a
 Baseline run takes 2-3 minutes and an LTM run 5-7, so 3 seeds of 5 variants fit in about 1.5 hours.
 Selection (`--split val`, the default) never looks at test; `--split test` prints the final table.
@@ -209,17 +210,23 @@ def unseen_mean(row: dict, head: str, seen: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- report
-def plot_curves(curves: dict, seen: str, path: Path) -> None:
+def plot_curves(curves: dict[tuple[str, str], dict[int, list[float]]], seen: str, path: Path) -> None:
+    """One line per (variant, head): the mean over seeds, with the seeds' range shaded when there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    n_seeds = 1
     for (variant, head), points in sorted(curves.items()):
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=head if variant.startswith("baseline") else
-                f"{variant} {head}")
+        n_seeds = max(len(v) for v in points.values())
+        line, = ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o",
+                        label=head if variant.startswith("baseline") else f"{variant} {head}")
+        if n_seeds > 1:
+            ax.fill_between(xs, [min(points[x]) for x in xs], [max(points[x]) for x in xs], color=line.get_color(),
+                            alpha=0.12, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({x for p in curves.values() for x in p}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -227,7 +234,8 @@ def plot_curves(curves: dict, seen: str, path: Path) -> None:
     ax.set_ylabel("unseen families, mean frame AUC")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"Trained on real + {seen}, scored on the 4 other families (seed 0)", fontsize=10)
+    seeds = "seed 0" if n_seeds == 1 else f"mean of {n_seeds} seeds, their range shaded"
+    ax.set_title(f"Trained on real + {seen}, scored on the 4 other families ({seeds})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -256,7 +264,9 @@ def main() -> int:
                         "(model.kind=baseline among them makes it a Baseline)")
     parser.add_argument("--shards-out", type=Path, default=ROOT / "runs" / "bench-synth",
                         help="where the benchmark's shards are built once (shared by every --out)")
-    parser.add_argument("--curve", default="", help="extra budgets for seed 0's learning curves, e.g. 400,800")
+    parser.add_argument("--curve", default="", help="extra budgets for the learning curves, e.g. 400,800")
+    parser.add_argument("--curve-seeds", type=int, default=1,
+                        help="seeds 0..N-1 get learning curves (1); the curves are their mean")
     parser.add_argument("--curve-variants", default="baseline,ltm-high")
     parser.add_argument("--plot", type=Path, help="write the learning curves as a PNG here")
     parser.add_argument("--quick", action="store_true", help="1 seed, baseline + ltm-high, 100 steps")
@@ -298,10 +308,11 @@ def main() -> int:
                 print(f"seed {seed} {variant:<12}{head:<12} unseen {unseen_mean(row, head, seen):.4f} | {cells}"
                       + (f" | real FF++ {real:.3f}" if real is not None else ""), flush=True)
     if curve_extra:
-        for variant in args.curve_variants.split(","):
-            if variant in variants:
-                for steps in curve_extra:
-                    rows[variant, 0, steps] = run_point(variant, 0, steps, args)
+        for seed in range(args.curve_seeds):
+            for variant in args.curve_variants.split(","):
+                if variant in variants:
+                    for steps in budgets + curve_extra:
+                        rows[variant, seed, steps] = run_point(variant, seed, steps, args)
 
     final = {k: r for k, r in rows.items() if k[2] == args.steps}
     seeds = range(args.seeds)
@@ -341,14 +352,21 @@ def main() -> int:
         print(f"Table 4 order on unseen families (student), high > random > low: "
               f"{'holds' if ordering else 'does not hold'} ({h:.4f}, {r:.4f}, {lo:.4f})")
 
-    curves: dict[tuple[str, str], dict[int, float]] = {}
-    for (variant, seed, steps), row in rows.items():
-        if seed == 0:
+    curve_seeds = range(max(1, args.curve_seeds))
+    per_seed_curves: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for (variant, seed, steps), row in sorted(rows.items()):
+        if seed in curve_seeds:
             for head in row["family_auc"]:
-                curves.setdefault((variant, head), {})[steps] = unseen_mean(row, head, seen)
-    print("\nlearning curves (seed 0, unseen mean):")
+                per_seed_curves.setdefault((variant, head), {}).setdefault(steps, []).append(
+                    unseen_mean(row, head, seen))
+    # a budget enters a curve only where every curve seed reached it
+    curves = {k: {s: v for s, v in pts.items() if len(v) == len(curve_seeds)} for k, pts in per_seed_curves.items()}
+    which = "seed 0" if len(curve_seeds) == 1 else f"mean of seeds 0-{curve_seeds[-1]}, each seed in brackets"
+    print(f"\nlearning curves (unseen mean, {which}):")
     for (variant, head), points in sorted(curves.items()):
-        print(f"  {variant:<13}{head:<12}" + "  ".join(f"{s}: {v:.4f}" for s, v in sorted(points.items())))
+        print(f"  {variant:<13}{head:<12}" + "  ".join(
+            f"{s}: {statistics.fmean(v):.4f}" + (f" [{', '.join(f'{x:.4f}' for x in v)}]" if len(v) > 1 else "")
+            for s, v in sorted(points.items())))
     if args.plot:
         plot_curves({k: v for k, v in curves.items() if k[0] in args.curve_variants.split(",")}, seen, args.plot)
 
@@ -358,7 +376,9 @@ def main() -> int:
         "bench": "generalization", "benchmark": "synth", "split": args.split, "train_family": seen,
         "config": args.config, "steps": args.steps, "seeds": args.seeds, "overrides": args.overrides,
         "summary": summary, "diffs": diffs, "table4_order_holds": ordering,
-        "curves": {f"{v}/{h}": p for (v, h), p in curves.items()},
+        "curves": {f"{v}/{h}": {s: round(statistics.fmean(x), 4) for s, x in p.items()}
+                   for (v, h), p in curves.items()},
+        "curve_seeds": len(curve_seeds),
         "ratio": round(student / base, 4), "target": round((base + 0.02) / base, 4),
     }))
     return 0
