@@ -322,16 +322,23 @@ LEGACY_MODEL_DEFAULTS: dict[str, Any] = {"input_norm": "none", "student_hidden":
 
 
 def upgrade_stored(data: Any) -> Any:
-    """A stored (resolved) config from before a default changed keeps meaning what it meant when it was trained.
+    """A stored (resolved) config from before a model key existed keeps meaning what it meant when it was trained.
 
-    `model.input_norm` appeared with per-backbone input normalisation (runs written before it fed [0, 1] pixels)
-    and `model.student_hidden` with the MLP student classifier (before it: one linear layer).
+    A key added since then takes its default, which keeps the earlier behaviour (`freeze_bn: false`, `pooling: avg`,
+    ...), except where the default changed: `model.input_norm` appeared with per-backbone input normalisation (runs
+    written before it fed [0, 1] pixels) and `model.student_hidden` with the MLP student classifier (before it: one
+    linear layer), `LEGACY_MODEL_DEFAULTS`.
     """
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         return data
     legacy = {key: value for key, value in LEGACY_MODEL_DEFAULTS.items() if key not in model}
-    return {**data, "model": {**model, **legacy}} if legacy else data
+    added = {key: value for key, value in _model_defaults().items() if key not in model and key not in legacy}
+    return {**data, "model": {**model, **added, **legacy}} if legacy or added else data
+
+
+def _model_defaults() -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(ModelConfig), resolve=True)  # type: ignore[return-value]
 
 
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:

@@ -15,7 +15,7 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from ltm.config import load_config, load_run_config, to_dict
+from ltm.config import load_config, load_run_config, to_dict, upgrade_stored
 from ltm.models import BackboneError, build_model
 from ltm.models.backbone import Backbone
 from ltm.models.weights import read_state_file, shipped_file
@@ -139,6 +139,21 @@ def test_a_run_stored_before_normalisation_keeps_its_meaning(tmp_path):
     stored["model"]["student_hidden"] = 256  # a stored value always wins over the legacy default
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(stored)))
     assert load_run_config(tmp_path / "config.yaml").model.student_hidden == 256
+
+
+def test_a_checkpoint_from_before_a_new_model_key_resumes_with_its_default():
+    """A checkpoint's stored config lacks keys added since (e.g. `model.freeze_bn`): their defaults keep the earlier
+    behaviour, so resuming it is no model change (what `Trainer.load` checks); a legacy key is still one."""
+    from ltm.engine import model_differences
+
+    mine = to_dict(load_config("tiny-cpu"))
+    stored = to_dict(load_config("tiny-cpu"))
+    del stored["model"]["freeze_bn"], stored["model"]["pooling"]
+    assert model_differences(upgrade_stored(stored)["model"], mine["model"]) == []
+    assert model_differences(stored["model"], mine["model"])  # without the upgrade: refused, as it was
+    del stored["model"]["input_norm"]  # trained on [0, 1] pixels: resuming with normalisation changes the model
+    assert model_differences(upgrade_stored(stored)["model"], mine["model"]) == [
+        "model.input_norm: 'none' there, 'backbone' here"]
 
 
 def test_submit_refuses_a_run_whose_weights_are_not_offline(tmp_path, monkeypatch, caplog):
