@@ -25,7 +25,7 @@ Selection (`--split val`, the default) never looks at test; `--split test` print
 
     python bench/generalization.py --quick                # first look: 1 seed, ltm-high + baseline, 100 steps
     python bench/generalization.py                        # 3 seeds x 5 variants, 100 steps, val split
-    python bench/generalization.py --split test --curve 200,400,800 --plot docs/img/generalization-curves.png
+    python bench/generalization.py --split test --curve 200,400,800 --curve-seeds 2 --plot curves.png
     python bench/generalization.py model.mixup=false      # overrides apply to every run
     python bench/generalization.py --variants baseline,ltm-high,os16 --variant "os16:model.output_stride=16"
                                                           # a hypothesis as one more LTM variant, same seeds
@@ -235,7 +235,7 @@ def plot_curves(curves: dict[tuple[str, str], dict[int, list[float]]], seen: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     seeds = "seed 0" if n_seeds == 1 else f"mean of {n_seeds} seeds, their range shaded"
-    ax.set_title(f"Trained on real + {seen}, scored on the 4 other families ({seeds})", fontsize=10)
+    ax.set_title(f"Trained on real + {seen}, scored on the 4 other families\n({seeds})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
