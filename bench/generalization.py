@@ -218,10 +218,9 @@ def plot_curves(curves: dict[tuple[str, str], dict[int, list[float]]], seen: str
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    n_seeds = 1
+    n_seeds = max(len(v) for points in curves.values() for v in points.values())
     for (variant, head), points in sorted(curves.items()):
         xs = sorted(points)
-        n_seeds = max(len(v) for v in points.values())
         line, = ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o",
                         label=head if variant.startswith("baseline") else f"{variant} {head}")
         if n_seeds > 1:
@@ -312,7 +311,8 @@ def main() -> int:
             for variant in args.curve_variants.split(","):
                 if variant in variants:
                     for steps in budgets + curve_extra:
-                        rows[variant, seed, steps] = run_point(variant, seed, steps, args)
+                        if (variant, seed, steps) not in rows:  # seeds < --seeds already hold their budgets
+                            rows[variant, seed, steps] = run_point(variant, seed, steps, args)
 
     final = {k: r for k, r in rows.items() if k[2] == args.steps}
     seeds = range(args.seeds)
