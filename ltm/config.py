@@ -56,6 +56,9 @@ class ModelConfig:
     pooling: str = "avg"  # avg: mean over all h*w (as printed) | masked_mean: mean over kept positions
     mixup: bool = True  # deep mixup, Eq. 5-6 (Table 3 "w/o mixup")
     mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); 1.0 is uniform on [0, 1]
+    # any: the partner is any sample of the batch, as printed (soft targets across classes) | same_class: a sample of
+    # the same label (mixed features, hard targets)
+    mixup_partner: str = "any"
     div_weight: float = 0.1  # alpha of Eq. 7
     student_hidden: int = 0  # Sec. 3.3's "MLP classifier" on F': hidden width (0 = one linear layer)
     inference_head: str = "student"  # student | teacher_cnn | teacher_vit | ensemble
@@ -167,6 +170,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.kind": ("ltm", "baseline"),
     "model.mask_strategy": ("high", "low", "random"),
     "model.pooling": ("avg", "masked_mean"),
+    "model.mixup_partner": ("any", "same_class"),
     "model.input_norm": ("backbone", "none"),
     "model.output_stride": (None, 8, 16, 32),
     "model.inference_head": ("student", "teacher_cnn", "teacher_vit", "ensemble"),

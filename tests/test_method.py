@@ -189,6 +189,44 @@ def test_eq5_eq6_mixup_labels_use_the_features_lambda_and_partner():
     assert moved >= b // 2
 
 
+def test_same_class_mixup_mixes_each_sample_with_one_of_its_own_label():
+    """`mixup_partner: same_class`: partners share the label (hard targets kept), are random, and cover the class."""
+    b = 48
+    features = torch.eye(b)
+    labels = (torch.arange(b) % 3 == 0).float()  # 16 fake, 32 real: unequal classes
+    partners_seen = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        mixed, mixed_labels, lam = deep_mixup(features, labels, 1.0, same_class=True)
+        torch.testing.assert_close(mixed_labels, labels)  # y' = y, exactly
+        for i in range(b):
+            row = mixed[i].clone()
+            row[i] = 0
+            if row.abs().max() == 0:
+                continue
+            j = int(row.argmax())
+            assert labels[j] == labels[i], f"sample {i} mixed with {j} of the other class"
+            assert mixed[i, i].item() == pytest.approx(lam[i].item(), abs=1e-6)
+            partners_seen.add((i, j))
+    fakes = int(labels.sum())
+    assert len(partners_seen) > 0.5 * (fakes * (fakes - 1) + (b - fakes) * (b - fakes - 1)) / 2  # not a fixed pairing
+    torch.manual_seed(0)
+    _, across, _ = deep_mixup(features, labels, 1.0)  # the paper's partner: soft targets across classes
+    assert ((across > 0) & (across < 1)).any()
+
+
+def test_same_class_mixup_in_forward_trains_the_student_on_hard_targets():
+    m = make_model(64, mixup=True, mixup_partner="same_class")
+    m.train()
+    labels = torch.tensor([0.0, 1.0] * 8)
+    images = torch.rand(16, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with Calls(m.student_head) as head_in:
+        out = m(images, labels)
+    with torch.no_grad():
+        expected = F.binary_cross_entropy_with_logits(m.student_head(head_in.seen[0]).squeeze(1), labels)
+    torch.testing.assert_close(out["losses"]["student"], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_eq5_eq6_forward_mixes_student_labels_with_the_features_lambda_and_beta_alpha():
     """In forward(): the student's features and labels are mixed with one lambda ~ Beta(mixup_alpha) and partner.
 

@@ -110,7 +110,8 @@ class LearningToMask(nn.Module):
         features = self.pool(x_s, mask)
         student_labels = labels
         if self.cfg.mixup:
-            features, student_labels, _ = deep_mixup(features, labels, self.cfg.mixup_alpha)  # Eq. 5-6
+            features, student_labels, _ = deep_mixup(features, labels, self.cfg.mixup_alpha,
+                                                       same_class=self.cfg.mixup_partner == "same_class")  # Eq. 5-6
         student_logits = self.student_head(features).squeeze(1)
 
         def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -64,14 +64,27 @@ def feature_mask(attention: torch.Tensor, ratio: float, strategy: str,
     return mask.reshape_as(attention)
 
 
-def deep_mixup(features: torch.Tensor, labels: torch.Tensor, alpha: float,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 5-6: F' = lam F_i + (1 - lam) F_j and y' likewise, j a random permutation, lam ~ Beta(alpha, alpha).
+def mixup_partners(labels: torch.Tensor, same_class: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each sample's mixing partner: a random permutation of the batch, or one within each label's samples."""
+    if not same_class:
+        return torch.randperm(labels.shape[0], device=labels.device, generator=generator)
+    partners = torch.empty(labels.shape[0], dtype=torch.long, device=labels.device)
+    for value in labels.unique():
+        members = (labels == value).nonzero().squeeze(1)
+        partners[members] = members[torch.randperm(members.numel(), device=labels.device, generator=generator)]
+    return partners
 
-    Returns (F', y', lam) with one lambda per sample.
+
+def deep_mixup(features: torch.Tensor, labels: torch.Tensor, alpha: float, generator: torch.Generator | None = None,
+               same_class: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 5-6: F' = lam F_i + (1 - lam) F_j and y' likewise, j a random partner, lam ~ Beta(alpha, alpha).
+
+    `same_class` draws j among the samples with i's label (y' = y: mixed features, hard targets); the paper's
+    partner is any sample of the batch. Returns (F', y', lam) with one lambda per sample.
     """
     b = features.shape[0]
-    perm = torch.randperm(b, device=features.device, generator=generator)
+    perm = mixup_partners(labels, same_class, generator)
     concentration = torch.full((b,), float(alpha), device=features.device, dtype=torch.float32)
     lam = torch.distributions.Beta(concentration, concentration).sample().to(features.dtype)
     mixed = lam[:, None] * features + (1 - lam[:, None]) * features[perm]
