@@ -82,9 +82,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def free_space(folder: Path) -> str:
+    """How much room the filesystem holding `folder` has left, as a sentence part for error messages."""
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return f"free space on {folder} unknown"
+    return f"{usage.free / 2**20:,.0f} MiB free of {usage.total / 2**30:,.1f} GiB on the filesystem of {folder}"
+
+
 def torch_save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -269,9 +282,16 @@ class Checkpointer:
             shutil.rmtree(self.dir / UNIVERSAL / tag, ignore_errors=True)
             folder.mkdir(parents=True)
         barrier()
-        torch_save_atomic(rank_state, folder / rank_state_name(self.rank))
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={**client_state, **UNIVERSAL_INFO},
-                               save_latest=False)  # ends with a barrier: every rank's files are written
+        try:
+            torch_save_atomic(rank_state, folder / rank_state_name(self.rank))
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state={**client_state, **UNIVERSAL_INFO},
+                                   save_latest=False)  # ends with a barrier: every rank's files are written
+        except (OSError, RuntimeError) as exc:  # torch's C++ writer says "iostream error" for a full disk
+            raise CheckpointError(
+                f"checkpoint {folder}: saving failed on rank {self.rank} ({type(exc).__name__}: {exc}); "
+                f"{free_space(self.dir)}; {LATEST} still names {self.latest() or 'no checkpoint'}, which a rerun "
+                f"resumes from"
+            ) from exc
         if self.rank == 0:
             files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
             info = {"tag": tag, "step": step, "world_size": self.world_size, "files": files,

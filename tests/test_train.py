@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -229,6 +230,42 @@ def test_kill_during_save_leaves_the_previous_checkpoint(shards, tmp_path):
     assert "resumed from" in done.stderr and "step00000002" in done.stderr
     assert ckpt.latest() == "step00000004" and (partial / COMPLETE).is_file()
     assert [r["step"] for r in records(tmp_path / "K", "train")] == [1, 2, 3, 4]
+
+
+def test_a_save_that_fails_for_want_of_space_names_it_and_keeps_the_previous_checkpoint(shards, tmp_path):
+    """A write error while DeepSpeed saves step 4 (here the file-size limit, as a full disk would): the run stops
+    with an error naming the tag, the failure and the free space; `latest` still names step 2; a rerun resumes."""
+    config = write_config(tmp_path, shards, tmp_path / "F", epochs=2, ckpt_every=2, val_every=0, zero_stage=0)
+    driver = tmp_path / "fail_in_save.py"
+    driver.write_text(
+        "import resource, signal, sys, torch\n"
+        "real_save = torch.save\n"
+        "def save(obj, f, *args, **kwargs):\n"
+        "    if 'step00000004' in str(f) and 'mp_rank_00_model_states' in str(f):\n"
+        "        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead\n"
+        "        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))\n"
+        "    return real_save(obj, f, *args, **kwargs)\n"
+        "torch.save = save\n"
+        "from ltm.cli import main\n"
+        "sys.exit(main(['train', '--config', sys.argv[1]]))\n"
+    )
+    failed = subprocess.run([sys.executable, str(driver), str(config)], env=ENV, cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    folder = tmp_path / "F" / "checkpoints" / "step00000004"
+    assert re.search(rf"checkpoint {folder}: saving failed on rank 0 \(RuntimeError: .*\); [\d,]+ MiB free of "
+                     rf"[\d.,]+ GiB on the filesystem of .*; latest still names step00000002", failed.stderr), \
+        failed.stderr[-3000:]
+    ckpt = Checkpointer(tmp_path / "F" / "checkpoints")
+    assert ckpt.latest() == "step00000002" and ckpt.resolve("auto") == "step00000002"
+    assert not (folder / COMPLETE).exists()
+    assert not list(folder.glob(".*.tmp*"))  # no half-written temporary file left behind
+
+    done = ltm_train(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and "step00000002" in done.stderr
+    assert ckpt.latest() == "step00000004" and (folder / COMPLETE).is_file()
+    assert [r["step"] for r in records(tmp_path / "F", "train")] == [1, 2, 3, 4]
 
 
 def test_universal_resume_two_ranks_to_one(run_a, tmp_path):
