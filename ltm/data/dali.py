@@ -435,12 +435,20 @@ class DaliEvalLoader:
         self.sources, self.cfg, self.rank, self.world_size, self.device = sources, cfg, rank, world_size, device
         self.batch = batch
         self.share = eval_share(sources, cfg.eval, rank, world_size)
-        self.total_samples = self.share.total_samples  # what all ranks score together
-        self.num_samples = self.share.num_samples  # this rank's share; the sum over ranks is the whole set
         self.decode = decode_device(cfg, device)
         self.skipped = 0
         # shard folder of each sample's tar, for samples whose json does not name dataset or method
         self._folder = {str(sh.tar): src.folder for src in sources for sh in src.shards}
+
+    @property
+    def total_samples(self) -> int:
+        """What all ranks score together."""
+        return self.share.total_samples
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's share; the sum over ranks is the whole set."""
+        return self.share.num_samples
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch)

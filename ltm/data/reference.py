@@ -352,11 +352,19 @@ class ReferenceEvalLoader:
 
     def __init__(self, sources: list[Source], cfg, rank: int, world_size: int, device: torch.device, batch: int):
         self.share = eval_share(sources, cfg.eval, rank, world_size)
-        self.total_samples = self.share.total_samples  # what all ranks score together
-        self.num_samples = self.share.num_samples  # this rank's share; the sum over ranks is the whole set
         self.sources, self.device, self.batch = sources, device, batch
         self.size, self.on_bad, self.workers = cfg.data.image_size, cfg.data.on_bad_sample, cfg.data.num_threads
         self.skipped = 0
+
+    @property
+    def total_samples(self) -> int:
+        """What all ranks score together."""
+        return self.share.total_samples
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's share; the sum over ranks is the whole set."""
+        return self.share.num_samples
 
     def __len__(self) -> int:
         return -(-self.num_samples // self.batch)
