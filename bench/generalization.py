@@ -52,6 +52,8 @@ import sys
 import time
 from pathlib import Path
 
+import scipy.stats
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 VARIANTS = {  # name -> model overrides
@@ -65,9 +67,6 @@ VARIANTS = {  # name -> model overrides
 DEFAULT_VARIANTS = "baseline,ltm-high,ltm-random,ltm-low,ltm-mixup"
 FAMILIES = ("SelfBlend", "IdentitySwap", "Upsample", "ExpressionWarp", "TextureRender")
 HEADS = {"baseline": ("baseline",), "ltm": ("student", "teacher_cnn", "teacher_vit")}
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
 # ------------------------------------------------------------------------------------------------- data
 def ensure_synth(faces: Path, out: Path, size: int, frames: int, identity_regex: str | None) -> Path:
     """The benchmark's shards (`ltm prep synth`), built once under `out`."""
@@ -201,7 +200,7 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan"), float("nan")
-    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    half = scipy.stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
 
 

@@ -37,12 +37,13 @@ def test_family_auc_scores_each_family_against_all_real_frames_only(bench):
     assert bench.unseen_mean(row, "student", "SelfBlend") == pytest.approx(expected)  # the seen family is left out
 
 
-def test_interval_is_the_student_t_95_percent_interval(bench):
-    values = [0.012, 0.031, 0.020]
+@pytest.mark.parametrize("n", [3, 12, 30])  # 12 and 30 seeds: past any table of t quantiles, never the normal's 1.96
+def test_interval_is_the_student_t_95_percent_interval(bench, n):
+    values = list(np.random.default_rng(n).normal(0.01, 0.02, n))
     mean, lo, hi = bench.interval(values)
     ref = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
     assert mean == pytest.approx(np.mean(values))
-    assert (lo, hi) == pytest.approx(ref, abs=1e-4)
+    assert (lo, hi) == pytest.approx(ref, rel=1e-6)
     one = bench.interval([0.5])
     assert one[0] == 0.5 and math.isnan(one[1]) and math.isnan(one[2])
 
