@@ -42,7 +42,7 @@ from nvidia.dali.tensors import TensorGPU
 
 from data_prep import jpeg
 from ltm.data import check_state, dali_perturb, loader_identity
-from ltm.data.plan import Item, MemberReader, compressed_frames, eval_share
+from ltm.data.plan import Item, MemberReader, ShareEvalLoader, compressed_frames, eval_share
 from ltm.data.reference import decode_jpeg, eval_pixels, parse_label
 from ltm.data.shards import ShardError, Source, rank_range, sample_ids
 from ltm.perturb import Perturbation
@@ -420,7 +420,7 @@ class _EvalDecoder(_Decoder):
         return super()._repair(exc, out_device)
 
 
-class DaliEvalLoader:
+class DaliEvalLoader(ShareEvalLoader):
     """Iterable of dicts `images, labels, keys, videos, methods`; each pass reads the rank's samples once.
 
     Without a plan (`ltm.data.plan`: no frame selection, no clip perturbation) DALI's webdataset reader reads the
@@ -439,19 +439,6 @@ class DaliEvalLoader:
         self.skipped = 0
         # shard folder of each sample's tar, for samples whose json does not name dataset or method
         self._folder = {str(sh.tar): src.folder for src in sources for sh in src.shards}
-
-    @property
-    def total_samples(self) -> int:
-        """What all ranks score together."""
-        return self.share.total_samples
-
-    @property
-    def num_samples(self) -> int:
-        """This rank's share; the sum over ranks is the whole set."""
-        return self.share.num_samples
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.batch)
 
     def _reader(self) -> Any:
         """read() -> the next _Batch of the rank's range in stored order (DALI's webdataset reader), or None."""

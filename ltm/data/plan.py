@@ -186,6 +186,27 @@ class EvalShare:
         return self.plan.share(self.lo, self.hi)
 
 
+class ShareEvalLoader:
+    """What both eval loaders answer from their `EvalShare` (`ltm.evaluate` reads the counts); a subclass sets
+    `share` and `batch`."""
+
+    share: EvalShare
+    batch: int
+
+    @property
+    def total_samples(self) -> int:
+        """What all ranks score together."""
+        return self.share.total_samples
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's share; the sum over ranks is the whole set."""
+        return self.share.num_samples
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch)
+
+
 def clip_perturbation(perturb: Perturbation | None) -> bool:
     return perturb is not None and not perturb.per_crop
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from data_prep import jpeg
 from ltm.data import check_state, loader_identity
-from ltm.data.plan import Item, MemberReader, Plan, clip_perturbation, compressed_frames, eval_share
+from ltm.data.plan import Item, MemberReader, Plan, ShareEvalLoader, clip_perturbation, compressed_frames, eval_share
 from ltm.data.shards import Shard, ShardError, Source, rank_range, sample_ids
 
 log = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ def _eval_collate(batch: list) -> dict:
     }
 
 
-class ReferenceEvalLoader:
+class ReferenceEvalLoader(ShareEvalLoader):
     """Iterable of dicts `images, labels, keys, videos, methods`; each pass reads the rank's samples once."""
 
     kind = "reference"
@@ -355,19 +355,6 @@ class ReferenceEvalLoader:
         self.sources, self.device, self.batch = sources, device, batch
         self.size, self.on_bad, self.workers = cfg.data.image_size, cfg.data.on_bad_sample, cfg.data.num_threads
         self.skipped = 0
-
-    @property
-    def total_samples(self) -> int:
-        """What all ranks score together."""
-        return self.share.total_samples
-
-    @property
-    def num_samples(self) -> int:
-        """This rank's share; the sum over ranks is the whole set."""
-        return self.share.num_samples
-
-    def __len__(self) -> int:
-        return -(-self.num_samples // self.batch)
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_samples == 0:
