@@ -197,25 +197,43 @@ def test_resume_after_sigkill_is_bitwise_exact(run_a, shards, tmp_path):
     assert records(tmp_path / "B", "val") == run_a["val"]
 
 
-def test_kill_during_save_leaves_the_previous_checkpoint(shards, tmp_path):
-    """SIGKILL while DeepSpeed writes the optimizer file of step 4: `latest` still names step 2, which loads."""
-    config = write_config(tmp_path, shards, tmp_path / "K", epochs=2, ckpt_every=2, val_every=0, zero_stage=0)
-    driver = tmp_path / "kill_in_save.py"
+def train_with_step4_save_hook(tmp_path: Path, config: Path, modules: str,
+                               hook: list[str]) -> subprocess.CompletedProcess:
+    """`ltm train` (one rank) in a process whose torch.save first runs `hook` (lines of Python, `modules` imported)
+    when DeepSpeed writes step 4's model file."""
+    driver = tmp_path / "save_hook.py"
     driver.write_text(
-        "import io, os, signal, sys, torch\n"
+        f"import {modules}, sys, torch\n"
         "real_save = torch.save\n"
         "def save(obj, f, *args, **kwargs):\n"
         "    if 'step00000004' in str(f) and 'mp_rank_00_model_states' in str(f):\n"
-        "        buf = io.BytesIO(); real_save(obj, buf)\n"
-        "        with open(f, 'wb') as out: out.write(buf.getvalue()[: len(buf.getvalue()) // 2])\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)  # half a file on disk, then gone\n"
+        + "".join(f"        {line}\n" for line in hook) +
         "    return real_save(obj, f, *args, **kwargs)\n"
         "torch.save = save\n"
         "from ltm.cli import main\n"
         "sys.exit(main(['train', '--config', sys.argv[1]]))\n"
     )
-    killed = subprocess.run([sys.executable, str(driver), str(config)], env=ENV, cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    return subprocess.run([sys.executable, str(driver), str(config)], env=ENV, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_rerun_resumes_from_step2_and_finishes(config: Path, run_dir: Path) -> None:
+    done = ltm_train(config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and "step00000002" in done.stderr
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    assert ckpt.latest() == "step00000004" and (run_dir / "checkpoints" / "step00000004" / COMPLETE).is_file()
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3, 4]
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(shards, tmp_path):
+    """SIGKILL while DeepSpeed writes the optimizer file of step 4: `latest` still names step 2, which loads."""
+    config = write_config(tmp_path, shards, tmp_path / "K", epochs=2, ckpt_every=2, val_every=0, zero_stage=0)
+    killed = train_with_step4_save_hook(tmp_path, config, "io, os, signal", [
+        "buf = io.BytesIO(); real_save(obj, buf)",
+        "with open(f, 'wb') as out: out.write(buf.getvalue()[: len(buf.getvalue()) // 2])",
+        "os.kill(os.getpid(), signal.SIGKILL)  # half a file on disk, then gone",
+    ])
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpt = Checkpointer(tmp_path / "K" / "checkpoints")
     assert ckpt.latest() == "step00000002"
@@ -225,32 +243,17 @@ def test_kill_during_save_leaves_the_previous_checkpoint(shards, tmp_path):
     with pytest.raises(CheckpointError, match="step00000004.*incomplete"):
         ckpt.resolve("step00000004")
 
-    done = ltm_train(config)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stderr and "step00000002" in done.stderr
-    assert ckpt.latest() == "step00000004" and (partial / COMPLETE).is_file()
-    assert [r["step"] for r in records(tmp_path / "K", "train")] == [1, 2, 3, 4]
+    assert_rerun_resumes_from_step2_and_finishes(config, tmp_path / "K")
 
 
 def test_a_save_that_fails_for_want_of_space_names_it_and_keeps_the_previous_checkpoint(shards, tmp_path):
     """A write error while DeepSpeed saves step 4 (here the file-size limit, as a full disk would): the run stops
     with an error naming the tag, the failure and the free space; `latest` still names step 2; a rerun resumes."""
     config = write_config(tmp_path, shards, tmp_path / "F", epochs=2, ckpt_every=2, val_every=0, zero_stage=0)
-    driver = tmp_path / "fail_in_save.py"
-    driver.write_text(
-        "import resource, signal, sys, torch\n"
-        "real_save = torch.save\n"
-        "def save(obj, f, *args, **kwargs):\n"
-        "    if 'step00000004' in str(f) and 'mp_rank_00_model_states' in str(f):\n"
-        "        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead\n"
-        "        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))\n"
-        "    return real_save(obj, f, *args, **kwargs)\n"
-        "torch.save = save\n"
-        "from ltm.cli import main\n"
-        "sys.exit(main(['train', '--config', sys.argv[1]]))\n"
-    )
-    failed = subprocess.run([sys.executable, str(driver), str(config)], env=ENV, cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
+    failed = train_with_step4_save_hook(tmp_path, config, "resource, signal", [
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead",
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))",
+    ])
     assert failed.returncode == 2, failed.stderr[-3000:]
     folder = tmp_path / "F" / "checkpoints" / "step00000004"
     assert re.search(rf"checkpoint {folder}: saving failed on rank 0 \(RuntimeError: .*\); [\d,]+ MiB free of "
@@ -261,11 +264,7 @@ def test_a_save_that_fails_for_want_of_space_names_it_and_keeps_the_previous_che
     assert not (folder / COMPLETE).exists()
     assert not list(folder.glob(".*.tmp*"))  # no half-written temporary file left behind
 
-    done = ltm_train(config)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stderr and "step00000002" in done.stderr
-    assert ckpt.latest() == "step00000004" and (folder / COMPLETE).is_file()
-    assert [r["step"] for r in records(tmp_path / "F", "train")] == [1, 2, 3, 4]
+    assert_rerun_resumes_from_step2_and_finishes(config, tmp_path / "F")
 
 
 def test_universal_resume_two_ranks_to_one(run_a, tmp_path):
