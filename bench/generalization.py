@@ -67,6 +67,8 @@ VARIANTS = {  # name -> model overrides
 DEFAULT_VARIANTS = "baseline,ltm-high,ltm-random,ltm-low,ltm-mixup"
 FAMILIES = ("SelfBlend", "IdentitySwap", "Upsample", "ExpressionWarp", "TextureRender")
 HEADS = {"baseline": ("baseline",), "ltm": ("student", "teacher_cnn", "teacher_vit")}
+
+
 # ------------------------------------------------------------------------------------------------- data
 def ensure_synth(faces: Path, out: Path, size: int, frames: int, identity_regex: str | None) -> Path:
     """The benchmark's shards (`ltm prep synth`), built once under `out`."""
@@ -200,8 +202,8 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan"), float("nan")
-    half = scipy.stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+    lo, hi = scipy.stats.t.interval(0.95, len(values) - 1, loc=mean, scale=scipy.stats.sem(values))
+    return mean, float(lo), float(hi)
 
 
 def unseen_mean(row: dict, head: str, seen: str) -> float:
