@@ -109,13 +109,11 @@ def head_scores(run_dir: Path, folders: list[Path]) -> dict:
         for batch in build_eval_loader(cfg, [str(f) for f in folders], 0, 1, "cpu", 64):
             images = batch["images"]
             if cfg.model.kind == "baseline":
-                heads = {"baseline": model.logits(images)}
+                heads = {"baseline": model.predict(images)}
             else:
-                t = model.teacher(images)
-                student = model.student_head(model.pool(model.student_cnn(images), None)).squeeze(1)
-                heads = {"student": student, "teacher_cnn": t["cls_logits"], "teacher_vit": t["vit_logits"]}
-            for name, logits in heads.items():
-                out.setdefault(name, []).extend(torch.sigmoid(logits.float()).tolist())
+                heads = model.head_probabilities(images)
+            for name, probs in heads.items():
+                out.setdefault(name, []).extend(probs.tolist())
             out["labels"] += batch["labels"].tolist()
             out["methods"] += list(batch["methods"])
     return out

@@ -287,6 +287,10 @@ def test_inference_head_returns_the_matching_heads_probability():
     for i, a in enumerate(names):  # the heads disagree, so returning another head's probability shows
         for b_ in names[i + 1:]:
             assert (expected[a] - expected[b_]).abs().max() > 1e-3, (a, b_)
+    all_heads = m.head_probabilities(images)
+    assert set(all_heads) == {"student", "teacher_cnn", "teacher_vit"}
+    for head, probs in all_heads.items():
+        torch.testing.assert_close(probs, expected[head], atol=1e-5, rtol=1e-5, msg=head)
     try:
         for head, probs in expected.items():
             m.cfg.inference_head = head

@@ -155,6 +155,15 @@ class LearningToMask(nn.Module):
         return torch.sigmoid(self._inference_logits(t, x_s).float())
 
     @torch.no_grad()
+    def head_probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """P(fake) per image from each of the three heads at once (what `predict` gives for each `inference_head`
+        but the ensemble), for comparing them on one pass over the data."""
+        t, x_s = self.teacher(images), self.student_cnn(images)
+        student = self.student_head(self.pool(x_s, None)).squeeze(1)
+        logits = {"student": student, "teacher_cnn": t["cls_logits"], "teacher_vit": t["vit_logits"]}
+        return {name: torch.sigmoid(x.float()) for name, x in logits.items()}
+
+    @torch.no_grad()
     def explain(self, images: torch.Tensor) -> dict:
         """The teacher's attention map A (Eq. 2) and the mask M it induces (Eq. 4), for pictures."""
         t = self.teacher(images)
