@@ -150,6 +150,12 @@ def plot_roc(path: str | os.PathLike, report: dict, rows: Sequence[Any]) -> None
     atomic_savefig(fig, path)
 
 
+def level_aucs(result: dict, kind: str) -> list[float]:
+    """A robustness result's frame AUC of `kind` at levels 1-5, NaN where it is undefined (one class scored)."""
+    values = [result["auc"][kind][str(level)]["frame_auc"] for level in range(1, 6)]
+    return [np.nan if v is None else float(v) for v in values]
+
+
 def write_robustness(folder: str | os.PathLike, result: dict) -> None:
     """robustness.json, robustness.md (AUC per type and level) and robustness.png (AUC against level, one line per
     type, the clean AUC as a dashed reference) for one scored folder."""
@@ -167,9 +173,11 @@ def write_robustness(folder: str | os.PathLike, result: dict) -> None:
         lines.append(f"| {kind} | " + " | ".join(fmt(v) for v in values) + f" | {fmt(mean)} |")
     atomic_write_text(folder / "robustness.md", "\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
-    for kind in kinds:
-        ax.plot(range(1, 6), [result["auc"][kind][str(k)]["frame_auc"] or np.nan for k in range(1, 6)], marker="o",
-                label=kind)
+    # types often share a value (every level at the clean AUC): each gets its own marker shape, the earlier ones
+    # drawn larger, so a line under another still shows
+    for i, kind in enumerate(kinds):
+        ax.plot(range(1, 6), level_aucs(result, kind), marker="osD^v<>Px"[i % 9],
+                markersize=max(3.0, 10.0 - 0.8 * i), label=kind)
     if result["clean"]["frame_auc"] is not None:
         ax.axhline(result["clean"]["frame_auc"], color="black", ls="--", lw=1, label="clean")
     ax.set(xlabel="perturbation level", ylabel="frame AUC", xticks=range(1, 6), title=result["name"])

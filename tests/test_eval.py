@@ -366,6 +366,15 @@ def test_robustness_scores_every_type_and_level_and_draws_them(toy_runs, tmp_pat
         assert im.format == "PNG"
 
 
+def test_robustness_curve_keeps_an_auc_of_zero_and_leaves_one_class_levels_out():
+    """A perfectly inverted detector (AUC 0.0) is a point on the plot, not a gap; only an undefined AUC is."""
+    from ltm.report import level_aucs
+
+    result = {"auc": {"contrast": {str(k): {"frame_auc": v} for k, v in zip(range(1, 6), (1.0, 0.5, 0.0, None, 0.25))}}}
+    curve = level_aucs(result, "contrast")
+    assert curve[:3] == [1.0, 0.5, 0.0] and np.isnan(curve[3]) and curve[4] == 0.25
+
+
 def test_consolidated_weights_file_and_baseline_without_attention(toy_runs, toy_shards, tmp_path):
     from ltm.models import build_model
 
