@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -306,6 +308,47 @@ def test_both_loaders_on_prepared_sample_shards(sample_shards):
         assert train.kind == name
         images, labels = next(train)
         assert images.shape == (32, 3, 112, 112) and set(labels.tolist()) <= {0.0, 1.0}
+
+
+class _CyclicGarbage:
+    """Garbage in a reference cycle (only a collection frees it) whose finalizer leaves a file named after the process
+    it ran in."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.me = folder, self
+
+    def __del__(self):
+        (self.folder / str(os.getpid())).touch()
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_reference_workers_leave_the_parents_garbage_to_the_parent(shard_root, tmp_path, monkeypatch, kind):
+    """A worker forked while this process holds uncollected garbage must not finalize it: a dropped DALI pipeline's
+    finalizer joins executor threads the worker does not have, and the worker dies of a segmentation fault. Here each
+    worker runs a full collection before every decode, and only this process may run the finalizer."""
+    from ltm.data import reference
+
+    decode = reference.decode_jpeg
+
+    def collect_then_decode(*args):
+        gc.collect()
+        return decode(*args)
+
+    monkeypatch.setattr(reference, "decode_jpeg", collect_then_decode)
+    cfg = _cfg(shard_root, "reference")
+    gc.disable()  # the garbage must still be there when the workers fork
+    try:
+        _CyclicGarbage(tmp_path)
+        if kind == "train":
+            train = build_train_loader(cfg, 0, 1, "cpu")
+            next(train)
+            del train
+        else:
+            assert sum(len(b["keys"]) for b in build_eval_loader(cfg, ["syn/test"], 0, 1, "cpu", 8)) == 59
+    finally:
+        gc.enable()
+    gc.collect()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [str(os.getpid())]
 
 
 def test_loader_state_matches_a_source_named_relatively_or_absolutely(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ tars with webdataset in stored order, or, with an eval plan (`eval.frames_per_vi
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,21 @@ def parse_label(data: bytes, where: str) -> float:
     if text not in (b"0", b"1"):
         raise ShardError(f"{where}: cls must be ASCII 0 or 1, got {data[:16]!r}")
     return float(text == b"1")
+
+
+def start_workers(loader: DataLoader) -> Iterator:
+    """`iter(loader)`, which forks the worker processes, with the garbage collector's objects frozen meanwhile.
+
+    A forked worker inherits this process's uncollected garbage, and its own collector would finalize it there.
+    Some finalizers must not run in a child: a DALI pipeline's joins its executor threads, which the child does not
+    have, and the worker dies of a segmentation fault (seen when a DALI loader was dropped shortly before a
+    reference loader started). Frozen objects are never collected in the child; the parent unfreezes them at once
+    and finalizes its garbage itself."""
+    gc.freeze()
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -183,7 +199,7 @@ class ReferenceTrainLoader:
             persistent_workers=False,
             timeout=WORKER_TIMEOUT_S if self.workers > 0 else 0,
         )
-        self._it = iter(self._loader)
+        self._it = start_workers(self._loader)
 
     def __iter__(self) -> ReferenceTrainLoader:
         return self
@@ -372,7 +388,7 @@ class ReferenceEvalLoader(ShareEvalLoader):
             collate_fn=_eval_collate,
             timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
         )
-        for out in loader:
+        for out in start_workers(loader):
             bad = out.pop("bad")
             if bad:
                 self.skipped += len(bad)
