@@ -134,16 +134,22 @@ class LearningToMask(nn.Module):
             "mask": mask,
         }
 
+    def _head_logits(self, t: dict | None, x_s: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Each head's logits on unmasked features (M = 1), for the heads whose inputs were computed: the student
+        from the student CNN's features `x_s`, the teacher's two from its outputs `t`."""
+        logits = {}
+        if x_s is not None:
+            logits["student"] = self.student_head(self.pool(x_s, None)).squeeze(1)
+        if t is not None:
+            logits["teacher_cnn"], logits["teacher_vit"] = t["cls_logits"], t["vit_logits"]
+        return logits
+
     def _inference_logits(self, t: dict | None, x_s: torch.Tensor | None) -> torch.Tensor:
         head = self.cfg.inference_head
-        student = self.student_head(self.pool(x_s, None)).squeeze(1) if x_s is not None else None
-        if head == "student":
-            return student
-        if head == "teacher_cnn":
-            return t["cls_logits"]
-        if head == "teacher_vit":
-            return t["vit_logits"]
-        probs = torch.stack([torch.sigmoid(x.float()) for x in (student, t["cls_logits"], t["vit_logits"])])
+        logits = self._head_logits(t, x_s)
+        if head != "ensemble":
+            return logits[head]
+        probs = torch.stack([torch.sigmoid(x.float()) for x in logits.values()])
         return torch.logit(probs.mean(dim=0), eps=1e-6)  # ensemble: mean probability, as a logit
 
     @torch.no_grad()
@@ -158,9 +164,7 @@ class LearningToMask(nn.Module):
     def head_probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """P(fake) per image from each of the three heads at once (what `predict` gives for each `inference_head`
         but the ensemble), for comparing them on one pass over the data."""
-        t, x_s = self.teacher(images), self.student_cnn(images)
-        student = self.student_head(self.pool(x_s, None)).squeeze(1)
-        logits = {"student": student, "teacher_cnn": t["cls_logits"], "teacher_vit": t["vit_logits"]}
+        logits = self._head_logits(self.teacher(images), self.student_cnn(images))
         return {name: torch.sigmoid(x.float()) for name, x in logits.items()}
 
     @torch.no_grad()
