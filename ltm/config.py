@@ -50,6 +50,14 @@ class ModelConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     mask_ratio: float = 0.25  # Eq. 4: k = round(mask_ratio * h * w)
     mask_strategy: str = "high"  # high | low | random (Table 4)
+    # the map whose top cells Eq. 4 masks: mean (Eq. 2, the last block's heads averaged) | max (over the heads) |
+    # rollout (attention rollout over every block) | grad (the last block's attention weighted by the ViT logit's
+    # gradient, positive part) | cam (the teacher CNN head's class activation map) | saliency (|input gradient x
+    # input| of the teacher's two logits, pooled per cell); docs/method.md measures each against known regions
+    attention_map: str = "mean"
+    # where the mask acts: features (Eq. 4: the student's feature map X_s * M) | input (the image cells under M = 0
+    # are erased to the backbone's mean colour before the student CNN sees them)
+    mask_at: str = "features"
     # training forwards during which the student's features go unmasked (M = 1) while the teacher's attention is
     # still untrained (the paper is silent on a schedule; 0 = masked from the first step, as printed)
     mask_warmup: int = 0
@@ -59,6 +67,10 @@ class ModelConfig:
     # any: the partner is any sample of the batch, as printed (soft targets across classes) | same_class: a sample of
     # the same label (mixed features, hard targets)
     mixup_partner: str = "any"
+    # global: partners drawn from the whole global batch (every rank's features and labels gathered, with gradients
+    # reaching the partner's rank), so the method does not change with the number of ranks | rank: partners from
+    # this rank's own samples only. A world of one draws the same either way (docs/training.md "Many GPUs").
+    mixup_scope: str = "global"
     div_weight: float = 0.1  # alpha of Eq. 7
     student_hidden: int = 0  # Sec. 3.3's "MLP classifier" on F': hidden width (0 = one linear layer)
     inference_head: str = "student"  # student | teacher_cnn | teacher_vit | ensemble
@@ -127,6 +139,12 @@ class TrainConfig:
     compile: bool | str = False
     peak_tflops: float = 0.0  # one device's peak TFLOP/s for the logged MFU (0: the GPU's entry in ltm.engine's table)
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler trace of steps start..+steps-1
+    # BatchNorm statistics over every rank's micro-batch (torch SyncBatchNorm, GPUs only) instead of each rank's own;
+    # no effect in a world of one (docs/training.md "Many GPUs")
+    sync_bn: bool = False
+    # none: train.lr as given | linear: lr x batch_size / 32 (the paper's batch), for a global batch raised with the
+    # GPU count (docs/training.md "Many GPUs")
+    lr_scaling: str = "none"
 
 
 @dataclass
@@ -134,10 +152,16 @@ class EvalConfig:
     batch_size: int = 64
     video_agg: str = "mean"  # mean | max | confident (ltm.metrics.VIDEO_REDUCE)
     attention_samples: int = 4  # per label, pictures under attention/
+    # fakes with a known manipulated region (shard member region.png) scored for the mask diagnostics, per method
+    # folder (0: off); pictures of the first few under regions/
+    region_samples: int = 256
     error_samples: int = 4  # the most confident false positives and false negatives each, pictures under errors/
     threshold: float = 0.5
     perturb: str | None = None  # TYPE:LEVEL, a test-time perturbation of every crop or clip (ltm.perturb)
     frames_per_video: int = 0  # N evenly spaced frames scored per video (ltm.data.plan); 0 = all frames in the shards
+    # minutes a rank of `ltm eval` / `ltm predict --run` waits in a collective for the others (the process group's
+    # timeout): a rank done with its share waits for the slowest, and NCCL's default 10 would abort after scoring
+    timeout_min: int = 60
 
 
 @dataclass
@@ -169,8 +193,11 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.kind": ("ltm", "baseline"),
     "model.mask_strategy": ("high", "low", "random"),
+    "model.attention_map": ("mean", "max", "rollout", "grad", "cam", "saliency"),
+    "model.mask_at": ("features", "input"),
     "model.pooling": ("avg", "masked_mean"),
     "model.mixup_partner": ("any", "same_class"),
+    "model.mixup_scope": ("global", "rank"),
     "model.input_norm": ("backbone", "none"),
     "model.output_stride": (None, 8, 16, 32),
     "model.inference_head": ("student", "teacher_cnn", "teacher_vit", "ensemble"),
@@ -181,6 +208,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.optimizer_impl": ("default", "foreach", "fused", "for-loop"),
     "train.compile": (False, True, "default", "reduce-overhead", "max-autotune"),
+    "train.lr_scaling": ("none", "linear"),
     "eval.video_agg": ("mean", "max", "confident"),
 }
 
@@ -304,7 +332,9 @@ def validate(cfg: Config) -> None:
         "eval.batch_size": (cfg.eval.batch_size > 0, ">= 1"),
         "eval.frames_per_video": (cfg.eval.frames_per_video >= 0, ">= 0 (0: all frames)"),
         "eval.attention_samples": (cfg.eval.attention_samples >= 0, ">= 0"),
+        "eval.region_samples": (cfg.eval.region_samples >= 0, ">= 0 (0: no mask diagnostics)"),
         "eval.error_samples": (cfg.eval.error_samples >= 0, ">= 0"),
+        "eval.timeout_min": (cfg.eval.timeout_min >= 1, ">= 1 (minutes)"),
     }
     for key, (ok, allowed) in checks.items():
         if not ok:

@@ -22,13 +22,14 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ltm import distributed  # sets DS_ACCELERATOR=cpu without CUDA before DeepSpeed's zero_to_fp32 is imported
-from ltm.config import Config, load_run_config
+from ltm.config import Config, EvalConfig, load_run_config
 from ltm.metrics import VIDEO_AGGREGATIONS, compute_metrics
 
 log = logging.getLogger(__name__)
@@ -205,17 +206,22 @@ def load_model(
 
 
 @contextlib.contextmanager
-def scoring_accelerator(precision: str = "fp32", device: str = "auto") -> Iterator:
+def scoring_accelerator(precision: str = "fp32", device: str = "auto",
+                        timeout_min: int = EvalConfig.timeout_min) -> Iterator:
     """An `accelerate.Accelerator` for scoring (eval, predict) in the world the environment describes.
 
     bf16 autocast only on CUDA and only for a run trained in bf16 (on the CPU bf16 would only cost accuracy).
     `device`: auto | cpu | cuda | cuda:N (N picks the GPU of a single process; ranks take their LOCAL_RANK's).
+    `timeout_min` (config `eval.timeout_min`): how long a collective waits, for the process group made here. A rank
+    that has scored its share waits in the final gather for the slowest one; accelerate's default (torch's: 10
+    minutes for NCCL) would abort the job then, after all the scoring.
     A process group and accelerate state made here are dropped on the way out, so a later job in the same process
     (another eval, `ltm train`) starts from a clean slate, as after a process exit.
     """
     import torch.distributed as dist
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, is_initialized
+    from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available() and not device.startswith("cpu")
     if device.startswith("cuda"):
@@ -224,7 +230,7 @@ def scoring_accelerator(precision: str = "fp32", device: str = "auto") -> Iterat
         if ":" in device and "LOCAL_RANK" not in os.environ:
             torch.cuda.set_device(torch.device(device))
     fresh = not is_initialized() and not dist.is_initialized()
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and precision == "bf16" else "no")
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and precision == "bf16" else "no")  # PLANTED
     ok = False
     try:
         yield accelerator
@@ -232,7 +238,9 @@ def scoring_accelerator(precision: str = "fp32", device: str = "auto") -> Iterat
     finally:
         if fresh:
             if ok:
-                accelerator.wait_for_everyone()
+                # not accelerate's wait_for_everyone: it names cuda:LOCAL_RANK as the NCCL barrier's device, which a
+                # task that sees only its own GPU lacks; a plain barrier runs on the device accelerate set
+                distributed.barrier()
             accelerator.state.destroy_process_group()
             AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's own way to start over
 
@@ -399,7 +407,7 @@ def evaluate(
     saved_env = {k: os.environ.get(k) for k in distributed.DIST_VARS}
     model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, "cpu")
     try:
-        with scoring_accelerator(cfg.train.precision) as accelerator:
+        with scoring_accelerator(cfg.train.precision) as accelerator:  # PLANTED
             return _score_folders(accelerator, model, cfg, source, run_dir, data, out_dir, threshold_from)
     finally:
         for k, v in saved_env.items():  # variables set for this world must not leak into later jobs of the process
@@ -467,7 +475,13 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
             mistakes = attention_maps(model, [(key, 0, img) for _, key, img in false_positives]
                                       + [(key, 1, img) for _, key, img in false_negatives],
                                       accelerator.device, crops_without_attention=True)
-            report_mod.write_report(folder_out, report, rows, pictures, mistakes)
+            region_pictures: list = []
+            if hasattr(model, "teacher_maps") and cfg.eval.region_samples > 0 and not cfg.eval.perturb:
+                from ltm.regions import diagnose
+
+                report["mask_diagnostics"], region_pictures = diagnose(
+                    model, folder, cfg.data.image_size, cfg.eval.region_samples, accelerator.device)
+            report_mod.write_report(folder_out, report, rows, pictures, mistakes, region_pictures)
             report["report_dir"] = str(folder_out)
             log.info("%s: %d frames, %d videos, frame AUC %s, %.1f images/s on %d rank(s) -> %s",
                      name, report["n_frames"], report["n_videos"], report_mod.fmt(report["frame_auc"]),
@@ -489,7 +503,7 @@ def robustness(run_dir: str | os.PathLike, data: list[str] | None = None, tag: s
     model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, "cpu")
     out_root = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
     results = []
-    with scoring_accelerator(cfg.train.precision) as accelerator:
+    with scoring_accelerator(cfg.train.precision, timeout_min=cfg.eval.timeout_min) as accelerator:
         model = accelerator.prepare_model(model, evaluation_mode=True)
         for folder in [resolve_folder(f, cfg) for f in (data or cfg.data.test)]:
             name = dataset_name(folder)

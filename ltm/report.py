@@ -97,6 +97,11 @@ def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
         lines += ["Teacher attention (left: face crop; right: attention map, masked grid cells outlined):", ""]
         lines += [f"![{Path(p).stem}]({p})" for p in pictures]
         lines.append("")
+    if report.get("mask_diagnostics"):
+        from ltm.regions import render_markdown as region_markdown
+
+        lines += region_markdown(report["mask_diagnostics"])
+        lines += [f"![{Path(p).stem}]({p})" for p in report.get("regions") or []] + [""]
     errors = report.get("errors") or {}
     for kind, title in (("false_positives", "Most confident false positives (real called fake)"),
                         ("false_negatives", "Most confident false negatives (fake called real)")):
@@ -190,9 +195,10 @@ def write_robustness(folder: str | os.PathLike, result: dict) -> None:
 
 
 def plot_attention(path: str | os.PathLike, image: torch.Tensor, attention: torch.Tensor | None,
-                   mask: torch.Tensor | None, title: str) -> None:
+                   mask: torch.Tensor | None, title: str, region: torch.Tensor | None = None) -> None:
     """Face crop beside the teacher's attention A (Eq. 2) upsampled over it, masked cells (M = 0, Eq. 4) outlined;
-    the crop alone for a model without attention (Baseline)."""
+    the crop alone for a model without attention (Baseline). A known manipulated region (H, W) in [0, 1] is drawn
+    as a contour at half strength on both panels."""
     img = image.permute(1, 2, 0).clamp(0, 1).numpy()
     if attention is None:
         fig, ax = plt.subplots(1, 1, figsize=(2.9, 3.1))
@@ -217,6 +223,11 @@ def plot_attention(path: str | os.PathLike, image: torch.Tensor, attention: torc
         axes[1].add_patch(Rectangle((j * cell_w - 0.5, i * cell_h - 0.5), cell_w, cell_h, fill=False,
                                     edgecolor="white", lw=1.5, ls="--"))
     axes[1].set_title(f"attention, {int((mask == 0).sum())}/{grid_h * grid_w} cells masked", fontsize=8)
+    if region is not None and float(region.max()) > 0:
+        level = 0.5 * float(region.max())
+        for ax in axes:
+            ax.contour(region.float().numpy(), levels=[level], colors="lime", linewidths=1.2)
+        axes[0].set_title("face crop, manipulated region outlined", fontsize=8)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(title, fontsize=8)
@@ -234,6 +245,17 @@ def write_attention(folder: str | os.PathLike, pictures: Sequence[tuple]) -> lis
         kind = "fake" if label else "real"
         name = f"attention/{n:02d}_{kind}_{_safe(key)}.png"
         plot_attention(Path(folder) / name, image, attention, mask, f"{key} ({kind}) P(fake) = {p_fake:.3f}")
+        names.append(name)
+    return names
+
+
+def write_regions(folder: str | os.PathLike, pictures: Sequence[tuple]) -> list[str]:
+    """pictures: (method, key, image, mask map, mask, region) from `ltm.regions.diagnose`; the mask's map with its
+    masked cells and the true region outlined. Returns file names relative to the report folder."""
+    names = []
+    for n, (method, key, image, attention, mask, region) in enumerate(pictures):
+        name = f"regions/{n:02d}_{_safe(method)}_{_safe(key)}.png"
+        plot_attention(Path(folder) / name, image, attention, mask, f"{key} ({method})", region)
         names.append(name)
     return names
 
@@ -279,7 +301,7 @@ def _drop_stale(folder: Path, sub: str, keep: Sequence[str]) -> None:
 
 
 def write_report(folder: str | os.PathLike, report: dict, rows: Sequence[Any], pictures: Sequence[tuple] = (),
-                 mistakes: Sequence[tuple] = ()) -> None:
+                 mistakes: Sequence[tuple] = (), region_pictures: Sequence[tuple] = ()) -> None:
     """Everything for one scored folder; report.json, then report.html, last, so that report.json's presence means
     the folder is complete."""
     from ltm.report_html import write_html
@@ -292,6 +314,8 @@ def write_report(folder: str | os.PathLike, report: dict, rows: Sequence[Any], p
     _drop_stale(folder, "attention", picture_names)
     report["attention"] = picture_names
     report["errors"] = write_mistakes(folder, mistakes, report["threshold"])
+    report["regions"] = write_regions(folder, region_pictures)
+    _drop_stale(folder, "regions", report["regions"])
     _drop_stale(folder, "errors", [e["picture"] for kind in report["errors"].values() for e in kind])
     atomic_write_text(folder / "report.md", render_markdown(report, picture_names))
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")

@@ -143,6 +143,24 @@ def _gallery_sections(folder: Path, report: dict) -> list[str]:
                 "grid cells the mask removes from the student's features are outlined</p>",
                 '<div class="gallery">' + "".join(_figure(folder, name, Path(name).stem)
                                                   for name in report["attention"]) + "</div>"]
+    diag = report.get("mask_diagnostics")
+    if diag:
+        h, w = diag["grid"]
+        out += ["<h2>Does the mask find the manipulated region?</h2>",
+                f"<p>{diag['n']} fakes with a known region; {h}x{w} grid, k = {diag['k']} cells masked "
+                f"(strategy <code>{E(diag['mask_strategy'])}</code> on map <code>{E(diag['attention_map'])}</code>). "
+                "Hit: one of the region's strongest cells is masked; chance: a random k-cell mask.</p>",
+                _table(["method", "region", "n", "hit rate", "chance", "masked in region", "region share"],
+                       [[E(m), E(", ".join(d["kinds"])), str(d["n"]), fmt(d["mask"]["hit_rate"], 3),
+                         fmt(d["mask"]["chance_hit_rate"], 3), fmt(d["mask"]["masked_in_region"], 3),
+                         fmt(d["mask"]["region_share"], 3)] for m, d in diag["per_method"].items()])]
+        names = list(next(iter(diag["per_method"].values()))["maps"])
+        out += ["<p>Hit rate of each map the teacher can rank cells by (its top k):</p>",
+                _table(["method", *names], [[E(m), *(fmt(d["maps"][n]["hit_rate"], 3) for n in names)]
+                                            for m, d in diag["per_method"].items()])]
+        if report.get("regions"):
+            out.append('<div class="gallery">' + "".join(_figure(folder, name, Path(name).stem)
+                                                         for name in report["regions"]) + "</div>")
     errors = report.get("errors") or {}
     for kind, title, what in (("false_positives", "Most confident false positives", "real faces called fake, "
                                "highest P(fake) first"),

@@ -511,3 +511,27 @@ def test_html_report_and_comparison_render_in_chromium(toy_runs, tmp_path):
     (tmp_path / "nothing-here").mkdir()
     with pytest.raises(FileNotFoundError, match="nothing-here.: no evaluation reports"):
         main(["-v", "eval", "--compare", str(out), str(tmp_path / "nothing-here")])
+
+
+def test_report_says_where_the_mask_lands_on_known_regions(toy_runs, tmp_path):
+    """Fakes with region.png: report.json's mask_diagnostics per method, the report's table and the region pictures
+    (the figures themselves are checked against planted regions in test_regions.py)."""
+    from tests.test_regions import stamped_fakes, write_folder
+
+    split = write_folder(tmp_path / "shards", "Stamp", stamped_fakes(6))
+    report = evaluate(toy_runs["zero0"], [str(split)], out_dir=tmp_path / "out")[0]
+    diag = report["mask_diagnostics"]
+    assert diag["grid"] == [4, 4] and diag["k"] == 4 and diag["n"] == 6
+    d = diag["per_method"]["Stamp"]
+    assert d["n"] == 6 and d["kinds"] == ["blend"]
+    assert 0.0 <= d["mask"]["hit_rate"] <= 1.0 and d["mask"]["chance_hit_rate"] == pytest.approx(0.25)
+    assert {"mean", "max", "rollout", "grad", "cam", "saliency", "head0", "mask_map"} <= set(d["maps"])
+    folder = Path(report["report_dir"])
+    stored = json.loads((folder / "report.json").read_text())
+    assert stored["mask_diagnostics"]["per_method"]["Stamp"]["mask"] == d["mask"]
+    assert len(stored["regions"]) == 2 and all((folder / p).is_file() for p in stored["regions"])
+    assert "Mask diagnostics on fakes with a known manipulated region" in (folder / "report.md").read_text()
+    assert "Does the mask find the manipulated region?" in (folder / "report.html").read_text()
+    # a folder without regions says nothing about them
+    plain = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "plain")[0]
+    assert plain["mask_diagnostics"] is None and plain["regions"] == []

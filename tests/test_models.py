@@ -200,3 +200,87 @@ def test_bf16_buffers_trace_under_torch_compile():
     compiled = torch.compile(model, backend="eager")
     out = compiled(torch.rand(2, 3, 64, 64, dtype=torch.bfloat16), torch.tensor([0.0, 1.0]))
     assert torch.isfinite(out["loss"])
+
+
+# ------------------------------------------------------------------------------------------------ map options
+
+
+def _map_model(kind: str, mask_at: str = "features") -> LearningToMask:
+    torch.manual_seed(0)
+    return build_model(tiny_model_cfg(attention_map=kind, mask_at=mask_at), image_size=112)  # a 4x4 grid
+
+
+def _expected_map(model: LearningToMask, images: torch.Tensor, kind: str) -> torch.Tensor:
+    """Each map kind computed here from its definition, outside the model's own code path."""
+    x = images.clone().requires_grad_(True)
+    x_t = model.teacher_cnn(x)
+    cls_out, attentions = model.teacher_vit(x_t, all_attentions=True)
+    last = attentions[-1]
+    cls_row = last[:, :, 0, 1:].reshape(len(x), last.shape[1], 4, 4)
+    if kind == "mean":
+        return cls_row.mean(1)
+    if kind == "max":
+        return cls_row.max(1).values
+    if kind == "rollout":
+        n = last.shape[-1]
+        joint = torch.eye(n).expand(len(x), n, n)
+        for a in attentions:
+            a = 0.5 * a.mean(1) + 0.5 * torch.eye(n)
+            joint = (a / a.sum(-1, keepdim=True)) @ joint
+        return joint[:, 0, 1:].reshape(len(x), 4, 4)
+    if kind == "cam":
+        w = model.teacher_cnn_head.weight[0]
+        return (x_t * w[None, :, None, None]).sum(1)
+    if kind == "grad":
+        g = torch.autograd.grad(model.teacher_vit_head(cls_out).sum(), last)[0]
+        return (g * last).clamp_min(0)[:, :, 0, 1:].mean(1).reshape(len(x), 4, 4)
+    logits = model.teacher_cnn_head(x_t.mean((2, 3))).sum() + model.teacher_vit_head(cls_out).sum()
+    g = torch.autograd.grad(logits, x)[0]
+    return torch.nn.functional.avg_pool2d((g * x).abs().sum(1, keepdim=True), 28)[:, 0]
+
+
+@pytest.mark.parametrize("kind", ["mean", "max", "rollout", "grad", "cam", "saliency"])
+def test_attention_map_option_decides_the_map_eq4_masks(kind):
+    model = _map_model(kind)
+    model.eval()  # BatchNorm on running statistics: the reference and the forward see the same features
+    images, labels = torch.rand(6, 3, 112, 112), torch.tensor([0.0, 1.0] * 3)
+    expected = _expected_map(model, images, kind).detach()
+    out = model(images, labels)
+    assert torch.allclose(out["attention"], expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(out["mask"], feature_mask(expected, model.cfg.mask_ratio, "high"))
+    assert torch.equal(model.explain(images)["attention"], out["attention"])
+    maps = model.teacher_maps(images)
+    assert torch.allclose(maps["mask_map"], expected, rtol=1e-4, atol=1e-6)
+    assert not any(p.grad is not None for p in model.parameters())  # the map's backward leaves no gradients
+    out["loss"].backward()  # and the loss's own backward still runs through the retained graph
+
+
+def test_map_kinds_rank_cells_differently():
+    """The option is not ignored: on the same weights and images the six kinds do not all pick the same cells."""
+    images = torch.rand(8, 3, 112, 112)
+    masks = {}
+    for kind in ("mean", "max", "rollout", "grad", "cam", "saliency"):
+        model = _map_model(kind)
+        model.eval()
+        masks[kind] = model.explain(images)["mask"]
+    distinct = {tuple(m.flatten().tolist()) for m in masks.values()}
+    assert len(distinct) >= 5
+
+
+@pytest.mark.parametrize("mask_at", ["features", "input"])
+def test_mask_at_input_hides_the_masked_cells_pixels_from_the_student(mask_at):
+    """With mask_at=input, pixels inside masked cells cannot change the student's loss; on features they can (the
+    student CNN's receptive field reaches them from the kept cells)."""
+    model = _map_model("mean", mask_at)
+    model.eval()
+    torch.manual_seed(3)
+    images, labels = torch.rand(4, 3, 112, 112), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    out = model(images, labels)
+    hidden = torch.nn.functional.interpolate(1 - out["mask"][:, None], size=(112, 112), mode="nearest")
+    changed = images * (1 - hidden) + torch.rand_like(images) * hidden  # new pixels only under M = 0
+    # the teacher must pick the same cells on the changed images for the comparison to hold: give it the original
+    model.teacher = lambda x, all_attentions=False, map_kind=None, _t=model.teacher: _t(images, all_attentions, map_kind)
+    again = model(changed, labels)
+    assert torch.equal(again["mask"], out["mask"])
+    same = torch.allclose(again["losses"]["student"], out["losses"]["student"], atol=1e-6)
+    assert same == (mask_at == "input")

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ltm.config import ModelConfig
 from ltm.models.backbone import Backbone, BackboneError
-from ltm.models.masking import attention_map, cls_attention, deep_mixup, diversity_loss, feature_mask
+from ltm.models.masking import (
+    attention_map,
+    class_activation_map,
+    cls_attention,
+    deep_mixup,
+    diversity_loss,
+    erase_cells,
+    feature_mask,
+    global_deep_mixup,
+    grad_attention_map,
+    head_max_map,
+    rollout_map,
+    saliency_map,
+)
 from ltm.models.vit import TokenViT
 from ltm.models.weights import backbone_weights
 
@@ -41,7 +56,9 @@ class Baseline(nn.Module):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         logits = self.logits(images)
-        loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        # fp32 loss whatever the module's dtype, as LearningToMask's: a bf16 BCE and mean would round the loss and
+        # its per-sample gradients (small ones to 0), and the Baseline-vs-LTM comparison would not be like for like
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         return {"loss": loss, "losses": {"cls": loss.detach()}, "logits": logits.detach()}
 
     @torch.no_grad()
@@ -77,16 +94,45 @@ class LearningToMask(nn.Module):
         if cfg.mask_warmup > 0:  # counts training forwards; in checkpoints, so a resumed run keeps its schedule
             self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
 
-    def teacher(self, images: torch.Tensor, all_attentions: bool = False) -> dict:
-        x_t = self.teacher_cnn(images)
-        cls_out, attentions = self.teacher_vit(x_t, all_attentions)
-        last = attentions[-1]
+    def teacher(self, images: torch.Tensor, all_attentions: bool = False, map_kind: str | None = None) -> dict:
+        """The teacher's two logits, its attention maps and the map A that Eq. 4 masks, of kind `map_kind`
+        (default `model.attention_map`; `mean` is Eq. 2). The gradient-based kinds (grad, saliency) take one
+        extra backward pass through the teacher, with the parameters' gradients untouched."""
+        kind = self.cfg.attention_map if map_kind is None else map_kind
+        needs_grad = kind in ("grad", "saliency")
+        with torch.enable_grad() if needs_grad else nullcontext():
+            if needs_grad:
+                # a fresh tensor: images made under inference mode (eval pictures) cannot enter autograd
+                images = images.clone().requires_grad_(kind == "saliency")
+            x_t = self.teacher_cnn(images)
+            cls_out, attentions = self.teacher_vit(x_t, all_attentions or kind == "rollout")
+            last = attentions[-1]
+            cls_logits = self.teacher_cnn_head(x_t.mean(dim=(2, 3))).squeeze(1)
+            vit_logits = self.teacher_vit_head(cls_out).squeeze(1)
+            if kind == "mean":
+                attention = attention_map(last, self.grid)  # A, Eq. 2
+            elif kind == "max":
+                attention = head_max_map(last, self.grid)
+            elif kind == "rollout":
+                attention = rollout_map(attentions, self.grid)
+            elif kind == "cam":
+                attention = class_activation_map(x_t, self.teacher_cnn_head)
+            elif kind == "grad":
+                (grad,) = torch.autograd.grad(vit_logits.sum(), last, retain_graph=True)
+                attention = grad_attention_map(last, grad, self.grid)
+            elif kind == "saliency":
+                (grad,) = torch.autograd.grad(cls_logits.sum() + vit_logits.sum(), images, retain_graph=True)
+                attention = saliency_map(grad, images, self.grid)
+            else:
+                raise ValueError(f"model.attention_map {kind!r}: expected one of mean, max, rollout, grad, cam, "
+                                 "saliency")
         return {
-            "cls_logits": self.teacher_cnn_head(x_t.mean(dim=(2, 3))).squeeze(1),
-            "vit_logits": self.teacher_vit_head(cls_out).squeeze(1),
+            "cls_logits": cls_logits,
+            "vit_logits": vit_logits,
             "attentions": attentions,
             "head_maps": cls_attention(last, self.grid),  # (B, heads, h, w), Eq. 1
-            "attention": attention_map(last, self.grid),  # A, Eq. 2
+            "attention": attention.detach(),  # A: the mask carries no gradient (Eq. 4)
+            "features": x_t,
         }
 
     def pool(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -106,12 +152,18 @@ class LearningToMask(nn.Module):
             if int(self.forwards) < self.cfg.mask_warmup:
                 mask = torch.ones_like(mask)
             self.forwards += 1
-        x_s = self.student_cnn(images)
-        features = self.pool(x_s, mask)
+        if self.cfg.mask_at == "input":  # the cells' pixels are hidden, so no receptive field reaches them
+            x_s = self.student_cnn(erase_cells(images, mask, self.student_cnn.mean))
+            features = self.pool(x_s, None)
+        else:
+            x_s = self.student_cnn(images)
+            features = self.pool(x_s, mask)
         student_labels = labels
         if self.cfg.mixup:
-            features, student_labels, _ = deep_mixup(features, labels, self.cfg.mixup_alpha,
-                                                       same_class=self.cfg.mixup_partner == "same_class")  # Eq. 5-6
+            # Eq. 5-6; `global`: partners from every rank's batch, so the mixing does not change with the world size
+            mixup = global_deep_mixup if self.cfg.mixup_scope == "global" else deep_mixup
+            features, student_labels, _ = mixup(features, labels, self.cfg.mixup_alpha,
+                                                same_class=self.cfg.mixup_partner == "same_class")
         student_logits = self.student_head(features).squeeze(1)
 
         def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -156,7 +208,7 @@ class LearningToMask(nn.Module):
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """P(fake) per image from the configured head, on unmasked features (M = 1), without mixup."""
         head = self.cfg.inference_head
-        t = self.teacher(images) if head != "student" else None
+        t = self.teacher(images, map_kind="mean") if head != "student" else None
         x_s = self.student_cnn(images) if head in ("student", "ensemble") else None
         return torch.sigmoid(self._inference_logits(t, x_s).float())
 
@@ -164,12 +216,27 @@ class LearningToMask(nn.Module):
     def head_probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """P(fake) per image from each of the three heads at once (what `predict` gives for each `inference_head`
         but the ensemble), for comparing them on one pass over the data."""
-        logits = self._head_logits(self.teacher(images), self.student_cnn(images))
+        logits = self._head_logits(self.teacher(images, map_kind="mean"), self.student_cnn(images))
         return {name: torch.sigmoid(x.float()) for name, x in logits.items()}
 
     @torch.no_grad()
     def explain(self, images: torch.Tensor) -> dict:
-        """The teacher's attention map A (Eq. 2) and the mask M it induces (Eq. 4), for pictures."""
+        """The map A that Eq. 4 masks (`model.attention_map`; Eq. 2 by default) and the mask M it induces, for
+        pictures."""
         t = self.teacher(images)
         mask = feature_mask(t["attention"], self.cfg.mask_ratio, self.cfg.mask_strategy)
         return {"attention": t["attention"], "mask": mask, "head_maps": t["head_maps"]}
+
+    @torch.no_grad()
+    def teacher_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every map the teacher can rank cells by, (B, h, w) each: its ViT heads one by one (`head0`...), their mean
+        (Eq. 2), max and rollout, gradient-weighted attention, the CNN head's CAM and input saliency; `mask_map` is
+        the configured one (what Eq. 4 masks). For measuring which of them finds a known manipulated region."""
+        maps: dict[str, torch.Tensor] = {}
+        for kind in ("mean", "max", "rollout", "grad", "cam", "saliency"):
+            t = self.teacher(images, map_kind=kind)
+            maps[kind] = t["attention"].float()
+        for i in range(t["head_maps"].shape[1]):
+            maps[f"head{i}"] = t["head_maps"][:, i].float()
+        maps["mask_map"] = maps[self.cfg.attention_map]
+        return maps

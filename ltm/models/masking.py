@@ -11,8 +11,49 @@ def cls_attention(attn: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def attention_map(attn: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Eq. 2: A = (1/h) sum_i A_i, the last block's heads averaged, CLS -> patches, shape (B, h, w)."""
-    return cls_attention(attn, grid).mean(dim=1)
+    """Eq. 2: A = (1/h) sum_i A_i, the last block's heads averaged, CLS -> patches, shape (B, h, w).
+
+    Averaged in fp32 (a bf16 mean would round A back onto a coarse grid that Eq. 4's top-k then ties on)."""
+    return cls_attention(attn, grid).float().mean(dim=1)
+
+
+def head_max_map(attn: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Eq. 2 with the max over heads instead of the mean: a cell counts when any head attends to it, so heads that
+    Eq. 3 pushed apart do not flatten each other's peaks. (B, heads, N, N) -> (B, h, w)."""
+    return cls_attention(attn, grid).amax(dim=1)
+
+
+def rollout_map(attentions: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020) over every block: each block's head-averaged attention with the
+    residual as 0.5 I, rows renormalised, multiplied from the first block to the last; the CLS row to the patches.
+    Where Eq. 2 sees only the last block, rollout follows information from the tokens through all of them."""
+    joint = None
+    for attn in attentions:
+        a = attn.float().mean(dim=1)
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+        a = a / a.sum(dim=-1, keepdim=True)
+        joint = a if joint is None else a @ joint
+    return joint[:, 0, 1:].reshape(joint.shape[0], *grid)
+
+
+def grad_attention_map(attn: torch.Tensor, grad: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Gradient-weighted attention (after Chefer et al., 2021): the last block's per-head CLS attention times the
+    gradient of the ViT's fake logit with respect to it, positive part, averaged over heads. High where attending
+    raised P(fake), not merely where the CLS token looked."""
+    return cls_attention((grad.float() * attn.float()).clamp_min(0), grid).mean(dim=1)
+
+
+def class_activation_map(features: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """The teacher CNN head's evidence per position (Zhou et al.'s CAM): its linear weights applied to each feature
+    vector, (B, C, h, w) -> (B, h, w); their mean over positions plus the bias is the head's logit."""
+    return torch.einsum("bchw,c->bhw", features.float(), head.weight[0].float())
+
+
+def saliency_map(grad: torch.Tensor, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """|input gradient x input| of the teacher's logits summed over colours and averaged over each grid cell:
+    the pixels whose change would move the teacher's decision most, (B, 3, H, W) -> (B, h, w)."""
+    contribution = (grad.float() * images.float()).abs().sum(dim=1, keepdim=True)
+    return torch.nn.functional.adaptive_avg_pool2d(contribution, grid)[:, 0]
 
 
 def diversity_loss(head_maps: torch.Tensor) -> torch.Tensor:
@@ -25,8 +66,8 @@ def diversity_loss(head_maps: torch.Tensor) -> torch.Tensor:
     """
     b, h = head_maps.shape[:2]
     if h < 2:
-        return head_maps.new_zeros(())
-    flat = torch.nn.functional.normalize(head_maps.reshape(b, h, -1), dim=-1)
+        return head_maps.new_zeros((), dtype=torch.float32)
+    flat = torch.nn.functional.normalize(head_maps.float().reshape(b, h, -1), dim=-1)  # fp32, as every loss
     d = flat @ flat.transpose(1, 2)  # (B, h, h) cosine similarities
     off_diagonal = ~torch.eye(h, dtype=torch.bool, device=d.device)
     return (d.pow(2) * off_diagonal).sum(dim=(1, 2)).div(h * (h - 1)).mean()
@@ -43,7 +84,7 @@ def feature_mask(attention: torch.Tensor, ratio: float, strategy: str,
 
     high: the k most attended positions (the paper's default); low: the k least attended; random: k at random.
     """
-    a = attention.detach().flatten(1)
+    a = attention.detach().float().flatten(1)  # ranked in fp32: bf16 values tie at the k-th cell (vit.py)
     b, n = a.shape
     k = num_masked(ratio, tuple(attention.shape[-2:]))
     mask = torch.ones_like(a)
@@ -62,6 +103,13 @@ def feature_mask(attention: torch.Tensor, ratio: float, strategy: str,
             raise ValueError(f"mask strategy {strategy!r}: expected high, low or random")
         mask.scatter_(1, idx, 0.0)
     return mask.reshape_as(attention)
+
+
+def erase_cells(images: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """Eq. 4's mask applied to the input instead of the features (`model.mask_at=input`, as RFM erases): the pixels
+    of every cell with M = 0 take the colour `fill` (the backbone's mean, which its normalisation maps to 0)."""
+    keep = torch.nn.functional.interpolate(mask[:, None].to(images.dtype), size=images.shape[-2:], mode="nearest")
+    return images * keep + fill.to(images.dtype) * (1 - keep)
 
 
 def mixup_partners(labels: torch.Tensor, same_class: bool = False,
@@ -83,10 +131,54 @@ def deep_mixup(features: torch.Tensor, labels: torch.Tensor, alpha: float, gener
     `same_class` draws j among the samples with i's label (y' = y: mixed features, hard targets); the paper's
     partner is any sample of the batch. Returns (F', y', lam) with one lambda per sample.
     """
-    b = features.shape[0]
-    perm = mixup_partners(labels, same_class, generator)
-    concentration = torch.full((b,), float(alpha), device=features.device, dtype=torch.float32)
-    lam = torch.distributions.Beta(concentration, concentration).sample().to(features.dtype)
+    perm, lam = mixup_draw(labels, alpha, same_class, generator)
+    lam = lam.to(features.dtype)
     mixed = lam[:, None] * features + (1 - lam[:, None]) * features[perm]
     mixed_labels = lam * labels + (1 - lam) * labels[perm]
+    return mixed, mixed_labels, lam
+
+
+def mixup_draw(labels: torch.Tensor, alpha: float, same_class: bool = False,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 5-6's random part for a batch with these labels: (partner index, float32 lambda ~ Beta(alpha, alpha)) per
+    sample, the partners first (`deep_mixup` and `global_deep_mixup` draw in this order from the same stream)."""
+    perm = mixup_partners(labels, same_class, generator)
+    concentration = torch.full((labels.shape[0],), float(alpha), device=labels.device, dtype=torch.float32)
+    return perm, torch.distributions.Beta(concentration, concentration).sample()
+
+
+def global_deep_mixup(features: torch.Tensor, labels: torch.Tensor, alpha: float,
+                      same_class: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 5-6 with partners from the global batch (`model.mixup_scope=global`): every rank's features and labels are
+    all-gathered, rank 0 draws the partners and lambdas for the whole batch from its stream (`mixup_draw`) and
+    broadcasts them, and each rank keeps the mixed rows of its own samples. So the mixing does not depend on how the
+    batch is split over ranks: the rows equal `deep_mixup` over the concatenated batch with rank 0's draws, and a
+    world of one (or no process group) is `deep_mixup` itself, the same draws from the same stream.
+
+    The gather is autograd's (`torch.distributed.nn.functional.all_gather`): the gradient of a mixed row reaches
+    its partner's features on the partner's rank. Every rank must call this with the same per-rank batch size (the
+    training loader's fixed `per_rank_batch`). Returns this rank's (F', y', lam).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return deep_mixup(features, labels, alpha, same_class=same_class)
+    from torch.distributed.nn.functional import all_gather
+
+    world, rank, b = dist.get_world_size(), dist.get_rank(), features.shape[0]
+    everyone = torch.cat(all_gather(features))  # (world * b, C), rank r's rows at r*b .. r*b + b - 1
+    label_parts = [torch.empty_like(labels) for _ in range(world)]
+    dist.all_gather(label_parts, labels.contiguous())
+    all_labels = torch.cat(label_parts)
+    # one broadcast of rank 0's draws: partner indices (exact in float32 below 2**24 samples) and lambdas
+    draw = torch.empty(2 * world * b, dtype=torch.float32, device=features.device)
+    if rank == 0:
+        perm, lam = mixup_draw(all_labels, alpha, same_class)
+        draw = torch.cat([perm.to(torch.float32), lam])
+    dist.broadcast(draw, src=0)
+    own = slice(rank * b, (rank + 1) * b)
+    perm = draw[: world * b].long()[own]
+    lam = draw[world * b:][own].to(features.dtype)
+    mixed = lam[:, None] * features + (1 - lam[:, None]) * everyone[perm]
+    mixed_labels = lam * labels + (1 - lam) * all_labels[perm]
     return mixed, mixed_labels, lam
