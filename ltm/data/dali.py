@@ -125,12 +125,25 @@ def _read_eval(sources: list[Source], rank: int, world: int, skip: bool):
     return jpg, cls, meta
 
 
+def decode_jpeg_node(jpg: Any, device: str) -> Any:
+    """The decoder node of both decode pipelines: encoded JPEG -> uint8 HWC RGB, on `device` ("mixed" or "cpu").
+
+    `jpeg_fancy_upsampling`: JPEGs with subsampled chroma (4:2:0, 4:2:2: what cameras, ffmpeg, OpenCV and PIL write
+    by default; prep's shards are 4:4:4, so it changes nothing for them) need their chroma planes upsampled. The CPU
+    decoder (libjpeg-turbo) always uses libjpeg's "fancy" (triangular) upsampling, and so does PIL in the reference
+    loader (libjpeg's default); nvJPEG by default repeats each chroma sample, which moves colours at every chroma
+    edge. On, the mixed decoder upsamples as the other two do (DALI passes the flag to nvJPEG's CUDA and hardware
+    decoders only; the CPU decoder ignores it), so a model scores the same pixels on a GPU and on a CPU.
+    bench/gpu.py's agreement leg measures what remains (docs/gpu.md)."""
+    return fn.decoders.image(jpg, device=device, output_type=types.RGB, jpeg_fancy_upsampling=True)
+
+
 @pipeline_def(enable_conditionals=True)
 def _decode(size: int, device: str):
     # no_copy: the fed arrays stay referenced by the pending _Batch until their iteration's outputs are taken
     jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1, no_copy=True)
     shape = fn.peek_image_shape(jpg)
-    image = fn.decoders.image(jpg, device=device, output_type=types.RGB)
+    image = decode_jpeg_node(jpg, device)
     if (shape[0] != size) | (shape[1] != size):  # resize only samples not already stored at the training size
         image = fn.resize(image, size=[size, size], antialias=True)
     return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW", mean=[0.0], std=[255.0])
@@ -372,7 +385,7 @@ def _decode_eval(size: int, device: str, perturb: Perturbation | None, raw: bool
     else:
         jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1, no_copy=True)
         shape = fn.peek_image_shape(jpg)
-        image = fn.decoders.image(jpg, device=device, output_type=types.RGB)
+        image = decode_jpeg_node(jpg, device)
     if perturb is not None:
         image = dali_perturb.apply(perturb, image, shape, device == "mixed")
     if (shape[0] != size) | (shape[1] != size):
