@@ -104,20 +104,48 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ RNG states
 
 
-def rng_state() -> dict[str, Any]:
-    """Every generator a training step draws from: torch (mask `random`, mixup permutation and Beta), numpy, python."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every generator a training step draws from: torch (mask `random`, mixup permutation and Beta), numpy, python,
+    and on a GPU the generator of the rank's own `device` only.
+
+    Only the rank's own GPU: a rank draws from no other, and a list of every visible GPU's state indexed by device
+    number does not survive a resume on another layout (1x8 -> 2x4: the same rank on another device index).
+    """
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore `rng_state`'s generators; the saved GPU stream goes to this rank's `device`, whatever its index.
+
+    Checkpoints written before per-device saving hold a list with every visible GPU's state: the entry at this
+    device's index is restored (the stream the old code restored for this device, right when the layout has not
+    changed). A stream that cannot be restored (a checkpoint saved on the CPU resumed on a GPU, a missing key, an
+    old list without this device's entry) is logged and restarts from the rank's seed.
+    """
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        return  # a CPU rank draws from no GPU generator; a GPU-saved stream has nowhere to go
+    saved = state.get("cuda")
+    if isinstance(saved, (list, tuple)):
+        if device.index is not None and device.index < len(saved):
+            log.warning("checkpoint RNG state holds all %d GPUs of the saving rank (the old format): restoring entry "
+                        "%d to %s, which is this rank's stream only if the GPU layout is unchanged",
+                        len(saved), device.index, device)
+            saved = saved[device.index]
+        else:
+            log.warning("checkpoint RNG state holds %d GPUs' states (the old format) and none for %s: this rank's "
+                        "GPU random stream restarts from its seed", len(saved), device)
+            return
+    if saved is None:
+        log.warning("checkpoint RNG state has no GPU stream (saved on the CPU?): the random stream of %s restarts "
+                    "from the rank's seed", device)
+        return
+    torch.cuda.set_rng_state(saved, device)
 
 
 # ------------------------------------------------------------------------------------------------ safe loading

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -41,6 +41,7 @@ class DistEnv:
     backend: str
     owns_group: bool  # True when this process initialised the process group (and so tears it down)
     set_vars: tuple[str, ...] = ()  # environment variables this module set for a world of one
+    replaced_vars: dict[str, str | None] = field(default_factory=dict)  # changed here: their old values
 
     @property
     def is_main(self) -> bool:
@@ -80,9 +81,12 @@ def init_distributed(timeout_min: int = 30) -> DistEnv:
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
 
+    replaced_vars: dict[str, str | None] = {}
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+        index = gpu_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
+        replaced_vars = point_local_rank_at(index)
     else:
         device, backend = torch.device("cpu"), "gloo"
         # Ranks sharing a machine split its cores instead of each starting one thread per core.
@@ -95,7 +99,34 @@ def init_distributed(timeout_min: int = 30) -> DistEnv:
     owns_group = not dist.is_initialized()
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_min),
                                rank=rank, world_size=world_size, verbose=False)
-    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend, owns_group, set_vars)
+    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend, owns_group, set_vars,
+                   replaced_vars)
+
+
+def gpu_index(local_rank: int, device_count: int) -> int:
+    """The visible GPU a rank uses: its local rank, wrapped when the task sees fewer GPUs (`--gpus-per-task=1` or
+    GPU binding shows each task only its own, as cuda:0)."""
+    if device_count < 1:
+        raise ValueError("CUDA is available but no GPU is visible (CUDA_VISIBLE_DEVICES?)")
+    return local_rank % device_count
+
+
+def point_local_rank_at(index: int) -> dict[str, str | None]:
+    """Make LOCAL_RANK name GPU `index` for DeepSpeed; returns the variables changed with their previous values.
+
+    DeepSpeed reads LOCAL_RANK as the index of the rank's GPU, not as a rank: `deepspeed.init_distributed` binds the
+    NCCL group to cuda:LOCAL_RANK, and `deepspeed.initialize` sets that device and moves the model there (the
+    engine's `_set_distributed_vars`). In a task that sees only its own GPU, every local rank but 0 would ask for a
+    device that does not exist ("invalid device ordinal"). The variable is changed for the life of the process group
+    rather than passing `args.device_rank` to `deepspeed.initialize`, because that reaches the engine only, while the
+    variable reaches every DeepSpeed reader (the group's device_id, the engine, ZeRO's helpers) at once. The true
+    local rank stays in `DistEnv.local_rank`, and `teardown` puts the variable back.
+    """
+    old = os.environ.get("LOCAL_RANK")
+    if old == str(index):
+        return {}
+    os.environ["LOCAL_RANK"] = str(index)
+    return {"LOCAL_RANK": old}
 
 
 def teardown(env: DistEnv, wait_for_others: bool = True) -> None:
@@ -115,6 +146,11 @@ def teardown(env: DistEnv, wait_for_others: bool = True) -> None:
         ds_groups._WORLD_GROUP = None  # and its clone of the world group, which a later engine would broadcast over
     for name in env.set_vars:
         os.environ.pop(name, None)
+    for name, value in env.replaced_vars.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def barrier() -> None:

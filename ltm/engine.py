@@ -412,7 +412,7 @@ class Trainer:
 
     def save(self) -> str:
         started = time.perf_counter()
-        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state(self.env.device)}
         tag = self.checkpointer.save(self.engine, self.state.step, self.client_state(), rank_state)
         self.saved_step = self.state.step
         self.metrics.write({"type": "checkpoint", "step": self.state.step, "tag": tag, "time": time.time()})
@@ -441,7 +441,7 @@ class Trainer:
             except ValueError as exc:  # e.g. another batch size or other shard folders than the saved run's
                 raise CheckpointError(f"checkpoint {self.checkpointer.dir / tag}: the loader state of rank "
                                       f"{self.env.rank} does not fit this config: {exc}") from exc
-            set_rng_state(rank_state["rng"])
+            set_rng_state(rank_state["rng"], self.env.device)
         else:
             # Loader positions and RNG streams belong to ranks of the old world; this one starts fresh streams
             # (offset by the step, so it does not replay the first batches' random draws).

@@ -230,7 +230,8 @@ def scoring_accelerator(precision: str = "fp32", device: str = "auto",
         if ":" in device and "LOCAL_RANK" not in os.environ:
             torch.cuda.set_device(torch.device(device))
     fresh = not is_initialized() and not dist.is_initialized()
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and precision == "bf16" else "no")  # PLANTED
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and precision == "bf16" else "no",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_min))])
     ok = False
     try:
         yield accelerator
@@ -407,7 +408,7 @@ def evaluate(
     saved_env = {k: os.environ.get(k) for k in distributed.DIST_VARS}
     model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, "cpu")
     try:
-        with scoring_accelerator(cfg.train.precision) as accelerator:  # PLANTED
+        with scoring_accelerator(cfg.train.precision, timeout_min=cfg.eval.timeout_min) as accelerator:
             return _score_folders(accelerator, model, cfg, source, run_dir, data, out_dir, threshold_from)
     finally:
         for k, v in saved_env.items():  # variables set for this world must not leak into later jobs of the process

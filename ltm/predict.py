@@ -384,7 +384,7 @@ def _score_run(args: argparse.Namespace, files: list[str], caught, on_result=Non
 
     model, cfg, source = load_model(args.run, args.tag, args.weights, args.overrides, "cpu")
     settings = ScoreSettings.from_config(cfg)
-    with scoring_accelerator(cfg.train.precision, args.device) as accelerator:
+    with scoring_accelerator(cfg.train.precision, args.device, cfg.eval.timeout_min) as accelerator:
         model = accelerator.prepare_model(model, evaluation_mode=True)  # this rank's device, no DDP wrapper
         crop = crop_settings(cfg)
         detectors = Detectors(crop, args.detector, str(accelerator.device), args.detector_model)
