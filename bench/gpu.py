@@ -93,7 +93,7 @@ CPU_SIZES = {"config": "tiny-cpu", "image_size": 64, "samples": 32, "steps": 4, 
              "resume_steps": 2,
              "decode_batch": 16, "eval_batch": 16, "passes": 1, "rounds": 1, "batch": 8}
 # --quick at GPU sizes: 40 timed steps after 10 (a steady state by STEADY_STEPS), 2 decode passes, 2 eval rounds.
-# Estimated on an H100/H200 from these sizes: start-up and shards 20-30 s, decode 15 s, agree 30-40 s (17 pairs of
+# Estimated on an H100/H200 from these sizes: start-up and shards 20-30 s, decode 15 s, agree 30-40 s (16 pairs of
 # pipelines over 256 crops), eval 20 s, train 60-90 s (two DeepSpeed start-ups, 150 steps, the FLOP count): 2.5-3.5
 # minutes, under the 4 minutes that leave one rerun inside a GPU command's 10.
 QUICK_SIZES = {"steps": 50, "warmup": 10, "option_steps": 50, "passes": 2, "rounds": 2}

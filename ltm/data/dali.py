@@ -131,9 +131,10 @@ def decode_jpeg_node(jpg: Any, device: str) -> Any:
     `jpeg_fancy_upsampling`: JPEGs with subsampled chroma (4:2:0, 4:2:2: what cameras, ffmpeg, OpenCV and PIL write
     by default; prep's shards are 4:4:4, so it changes nothing for them) need their chroma planes upsampled. The CPU
     decoder (libjpeg-turbo) always uses libjpeg's "fancy" (triangular) upsampling, and so does PIL in the reference
-    loader (libjpeg's default); nvJPEG by default repeats each chroma sample, which moves colours at every chroma
-    edge. On, the mixed decoder upsamples as the other two do (DALI passes the flag to nvJPEG's CUDA and hardware
-    decoders only; the CPU decoder ignores it), so a model scores the same pixels on a GPU and on a CPU.
+    loader (libjpeg's default); nvJPEG's default is a plainer upsampling (replicated chroma samples), which moves
+    colours at every chroma edge. On, the mixed decoder upsamples as the other two do (DALI passes the flag to
+    nvJPEG's CUDA and hardware decoders only; the CPU decoder ignores it), so a model scores the same pixels on a GPU
+    and on a CPU.
     bench/gpu.py's agreement leg measures what remains (docs/gpu.md)."""
     return fn.decoders.image(jpg, device=device, output_type=types.RGB, jpeg_fancy_upsampling=True)
 
