@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", default="c23", choices=["raw", "c23", "c40"], help="(c23)")
     p.add_argument("--methods", nargs="+", help="manipulations (default: every one present)")
     p.add_argument("--only-splits", nargs="+", choices=["train", "val", "test"], help="prep only these splits")
+    p.add_argument("--regions", choices=["auto", "none"], default="auto",
+                   help="auto: each fake sample gets its manipulated region (region.png) from the method's "
+                   "masks/videos, else from the difference to its original video, where present; none: no regions "
+                   "(auto)")
     _common(p)
 
     p = sub.add_parser("celebdf", help="Celeb-DF v2 (Celeb-real, YouTube-real, Celeb-synthesis)")
@@ -125,7 +129,8 @@ def settings_from(args: argparse.Namespace):
                         detector=args.detector,
                         detector_model=str(Path(args.detector_model).resolve()) if args.detector_model else None,
                         detect_side=args.detect_side, min_face=args.min_face, threshold=args.threshold,
-                        shard_samples=args.shard_samples, shard_bytes=int(args.shard_mb * 1024 * 1024), seed=args.seed)
+                        shard_samples=args.shard_samples, shard_bytes=int(args.shard_mb * 1024 * 1024), seed=args.seed,
+                        regions=getattr(args, "regions", "auto"))
     runtime = Runtime(workers=args.workers, device=args.device, batch_size=args.batch_size,
                       part=parse_part(args.part), keep_work=args.keep_work, progress=not args.no_progress)
     return settings, runtime

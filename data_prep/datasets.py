@@ -46,6 +46,10 @@ class Item:
     split: str
     source: str  # path relative to the dataset root, for the metadata
     files: list[str] | None = None  # kind "frames" given as an explicit list of image files (CSV rows of one video)
+    # where a fake's manipulated region can come from (FF++; `Settings.regions`): the dataset's mask video of this
+    # fake, and the original video it was made from (same frames, the face replaced or re-rendered)
+    mask: str | None = None
+    original: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,8 +126,11 @@ def ffpp(root: str | Path, splits_dir: str | Path | None, compression: str = "c2
                 for vid in (f"{a}_{b}", f"{b}_{a}"):
                     path = mdir / f"{vid}.mp4"
                     if path.is_file():
+                        mask = root / "manipulated_sequences" / method / "masks" / "videos" / f"{vid}.mp4"
+                        original = real_dir / f"{vid.split('_')[0]}.mp4"  # <target>_<source>: target's video
                         items.append(Item(key_safe(vid), str(path), "video", 1, method, split,
-                                          str(path.relative_to(root))))
+                                          str(path.relative_to(root)), mask=str(mask) if mask.is_file() else None,
+                                          original=str(original) if original.is_file() else None))
                     else:
                         absent.append({"path": str(path), "split": split, "method": method, "video": vid})
     for a in absent:

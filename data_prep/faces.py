@@ -11,6 +11,7 @@ Public API (also used by `ltm predict` to crop faces the way prep does):
         None where a frame has no face.
     Face(crop: uint8 (size, size, 3), box: [x0, y0, x1, y1] as detected, crop_box: the square cut, score)
     square_box(box, scale, width, height) -> (x0, y0, x1, y1) ints
+    cut_and_resize(image, crop_box, size) -> the crop's cut and resize, for any image or map of the frame's size
     Detector.info() -> dict for the manifest (name, versions, thresholds)
 
 Detection runs on a copy scaled so that the short side is at most `detect_side` pixels (faces in FF++ / Celeb-DF are
@@ -50,6 +51,15 @@ def square_box(box, scale: float, width: int, height: int) -> tuple[int, int, in
     left = min(max(left, 0), width - side)
     top = min(max(top, 0), height - side)
     return left, top, left + side, top + side
+
+
+def cut_and_resize(image: np.ndarray, crop_box, size: int) -> np.ndarray:
+    """The crop as prep makes it: `image[y0:y1, x0:x1]` resized to `size` x `size` (area averaging when shrinking,
+    bicubic when enlarging). Also cuts a fake's region map with the very same box and resize as its face crop."""
+    x0, y0, x1, y1 = crop_box
+    cut = np.ascontiguousarray(image[y0:y1, x0:x1])
+    interp = cv2.INTER_AREA if cut.shape[0] > size else cv2.INTER_CUBIC
+    return cv2.resize(cut, (size, size), interpolation=interp)
 
 
 def largest(boxes: np.ndarray) -> np.ndarray | None:
@@ -98,9 +108,7 @@ class Detector:
                 continue
             h, w = frame.shape[:2]
             x0, y0, x1, y1 = square_box(box, scale, w, h)
-            cut = frame[y0:y1, x0:x1]
-            interp = cv2.INTER_AREA if cut.shape[0] > size else cv2.INTER_CUBIC
-            crop = cv2.resize(np.ascontiguousarray(cut), (size, size), interpolation=interp)
+            crop = cut_and_resize(frame, (x0, y0, x1, y1), size)
             faces.append(Face(crop, [round(float(v), 1) for v in box[:4]], [x0, y0, x1, y1], float(box[4])))
         return faces
 

@@ -69,6 +69,10 @@ class Settings:
     shard_samples: int = 2000
     shard_bytes: int = 512 * 1024 * 1024
     seed: int = 0
+    regions: str = "auto"  # auto: fakes get region.png from FF++ masks or their original (data_prep.regions); none
+
+
+REGION_CHOICES = ("auto", "none")
 
 
 @dataclass
@@ -159,14 +163,27 @@ def process_item(item: Item, out: Path, dataset: str, settings: Settings, detect
         frames, bad = _frames_of(item, settings.frames)
         meta["frames_read"], meta["bad_frames"] = len(frames), bad
         faces = detector.crop([f for _, f in frames], settings.size, settings.scale)
+        regions: dict = {}
+        if settings.regions == "auto" and item.label == 1 and (item.mask or item.original):
+            from data_prep.regions import regions_for
+
+            regions, note = regions_for(item, frames, faces, settings.size)
+            if note:
+                meta["region_note"] = note
+                log.warning("%s: region: %s", item.path, note)
         for (idx, _), face in zip(frames, faces):
             if face is None:
                 meta["no_face"] += 1
                 continue
             name = f"{idx:06d}.jpg"
             (tmp / name).write_bytes(jpeg_bytes(face.crop, settings.quality))
-            meta["samples"].append({"frame": idx, "file": name, "bbox": face.box, "crop_box": face.crop_box,
-                                    "score": round(face.score, 4)})
+            rec = {"frame": idx, "file": name, "bbox": face.box, "crop_box": face.crop_box,
+                   "score": round(face.score, 4)}
+            if idx in regions:
+                kind, png = regions[idx]
+                rec["region"], rec["region_file"] = kind, f"{idx:06d}.region.png"
+                (tmp / rec["region_file"]).write_bytes(png)
+            meta["samples"].append(rec)
         if not meta["samples"]:
             meta["status"], meta["reason"] = "skipped", f"no face found in {len(frames)} sampled frames"
     except (VideoError, OSError, ValueError, RuntimeError) as exc:
@@ -194,7 +211,7 @@ def _check_settings(wd: Path, dataset: str, settings: Settings) -> None:
     f = wd / "settings.json"
     mine = asdict(settings)
     if f.is_file():
-        old = json.loads(f.read_text())
+        old = _stored_settings(json.loads(f.read_text()))
         diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
         if diff:
             raise ValueError(f"{wd} holds an unfinished prep of {dataset} with other settings "
@@ -207,8 +224,13 @@ def _check_settings(wd: Path, dataset: str, settings: Settings) -> None:
 def _manifest_settings(out: Path, dataset: str, split: str) -> dict | None:
     f = out / dataset / split / "manifest.json"
     if f.is_file():
-        return json.loads(f.read_text()).get("settings")
+        return _stored_settings(json.loads(f.read_text()).get("settings"))
     return None
+
+
+def _stored_settings(stored: dict | None) -> dict | None:
+    """Settings as an output recorded them; outputs from before `regions` existed hold no region maps."""
+    return None if stored is None else {"regions": "none", **stored}
 
 
 def _clean_item_temps(out: Path, dataset: str, items: list[Item]) -> None:
@@ -346,11 +368,14 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
     by_method: dict[str, list[dict]] = {}
     skipped = [s for s in skipped if s.get("split", split) == split]
     stats = {"items": len(items), "frames_read": 0, "frames_without_face": 0, "videos_used": 0}
+    region_notes: list[dict] = []
     for it in sorted(items, key=lambda i: (i.method, i.video)):
         d = item_dir(out, dataset, it)
         meta = json.loads((d / "meta.json").read_text())
         stats["frames_read"] += meta["frames_read"]
         stats["frames_without_face"] += meta["no_face"]
+        if meta.get("region_note"):
+            region_notes.append({"path": it.path, "note": meta["region_note"]})
         for note in meta.get("bad_frames", []):
             skipped.append({"path": it.path, "reason": note, "split": split, "method": it.method, "video": it.video})
         if meta["status"] != "ok":
@@ -365,11 +390,17 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
             info = {"dataset": dataset, "split": split, "video": video, "frame": s["frame"], "label": it.label,
                     "method": it.method, "compression": settings_compression(dataset), "bbox": s["bbox"],
                     "source": it.source}
+            region = d / s["region_file"] if s.get("region_file") else None
+            if region is not None:
+                info["region"] = s["region"]
             size = _sample_size({"jpg": b"", "cls": "0", "json": info}) + jpg.stat().st_size
+            if region is not None:
+                size += _sample_size({"region.png": b""}) + region.stat().st_size
             by_method.setdefault(it.method, []).append({"key": key, "jpg": jpg, "label": it.label, "json": info,
-                                                        "_size": size})
+                                                        "region": region, "_size": size})
     records: list[dict] = []
-    totals = {"samples": 0, "by_label": {"0": 0, "1": 0}, "by_method": {}, "videos_by_method": {}}
+    totals = {"samples": 0, "by_label": {"0": 0, "1": 0}, "by_method": {}, "videos_by_method": {},
+              "regions_by_method": {}}
     for method, samples in sorted(by_method.items()):
         samples.sort(key=lambda s: s["key"])
         random.Random(f"{settings.seed}/{dataset}/{split}/{method}").shuffle(samples)  # across videos
@@ -390,8 +421,7 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
                 rec = {"name": path.name, "samples": len(keys), "bytes": path.stat().st_size,
                        "sha256": sha256_file(path)}
             else:
-                rec = write_shard(({"__key__": s["key"], "jpg": s["jpg"].read_bytes(), "cls": s["label"],
-                                    "json": s["json"]} for s in shard), path)
+                rec = write_shard((_shard_sample(s) for s in shard), path)
             records.append({"name": f"{method}/{rec['name']}", "method": method, "samples": rec["samples"],
                             "bytes": rec["bytes"], "sha256": rec["sha256"]})
         n = len(samples)
@@ -399,6 +429,12 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
         totals["by_label"][str(samples[0]["label"])] += n
         totals["by_method"][method] = n
         totals["videos_by_method"][method] = len({s["json"]["video"] for s in samples})
+        kinds: dict[str, int] = {}
+        for s in samples:
+            if "region" in s["json"]:
+                kinds[s["json"]["region"]] = kinds.get(s["json"]["region"], 0) + 1
+        if kinds:
+            totals["regions_by_method"][method] = dict(sorted(kinds.items()))
     manifest = {
         "format": MANIFEST_VERSION,
         "dataset": dataset,
@@ -413,10 +449,19 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
         "stats": stats,
         "skipped": sorted(skipped, key=lambda s: (s.get("method", ""), s["path"])),
     }
+    if region_notes:
+        manifest["region_notes"] = region_notes
     write_json_atomic(split_dir / "manifest.json", manifest)
     log.info("%s/%s: %d samples in %d shards (%s); %d inputs skipped", dataset, split, totals["samples"],
              len(records), ", ".join(f"{m} {n}" for m, n in totals["by_method"].items()), len(manifest["skipped"]))
     return manifest
+
+
+def _shard_sample(s: dict) -> dict:
+    out = {"__key__": s["key"], "jpg": s["jpg"].read_bytes(), "cls": s["label"], "json": s["json"]}
+    if s["region"] is not None:
+        out["region.png"] = s["region"].read_bytes()
+    return out
 
 
 def settings_compression(dataset: str) -> str:
@@ -430,6 +475,8 @@ def run(dataset: str, items: list[Item], skipped: list[dict], out: str | Path, s
     out = Path(out)
     wd = work_dir(out, dataset)
     part, nparts = runtime.part
+    if settings.regions not in REGION_CHOICES:
+        raise ValueError(f"regions must be one of {', '.join(REGION_CHOICES)}, got {settings.regions!r}")
     # splits already finished with the same settings are left alone
     done_splits, todo_splits = [], []
     for split in sorted({it.split for it in items}):
@@ -439,7 +486,8 @@ def run(dataset: str, items: list[Item], skipped: list[dict], out: str | Path, s
         elif ms == asdict(settings):
             done_splits.append(split)
         else:
-            raise ValueError(f"{out / dataset / split / 'manifest.json'} was written with other settings; "
+            diff = ", ".join(f"{k}: {ms.get(k)} -> {v}" for k, v in asdict(settings).items() if ms.get(k) != v)
+            raise ValueError(f"{out / dataset / split / 'manifest.json'} was written with other settings ({diff}); "
                              f"choose another --out or remove that split folder")
     for split in done_splits:
         log.info("%s/%s is complete (manifest.json present); nothing to do", dataset, split)
@@ -498,7 +546,7 @@ def merge(out: str | Path, dataset: str, runtime: Runtime | None = None) -> dict
                     "samples": sum(_manifest_total(out, dataset, s) for s in done)}
         raise FileNotFoundError(f"nothing to merge: {wd / 'items.json'} not found (run the parts first)")
     plan = json.loads((wd / "items.json").read_text())
-    settings = Settings(**json.loads((wd / "settings.json").read_text()))
+    settings = Settings(**_stored_settings(json.loads((wd / "settings.json").read_text())))
     items = [Item(**d) for d in plan["items"]]
     missing = [i for i, it in enumerate(items) if not (item_dir(out, dataset, it) / "meta.json").is_file()]
     if missing:

@@ -5,6 +5,7 @@ Public API (also used by `ltm predict` to read inputs the way prep does):
         `n` frames at evenly spaced indices over the whole video (`n=None`: every frame). Where the next wanted
         frame lies further ahead than `seek_gap` frames, the container seeks to the keyframe before it and decodes
         forward from there, so a 32-frame sample of a long video decodes only a few GOPs.
+    frames_at(path, indices) -> {frame_index: rgb array}, exactly those frames (a video aligned with another)
     probe(path) -> VideoInfo(frames, fps, width, height)
     read_image(path) -> rgb uint8 array
     evenly_spaced(total, n) -> list[int]
@@ -168,6 +169,11 @@ def _decode_wanted(container, stream, wanted, index_of, rate, tb, start, seek_ga
     frame = None
     for target in wanted:
         if decoded is None or target - pos > seek_gap:
+            if decoded is None and target > seek_gap:
+                # decode the first frame before the first seek: some encodes (FF++'s) carry their parameter sets
+                # in-band with the first keyframe only, and a decoder that starts at a later keyframe without
+                # them returns grey garbage instead of the frame
+                next(frames(), None)
             # seek to the keyframe at or before the target; decoding restarts there
             ts = int(start + target / (rate * tb)) if target > 0 else start
             container.seek(max(ts, start), stream=stream, backward=True, any_frame=False)
@@ -182,6 +188,32 @@ def _decode_wanted(container, stream, wanted, index_of, rate, tb, start, seek_ga
         if pos not in out:
             out[pos] = frame.to_ndarray(format="rgb24")
     return sorted(out.items())
+
+
+def frames_at(path: str | Path, indices, seek_gap: int = 48) -> dict[int, np.ndarray]:
+    """The RGB frames at exactly these indices, for a video aligned frame by frame with one already sampled (FF++'s
+    mask videos and the originals of its fakes), decoded as `sample_frames` decodes. An index the video does not
+    reach is absent from the result (never another frame standing in: that would misalign the pair)."""
+    wanted = sorted({int(i) for i in indices})
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        tb = stream.time_base or Fraction(1, 90000)
+        start = stream.start_time or 0
+
+        def index_of(frame) -> int:
+            return -1 if frame.pts is None else int(round(float((frame.pts - start) * tb * rate)))
+
+        try:
+            got = _decode_wanted(container, stream, wanted, index_of, rate, tb, start, seek_gap) if wanted else []
+        except av.FFmpegError as exc:
+            raise VideoError(f"{path}: corrupt video ({exc})") from exc
+    finally:
+        container.close()
+    keep = set(wanted)
+    return {i: frame for i, frame in got if i in keep}
 
 
 def read_image(path: str | Path) -> np.ndarray:

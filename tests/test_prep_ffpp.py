@@ -198,3 +198,175 @@ def test_a_killed_worker_is_replaced_and_the_run_completes(sample_root, sample_s
     assert proc.returncode == 0, err[-2000:]
     assert "a prep worker died; restarting the pool" in err
     assert _shard_hashes(out) == _shard_hashes(sample_shards)
+
+
+# ---------------------------------------------------------------- region maps of the fakes (region.png)
+def _region_samples(root: Path) -> list[tuple[dict, dict, np.ndarray, np.ndarray | None]]:
+    """(sample, json, crop, region or None) of every sample under a shard root."""
+    out = []
+    for t in sorted(root.glob("*/*/*/*.tar")):
+        for s in read_shard(t):
+            crop = np.asarray(Image.open(io.BytesIO(s["jpg"])))
+            region = None
+            if "region.png" in s:
+                im = Image.open(io.BytesIO(s["region.png"]))
+                assert im.mode == "L"  # 8-bit single channel
+                region = np.asarray(im)
+            out.append((s, json.loads(s["json"]), crop, region))
+    return out
+
+
+def _original_crop(original: Path, meta: dict, scale: float, size: int) -> np.ndarray:
+    """The original video's frame at the sample's index, cut with the sample's crop box and resize."""
+    from data_prep.faces import cut_and_resize, square_box
+    from data_prep.video import frames_at, probe
+
+    info = probe(original)
+    box = square_box(meta["bbox"], scale, info.width, info.height)
+    return cut_and_resize(frames_at(original, [meta["frame"]])[meta["frame"]], box, size)
+
+
+def _inside_outside(diff: np.ndarray, region: np.ndarray) -> float:
+    """Mean |fake - original| weighted by the region over the same weighted by its complement."""
+    w = region.astype(np.float64) / 255
+    return float((diff * w).sum() / w.sum() / ((diff * (1 - w)).sum() / (1 - w).sum()))
+
+
+def _check_region_sits_on_the_difference(crop: np.ndarray, original: np.ndarray, region: np.ndarray) -> float:
+    diff = np.abs(crop.astype(np.float64) - original.astype(np.float64)).mean(2)
+    ratio = _inside_outside(diff, region)
+    assert ratio > 2.5, f"the region barely differs more from the original than outside it ({ratio:.2f})"
+    # the map as stored beats itself moved against the image: flipped either way, shifted by an eighth of the crop
+    q = region.shape[0] // 8
+    for name, moved in (("mirrored", region[:, ::-1]), ("upside down", region[::-1]),
+                        ("shifted right", np.roll(region, q, 1)), ("shifted up", np.roll(region, -q, 0))):
+        assert ratio > _inside_outside(diff, moved), f"the region {name} fits the difference better"
+    return ratio
+
+
+def test_sample_fakes_carry_the_pair_difference_region(sample_root, sample_shards):
+    """`ltm prep sample` fakes keep their target's camera and noise: each has its original, so each gets a
+    `pair_difference` region.png of the jpg's size that lies where the fake differs from the original."""
+    st = _fixture_settings(sample_shards)
+    assert st.regions == "auto"
+    samples = _region_samples(sample_shards)
+    fakes = [x for x in samples if x[1]["label"] == 1]
+    assert fakes and all(r is not None and m["region"] == "pair_difference" for _, m, _, r in fakes)
+    for s, m, crop, region in samples:
+        if m["label"] == 0:
+            assert region is None and "region" not in m and "region.png" not in s
+        else:
+            assert region.shape == crop.shape[:2] and region.dtype == np.uint8
+    ratios = []
+    for _, m, crop, region in fakes[::5]:
+        target = m["video"].rsplit("-", 1)[1].split("_")[0]
+        original = sample_root / "original_sequences" / "youtube" / "c23" / "videos" / f"{target}.mp4"
+        ratios.append(_check_region_sits_on_the_difference(crop, _original_crop(original, m, st.scale, st.size),
+                                                           region))
+    test = json.loads((sample_shards / "ffpp_c23" / "test" / "manifest.json").read_text())
+    assert test["totals"]["regions_by_method"] == {
+        "FaceSwap": {"pair_difference": test["totals"]["by_method"]["FaceSwap"]},
+        "SelfBlend": {"pair_difference": test["totals"]["by_method"]["SelfBlend"]}}
+
+
+def test_regions_none_and_a_changed_regions_setting_is_refused(sample_root, sample_shards, tmp_path):
+    name, items, skipped = datasets.ffpp(sample_root, sample_root / "splits", "c23", splits=["test"])
+    other = pipeline.Settings(**{**json.loads((sample_shards / "ffpp_c23" / "test" / "manifest.json").read_text())[
+        "settings"], "regions": "none"})
+    with pytest.raises(ValueError, match="other settings .*regions: auto -> none"):
+        pipeline.run(name, items, skipped, sample_shards, other, pipeline.Runtime(progress=False))
+    out = tmp_path / "shards"
+    pipeline.run(name, items, skipped, out, other, pipeline.Runtime(progress=False))
+    samples = _region_samples(out)
+    assert samples and all(r is None and "region" not in m for _, m, _, r in samples)
+    assert json.loads((out / "ffpp_c23" / "test" / "manifest.json").read_text())["settings"]["regions"] == "none"
+
+
+def _mask_frame(i: int, h: int, w: int) -> np.ndarray:
+    """A written mask: an ellipse off to the right of the frame's centre, jumping with the frame index (a mask
+    read at another frame, mirrored or shifted does not match it)."""
+    import cv2
+
+    m = np.zeros((h, w, 3), np.uint8)
+    cx = w // 2 + (w // 10 if i % 2 else w // 20)
+    cv2.ellipse(m, (cx, h // 2 - h // 12), (w // 14, h // 7), 20 + 40 * (i % 3), 0, 360, (255, 255, 255), -1)
+    return m
+
+
+def test_real_ffpp_regions_from_masks_and_originals(tmp_path):
+    """FF++ c23 (real files, symlinked): Deepfakes 519_515 gets the pair difference to 519.mp4; the same video as
+    NeuralTextures with a mask video written here gets that mask (preferred over the original); as FaceSwap
+    515_519 (original 515 absent, no mask) it gets none; the real video never."""
+    if not FFPP_SAMPLE.is_dir():
+        pytest.skip(f"real FF++ sample not present at {FFPP_SAMPLE}")
+    from data_prep.faces import cut_and_resize, square_box
+    from data_prep.video import probe, write_video
+
+    src = FFPP_SAMPLE / "manipulated_sequences" / "Deepfakes" / "c23" / "videos" / "519_515.mp4"
+    original = FFPP_SAMPLE / "original_sequences" / "youtube" / "c23" / "videos" / "519.mp4"
+    root = tmp_path / "ffpp"
+    for rel, target in (("original_sequences/youtube/c23/videos/519.mp4", original),
+                        ("manipulated_sequences/Deepfakes/c23/videos/519_515.mp4", src),
+                        ("manipulated_sequences/NeuralTextures/c23/videos/519_515.mp4", src),
+                        ("manipulated_sequences/FaceSwap/c23/videos/515_519.mp4", src)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(target)
+    info = probe(src)
+    write_video(root / "manipulated_sequences" / "NeuralTextures" / "masks" / "videos" / "519_515.mp4",
+                (_mask_frame(i, info.height, info.width) for i in range(info.frames)), preset="ultrafast")
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for split, pairs in (("train", [["519", "515"]]), ("val", []), ("test", [])):
+        (splits / f"{split}.json").write_text(json.dumps(pairs))
+    name, items, skipped = datasets.ffpp(root, splits, "c23")
+    settings = pipeline.Settings(frames=2, size=160)
+    pipeline.run(name, items, skipped, tmp_path / "shards", settings, pipeline.Runtime(progress=False))
+    samples = _region_samples(tmp_path / "shards")
+    by = {}
+    for _, m, crop, region in samples:
+        by.setdefault(m["method"], []).append((m, crop, region))
+    assert sorted(by) == ["Deepfakes", "FaceSwap", "NeuralTextures", "real"]
+    assert all(r is None for _, _, r in by["real"] + by["FaceSwap"])
+    assert all(m["region"] == "pair_difference" for m, _, _ in by["Deepfakes"])
+    assert all(m["region"] == "ffpp_mask" for m, _, _ in by["NeuralTextures"])
+    for m, crop, region in by["Deepfakes"]:
+        assert region.shape == crop.shape[:2]
+        _check_region_sits_on_the_difference(crop, _original_crop(original, m, settings.scale, settings.size),
+                                             region)
+    for m, crop, region in by["NeuralTextures"]:
+        assert region.shape == crop.shape[:2]
+        box = square_box(m["bbox"], settings.scale, info.width, info.height)
+        written = cut_and_resize(_mask_frame(m["frame"], info.height, info.width)[..., 0], box, settings.size)
+        err = np.abs(region.astype(int) - written).mean()
+        inter, union = ((region > 127) & (written > 127)).sum(), ((region > 127) | (written > 127)).sum()
+        assert written.max() == 255 and err < 4 and inter / union > 0.9, (m["frame"], err, inter / union)
+        other = cut_and_resize(_mask_frame(m["frame"] + 1, info.height, info.width)[..., 0], box, settings.size)
+        for moved in (written[:, ::-1], other):  # the checks tell a mirrored or a neighbouring frame's mask apart
+            assert np.abs(region.astype(int) - moved).mean() > 4 or (
+                ((region > 127) & (moved > 127)).sum() / ((region > 127) | (moved > 127)).sum() < 0.9)
+    train = json.loads((tmp_path / "shards" / "ffpp_c23" / "train" / "manifest.json").read_text())
+    assert train["totals"]["regions_by_method"] == {"Deepfakes": {"pair_difference": 2},
+                                                    "NeuralTextures": {"ffpp_mask": 2}}
+
+
+def test_frames_at_a_later_keyframe_first_matches_a_full_decode():
+    """FF++'s encodes carry their parameter sets with the first keyframe only: a first seek straight to a later
+    keyframe must still give that frame, not grey garbage."""
+    path = FFPP_SAMPLE / "original_sequences" / "youtube" / "c23" / "videos" / "519.mp4"
+    if not path.is_file():
+        pytest.skip(f"real FF++ sample not present at {FFPP_SAMPLE}")
+    import av
+
+    from data_prep.video import frames_at
+
+    full = {}
+    with av.open(str(path)) as container:  # a plain decode from the start, no seeking
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            i = round(float(frame.pts * stream.time_base * stream.average_rate))
+            full[i] = frame.to_ndarray(format="rgb24") if i in (250, 300) else None
+            if i >= 300:
+                break
+    for i in (250, 300):
+        got = frames_at(path, [i])
+        assert list(got) == [i] and np.abs(got[i].astype(int) - full[i]).mean() < 0.5
