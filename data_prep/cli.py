@@ -115,6 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-faces", type=int, default=4, help="faces per photo or frame, the largest first (4)")
     p.add_argument("--threshold", type=float, default=0.95, help="MTCNN face probability (0.95)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shortcut", default="none", metavar="{none,patch}",
+                   help="plant a local artefact in every TRAIN fake (patch: a faint checkerboard with a colour shift "
+                   "on one cheek, ~1/8 of the crop; its square is the fake's region.png); val/test fakes stay clean "
+                   "and get stamped copies in <Family>Stamped folders, to measure how much a model leans on it "
+                   "(none)")
 
     p = sub.add_parser("merge", help="after --part runs: write shards and manifests from all parts")
     p.add_argument("--out", required=True, help="the shard root the --part runs wrote into")
@@ -166,7 +171,8 @@ def build_synth_from_args(args: argparse.Namespace) -> dict:
         raise SynthError(f"--split {args.split!r}: expected three comma-separated fractions") from None
     settings = SynthSettings(frames=args.frames, size=args.size, families=families, strength=strength,
                              split_fractions=fractions, identity_regex=args.identity_regex, min_face=args.min_face,
-                             max_faces=args.max_faces, threshold=args.threshold, seed=args.seed)
+                             max_faces=args.max_faces, threshold=args.threshold, seed=args.seed,
+                             shortcut=args.shortcut)
     return build_synth(args.root, args.out, args.name, settings)
 
 

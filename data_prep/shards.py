@@ -2,7 +2,7 @@
 
 The shard contract (DESIGN.md): `<root>/<dataset>/<split>/<method>/<dataset>-<split>-<method>-NNNNNN.tar`, one `.idx`
 per tar, `manifest.json` per split written last. A sample is a dict with `__key__` (str), `jpg` (bytes), `cls`
-(`0`/`1`, int or str) and `json` (dict of metadata).
+(`0`/`1`, int or str) and `json` (dict of metadata), and optionally `region.png` (bytes: a fake's manipulated region).
 
 Public API:
     write_shards(samples, folder, prefix, max_samples=..., max_bytes=..., start_index=0) -> list[dict]
@@ -39,6 +39,9 @@ DEFAULT_MAX_SAMPLES = 2000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 TMP_MARK = ".tmp"
 MTIME = 1_600_000_000.0  # fixed tar member mtime: reproducible shard bytes
+# members a sample may carry besides the four required ones (docs/contracts.md): `region.png`, a fake's
+# manipulated region as an 8-bit map (`ltm prep synth`, `ltm prep ffpp`); readers that do not ask for it never see it
+OPTIONAL_MEMBERS = ("region.png",)
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -94,6 +97,11 @@ def _encode(sample: dict) -> dict:
     meta = sample["json"]
     meta_bytes = meta if isinstance(meta, bytes) else json.dumps(meta, sort_keys=True).encode()
     out = {"__key__": key, "jpg": bytes(sample["jpg"]), "cls": cls.encode(), "json": meta_bytes}
+    for name in OPTIONAL_MEMBERS:
+        if name in sample:
+            if not isinstance(sample[name], bytes | bytearray):
+                raise ValueError(f"sample {key!r}: {name} must be bytes")
+            out[name] = bytes(sample[name])
     return out
 
 

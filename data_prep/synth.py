@@ -25,6 +25,13 @@ The families (their artefacts differ on purpose; `strength` scales every magnitu
 - `TextureRender` (NeuralTextures-like): the mouth and lower face re-rendered: edge-preserving smoothing (skin pores
   lost), a band-pass "neural texture" pattern and a slight tone shift, blended through a soft lower-face mask.
 
+Regions: every fake sample also carries `region.png`, the family's per-pixel blending weight (the mask the fake was
+made with) resized exactly as the crop is, json `"region": "blend"`; real samples have none.
+
+Shortcut (`shortcut="patch"`, a benchmark for whether a model's mask finds what a detector leans on): every training
+fake also carries a small checkerboard-and-colour square on one cheek (`apply_stamp`), its square as `region.png`
+(`"region": "shortcut"`); val/test fakes stay clean and get stamped copies in `<Family>Stamped` folders.
+
 Identities: sources are split identity-disjointly by `identity_regex` (the first match of the regex on the file's
 path relative to `root` names its identity; default: the file's own path, i.e. one identity per file; faces of one
 group photo or one video share the file's identity). Whole identity groups go to train/val/test greedily by face
@@ -80,6 +87,7 @@ class SynthSettings:
     seed: int = 0
     shard_samples: int = 2000
     detector: str = "mtcnn"
+    shortcut: str = "none"  # "patch": a local artefact on every training fake (and `<Family>Stamped` val/test copies)
 
 
 # ------------------------------------------------------------------------------------------- sources and faces
@@ -289,7 +297,8 @@ def _blend(target: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarr
 
 
 # ------------------------------------------------------------------------------------------- the five families
-def self_blend(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+def self_blend(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator,
+               strength: float) -> tuple[np.ndarray, np.ndarray]:
     f = face_frame(lms)
     src = img.astype(np.float32)
     gain = 1 + strength * rng.uniform(-0.12, 0.12, 3)
@@ -305,7 +314,7 @@ def self_blend(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, stren
     src = cv2.warpAffine(np.clip(src, 0, 255), m, (WORK, WORK), borderMode=cv2.BORDER_REFLECT)
     mask = _deform(face_oval(f) if rng.random() < 0.6 else inner_face(lms, f), rng, 0.6)
     opacity = min(1.0, rng.uniform(0.5, 1.0) * (0.5 + 0.5 * strength))
-    return _blend(img, src, mask * opacity)
+    return _blend(img, src, mask * opacity), mask * opacity
 
 
 def _reinhard(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, amount: float) -> np.ndarray:
@@ -323,7 +332,7 @@ def _reinhard(src: np.ndarray, dst: np.ndarray, mask: np.ndarray, amount: float)
 
 
 def identity_swap(img: np.ndarray, lms: np.ndarray, donor: np.ndarray, donor_lms: np.ndarray,
-                  rng: np.random.Generator, strength: float) -> np.ndarray:
+                  rng: np.random.Generator, strength: float) -> tuple[np.ndarray, np.ndarray]:
     f = face_frame(lms)
     m, _ = cv2.estimateAffinePartial2D(donor_lms.astype(np.float32), lms.astype(np.float32))
     if m is None:
@@ -336,10 +345,11 @@ def identity_swap(img: np.ndarray, lms: np.ndarray, donor: np.ndarray, donor_lms
     mask = inner_face(lms, f)
     src = _reinhard(src, img, mask, amount=float(np.clip(1.0 - strength * rng.uniform(0.1, 0.5), 0, 1)))
     mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(2, 5))
-    return _blend(img, src, mask)
+    return _blend(img, src, mask), mask
 
 
-def upsample_traces(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+def upsample_traces(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator,
+                    strength: float) -> tuple[np.ndarray, np.ndarray]:
     f = face_frame(lms)
     factor = int(rng.choice([2, 4]))
     x = img.astype(np.float32)
@@ -354,10 +364,11 @@ def upsample_traces(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, 
     smooth = cv2.resize(small, (WORK, WORK), interpolation=cv2.INTER_LINEAR)
     src = smooth + strength * 0.35 * (rendered - smooth)  # the periodic residue, scaled by strength
     mask = cv2.GaussianBlur(face_oval(f), (0, 0), 8)
-    return _blend(img, src, mask)
+    return _blend(img, src, mask), mask
 
 
-def expression_warp(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+def expression_warp(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator,
+                    strength: float) -> tuple[np.ndarray, np.ndarray]:
     f = face_frame(lms)
     gx, gy = np.meshgrid(np.arange(WORK, dtype=np.float32), np.arange(WORK, dtype=np.float32))
     dx, dy = np.zeros_like(gx), np.zeros_like(gy)
@@ -380,11 +391,12 @@ def expression_warp(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, 
     warped = cv2.remap(img, gx + dx, gy + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     # re-rendered through the reenactment's own resampling: a slight blur where the face moved
     warped = cv2.GaussianBlur(warped, (0, 0), 0.3 + 0.5 * strength)
-    mask = np.clip(region * 2.5, 0, 1)
-    return _blend(img, warped.astype(np.float32), mask)
+    mask = np.clip(region * 2.5, 0, 1)  # the bumps' support: where the face moved and was re-rendered
+    return _blend(img, warped.astype(np.float32), mask), mask
 
 
-def texture_render(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+def texture_render(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator,
+                   strength: float) -> tuple[np.ndarray, np.ndarray]:
     f = face_frame(lms)
     smooth = cv2.bilateralFilter(img, 9, 20 + 40 * strength, 5).astype(np.float32)
     noise = rng.normal(0, 1, (WORK // 2, WORK // 2)).astype(np.float32)
@@ -395,12 +407,14 @@ def texture_render(img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, s
     center = f["mouth"] + 0.15 * f["d"] * f["u"]
     mask = _ellipse_mask(center, (0.75 * f["e"], 0.6 * f["d"]), f["u"])
     mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(3, 8))
-    return _blend(img, src, mask)
+    return _blend(img, src, mask), mask
 
 
 def manipulate(family: str, img: np.ndarray, lms: np.ndarray, rng: np.random.Generator, strength: float,
-               donor: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """One fake view of `family` from a real WORK x WORK view and its landmarks (in view pixels)."""
+               donor: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One fake view of `family` from a real WORK x WORK view and its landmarks (in view pixels), and the
+    manipulation's per-pixel weight (float32 WORK x WORK in [0, 1]: the blending mask the fake was made with,
+    0 where the view is untouched); the weight becomes the sample's `region.png`."""
     if family == "SelfBlend":
         return self_blend(img, lms, rng, strength)
     if family == "IdentitySwap":
@@ -439,13 +453,76 @@ def _views(source: dict, image_cache: dict, root: Path, settings: SynthSettings,
     return out
 
 
-def _finish(view: np.ndarray, noise: float, quality: int, size: int, rng: np.random.Generator) -> bytes:
-    """Sensor noise, resize to the output size, JPEG: the same for a real view and each of its fakes."""
+def _to_size(x: np.ndarray, size: int) -> np.ndarray:
+    """WORK x WORK -> size x size: the one resize both a view and its region map go through."""
+    if size == WORK:
+        return x
+    return cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA if size < WORK else cv2.INTER_CUBIC)
+
+
+def region_png(weight: np.ndarray) -> bytes:
+    """A [0, 1] float map -> the shard's `region.png`: 8-bit single channel, round(255 x weight)."""
+    ok, buf = cv2.imencode(".png", np.round(np.clip(weight, 0, 1) * 255).astype(np.uint8),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise SynthError("could not encode a region map as PNG")
+    return buf.tobytes()
+
+
+def _finish(view: np.ndarray, noise: float, quality: int, size: int, rng: np.random.Generator,
+            weight: np.ndarray | None = None, stamp: dict | None = None) -> tuple[bytes, bytes | None]:
+    """Sensor noise, resize to the output size, JPEG: the same for a real view and each of its fakes.
+
+    `weight` (a fake's WORK x WORK blending mask) goes through the same resize as the view, without noise or JPEG,
+    and comes back as `region.png` bytes; a `stamp` (`shortcut_stamp`) adds the shortcut artefact after the resize
+    and its patch becomes the region instead. Without either the region is None (real samples).
+    """
     x = view.astype(np.float32) + rng.normal(0, noise, view.shape).astype(np.float32)
-    x = np.clip(x, 0, 255).astype(np.uint8)
-    if size != WORK:
-        x = cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA if size < WORK else cv2.INTER_CUBIC)
-    return jpeg_bytes(x, quality)
+    x = _to_size(np.clip(x, 0, 255).astype(np.uint8), size)
+    region = None if weight is None else _to_size(weight.astype(np.float32), size)
+    if stamp is not None:
+        x, region = apply_stamp(x, stamp)
+    return jpeg_bytes(x, quality), None if region is None else region_png(region)
+
+
+# ------------------------------------------------------------------------------------------- the shortcut artefact
+SHORTCUTS = ("none", "patch")
+PATCH_AMPLITUDE = 10.0  # grey levels of the checkerboard (+-), plus the same as a red-up / blue-down colour shift
+
+
+def shortcut_stamp(lms: np.ndarray, size: int, rng: np.random.Generator) -> dict:
+    """Where the `patch` shortcut goes on one view: a square of side ~size/8 on the image-left cheek.
+
+    Anchored to the landmarks (midway between the image-left eye and mouth corner, pushed a quarter of the eye
+    distance outwards), jittered by up to 3% of the side, kept inside the crop. `lms` are WORK-pixel landmarks;
+    the result is in output pixels (the stamp is drawn after the resize, so its pixel period survives it).
+    """
+    f = face_frame(lms)
+    s = size / WORK
+    centre = ((lms[0] + lms[3]) / 2 + 0.25 * f["e"] * f["v"]) * s + rng.uniform(-0.03, 0.03, 2) * size
+    side = max(4, 2 * round(size / 16))  # even: whole 2x2 cells of the checkerboard
+    x0 = int(np.clip(round(centre[0] - side / 2), 0, size - side))
+    y0 = int(np.clip(round(centre[1] - side / 2), 0, size - side))
+    return {"x0": x0, "y0": y0, "side": side}
+
+
+def apply_stamp(x: np.ndarray, stamp: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The `patch` artefact on a uint8 output-size crop, and its region (1 inside the patch, 0 elsewhere).
+
+    A checkerboard of 2x2-pixel cells (period 4 px: high enough in frequency to be foreign to a face, low enough
+    for JPEG at quality 85-96 to keep it) with a red-up / blue-down shift: a local trace that a detector picks up
+    in a few hundred steps, as method-specific traces in real fakes are.
+    """
+    x0, y0, side = stamp["x0"], stamp["y0"], stamp["side"]
+    yy, xx = np.mgrid[0:side, 0:side]
+    board = np.where(((yy // 2) + (xx // 2)) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    delta = PATCH_AMPLITUDE * board[..., None] + np.float32([PATCH_AMPLITUDE, 0, -PATCH_AMPLITUDE])
+    out = x.copy()
+    patch = out[y0:y0 + side, x0:x0 + side].astype(np.float32) + delta
+    out[y0:y0 + side, x0:x0 + side] = np.clip(patch, 0, 255).astype(np.uint8)
+    region = np.zeros(x.shape[:2], np.float32)
+    region[y0:y0 + side, x0:x0 + side] = 1.0
+    return out, region
 
 
 def _source_id(source: dict) -> str:
@@ -463,7 +540,9 @@ def build_split(dataset: str, split: str, sources: list[dict], all_index: dict[i
     import random
 
     methods = ["real", *settings.families]
-    samples: dict[str, list[dict]] = {m: [] for m in methods}
+    shortcut = settings.shortcut != "none"
+    stamped = [f"{f}Stamped" for f in settings.families] if shortcut and split != "train" else []
+    samples: dict[str, list[dict]] = {m: [] for m in methods + stamped}
     cache: dict = {}
     views_of: dict[int, list] = {}
     order = sorted(range(len(sources)), key=lambda i: (sources[i]["file"], sources[i]["face"]))
@@ -476,6 +555,7 @@ def build_split(dataset: str, split: str, sources: list[dict], all_index: dict[i
         for v, (view, lms, noise, quality) in enumerate(views_of[i]):
             for fam_no, method in enumerate(methods):
                 rng = np.random.default_rng([settings.seed, gi, v + 1, fam_no])
+                weight = None
                 if method == "real":
                     img = view
                 else:
@@ -484,20 +564,31 @@ def build_split(dataset: str, split: str, sources: list[dict], all_index: dict[i
                         j = donor_choices[int(rng.integers(len(donor_choices)))]
                         dview, dlms, _, _ = views_of[j][v % len(views_of[j])]
                         donor = (dview, dlms)
-                    img = manipulate(method, view, lms, rng, settings.strength.get(method, 1.0), donor)
-                finish_rng = np.random.default_rng([settings.seed, gi, v + 1, 99])  # same noise for real and fakes
-                video = f"{dataset}-{method}-{_source_id(src)}"
-                key = f"{video}-{v:06d}"
-                label = 0 if method == "real" else 1
-                samples[method].append({
-                    "__key__": key, "jpg": _finish(img, noise, quality, settings.size, finish_rng), "cls": label,
-                    "json": {"dataset": dataset, "split": split, "video": video, "frame": v, "label": label,
-                             "method": method, "compression": f"jpeg{quality}", "bbox": src["views"][0][1]["box"],
-                             "source": src["file"], "identity": src["identity"]}})
+                    img, weight = manipulate(method, view, lms, rng, settings.strength.get(method, 1.0), donor)
+                # the artefact's place: its own stream, one per view (the same cheek spot for every family)
+                stamp = shortcut_stamp(lms, settings.size, np.random.default_rng([settings.seed, gi, v + 1, 1000])) \
+                    if shortcut and method != "real" else None
+                # train fakes carry the shortcut; val/test keep theirs clean and get stamped copies beside them
+                variants = [(method, stamp if split == "train" else None)]
+                if stamp is not None and split != "train":
+                    variants.append((f"{method}Stamped", stamp))
+                for folder, with_stamp in variants:
+                    finish_rng = np.random.default_rng([settings.seed, gi, v + 1, 99])  # same noise: real and fakes
+                    jpg, region = _finish(img, noise, quality, settings.size, finish_rng, weight, with_stamp)
+                    video = f"{dataset}-{folder}-{_source_id(src)}"
+                    label = 0 if method == "real" else 1
+                    meta = {"dataset": dataset, "split": split, "video": video, "frame": v, "label": label,
+                            "method": folder, "compression": f"jpeg{quality}", "bbox": src["views"][0][1]["box"],
+                            "source": src["file"], "identity": src["identity"]}
+                    sample = {"__key__": f"{video}-{v:06d}", "jpg": jpg, "cls": label, "json": meta}
+                    if region is not None:
+                        sample["region.png"] = region
+                        meta["region"] = "shortcut" if with_stamp is not None else "blend"
+                    samples[folder].append(sample)
     split_dir = out / dataset / split
     records = []
     totals = {"samples": 0, "by_label": {"0": 0, "1": 0}, "by_method": {}, "videos_by_method": {}}
-    for method in methods:
+    for method in methods + stamped:
         rows = samples[method]
         random.Random(f"{settings.seed}/{dataset}/{split}/{method}").shuffle(rows)  # across sources
         mdir = split_dir / method
@@ -552,6 +643,8 @@ def build_synth(root: str | Path, out: str | Path, dataset: str = "synth",
     bad = [f"{k}={v}" for k, v in settings.strength.items() if not (math.isfinite(v) and v > 0)]
     if bad:
         raise SynthError(f"--strength {' '.join(bad)}: a strength must be a number > 0")
+    if settings.shortcut not in SHORTCUTS:
+        raise SynthError(f"--shortcut {settings.shortcut!r}: choose from {', '.join(SHORTCUTS)}")
     if settings.frames < 1 or settings.size < 16:
         raise SynthError("--frames must be >= 1 and --size >= 16")
     if not re.fullmatch(r"[A-Za-z0-9_]+", dataset):
@@ -570,6 +663,8 @@ def build_synth(root: str | Path, out: str | Path, dataset: str = "synth",
         mf = out / dataset / split / "manifest.json"
         if mf.is_file():
             stored = json.loads(mf.read_text()).get("settings")
+            if isinstance(stored, dict):  # splits written before the shortcut option had none
+                stored = {**stored, "shortcut": stored.get("shortcut", "none")}
             if stored != record:
                 raise SynthError(f"{mf} was written with other settings; choose another --out or remove {mf.parent}")
             done[split] = json.loads(mf.read_text())["totals"]["samples"]

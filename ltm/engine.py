@@ -93,7 +93,8 @@ def deepspeed_config(cfg: Config, micro_batch: int, world_size: int, load_univer
         "zero_allow_untested_optimizer": True,  # SGD is fine with ZeRO-1/2; DeepSpeed only lists Adam-likes
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
-        # BatchNorm needs its running statistics in the parameters' dtype (DeepSpeed casts only parameters).
+        # The buffers in the parameters' dtype (DeepSpeed casts only parameters), but BatchNorm's running statistics,
+        # which Trainer puts back in fp32 after the cast (ltm.models.precision.keep_batchnorm_fp32).
         "data_types": {"buffer_dtype": t.precision} if t.precision != "fp32" else {},
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,  # our own logs
@@ -346,6 +347,7 @@ class Trainer:
             # model: the same initial weights on every rank, whatever the rank streams drew; the loss is Eq. 7 in
             # the model's forward
             from ltm.models import build_model
+            from ltm.models.precision import keep_batchnorm_fp32
 
             # torch.manual_seed also reseeds every CUDA generator: fork the rank's GPU too, or all ranks would
             # draw the same mixup partners, lambdas and random masks on the GPU
@@ -368,6 +370,10 @@ class Trainer:
                 self.checkpointer.to_universal(self.resume_tag)
             ds_config = deepspeed_config(cfg, self.micro_batch, env.world_size, self.universal)
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
+            if cfg.train.precision != "fp32":
+                # BatchNorm's running statistics in fp32: bf16 in-place updates would round small steps away
+                # (docs/training.md); before compiling, and before the buffer list below
+                keep_batchnorm_fp32(self.engine.module)
             if cfg.train.compile:
                 compile_model(self.engine, cfg.train.compile, cfg.train.deterministic)
             self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)

@@ -8,6 +8,7 @@ import torch
 from ltm.config import load_config
 from ltm.models import BackboneError, Baseline, LearningToMask, build_model
 from ltm.models.masking import deep_mixup, diversity_loss, feature_mask, num_masked
+from ltm.models.precision import keep_batchnorm_fp32
 
 
 def tiny_model_cfg(**overrides):
@@ -196,10 +197,12 @@ def test_bf16_buffers_trace_under_torch_compile():
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(torch.bfloat16)  # what DeepSpeed's bf16 does to buffers
     model.to(torch.bfloat16)
+    keep_batchnorm_fp32(model)  # what the Trainer then does, before compiling
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
     out = compiled(torch.rand(2, 3, 64, 64, dtype=torch.bfloat16), torch.tensor([0.0, 1.0]))
     assert torch.isfinite(out["loss"])
+    assert all(b.dtype == torch.float32 for name, b in model.named_buffers() if "running_" in name)
 
 
 # ------------------------------------------------------------------------------------------------ map options

@@ -77,9 +77,15 @@ def read_samples(out: Path) -> list[dict]:
     for split in SPLITS:
         for tar in sorted((out / "synth" / split).glob("*/*.tar")):
             for s in read_shard(tar):
+                region = None
+                if "region.png" in s:
+                    with Image.open(io.BytesIO(s["region.png"])) as im:
+                        assert im.format == "PNG" and im.mode == "L", (s["__key__"], im.format, im.mode)
+                        region = np.asarray(im, np.float32) / 255
                 rows.append({"split": split, "folder": tar.parent.name, "key": s["__key__"], "cls": int(s["cls"]),
                              "meta": json.loads(s["json"]), "jpg": s["jpg"],
-                             "img": np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), np.float32)})
+                             "img": np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), np.float32),
+                             "region": region})
     return rows
 
 
@@ -304,6 +310,9 @@ def test_rerun_with_other_settings_is_refused(built):
     assert mf.read_bytes() == before
     with pytest.raises(SynthError, match="manifest.json"):
         build_synth(built["root"], out, settings=settings(seed=3))
+    with pytest.raises(SynthError, match="other settings"):  # the shortcut is a setting like the others
+        build_synth(built["root"], out, settings=settings(shortcut="patch"))
+    assert mf.read_bytes() == before
 
 
 def test_missing_split_is_rebuilt_from_the_detection_cache(built, tmp_path):
@@ -347,6 +356,7 @@ BAD = {
     "split-two": (["--split", "0.5,0.5"], "--split"),
     "split-text": (["--split", "a,b,c"], "--split"),
     "split-negative": (["--split=-0.2,0.6,0.6"], "--split"),
+    "shortcut-unknown": (["--shortcut", "stripes"], "--shortcut"),
 }
 
 
@@ -392,3 +402,147 @@ def test_source_ids_differ_for_paths_that_sanitise_alike():
     ids = [_source_id({"file": f, "face": 0}) for f in ("a.jpg", "a.png", "a-b.jpg", "a_b.jpg", "x/a.jpg")]
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"[A-Za-z0-9_]+", i) for i in ids)
+
+
+# ------------------------------------------------------------------------------------------- regions
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum() + 1e-12))
+
+
+def test_fakes_carry_a_region_map_and_real_samples_none(samples):
+    for s in samples:
+        if s["folder"] == "real":
+            assert s["region"] is None and "region" not in s["meta"], s["key"]
+            continue
+        assert s["meta"]["region"] == "blend", s["key"]
+        assert s["region"].shape == s["img"].shape[:2] == (SIZE, SIZE), s["key"]
+        assert s["region"].max() >= 0.5 and 0.01 < s["region"].mean() < 0.6, (s["key"], s["region"].mean())
+        assert s["region"][0].max() < 0.5 and s["region"][-1].max() < 0.5  # the face, not the frame's border
+
+
+def test_region_lies_where_the_fake_differs_from_its_real_view(samples):
+    """The region map correlates with |fake - real| better than the same map flipped upside down or moved by 1/8
+    of the crop in any of the four directions, and holds most of the change in a small part of the crop: a map
+    written flipped, shifted or through another resize than the image's fails here."""
+    real = {(s["meta"]["source"], s["meta"]["frame"]): s["img"] for s in samples if s["folder"] == "real"}
+    for family in FAMILIES:
+        shifts = {f"shift{axis}{sign:+d}": (axis, sign * SIZE // 8) for axis in (0, 1) for sign in (-1, 1)}
+        stats: dict[str, list[float]] = {k: [] for k in ("true", "vflip", *shifts, "share", "area")}
+        for s in samples:
+            if s["folder"] != family:
+                continue
+            d = np.abs(s["img"] - real[(s["meta"]["source"], s["meta"]["frame"])]).mean(-1)
+            r = s["region"]
+            stats["true"].append(_corr(r, d))
+            stats["vflip"].append(_corr(r[::-1], d))
+            for name, (axis, by) in shifts.items():
+                stats[name].append(_corr(np.roll(r, by, axis=axis), d))
+            stats["share"].append(float((d * r).sum() / d.sum()))
+            stats["area"].append(float(r.mean()))
+        m = {k: float(np.mean(v)) for k, v in stats.items()}
+        assert m["true"] > 0.4, (family, m)
+        assert all(m["true"] > m[k] + 0.05 for k in ("vflip", *shifts)), (family, m)
+        assert m["share"] > 2 * m["area"], (family, m)
+
+
+# ------------------------------------------------------------------------------------------- the shortcut
+def _checkerboard_response(img: np.ndarray, region: np.ndarray) -> float:
+    """The `patch` artefact's own signature, read from the pixels: the high-passed grey image projected on a 2x2-cell
+    checkerboard over the region's square (about the artefact's amplitude where it is, about 0 elsewhere)."""
+    import cv2
+
+    ys, xs = np.nonzero(region > 0.5)
+    y0, x0, side = ys.min(), xs.min(), ys.max() - ys.min() + 1
+    yy, xx = np.mgrid[0:side, 0:side]
+    board = np.where((yy // 2 + xx // 2) % 2 == 0, 1.0, -1.0)
+    g = img.mean(-1)
+    hp = (g - cv2.GaussianBlur(g, (0, 0), 2.0))[y0:y0 + side, x0:x0 + side]
+    return float((hp * board).mean())
+
+
+@pytest.fixture(scope="module")
+def shortcut_built(built, tmp_path_factory) -> dict:
+    """The same build with `--shortcut patch` (in process, from the first build's detection cache)."""
+    out = copy_with_cache(built["out"], tmp_path_factory.mktemp("synth-shortcut"))
+    build_synth(built["root"], out, settings=settings(shortcut="patch"))
+    return {"out": out, "samples": read_samples(out)}
+
+
+def test_shortcut_is_in_every_train_fake_and_no_clean_val_or_test_sample(shortcut_built):
+    """Read from the pixels, at the place each view's shortcut region names: the artefact is in every training
+    fake and every Stamped copy, and in no real view and no clean val/test fake."""
+    rows = shortcut_built["samples"]
+    where = {}  # (split, source, frame) -> the artefact's square: a train fake's region or the Stamped copy's
+    for s in rows:
+        if s["meta"].get("region") == "shortcut":
+            where[s["split"], s["meta"]["source"], s["meta"]["frame"]] = s["region"]
+    carrying, clean = [], []
+    for s in rows:
+        region = where[s["split"], s["meta"]["source"], s["meta"]["frame"]]
+        response = _checkerboard_response(s["img"], region)
+        shortcut = s["folder"] != "real" and (s["split"] == "train" or s["folder"].endswith("Stamped"))
+        (carrying if shortcut else clean).append((response, s["key"]))
+        assert (s["meta"].get("region") == "shortcut") == shortcut, s["key"]
+        if shortcut:
+            assert np.array_equal(s["region"], region), s["key"]  # one square per view, whichever family
+    assert len(carrying) == len(MEDIA) * FRAMES * len(FAMILIES)  # train fakes + val/test Stamped copies
+    # the artefact's amplitude is 10 grey levels (6-13 measured); a view's own texture gives 0-3 (sharpened
+    # SelfBlend fakes the most)
+    assert min(carrying)[0] > 5, min(carrying)
+    assert max(clean)[0] < 4, max(clean)
+    for split in ("val", "test"):  # the clean val/test fakes are the no-shortcut build's, region and all
+        assert all(s["meta"]["region"] == "blend" for s in rows if s["split"] == split and s["folder"] in FAMILIES)
+
+
+def test_stamped_copies_in_val_and_test_only(shortcut_built, samples):
+    out, rows = shortcut_built["out"], shortcut_built["samples"]
+    ms = manifests(out)
+    stamped = [f"{f}Stamped" for f in FAMILIES]
+    for split, m in ms.items():
+        assert m["settings"]["shortcut"] == "patch"
+        folders = sorted(p.name for p in (out / "synth" / split).iterdir() if p.is_dir())
+        want = sorted(METHODS) if split == "train" else sorted([*METHODS, *stamped])
+        assert folders == want and sorted(m["totals"]["by_method"]) == want, (split, folders)
+    clean = {s["key"]: s for s in samples}  # the build without the shortcut
+    by_key = {s["key"]: s for s in rows}
+    n = 0
+    for s in rows:
+        if not s["folder"].endswith("Stamped"):
+            if s["split"] != "train" or s["folder"] == "real":  # everything the shortcut leaves alone is as before
+                assert s["jpg"] == clean[s["key"]]["jpg"], s["key"]
+            continue
+        n += 1
+        family = s["folder"].removesuffix("Stamped")
+        meta = s["meta"]
+        assert meta["method"] == s["folder"] and meta["region"] == "shortcut" and s["cls"] == 1
+        assert meta["video"].startswith(f"synth-{s['folder']}-") and s["key"].startswith(meta["video"])
+        twin = by_key[s["key"].replace(f"-{s['folder']}-", f"-{family}-", 1)]
+        # the same fake with the artefact added: outside the square's 8x8 JPEG blocks the pixels are identical
+        ys, xs = np.nonzero(s["region"] > 0.5)
+        near = np.zeros((SIZE, SIZE), bool)
+        near[ys.min() // 8 * 8: (ys.max() // 8 + 1) * 8, xs.min() // 8 * 8: (xs.max() // 8 + 1) * 8] = True
+        d = np.abs(s["img"] - twin["img"]).mean(-1)
+        assert d[~near].max() == 0 and d[s["region"] > 0.5].mean() > 4, (s["key"], d[~near].max())
+        assert 0.08 < np.sqrt(s["region"].mean()) < 0.2  # a square of about 1/8 of the crop's side
+    assert n == sum(m["stats"]["sources"] for k, m in ms.items() if k != "train") * FRAMES * len(FAMILIES)
+
+
+def test_shortcut_build_is_deterministic(built, shortcut_built, tmp_path):
+    again = copy_with_cache(built["out"], tmp_path / "again")
+    build_synth(built["root"], again, settings=settings(shortcut="patch"))
+    assert shard_hashes(again) == shard_hashes(shortcut_built["out"])
+
+
+def test_manifests_from_before_the_shortcut_option_still_match(built, tmp_path):
+    """Splits written before `shortcut` was a setting read as `none`: a rerun leaves them as they are."""
+    for split in SPLITS:
+        m = manifests(built["out"])[split]
+        del m["settings"]["shortcut"]
+        (tmp_path / "synth" / split).mkdir(parents=True)
+        (tmp_path / "synth" / split / "manifest.json").write_text(json.dumps(m))
+    result = build_synth(built["root"], tmp_path, settings=settings())
+    assert result["skipped"] is None and result["samples"] == sum(m["totals"]["samples"]
+                                                                 for m in manifests(built["out"]).values())
+    with pytest.raises(SynthError, match="other settings"):
+        build_synth(built["root"], tmp_path, settings=settings(shortcut="patch"))

@@ -21,8 +21,11 @@ class Attention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if need_attention:
-            attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # Eq. 1, (B, heads, N, N)
-            out = attn @ v
+            # Eq. 1, (B, heads, N, N), in fp32 whatever the module's dtype: Eq. 2-4 rank these maps, and near-uniform
+            # attention in bf16 takes a few distinct values over the cells, so the top-k of Eq. 4 would mostly be
+            # decided by ties (broken differently on CUDA than on the CPU). N is small: the fp32 scores cost little.
+            attn = (q.float() @ k.float().transpose(-2, -1) * self.scale).softmax(dim=-1)
+            out = attn.to(v.dtype) @ v
         else:  # the fused kernel never materialises A_i, which is cheaper when nobody reads it
             attn, out = None, F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), attn
