@@ -89,12 +89,32 @@ def resume_problems(run_dir: Path, resume: str) -> list[str]:
     return []
 
 
+def batch_split_problems(cfg: Config) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of the global batch split over the job's ranks (one per GPU, or one per node for a CPU
+    job): a batch that does not divide refuses; what the split changes in the method (BatchNorm over a few images,
+    mixup partners among a few) is warned with the fix (`ltm.scaling.batch_warnings`, which `ltm train` logs too)."""
+    from ltm import scaling
+
+    launch = cfg.launch
+    world = launch.nodes * max(1, launch.gpus_per_node)
+    gpus = launch.gpus_per_node > 0
+    try:
+        return [], scaling.batch_warnings(cfg, world, cfg.train.sync_bn and gpus,
+                                          scaling.backbone_batchnorm_layers(cfg.model), gpus=gpus)
+    except ValueError as exc:
+        return [f"{exc}: the job's {world} rank(s) need a batch that divides (launch.nodes={launch.nodes}, "
+                f"launch.gpus_per_node={launch.gpus_per_node})"], []
+
+
 def launch_problems(cfg: Config, test_folders: list[str], tflops: float | None = None) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the job's shape against the config: GPUs where the config needs them, and the wall
     time against the FLOP estimate of `ltm reproduce --estimate` (training, validation, the chained evaluation)."""
     from ltm.reproduce.cost import DEFAULT_TFLOPS, run_cost
 
     launch, problems, warnings = cfg.launch, [], []
+    problems_split, warnings_split = batch_split_problems(cfg)
+    problems += problems_split
+    warnings += warnings_split
     if launch.gpus_per_node == 0:
         if cfg.train.precision in GPU_PRECISIONS:
             problems.append(f"train.precision={cfg.train.precision} needs GPUs but the job asks for none: give "

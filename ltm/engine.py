@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ltm import distributed
+from ltm import distributed, scaling
 from ltm.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state, step_of, tag_for
 from ltm.config import Config, ConfigError, load_config, load_run_config, save_config, to_dict, upgrade_stored
 from ltm.distributed import DistEnv, all_gather_object, all_reduce_sum, init_distributed, teardown
@@ -84,7 +84,7 @@ def stop_signal_handlers() -> Iterator[None]:
 def deepspeed_config(cfg: Config, micro_batch: int, world_size: int, load_universal: bool) -> dict:
     """The DeepSpeed config dict, all of it from cfg.train (the paper's schedule lives outside DeepSpeed)."""
     t = cfg.train
-    return {
+    config = {
         "train_batch_size": micro_batch * t.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
@@ -96,10 +96,19 @@ def deepspeed_config(cfg: Config, micro_batch: int, world_size: int, load_univer
         # The buffers in the parameters' dtype (DeepSpeed casts only parameters), but BatchNorm's running statistics,
         # which Trainer puts back in fp32 after the cast (ltm.models.precision.keep_batchnorm_fp32).
         "data_types": {"buffer_dtype": t.precision} if t.precision != "fp32" else {},
+        # Gradients are all-reduced in fp32 whatever the training dtype: a bf16 sum over 16 ranks keeps 8 bits of
+        # mantissa at each partial sum. (fp32 is DeepSpeed's default only for fp32 training.)
+        "communication_data_type": "fp32",
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2**31 - 1,  # our own logs
         "wall_clock_breakdown": False,
     }
+    if t.precision == "bf16" and t.zero_stage == 2:
+        # ZeRO-2 then sums the micro-batches' gradients (grad_accum > 1) in fp32 buffers. ZeRO-0 refuses this setting
+        # and ZeRO-1 would swap in DeepSpeed's BF16_Optimizer (another checkpoint layout): there they add up in bf16,
+        # which ltm.scaling.batch_warnings says when grad_accum > 1.
+        config["data_types"] = {**config["data_types"], "grad_accum_dtype": "fp32"}
+    return config
 
 
 def seed_everything(seed: int) -> None:
@@ -356,14 +365,21 @@ class Trainer:
                 torch.manual_seed(cfg.train.seed)
                 # a resumed run takes every weight from its checkpoint: no pretrained file (or hub) is needed
                 model = build_model(cfg.model, cfg.data.image_size, load_weights=self.resume_tag is None)
+            # the same method at any world size: SyncBatchNorm (train.sync_bn) before DeepSpeed wraps the model, and a
+            # warning for what splitting the global batch over the ranks still changes (ltm.scaling)
+            model, synced = scaling.sync_batchnorm(model, cfg, env.world_size, env.device)
+            for line in scaling.batch_warnings(cfg, env.world_size, synced, scaling.batchnorm_layers(model),
+                                               gpus=env.device.type == "cuda") if self.is_main else []:
+                log.warning("%s", line)
 
             # optimizer: SGD with an ExponentialLR stepped once per epoch (Sec. 4.1), inside a DeepSpeed engine
             import deepspeed
 
             kernels = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
                        "for-loop": {"foreach": False}}[cfg.train.optimizer_impl]
-            self.optimizer = torch.optim.SGD(optimizer_groups(model, cfg.train.lr, cfg.train.student_lr_scale),
-                                             lr=cfg.train.lr, momentum=cfg.train.momentum,
+            lr = scaling.scaled_lr(cfg)  # train.lr, or with train.lr_scaling=linear lr x batch_size / 32
+            self.optimizer = torch.optim.SGD(optimizer_groups(model, lr, cfg.train.student_lr_scale),
+                                             lr=lr, momentum=cfg.train.momentum,
                                              weight_decay=cfg.train.weight_decay, **kernels)
             self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.train.lr_gamma)
             if self.universal:

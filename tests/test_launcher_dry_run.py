@@ -42,7 +42,8 @@ def test_train_dry_run_has_nodes_tasks_gpus_and_dependency(tmp_path, capsys, mon
                    "--cpus-per-task", "6", "--time", "1-02:00:00", "--mem", "64G", "--partition", "gpu",
                    "--account", "proj", "--qos", "high", "--constraint", "a100", "--exclusive",
                    "--setup", "module load cuda/12.4\nexport NCCL_DEBUG=WARN", "--eval", "ffpp_c23/test",
-                   "--dry-run", "train.run_dir=runs/x", f"data.root={sample_shards}"])
+                   "--dry-run", "train.run_dir=runs/x", f"data.root={sample_shards}",
+                   "train.batch_size=48"])  # divides over the 12 ranks (32 would be refused)
     assert status == 0
     out = capsys.readouterr().out
     train, evaluation = scripts(out)

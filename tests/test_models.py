@@ -84,6 +84,7 @@ def test_eq5_mixup_off_student_sees_masked_features(tiny_ltm, monkeypatch):
 
     called = []
     monkeypatch.setattr(module, "deep_mixup", lambda *a, **k: called.append(1) or (a[0], a[1], None))
+    monkeypatch.setattr(module, "global_deep_mixup", module.deep_mixup)  # model.mixup_scope=global (the default)
     tiny_ltm.cfg.mixup = False
     try:
         tiny_ltm(torch.rand(2, 3, 64, 64), torch.tensor([0.0, 1.0]))

@@ -192,6 +192,9 @@ def test_resume_after_sigkill_is_bitwise_exact(run_a, shards, tmp_path):
     done = ltm_train(config, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["step"] == 6
+    # 4 images over 2 CPU ranks: rank 0 says what the split changes (BatchNorm per rank; mixup is global)
+    assert "is 2 images per rank: BatchNorm" in done.stderr and "train.sync_bn=true" not in done.stderr
+    assert done.stderr.count("images per rank") == 1
     assert_same_weights(module_state(tmp_path / "B", tag_for(6)), run_a["weights"])
     assert records(tmp_path / "B", "train") == run_a["train"]  # every loss term of every step
     assert records(tmp_path / "B", "val") == run_a["val"]
@@ -743,3 +746,23 @@ def test_compiled_model_trains_like_eager_resumes_exactly_and_loads_in_eval(shar
     model, cfg, source = load_model(tmp_path / "split")  # ltm eval's loader: strict keys, the eager model
     assert cfg.train.compile == "default" and source.endswith(tag_for(6))
     assert_same_weights(straight, {k: v.contiguous() for k, v in model.state_dict().items()})
+
+
+def test_linear_lr_scaling_sets_the_optimizer_rate(shards, tmp_path, caplog):
+    """train.lr_scaling=linear: the SGD groups start at lr x batch_size / 32 (the student's at that x
+    student_lr_scale) and the schedule decays from there; a world of one says nothing about the per-rank batch."""
+    import logging
+
+    from ltm.engine import Trainer
+
+    cfg = load_config(write_config(tmp_path, shards, tmp_path / "scaled", batch_size=8, iters_per_epoch=1, epochs=1,
+                                   val_every=0), ["data.val=[]", "train.lr_scaling=linear",
+                                                  "train.student_lr_scale=2"])
+    with caplog.at_level(logging.WARNING, logger="ltm.engine"):
+        trainer = Trainer(cfg)
+    try:
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.01 * 8 / 32, 0.02 * 8 / 32])
+        assert trainer.scheduler.base_lrs == pytest.approx([0.0025, 0.005])
+    finally:
+        trainer.close()
+    assert "images per rank" not in caplog.text
