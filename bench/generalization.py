@@ -70,12 +70,13 @@ HEADS = {"baseline": ("baseline",), "ltm": ("student", "teacher_cnn", "teacher_v
 
 
 # ------------------------------------------------------------------------------------------------- data
-def ensure_synth(faces: Path, out: Path, size: int, frames: int, identity_regex: str | None) -> Path:
+def ensure_synth(faces: Path, out: Path, size: int, frames: int, identity_regex: str | None,
+                 shortcut: str = "none") -> Path:
     """The benchmark's shards (`ltm prep synth`), built once under `out`."""
-    shards = out / f"synth-{size}px-{frames}f"
+    shards = out / (f"synth-{size}px-{frames}f" + ("" if shortcut == "none" else f"-{shortcut}"))
     if not all((shards / "synth" / s / "manifest.json").is_file() for s in ("train", "val", "test")):
         cmd = [sys.executable, "-m", "ltm.cli", "prep", "synth", "--root", str(faces), "--out", str(shards),
-               "--size", str(size), "--frames", str(frames)]
+               "--size", str(size), "--frames", str(frames), "--shortcut", shortcut]
         if identity_regex:
             cmd += ["--identity-regex", identity_regex]
         subprocess.run(cmd, check=True)
@@ -116,6 +117,31 @@ def head_scores(run_dir: Path, folders: list[Path]) -> dict:
                 out.setdefault(name, []).extend(probs.tolist())
             out["labels"] += batch["labels"].tolist()
             out["methods"] += list(batch["methods"])
+    return out
+
+
+def mask_figures(run_dir: Path, folder: Path) -> dict:
+    """Where the run's mask lands on the fakes of `folder` (their region.png): `ltm.regions.diagnose` over every
+    method there, pooled: {"hit_rate", "chance_hit_rate", "masked_in_region", "region_share", "maps": {name:
+    hit rate}}."""
+    import torch
+
+    from ltm.evaluate import load_model
+    from ltm.regions import diagnose
+
+    model, cfg, _ = load_model(run_dir)
+    figures, _ = diagnose(model, folder, cfg.data.image_size, 10**9, torch.device("cpu"))
+    per = figures["per_method"].values()
+    n = sum(d["n"] for d in per)
+
+    def pooled(get) -> float:
+        return sum(get(d) * d["n"] for d in per) / n
+
+    out = {k: round(pooled(lambda d, k=k: d["mask"][k]), 4) for k in ("hit_rate", "chance_hit_rate",
+                                                                       "masked_in_region", "region_share")}
+    names = next(iter(per))["maps"]
+    out["maps"] = {m: round(pooled(lambda d, m=m: d["maps"][m]["hit_rate"]), 4) for m in names}
+    out["n"] = n
     return out
 
 
@@ -177,13 +203,22 @@ def run_point(variant: str, seed: int, steps: int, args: argparse.Namespace) -> 
         raise SystemExit(f"{run_dir}: training stopped at step {result.get('step')} of {steps} ({result})")
     seconds = time.perf_counter() - started
     heads = HEADS["baseline" if cfg.model.kind == "baseline" else "ltm"]
-    scores = head_scores(run_dir, [args.shards / "synth" / args.split])
+    split_dir = args.shards / "synth" / args.split
+    clean = [p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.endswith("Stamped")]
+    scores = head_scores(run_dir, clean)
     row = {"variant": variant, "seed": seed, "steps": steps, "split": args.split, "train_s": round(seconds, 1),
            "family_auc": family_aucs(scores, heads), "auc": {h: overall_auc(scores, h) for h in heads},
            "overrides": args.overrides, "train_family": args.train_family}
     if args.real_ffpp_folders:
         real = head_scores(run_dir, args.real_ffpp_folders)
         row["real_ffpp_auc"] = {h: overall_auc(real, h) for h in heads}
+    if args.shortcut != "none":
+        # the shortcut's pull: the training family's fakes with the artefact stamped on, against the same reals
+        stamped = split_dir / f"{args.train_family}Stamped"
+        s_scores = head_scores(run_dir, [split_dir / "real", stamped])
+        row["stamped_auc"] = {h: overall_auc(s_scores, h) for h in heads}
+        if cfg.model.kind == "ltm":  # does the mask land on the artefact?
+            row["mask"] = mask_figures(run_dir, stamped)
     write_json(path, row)
     return row
 
@@ -247,7 +282,8 @@ def main() -> int:
                         help="identity groups of --faces files (default: the shared media's source repository)")
     parser.add_argument("--size", type=int, default=112, help="crop side of the benchmark's shards (112)")
     parser.add_argument("--frames", type=int, default=4, help="views per face (4)")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-generalization")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="runs and scores (runs/bench-generalization, -<shortcut> appended with --shortcut)")
     parser.add_argument("--config", default="tiny-cpu")
     parser.add_argument("--train-family", default="SelfBlend", choices=FAMILIES)
     parser.add_argument("--split", default="val", choices=["val", "test"], help="scored split (val: selection)")
@@ -270,6 +306,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed, baseline + ltm-high, 100 steps")
     parser.add_argument("--real-ffpp", type=Path, default=SHARED / "ffpp-sample" if (SHARED / "ffpp-sample").is_dir()
                         else None, help="FF++ layout folder of real videos scored as a second unseen test (none: skip)")
+    parser.add_argument("--shortcut", default="none", choices=["none", "patch"],
+                        help="the visible mechanism benchmark: every training fake also carries this local artefact "
+                        "(`ltm prep synth --shortcut`), val/test do not; prints each LTM variant's mask hit rate on "
+                        "it and every model's AUC on stamped fakes (none)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run (e.g. model.mixup=false)")
     args = parser.parse_args()
     if args.quick:
@@ -286,8 +326,11 @@ def main() -> int:
         parser.error(f"--variants: unknown {unknown}; baseline and ltm-high are required")
     if not args.faces.is_dir():
         parser.error(f"--faces {args.faces}: no such folder (a folder of real face photos or videos)")
+    if args.out is None:
+        args.out = ROOT / "runs" / ("bench-generalization" + ("" if args.shortcut == "none" else f"-{args.shortcut}"))
     args.out.mkdir(parents=True, exist_ok=True)
-    args.shards = ensure_synth(args.faces, args.shards_out, args.size, args.frames, args.identity_regex)
+    args.shards = ensure_synth(args.faces, args.shards_out, args.size, args.frames, args.identity_regex,
+                               args.shortcut)
     args.real_ffpp_folders = ensure_real_ffpp(args.real_ffpp, args.out)
     seen = args.train_family
     budgets = sorted({b for b in (args.epoch_steps, args.steps) if b <= args.steps} | set(
@@ -344,6 +387,30 @@ def main() -> int:
         mean, lo, hi = paired(a, b)
         diffs[name] = {"mean": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)] if math.isfinite(lo) else None}
         print(f"{name:<22} {mean:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f}, paired by seed)")
+    mechanism: dict = {}
+    if args.shortcut != "none":
+        print(f"\nshortcut `{args.shortcut}` on every training fake: AUC on {seen} fakes with it stamped on (the "
+              "shortcut's pull) against the same fakes clean; for LTM variants, how often the mask covers it")
+        for variant in variants:
+            rows_v = [final[variant, s, args.steps] for s in seeds]
+            for head in rows_v[0]["stamped_auc"]:
+                st, _, _ = interval([r["stamped_auc"][head] for r in rows_v])
+                cl, _, _ = interval([r["family_auc"][head][seen] for r in rows_v])
+                print(f"  {variant:<13}{head:<12} stamped {st:.4f}  clean {cl:.4f}")
+            if "mask" in rows_v[0]:
+                hit, lo, hi = interval([r["mask"]["hit_rate"] for r in rows_v])
+                chance = statistics.fmean(r["mask"]["chance_hit_rate"] for r in rows_v)
+                maps = {m: round(statistics.fmean(r["mask"]["maps"][m] for r in rows_v), 3)
+                        for m in rows_v[0]["mask"]["maps"]}
+                mechanism[variant] = {"hit_rate": round(hit, 4), "ci95": [round(lo, 4), round(hi, 4)]
+                                      if math.isfinite(lo) else None, "chance": round(chance, 4), "maps": maps}
+                print(f"  {variant:<13}mask hit rate {hit:.3f} (95% CI {lo:.3f} .. {hi:.3f}; chance {chance:.3f}); "
+                      "each map's hit rate: " + ", ".join(f"{m} {v:.2f}" for m, v in maps.items()))
+        for other in [v for v in variants if v.startswith("ltm-") and v != "ltm-high"]:
+            mean, lo, hi = paired(("ltm-high", "student"), (other, "student"))
+            diffs[f"student-{other}"] = {"mean": round(mean, 4),
+                                         "ci95": [round(lo, 4), round(hi, 4)] if math.isfinite(lo) else None}
+            print(f"student ltm-high - {other:<10} {mean:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f}, paired by seed)")
     ordering = None
     if {"ltm-high", "ltm-random", "ltm-low"} <= set(variants):
         h, r, lo = (statistics.fmean(per_seed(v, "student")) for v in ("ltm-high", "ltm-random", "ltm-low"))
@@ -374,7 +441,8 @@ def main() -> int:
     print(json.dumps({
         "bench": "generalization", "benchmark": "synth", "split": args.split, "train_family": seen,
         "config": args.config, "steps": args.steps, "seeds": args.seeds, "overrides": args.overrides,
-        "summary": summary, "diffs": diffs, "table4_order_holds": ordering,
+        "summary": summary, "diffs": diffs, "table4_order_holds": ordering, "shortcut": args.shortcut,
+        "mechanism": mechanism,
         "curves": {f"{v}/{h}": {s: round(statistics.fmean(x), 4) for s, x in p.items()}
                    for (v, h), p in curves.items()},
         "curve_seeds": len(curve_seeds),

@@ -283,7 +283,8 @@ def test_mask_at_input_hides_the_masked_cells_pixels_from_the_student(mask_at):
     hidden = torch.nn.functional.interpolate(1 - out["mask"][:, None], size=(112, 112), mode="nearest")
     changed = images * (1 - hidden) + torch.rand_like(images) * hidden  # new pixels only under M = 0
     # the teacher must pick the same cells on the changed images for the comparison to hold: give it the original
-    model.teacher = lambda x, all_attentions=False, map_kind=None, _t=model.teacher: _t(images, all_attentions, map_kind)
+    teacher = model.teacher
+    model.teacher = lambda x, all_attentions=False, map_kind=None: teacher(images, all_attentions, map_kind)
     again = model(changed, labels)
     assert torch.equal(again["mask"], out["mask"])
     same = torch.allclose(again["losses"]["student"], out["losses"]["student"], atol=1e-6)
