@@ -473,13 +473,16 @@ def test_shortcut_is_in_every_train_fake_and_no_clean_val_or_test_sample(shortcu
     """Read from the pixels, at the place each view's shortcut region names: the artefact is in every training
     fake and every Stamped copy, and in no real view and no clean val/test fake."""
     rows = shortcut_built["samples"]
-    where = {}  # (split, source, frame) -> the artefact's square: a train fake's region or the Stamped copy's
+    def view(s: dict) -> tuple[str, str, int]:  # one face's view: the video id less its dataset and method
+        return s["split"], s["meta"]["video"].split("-", 2)[2], s["meta"]["frame"]
+
+    where = {}  # view -> the artefact's square: a train fake's region or the Stamped copy's
     for s in rows:
         if s["meta"].get("region") == "shortcut":
-            where[s["split"], s["meta"]["source"], s["meta"]["frame"]] = s["region"]
+            where[view(s)] = s["region"]
     carrying, clean = [], []
     for s in rows:
-        region = where[s["split"], s["meta"]["source"], s["meta"]["frame"]]
+        region = where[view(s)]
         response = _checkerboard_response(s["img"], region)
         shortcut = s["folder"] != "real" and (s["split"] == "train" or s["folder"].endswith("Stamped"))
         (carrying if shortcut else clean).append((response, s["key"]))
