@@ -125,7 +125,16 @@ def print_table(reports: Sequence[dict]) -> None:
     for r in reports:
         per_method = ", ".join(f"{m} {fmt(v['frame_auc'], 3)}" for m, v in r["per_method"].items())
         table.add_row(r["name"], *(_cell(r, k) for _, k in columns), per_method)
-    Console(width=max(140, Console().width)).print(table)
+    console = Console(width=max(140, Console().width))
+    console.print(table)
+    for r in reports:
+        diag = r.get("mask_diagnostics")
+        if diag:  # where fakes carry their manipulated region: does Eq. 4's mask land on it?
+            per = [f"{m} hit rate {d['mask']['hit_rate']:.3f} (random mask {d['mask']['chance_hit_rate']:.3f}), "
+                   f"masked in region {d['mask']['masked_in_region']:.3f} (region share "
+                   f"{d['mask']['region_share']:.3f})" for m, d in diag["per_method"].items()]
+            console.print(f"{r['name']}: the mask on known manipulated regions ({diag['n']} fakes, {diag['k']} of "
+                          f"{diag['grid'][0] * diag['grid'][1]} cells masked): " + "; ".join(per), highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
