@@ -235,7 +235,8 @@ def _inside_outside(diff: np.ndarray, region: np.ndarray) -> float:
 def _check_region_sits_on_the_difference(crop: np.ndarray, original: np.ndarray, region: np.ndarray) -> float:
     diff = np.abs(crop.astype(np.float64) - original.astype(np.float64)).mean(2)
     ratio = _inside_outside(diff, region)
-    assert ratio > 2.5, f"the region barely differs more from the original than outside it ({ratio:.2f})"
+    # per frame the ratio spreads (2.3-10 over machines: encodes, detector boxes); the median is checked below
+    assert ratio > 1.5, f"the region barely differs more from the original than outside it ({ratio:.2f})"
     # the map as stored beats itself moved against the image: flipped either way, shifted by an eighth of the crop
     q = region.shape[0] // 8
     for name, moved in (("mirrored", region[:, ::-1]), ("upside down", region[::-1]),
@@ -263,6 +264,7 @@ def test_sample_fakes_carry_the_pair_difference_region(sample_root, sample_shard
         original = sample_root / "original_sequences" / "youtube" / "c23" / "videos" / f"{target}.mp4"
         ratios.append(_check_region_sits_on_the_difference(crop, _original_crop(original, m, st.scale, st.size),
                                                            region))
+    assert np.median(ratios) > 3.0, f"the regions barely sit on the difference: inside/outside ratios {ratios}"
     test = json.loads((sample_shards / "ffpp_c23" / "test" / "manifest.json").read_text())
     assert test["totals"]["regions_by_method"] == {
         "FaceSwap": {"pair_difference": test["totals"]["by_method"]["FaceSwap"]},
