@@ -145,6 +145,9 @@ class TrainConfig:
     # none: train.lr as given | linear: lr x batch_size / 32 (the paper's batch), for a global batch raised with the
     # GPU count (docs/training.md "Many GPUs")
     lr_scaling: str = "none"
+    # minutes a rank waits in a collective for the others (the process group's timeout): validation, checkpoint
+    # saves and a slow node's data loading all hold the others at the next all-reduce
+    timeout_min: int = 30
 
 
 @dataclass
@@ -334,6 +337,7 @@ def validate(cfg: Config) -> None:
         "eval.attention_samples": (cfg.eval.attention_samples >= 0, ">= 0"),
         "eval.region_samples": (cfg.eval.region_samples >= 0, ">= 0 (0: no mask diagnostics)"),
         "eval.error_samples": (cfg.eval.error_samples >= 0, ">= 0"),
+        "train.timeout_min": (cfg.train.timeout_min >= 1, ">= 1 (minutes)"),
         "eval.timeout_min": (cfg.eval.timeout_min >= 1, ">= 1 (minutes)"),
     }
     for key, (ok, allowed) in checks.items():

@@ -326,7 +326,7 @@ class Trainer:
         self.resume_tag = checkpoints.resolve(resume)
 
         # device and distributed: one rank of a world the environment describes (or a world of one)
-        self.env = env = init_distributed()
+        self.env = env = init_distributed(cfg.train.timeout_min)
         try:
             self.is_main = env.is_main
             self.checkpointer = Checkpointer(checkpoints.dir, env.rank, env.world_size, cfg.train.keep_last)

@@ -254,3 +254,21 @@ def test_eval_and_predict_take_the_timeout_from_the_runs_config(command, run_wit
             photo = sorted((SHARED_DATA / "faces").glob("*.jpg"))[0]
             main(["predict", str(photo), "--run", str(run), "--weights", weights, "--detector", "none"])
     assert asked == [7]
+
+
+def test_training_takes_its_process_group_timeout_from_the_config(run_with_timeout, monkeypatch):
+    """`ltm train` joins its process group with `train.timeout_min` (here 9), not a fixed 30 minutes."""
+    import ltm.engine as engine
+
+    asked: list[int] = []
+
+    def recording(timeout_min: int = 30):
+        asked.append(timeout_min)
+        raise _Recorded
+
+    monkeypatch.setattr(engine, "init_distributed", recording)
+    cfg = load_config("tiny-cpu", ["data.root=" + str(run_with_timeout / "no-shards"), "train.timeout_min=9",
+                                   "train.run_dir=" + str(run_with_timeout / "train")])
+    with pytest.raises(_Recorded):
+        engine.Trainer(cfg)
+    assert asked == [9]
