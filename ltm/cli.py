@@ -9,7 +9,11 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
+
+# a config override as the commands take them (`train.lr=0.001`, `data.train[0].weight=2`)
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\[\d+\])?(\.[A-Za-z_]\w*(\[\d+\])?)+=")
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "preprocess a dataset (videos/frames) into WebDataset shards of face crops"),
@@ -55,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a command's trailing `overrides` with the positionals before its first option, so
+    # `ltm predict clip.mp4 --run R eval.batch_size=8` leaves the override over: it belongs to `overrides` too
+    stray = [a for a in extra if not (OVERRIDE.match(a) and hasattr(args, "overrides"))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
     level = logging.DEBUG if args.verbose else getattr(logging, os.environ.get("LTM_LOG_LEVEL", "INFO"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

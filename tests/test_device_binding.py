@@ -272,3 +272,26 @@ def test_training_takes_its_process_group_timeout_from_the_config(run_with_timeo
     with pytest.raises(_Recorded):
         engine.Trainer(cfg)
     assert asked == [9]
+
+
+def test_predict_takes_overrides_after_its_options(run_with_timeout, monkeypatch):
+    """`ltm predict FILE --run R ... eval.timeout_min=5`: an override after the options reaches the run's config
+    (argparse alone leaves it over as an unrecognized argument); a stray word is still refused."""
+    import ltm.evaluate as ev
+    from ltm.cli import main
+
+    asked: list[int] = []
+
+    def recording(precision, device, timeout_min: int = 60, **kwargs):
+        asked.append(timeout_min)
+        raise _Recorded
+
+    monkeypatch.setattr(ev, "scoring_accelerator", recording)
+    photo = str(sorted((SHARED_DATA / "faces").glob("*.jpg"))[0])
+    options = ["--run", str(run_with_timeout), "--weights", str(run_with_timeout / "weights.pt"), "--detector", "none"]
+    with pytest.raises(_Recorded):
+        main(["predict", photo, *options, "eval.timeout_min=5"])
+    assert asked == [5]
+    with pytest.raises(SystemExit) as stray:
+        main(["predict", photo, *options, "not-an-override"])
+    assert stray.value.code == 2
