@@ -50,6 +50,10 @@ class Item:
     # fake, and the original video it was made from (same frames, the face replaced or re-rendered)
     mask: str | None = None
     original: str | None = None
+    # dataset-specific labels carried into every sample's json (a distortion, a 16-class label, the original's id)
+    extra: dict | None = None
+    # which face of a frame is the sample: "largest", or "mask" (the face under the forgery mask; data_prep.protocol)
+    face_rule: str = "largest"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -36,6 +36,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.datasets import Item
+from data_prep.protocol import crop_faces, frame_summary
 from data_prep.shards import (
     _sample_size,
     clean_partial,
@@ -70,6 +71,7 @@ class Settings:
     shard_bytes: int = 512 * 1024 * 1024
     seed: int = 0
     regions: str = "auto"  # auto: fakes get region.png from FF++ masks or their original (data_prep.regions); none
+    top_up: int = 0  # a sampled frame without a face is replaced by the nearest one with a face <= top_up frames away
 
 
 REGION_CHOICES = ("auto", "none")
@@ -162,7 +164,7 @@ def process_item(item: Item, out: Path, dataset: str, settings: Settings, detect
     try:
         frames, bad = _frames_of(item, settings.frames)
         meta["frames_read"], meta["bad_frames"] = len(frames), bad
-        faces = detector.crop([f for _, f in frames], settings.size, settings.scale)
+        frames, faces, picked = crop_faces(item, frames, detector, settings)
         regions: dict = {}
         if settings.regions == "auto" and item.label == 1 and (item.mask or item.original):
             from data_prep.regions import regions_for
@@ -171,7 +173,7 @@ def process_item(item: Item, out: Path, dataset: str, settings: Settings, detect
             if note:
                 meta["region_note"] = note
                 log.warning("%s: region: %s", item.path, note)
-        for (idx, _), face in zip(frames, faces):
+        for pos, ((idx, _), face) in enumerate(zip(frames, faces)):
             if face is None:
                 meta["no_face"] += 1
                 continue
@@ -179,6 +181,10 @@ def process_item(item: Item, out: Path, dataset: str, settings: Settings, detect
             (tmp / name).write_bytes(jpeg_bytes(face.crop, settings.quality))
             rec = {"frame": idx, "file": name, "bbox": face.box, "crop_box": face.crop_box,
                    "score": round(face.score, 4)}
+            if item.face_rule != "largest":
+                rec["face_rule"] = picked["rules"][pos]
+            if idx in picked["topped_up"]:
+                rec["topped_up_from"] = picked["topped_up"][idx]
             if idx in regions:
                 kind, png = regions[idx]
                 rec["region"], rec["region_file"] = kind, f"{idx:06d}.region.png"
@@ -230,7 +236,7 @@ def _manifest_settings(out: Path, dataset: str, split: str) -> dict | None:
 
 def _stored_settings(stored: dict | None) -> dict | None:
     """Settings as an output recorded them; outputs from before `regions` existed hold no region maps."""
-    return None if stored is None else {"regions": "none", **stored}
+    return None if stored is None else {"regions": "none", "top_up": 0, **stored}
 
 
 def _clean_item_temps(out: Path, dataset: str, items: list[Item]) -> None:
@@ -369,9 +375,15 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
     skipped = [s for s in skipped if s.get("split", split) == split]
     stats = {"items": len(items), "frames_read": 0, "frames_without_face": 0, "videos_used": 0}
     region_notes: list[dict] = []
+    per_video: list[dict] = []
+    face_rules: dict[str, int] = {}
     for it in sorted(items, key=lambda i: (i.method, i.video)):
         d = item_dir(out, dataset, it)
         meta = json.loads((d / "meta.json").read_text())
+        if it.kind != "image":  # a photo is one frame by nature; videos and frame folders answer to the protocol
+            per_video.append({"video": it.video, "method": it.method, "frames": len(meta["samples"]),
+                              "sampled": meta["frames_read"], "no_face": meta["no_face"],
+                              "topped_up": sum(1 for s in meta["samples"] if "topped_up_from" in s)})
         stats["frames_read"] += meta["frames_read"]
         stats["frames_without_face"] += meta["no_face"]
         if meta.get("region_note"):
@@ -393,6 +405,13 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
             region = d / s["region_file"] if s.get("region_file") else None
             if region is not None:
                 info["region"] = s["region"]
+            if it.extra:
+                info.update({k: v for k, v in it.extra.items() if k not in info})
+            if "face_rule" in s:
+                info["face_rule"] = s["face_rule"]
+                face_rules[s["face_rule"]] = face_rules.get(s["face_rule"], 0) + 1
+            if "topped_up_from" in s:
+                info["topped_up_from"] = s["topped_up_from"]
             size = _sample_size({"jpg": b"", "cls": "0", "json": info}) + jpg.stat().st_size
             if region is not None:
                 size += _sample_size({"region.png": b""}) + region.stat().st_size
@@ -451,6 +470,13 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
     }
     if region_notes:
         manifest["region_notes"] = region_notes
+    manifest["frames"] = frame_summary(per_video, settings.frames)
+    if face_rules:
+        manifest["face_rules"] = dict(sorted(face_rules.items()))
+    if manifest["frames"]["videos_short"]:
+        log.warning("%s/%s: %d videos have fewer face frames than the protocol's %s (listed in the manifest's "
+                    "frames.short; --top-up K takes neighbouring frames instead)", dataset, split,
+                    manifest["frames"]["videos_short"], settings.frames or "all")
     write_json_atomic(split_dir / "manifest.json", manifest)
     log.info("%s/%s: %d samples in %d shards (%s); %d inputs skipped", dataset, split, totals["samples"],
              len(records), ", ".join(f"{m} {n}" for m, n in totals["by_method"].items()), len(manifest["skipped"]))
@@ -465,7 +491,8 @@ def _shard_sample(s: dict) -> dict:
 
 
 def settings_compression(dataset: str) -> str:
-    return dataset.rsplit("_", 1)[1] if dataset.startswith("ffpp_") else ""
+    # the FF++-layout datasets name their compression in the dataset name (ffpp_c23, faceshifter_c23, dfd_c23)
+    return dataset.rsplit("_", 1)[1] if dataset.startswith(("ffpp_", "faceshifter_", "dfd_")) else ""
 
 
 # ---------------------------------------------------------------- the whole run
