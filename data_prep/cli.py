@@ -9,6 +9,9 @@
     ltm prep ffpp ... --part 3/8                                    # SLURM array task 3 of 8, then:
     ltm prep merge --out shards --dataset ffpp_c23
     ltm prep synth --root photos/ --out shards --identity-regex '^[^_]+'   # cross-manipulation benchmark (5 families)
+    ltm prep dfdc --root /data/DFDC --out shards --part $SLURM_ARRAY_TASK_ID/50     # then prep merge --dataset dfdc
+    ltm prep {dfdcp,faceshifter,dfd,deeperforensics,celebdf1,uadfv,df40,forgerynet} --root ... --out ...
+                                                        # the cross-dataset benchmarks (docs/datasets.md)
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def _common(p: argparse.ArgumentParser, detector_default: str = "mtcnn") -> None
     p.add_argument("--part", default="0/1", help="i/N: process the i-th of N shares (0-based), then `prep merge`")
     p.add_argument("--keep-work", action="store_true", help="keep <out>/.prep (per-video crops) after finishing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--top-up", type=int, default=0, metavar="K",
+                   help="a sampled frame without a face is replaced by the nearest frame with one, at most K frames "
+                   "away (0: off; the manifest lists every video with fewer face frames than --frames either way)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="split name for inputs that do not name one (test)")
     p.add_argument("--name", help="dataset name in the shard root (default: the folder or CSV name)")
     _common(p)
+
+    _add_benchmarks(sub)
 
     p = sub.add_parser("sample", help="build the offline sample dataset (FF++ layout, SelfBlend + FaceSwap fakes)")
     p.add_argument("--out", required=True, help="where to write the sample dataset")
@@ -127,6 +135,91 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-work", action="store_true")
 
 
+def _add_benchmarks(sub) -> None:
+    """The cross-dataset benchmarks (data_prep.adapters), each from its own download layout."""
+    p = sub.add_parser("dfdc", help="DFDC: dfdc_train_part_N/metadata.json + the public test set's labels.csv")
+    p.add_argument("--root", required=True, help="folder holding every dfdc_train_part_N/ (and test/labels.csv)")
+    p.add_argument("--test-labels", help="the public test set's labels.csv (filename,label; 1 = fake), videos beside "
+                   "it or in its videos/ folder (default: <root>/test/labels.csv when present)")
+    _common(p)
+
+    p = sub.add_parser("dfdcp", help="DFDC-Preview: dataset.json over method_A/, method_B/, original_videos/")
+    p.add_argument("--root", required=True, help="DFDC-Preview root (dataset.json beside the three folders)")
+    _common(p)
+
+    p = sub.add_parser("faceshifter", help="FaceShifter in the FF++ layout and splits")
+    p.add_argument("--root", required=True, help="FF++ root with manipulated_sequences/FaceShifter/<c>/videos")
+    p.add_argument("--splits", required=True, help="folder with FF++'s official train.json / val.json / test.json")
+    p.add_argument("--compression", default="c23", choices=["raw", "c23", "c40"], help="(c23)")
+    _common(p)
+
+    p = sub.add_parser("dfd", help="DeepFakeDetection (FF++ layout: original_sequences/actors, "
+                       "manipulated_sequences/DeepFakeDetection); the forged face picked by its mask")
+    p.add_argument("--root", required=True, help="FF++ root holding the DeepFakeDetection folders")
+    p.add_argument("--compression", default="c23", choices=["raw", "c23", "c40"], help="(c23)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"],
+                   help="DFD has no official split: every video goes here (test)")
+    _common(p)
+
+    p = sub.add_parser("deeperforensics", help="DeeperForensics-1.0: manipulated_videos/<variant>, lists/splits")
+    p.add_argument("--root", required=True, help="DeeperForensics-1.0 root (manipulated_videos/, lists/)")
+    p.add_argument("--real", choices=["ffpp", "source_videos"], default="ffpp",
+                   help="real class: FF++'s c23 youtube videos of the targets (ffpp, the field's protocol; needs "
+                   "--ffpp-root) or the dataset's source_videos/ of the source actors (ffpp)")
+    p.add_argument("--ffpp-root", help="FF++ root for --real ffpp")
+    p.add_argument("--compression", default="c23", choices=["raw", "c23", "c40"],
+                   help="FF++ compression of the real videos (c23)")
+    _common(p)
+
+    p = sub.add_parser("celebdf1", help="Celeb-DF v1 (Celeb-real, YouTube-real, Celeb-synthesis)")
+    p.add_argument("--root", required=True, help="Celeb-DF v1 root (the three folders, List_of_testing_videos.txt)")
+    _common(p)
+
+    p = sub.add_parser("uadfv", help="UADFV: real/ and fake/ (no official split)")
+    p.add_argument("--root", required=True, help="UADFV root (real/NNNN.mp4, fake/NNNN_fake.mp4)")
+    p.add_argument("--split-rule", choices=["test", "hash"], default="test",
+                   help="test: every video in test (the cross-dataset protocol); hash: train/val/test 70/15/15 by "
+                   "sha1 of the pair id, a real and its fake together (test)")
+    _common(p)
+
+    p = sub.add_parser("df40", help="DF40: per-method frame folders <method>/{ff,cdf} and per-method JSON lists")
+    p.add_argument("--root", required=True, help="DF40 root (the method folders)")
+    p.add_argument("--lists", help="folder of the per-method .json lists (default: <root>/lists, else <root>)")
+    p.add_argument("--keep-crops", action="store_true",
+                   help="use DF40's frames as the face crops (no detection; same as --detector none)")
+    _common(p)
+
+    p = sub.add_parser("forgerynet", help="ForgeryNet: Training/ and Validation/ image_list.txt, video_list.txt")
+    p.add_argument("--root", required=True, help="ForgeryNet root (Training/, Validation/)")
+    _common(p)
+
+
+def list_benchmark(args: argparse.Namespace) -> tuple[str, list, list[dict]]:
+    """(dataset, items, skipped) for one of the cross-dataset benchmark sources."""
+    from data_prep import adapters
+
+    s = args.source
+    if s == "dfdc":
+        return adapters.dfdc(args.root, args.test_labels)
+    if s == "dfdcp":
+        return adapters.dfdc_preview(args.root)
+    if s == "faceshifter":
+        return adapters.faceshifter(args.root, args.splits, args.compression)
+    if s == "dfd":
+        return adapters.dfd(args.root, args.compression, args.split)
+    if s == "deeperforensics":
+        return adapters.deeperforensics(args.root, args.real, args.ffpp_root, args.compression)
+    if s == "celebdf1":
+        return adapters.celebdf_v1(args.root)
+    if s == "uadfv":
+        return adapters.uadfv(args.root, args.split_rule)
+    if s == "df40":
+        return adapters.df40(args.root, args.lists)
+    if s == "forgerynet":
+        return adapters.forgerynet(args.root)
+    raise ValueError(f"unknown prep source {s!r}")
+
+
 def settings_from(args: argparse.Namespace):
     from data_prep.pipeline import Runtime, Settings, parse_part
 
@@ -135,7 +228,9 @@ def settings_from(args: argparse.Namespace):
                         detector_model=str(Path(args.detector_model).resolve()) if args.detector_model else None,
                         detect_side=args.detect_side, min_face=args.min_face, threshold=args.threshold,
                         shard_samples=args.shard_samples, shard_bytes=int(args.shard_mb * 1024 * 1024), seed=args.seed,
-                        regions=getattr(args, "regions", "auto"))
+                        regions=getattr(args, "regions", "auto"), top_up=args.top_up)
+    if getattr(args, "keep_crops", False):
+        settings.detector = "none"
     runtime = Runtime(workers=args.workers, device=args.device, batch_size=args.batch_size,
                       part=parse_part(args.part), keep_work=args.keep_work, progress=not args.no_progress)
     return settings, runtime
@@ -194,7 +289,11 @@ def run(args: argparse.Namespace) -> int:
     if args.source == "merge":
         return _report(pipeline.merge(args.out, args.dataset, pipeline.Runtime(keep_work=args.keep_work)))
     settings, runtime = settings_from(args)
-    if args.source == "ffpp":
+    from data_prep.adapters import ADAPTERS
+
+    if args.source in ADAPTERS:
+        name, items, skipped = list_benchmark(args)
+    elif args.source == "ffpp":
         name, items, skipped = datasets.ffpp(args.root, args.splits, args.compression, args.methods, args.only_splits)
     elif args.source == "celebdf":
         name, items, skipped = datasets.celebdf(args.root)
