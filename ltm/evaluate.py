@@ -396,11 +396,13 @@ def evaluate(
     weights: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     threshold_from: str | os.PathLike | None = None,
+    protocol: str | None = None,
 ) -> list[dict]:
     """Score each data folder (default: the config's `data.test`); one report dict per folder (DESIGN.md keys).
 
     `threshold_from`: a validation folder scored first; its EER threshold replaces `eval.threshold` for the
     accuracy of every report (which names the folder).
+    `protocol`: the `ltm.crossdata.PROTOCOLS` preset the overrides came from, named in the cross-dataset table.
 
     Runs on the ranks the environment describes (a world of one without it); every rank returns the same list,
     the main process writes `<out_dir or run/eval>/<dataset>-<split>/` (its reports carry `report_dir`).
@@ -409,7 +411,7 @@ def evaluate(
     model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, "cpu")
     try:
         with scoring_accelerator(cfg.train.precision, timeout_min=cfg.eval.timeout_min) as accelerator:
-            return _score_folders(accelerator, model, cfg, source, run_dir, data, out_dir, threshold_from)
+            return _score_folders(accelerator, model, cfg, source, run_dir, data, out_dir, threshold_from, protocol)
     finally:
         for k, v in saved_env.items():  # variables set for this world must not leak into later jobs of the process
             if v is None:
@@ -419,7 +421,7 @@ def evaluate(
 
 
 def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_dir, data, out_dir,
-                   threshold_from=None) -> list[dict]:
+                   threshold_from=None, protocol: str | None = None) -> list[dict]:
     from ltm import report as report_mod
     from ltm.metrics import eer_threshold
 
@@ -464,6 +466,7 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
             "model": {"kind": cfg.model.kind, "backbone": cfg.model.backbone,
                       "inference_head": cfg.model.inference_head, "image_size": cfg.data.image_size},
             "world_size": accelerator.num_processes,
+            "cross_dataset": len(folders) > 1 or protocol is not None,  # the eval root holds the table
             "seconds": round(seconds, 3),
             "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
         }
@@ -488,6 +491,10 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
                      name, report["n_frames"], report["n_videos"], report_mod.fmt(report["frame_auc"]),
                      report["images_per_s"] or 0.0, accelerator.num_processes, folder_out)
         reports.append(report)
+    if accelerator.is_main_process and (len(reports) > 1 or protocol is not None):
+        from ltm import crossdata
+
+        crossdata.write(out_root, reports, protocol)
     return reports
 
 
@@ -554,6 +561,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-per-video", type=int, default=None, metavar="N",
                         help="score N evenly spaced frames per video (eval.frames_per_video; default: all frames "
                              "in the shards)")
+    from ltm.crossdata import PROTOCOLS
+
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
+                        help="a named evaluation protocol: frames per video and video aggregation as the field "
+                             "reports them (" + "; ".join(f"{k}: {v['about']}" for k, v in PROTOCOLS.items())
+                             + "); stated in the cross-dataset table")
     parser.add_argument("--robustness", action="store_true",
                         help="score each --data folder clean and under every --perturb type at levels 1-5: "
                              "robustness.json, robustness.md and robustness.png beside the report")
@@ -580,13 +593,20 @@ def run(args: argparse.Namespace) -> int:
         for flag, value in (("--tag", args.tag), ("--weights", args.weights), ("--video-agg", args.video_agg),
                             ("--batch-size", args.batch_size), ("--out", args.out),
                             ("--threshold-from", args.threshold_from), ("--perturb", args.perturb),
-                            ("--frames-per-video", args.frames_per_video)):
+                            ("--frames-per-video", args.frames_per_video), ("--protocol", args.protocol)):
             if value is not None:
                 argv += [flag, str(value)]
         for folder in args.data or []:
             argv += ["--data", str(folder)]
         return distributed.launch_local(args.nproc, [*argv, *args.overrides])
     overrides = list(args.overrides)
+    if args.protocol:
+        from ltm.crossdata import protocol_overrides
+
+        if args.video_agg or args.frames_per_video is not None:
+            raise ValueError(f"--protocol {args.protocol} fixes frames per video and video aggregation: leave out "
+                             "--frames-per-video and --video-agg")
+        overrides += protocol_overrides(args.protocol)
     if args.video_agg:
         overrides.append(f"eval.video_agg={args.video_agg}")
     if args.batch_size:
@@ -602,7 +622,8 @@ def run(args: argparse.Namespace) -> int:
             if "report_dir" in result:
                 print(Path(result["report_dir"]) / "robustness.md")
         return 0
-    reports = evaluate(args.run, args.data, args.tag, overrides, args.weights, args.out, args.threshold_from)
+    reports = evaluate(args.run, args.data, args.tag, overrides, args.weights, args.out, args.threshold_from,
+                       args.protocol)
     if "report_dir" in reports[-1]:  # the main process, which wrote the reports
         from ltm.report import print_table
 

@@ -73,6 +73,11 @@ def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
               "- frames: " + (f"{report['frames_per_video']} evenly spaced frames per video"
                               if report.get("frames_per_video") else "all frames in the shards")
               + (f"; perturbation `{report['perturbation']}`" if report.get("perturbation") else ""), ""]
+    if report.get("cross_dataset"):
+        from ltm.crossdata import link
+
+        lines += [f"Cross-dataset table of this evaluation (every set and the mean): [{link(report, 'md')}]"
+                  f"({link(report, 'md')})", ""]
     lines += ["| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |", "|" + "---:|" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(_cell(report, k) for _, k in SUMMARY_COLUMNS) + " |", ""]
     low = [(f, report.get("tpr_at_fpr", {}).get(f), report.get("video_tpr_at_fpr", {}).get(f))
@@ -125,6 +130,11 @@ def print_table(reports: Sequence[dict]) -> None:
     for r in reports:
         per_method = ", ".join(f"{m} {fmt(v['frame_auc'], 3)}" for m, v in r["per_method"].items())
         table.add_row(r["name"], *(_cell(r, k) for _, k in columns), per_method)
+    if len(reports) > 1:
+        from ltm.crossdata import summary
+
+        mean = summary(reports)["mean"]
+        table.add_row("mean", *(fmt(mean.get(k)) if k in ("frame_auc", "video_auc") else "" for _, k in columns), "")
     console = Console(width=max(140, Console().width))
     console.print(table)
     for r in reports:

@@ -101,6 +101,11 @@ def _report_sections(folder: Path, report: dict) -> list[str]:
            f"{fmt(report.get('images_per_s'), 1)} images/s<br>protocol: {E(protocol(report))}</div>",
            "<h2>Summary</h2>",
            _table([c for c, _ in SUMMARY_COLUMNS], [[E(_cell(report, k)) for _, k in SUMMARY_COLUMNS]])]
+    if report.get("cross_dataset"):
+        from ltm.crossdata import link
+
+        out.append(f'<p>Cross-dataset table of this evaluation: <a href="{link(report, "html")}">every set and the '
+                   "mean</a></p>")
     low = report.get("tpr_at_fpr") or {}
     if low:
         rows = []
