@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.faces import Face, cut_and_resize, largest, square_box
+from data_prep.datasets import Item
+from data_prep.faces import Detector, Face, cut_and_resize, largest, square_box
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def pick_by_mask(boxes: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray
     return boxes[int(np.argmax(counts))], "mask_overlap"
 
 
-def _select(item, frames: list[tuple[int, np.ndarray]], detector, settings) -> tuple[list, list[str]]:
+def _select(item: Item, frames: list[tuple[int, np.ndarray]], detector: Detector, settings) -> tuple[list, list[str]]:
     """Faces of `frames` under the item's rule; the rule that picked each (empty string where no face)."""
     if getattr(item, "face_rule", "largest") != "mask" or not item.mask or detector.name == "none":
         faces = detector.crop([f for _, f in frames], settings.size, settings.scale)
@@ -83,7 +84,7 @@ def _select(item, frames: list[tuple[int, np.ndarray]], detector, settings) -> t
     return faces, rules
 
 
-def _neighbours(item, missing: list[int], taken: set[int], k: int) -> dict[int, list[int]]:
+def _neighbours(item: Item, missing: list[int], taken: set[int], k: int) -> dict[int, list[int]]:
     """For each missing index, the indices at distance 1..k (nearest first, earlier first on a tie)."""
     from data_prep.video import IMAGE_EXTS, probe
 
@@ -101,7 +102,7 @@ def _neighbours(item, missing: list[int], taken: set[int], k: int) -> dict[int, 
     return out
 
 
-def _decode(item, indices: list[int]) -> dict[int, np.ndarray]:
+def _decode(item: Item, indices: list[int]) -> dict[int, np.ndarray]:
     from data_prep.video import IMAGE_EXTS, VideoError, frames_at, read_image
 
     if not indices:
@@ -118,8 +119,8 @@ def _decode(item, indices: list[int]) -> dict[int, np.ndarray]:
     return got
 
 
-def crop_faces(item, frames: list[tuple[int, np.ndarray]], detector, settings
-               ) -> tuple[list[tuple[int, np.ndarray]], list, dict]:
+def crop_faces(item: Item, frames: list[tuple[int, np.ndarray]], detector: Detector, settings
+               ) -> tuple[list[tuple[int, np.ndarray]], list[Face | None], dict]:
     """Faces of the sampled frames (module docstring); frames may come back with topped-up neighbours in place of
     faceless ones. notes: {"rules": [rule per frame], "topped_up": {new index: sampled index}}."""
     faces, rules = _select(item, frames, detector, settings)

@@ -81,13 +81,20 @@ def summary(reports: Sequence[dict], protocol: str | None = None) -> dict:
         text = "mixed: " + "; ".join(f"{row['name']}: {_describe(row['frames_per_video'], row['video_agg'])}"
                                      for row in rows)
     perturb = {row["perturbation"] for row in rows} - {None}
-    return {"protocol": protocol, "protocol_text": text, "consistent": len(settings) == 1,
+    # the protocol asks for N frames per video; a set whose shards hold fewer is named, never passed off as N
+    short = [row["name"] for row in rows if row["frames_per_video"] and row["n_videos"]
+             and row["n_frames"] < row["frames_per_video"] * row["n_videos"]]
+    return {"protocol": protocol, "protocol_text": text, "consistent": len(settings) == 1, "short_of_protocol": short,
             "perturbation": sorted(perturb), "rows": rows, "mean": mean,
             "checkpoint": reports[0].get("checkpoint") if reports else None}
 
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def _per_video(row: dict) -> str:
+    return f"{row['n_frames'] / row['n_videos']:.1f}" if row.get("n_videos") else "n/a"
 
 
 def render_markdown(table: dict) -> str:
@@ -99,24 +106,33 @@ def render_markdown(table: dict) -> str:
         lines.append(f"- perturbation: {', '.join(table['perturbation'])}")
     if not table["consistent"]:
         lines.append("- **the sets were scored under different settings: the mean mixes unlike numbers**")
-    lines += ["", "| data | frame AUC | video AUC | frames | videos |", "|---|---:|---:|---:|---:|"]
+    if table.get("short_of_protocol"):
+        lines.append(f"- fewer frames per video than the protocol asks in: {', '.join(table['short_of_protocol'])} "
+                     "(see frames/video)")
+    lines += ["", "| data | frame AUC | video AUC | frames | videos | frames/video |", "|---|---:|---:|---:|---:|---:|"]
     for r in table["rows"]:
         lines.append(f"| {r['name']} | {_fmt(r['frame_auc'])} | {_fmt(r['video_auc'])} | {r['n_frames']} | "
-                     f"{r['n_videos']} |")
+                     f"{r['n_videos']} | {_per_video(r)} |")
     m = table["mean"]
-    lines += [f"| **mean** | **{_fmt(m['frame_auc'])}** | **{_fmt(m['video_auc'])}** | | |", ""]
+    lines += [f"| **mean** | **{_fmt(m['frame_auc'])}** | **{_fmt(m['video_auc'])}** | | | |", "",
+              "frames/video: the frames actually scored per video on average (fewer than the protocol's where prep "
+              "found no face on some frames: the prep manifest's `frames.short` lists those videos).", ""]
     return "\n".join(lines)
 
 
 def render_html(table: dict) -> str:
     e = html.escape
     rows = "".join(f"<tr><td>{e(r['name'])}</td><td>{_fmt(r['frame_auc'])}</td><td>{_fmt(r['video_auc'])}</td>"
-                   f"<td>{r['n_frames']}</td><td>{r['n_videos']}</td></tr>" for r in table["rows"])
+                   f"<td>{r['n_frames']}</td><td>{r['n_videos']}</td><td>{_per_video(r)}</td></tr>"
+                   for r in table["rows"])
     m = table["mean"]
     rows += (f'<tr class="mean"><td>mean</td><td>{_fmt(m["frame_auc"])}</td><td>{_fmt(m["video_auc"])}</td>'
-             "<td></td><td></td></tr>")
+             "<td></td><td></td><td></td></tr>")
     warn = ("" if table["consistent"] else
             '<p class="warn">The sets were scored under different settings: the mean mixes unlike numbers.</p>')
+    if table.get("short_of_protocol"):
+        warn += (f'<p class="warn">Fewer frames per video than the protocol asks in: '
+                 f"{e(', '.join(table['short_of_protocol']))} (see frames/video).</p>")
     proto = (f"{e(table['protocol'])} — " if table["protocol"] else "") + e(table["protocol_text"])
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>ltm eval: cross-dataset</title>'
             "<style>body{font-family:system-ui,sans-serif;margin:24px auto;max-width:900px;padding:0 16px}"
@@ -127,7 +143,10 @@ def render_html(table: dict) -> str:
             f'<p class="meta" id="protocol">protocol: {proto}; frame AUC over every scored frame, video AUC over '
             f"videos<br>checkpoint <code>{e(str(table['checkpoint']))}</code></p>{warn}"
             '<table id="cross-dataset"><thead><tr><th>data</th><th>frame AUC</th><th>video AUC</th><th>frames</th>'
-            f"<th>videos</th></tr></thead><tbody>{rows}</tbody></table>\n</body></html>\n")
+            f"<th>videos</th><th>frames/video</th></tr></thead><tbody>{rows}</tbody></table>"
+            '<p class="meta">frames/video: the frames actually scored per video on average (fewer than the '
+            "protocol's where prep found no face on some frames: the prep manifest's frames.short lists those "
+            "videos)</p>\n</body></html>\n")
 
 
 def write(out_root: str | os.PathLike, reports: Sequence[dict], protocol: str | None = None) -> dict:

@@ -29,10 +29,11 @@ def test_rows_mean_and_protocol():
     t = crossdata.summary(reports, "deepfakebench")
     assert [r["name"] for r in t["rows"]] == ["celebdf_v2-test", "dfdc-test", "dfd_c23-test"]
     assert math.isclose(t["mean"]["frame_auc"], 0.7) and math.isclose(t["mean"]["video_auc"], 0.8)
+    assert t["short_of_protocol"] == []
     assert t["mean"]["n_frame_auc"] == 2  # a set without an AUC (one class) is left out of the mean, not counted 0
     md = crossdata.render_markdown(t)
     assert "deepfakebench — DeepfakeBench: 32 evenly spaced frames per video" in md
-    assert "| **mean** | **0.7000** | **0.8000** |" in md and "| dfd_c23-test | n/a | n/a |" in md
+    assert "| **mean** | **0.7000** | **0.8000** |" in md and "| dfd_c23-test | n/a | n/a | 64 | 2 | 32.0 |" in md
     # without a preset the table states the settings the reports were scored under, and flags a mix
     assert crossdata.summary(reports[:2])["protocol_text"].startswith("32 evenly spaced frames per video, video "
                                                                       "score = mean")
@@ -105,6 +106,8 @@ def test_cross_dataset_report_of_three_miniatures_in_chromium(media, tmp_path): 
     table = json.loads((out / "cross-dataset.json").read_text())
     assert [r["name"] for r in table["rows"]] == ["celebdf_v1-test", "uadfv-test", "dfdcp-test"]
     assert table["protocol"] == "deepfakebench" and table["consistent"]
+    # prep wrote 3 frames per video: the table says the sets fall short of the protocol's 32
+    assert table["short_of_protocol"] == ["celebdf_v1-test", "uadfv-test", "dfdcp-test"]
     for r in table["rows"]:
         report = json.loads((out / r["name"] / "report.json").read_text())
         assert r["frame_auc"] == report["frame_auc"] and r["video_auc"] == report["video_auc"]
