@@ -389,23 +389,18 @@ def uadfv(root: str | Path, rule: str = "test") -> tuple[str, list[Item], list[d
 
 
 # ---------------------------------------------------------------- DF40
-def _df40_entries(node, split: str | None = None, label: str | None = None, video: str | None = None):
+def _df40_entries(node, split: str | None = None, video: str | None = None):
     """DeepfakeBench-style JSON: {dataset: {label name: {split: [{compression}:] {video: {"label", "frames"}}}}};
-    yields (split, label name, video, entry) for every dict that holds a `frames` list."""
+    yields (split, video, entry) for every dict that holds a `frames` list. The label is the entry's own `label`
+    field (every entry of these lists carries one), never guessed from the nesting."""
     if not isinstance(node, dict):
         return
     if isinstance(node.get("frames"), list):
-        yield split, str(node.get("label") or label or ""), video, node
+        yield split, video, node
         return
     for k, v in node.items():
-        if not isinstance(v, dict):
-            continue
-        if k in SPLITS:
-            yield from _df40_entries(v, k, label, None)
-        elif split is None and any(kk in SPLITS for kk in v):
-            yield from _df40_entries(v, None, k, None)  # the label-name level sits right above the splits
-        else:
-            yield from _df40_entries(v, split, label, k)
+        if isinstance(v, dict):
+            yield from _df40_entries(v, k if k in SPLITS else split, None if k in SPLITS else k)
 
 
 def _rebase(path: str, root: Path, cache: dict[int, int]) -> Path | None:
@@ -427,8 +422,8 @@ def _rebase(path: str, root: Path, cache: dict[int, int]) -> Path | None:
 
 def df40(root: str | Path, lists: str | Path | None = None) -> tuple[str, list[Item], list[dict]]:
     """DF40: per-method frame folders `<method>/{ff,cdf}/...` and per-method JSON lists (DeepfakeBench's format;
-    default: every .json under `<root>/lists`, else under `root`). A list entry whose label name contains "real"
-    is real (method folder `real`), any other is a fake of the list's method; frames become a `frames` item."""
+    default: every .json under `<root>/lists`, else under `root`). A list entry whose `label` contains "real" is
+    real (method folder `real`), any other is a fake of the list's method; frames become a `frames` item."""
     root = Path(root)
     _require_dir(root, "DF40 root")
     ldir = Path(lists) if lists else (root / "lists" if (root / "lists").is_dir() else root)
@@ -442,14 +437,15 @@ def df40(root: str | Path, lists: str | Path | None = None) -> tuple[str, list[I
         data = _read_json(f, "DF40 list")
         method = key_safe(f.stem)
         cache: dict[int, int] = {}
-        for split, label_name, video, entry in _df40_entries(data):
+        for split, video, entry in _df40_entries(data):
             video = video or (Path(entry["frames"][0]).parent.name if entry["frames"] else "")
+            label_name = str(entry.get("label") or "")
             where = f"{f} video {video!r}"
             if split not in SPLITS:
                 skipped.append(skip(f, f"{where}: no train/val/test key above it"))
                 continue
             if not label_name:
-                skipped.append(skip(f, f"{where}: no label", split=split))
+                skipped.append(skip(f, f"{where}: field 'label' missing or empty", split=split))
                 continue
             frames = [p for p in (_rebase(x, root, cache) for x in entry["frames"]) if p is not None]
             if not frames:

@@ -242,6 +242,12 @@ def _report(result: dict) -> int:
         log.error("no usable samples: every input was skipped (see the log and the manifests' skipped lists)")
         return 1
     log.info("%s: %d samples written", result.get("dataset"), n)
+    for split, manifest in sorted((result.get("splits") or {}).items()):
+        frames = (manifest or {}).get("frames")
+        if frames:  # how many face frames each video really has, against the protocol
+            counts = ", ".join(f"{k} frames: {v} videos" for k, v in frames["videos_by_frames"].items())
+            log.info("%s/%s: %s; %s; %d short of it (manifest frames.short)", result.get("dataset"), split,
+                     frames["protocol"], counts, frames["videos_short"])
     return 0
 
 

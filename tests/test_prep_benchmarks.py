@@ -418,7 +418,8 @@ def test_df40_frame_folders_and_json_lists(media, tmp_path):
         "simswap_Fake": {"train": {"000_003": {"label": "simswap_Fake", "frames": frames(ff_fake)},
                                    "001_870": {"label": "simswap_Fake", "frames": frames(sorted(blank.iterdir()))}},
                          "test": {"id0_id1_0000": {"label": "simswap_Fake", "frames": frames(cdf_fake)}}},
-        "FF-real": {"train": {"000": {"label": "FF-real", "frames": frames(real)}},
+        "FF-real": {"train": {"000": {"label": "FF-real", "frames": frames(real)},
+                              "002": {"frames": frames(real)}},  # no label
                     "test": {"999": {"label": "FF-real", "frames": [f"{remote}/simswap/ff/real/frames/999/000.png"]}}},
     }}))
     out = tmp_path / "shards"
@@ -428,6 +429,8 @@ def test_df40_frame_folders_and_json_lists(media, tmp_path):
     assert _videos(out, "df40", "train", "real") == {"ff_000": 0}
     assert {_meta(s)["df40_label"] for s in _samples(out, "df40", "train", "simswap")} == {"simswap_Fake"}
     assert "no face" in _reasons(_manifest(out, "df40", "train"))["001_870"]
+    assert any("video '002': field 'label' missing" in s["reason"] and s["path"].endswith("simswap.json")
+               for s in _manifest(out, "df40", "train")["skipped"])
     assert any("none of its 1 frames" in s["reason"] for s in _manifest(out, "df40", "test")["skipped"])
     # DF40's frames as the crops themselves: no detection, the faceless frames kept too
     out2 = tmp_path / "shards_kept"
