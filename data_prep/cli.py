@@ -137,10 +137,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_benchmarks(sub) -> None:
     """The cross-dataset benchmarks (data_prep.adapters), each from its own download layout."""
+
+    def regions(p: argparse.ArgumentParser, source: str) -> None:
+        p.add_argument("--regions", choices=["auto", "none"], default="auto",
+                       help=f"auto: fakes get region.png from {source} where present and aligned with the fake; "
+                       "none: no regions (auto)")
     p = sub.add_parser("dfdc", help="DFDC: dfdc_train_part_N/metadata.json + the public test set's labels.csv")
     p.add_argument("--root", required=True, help="folder holding every dfdc_train_part_N/ (and test/labels.csv)")
     p.add_argument("--test-labels", help="the public test set's labels.csv (filename,label; 1 = fake), videos beside "
                    "it or in its videos/ folder (default: <root>/test/labels.csv when present)")
+    regions(p, "the difference to their `original` video")
     _common(p)
 
     p = sub.add_parser("dfdcp", help="DFDC-Preview: dataset.json over method_A/, method_B/, original_videos/")
@@ -151,6 +157,7 @@ def _add_benchmarks(sub) -> None:
     p.add_argument("--root", required=True, help="FF++ root with manipulated_sequences/FaceShifter/<c>/videos")
     p.add_argument("--splits", required=True, help="folder with FF++'s official train.json / val.json / test.json")
     p.add_argument("--compression", default="c23", choices=["raw", "c23", "c40"], help="(c23)")
+    regions(p, "the difference to their FF++ original")
     _common(p)
 
     p = sub.add_parser("dfd", help="DeepFakeDetection (FF++ layout: original_sequences/actors, "
@@ -159,6 +166,7 @@ def _add_benchmarks(sub) -> None:
     p.add_argument("--compression", default="c23", choices=["raw", "c23", "c40"], help="(c23)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"],
                    help="DFD has no official split: every video goes here (test)")
+    regions(p, "the DeepFakeDetection mask videos")
     _common(p)
 
     p = sub.add_parser("deeperforensics", help="DeeperForensics-1.0: manipulated_videos/<variant>, lists/splits")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_prep_benchmarks import _prep, _put, media  # noqa: F401  (the module's pooled real media fixture)
+from test_prep_benchmarks import _put, media  # noqa: F401  (the module's pooled real media fixture)
 
 from ltm import crossdata
 

@@ -5,6 +5,8 @@ Each test goes through `ltm prep NAME` and reads the shards back."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -276,6 +278,10 @@ def test_dfd_mask_picks_the_forged_face(media, tmp_path):
             x0, y0, x1, y1 = m["bbox"]
             assert (x0 + x1) / 2 > 200, f"the mask marks the right-hand face, got box {m['bbox']}"
             assert m["face_rule"] == "mask_overlap" and m["scene"] == "meeting_serious" and m["actors"] == "01_02"
+            # its region map is the mask, cut with the forged face's own crop: mostly forged inside that crop
+            assert m["region"] == "ffpp_mask"
+            region = np.asarray(Image.open(io.BytesIO(s["region.png"])))
+            assert region.shape == (64, 64) and (region > 128).mean() > 0.5
         else:
             assert m["face_rule"] == "largest_no_mask"
     for s in _samples(out, ds, "test", "real"):
@@ -382,7 +388,7 @@ def test_uadfv_split_rules(media, tmp_path):
     # the rule is fixed, not a random draw: these ids fall where the sha1 byte puts them
     assert [adapters.uadfv_split(f"{i:04d}") for i in range(8)] == [
         ("train" if b < 179 else "val" if b < 218 else "test") for b in
-        (__import__("hashlib").sha1(f"{i:04d}".encode()).digest()[0] for i in range(8))]
+        (hashlib.sha1(f"{i:04d}".encode()).digest()[0] for i in range(8))]
 
 
 # ---------------------------------------------------------------- DF40
