@@ -218,8 +218,12 @@ def check_prep(prep_args: list[str]) -> None:
     problems = []
     if getattr(args, "detector_model", None) and not Path(args.detector_model).is_file():
         problems.append(f"--detector-model {args.detector_model!r}: no such file")
+    from data_prep.adapters import ADAPTERS
+
     try:
-        if args.source == "ffpp":
+        if args.source in ADAPTERS:  # the cross-dataset benchmarks (docs/datasets.md)
+            name, items, _ = prep_cli.list_benchmark(args)
+        elif args.source == "ffpp":
             name, items, _ = datasets.ffpp(args.root, args.splits, args.compression, args.methods, args.only_splits)
         elif args.source == "celebdf":
             name, items, _ = datasets.celebdf(args.root)

@@ -529,3 +529,22 @@ def test_every_adapter_has_help(capsys):
             main(["prep", name, "--help"])
         assert exc.value.code == 0
         assert "--root" in capsys.readouterr().out
+
+
+def test_submit_prep_array_lists_the_benchmark_before_queueing(media, tmp_path, monkeypatch, capsys, caplog):
+    """`ltm submit prep dfdcp ... --array 2 --dry-run`: the login node lists the dataset with its adapter (a root
+    without dataset.json is refused, naming the file, before anything is queued)."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "dfdc_preview"
+    _put(media["clips"][0], root / "original_videos" / "1" / "1_A_001.mp4")
+    argv = ["submit", "prep", "dfdcp", "--root", str(root), "--out", "shards", "--array", "2", "--dry-run"]
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert any("dataset.json does not exist" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "shards").exists()
+    (root / "dataset.json").write_text(json.dumps({"original_videos/1/1_A_001.mp4": {"label": "real", "set": "test"}}))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "parts=2" in capsys.readouterr().out
