@@ -3,13 +3,14 @@ with the protocol that made it stated above the table.
 
 `ltm eval --data A --data B ...` writes it beside the per-set report folders, in the eval root:
 `cross-dataset.json`, `cross-dataset.md` and `cross-dataset.html` (each by temp + rename); every set's report.md and
-report.html link to it. `--protocol NAME` fixes how the numbers are made (PROTOCOLS: frames per video, video
-aggregation) so that a table says exactly what it compares; without it the table states the settings in force.
+report.html then show the same table and link to the page. `--protocol NAME` fixes how the numbers are made
+(PROTOCOLS: frames per video, video aggregation) so that a table says exactly what it compares; without it the table
+states the settings in force.
 
     PROTOCOLS: {name: {"frames_per_video": N or None, "video_agg": ..., "about": ...}}
     protocol_overrides(name) -> ["eval.frames_per_video=N", "eval.video_agg=..."]
     summary(reports, protocol=None) -> dict (rows, mean, protocol text)
-    render_markdown(table) -> str;  render_html(table) -> str
+    render_markdown(table) -> str;  render_html(table) -> str;  html_section(folder, report) -> str (report.html)
     write(out_root, reports, protocol=None) -> dict (the table, with the paths written)
 """
 
@@ -120,7 +121,8 @@ def render_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def render_html(table: dict) -> str:
+def _table_html(table: dict) -> str:
+    """The table, its protocol line and its warnings, as an HTML fragment (the page, and each set's report.html)."""
     e = html.escape
     rows = "".join(f"<tr><td>{e(r['name'])}</td><td>{_fmt(r['frame_auc'])}</td><td>{_fmt(r['video_auc'])}</td>"
                    f"<td>{r['n_frames']}</td><td>{r['n_videos']}</td><td>{_per_video(r)}</td></tr>"
@@ -134,19 +136,52 @@ def render_html(table: dict) -> str:
         warn += (f'<p class="warn">Fewer frames per video than the protocol asks in: '
                  f"{e(', '.join(table['short_of_protocol']))} (see frames/video).</p>")
     proto = (f"{e(table['protocol'])} — " if table["protocol"] else "") + e(table["protocol_text"])
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>ltm eval: cross-dataset</title>'
-            "<style>body{font-family:system-ui,sans-serif;margin:24px auto;max-width:900px;padding:0 16px}"
-            "table{border-collapse:collapse}th,td{border:1px solid #ddd;padding:4px 10px;text-align:right}"
-            "th:first-child,td:first-child{text-align:left}th{background:#f4f4f6}tr.mean td{font-weight:600}"
-            ".warn{color:#b3261e}.meta{color:#555}</style></head><body>\n"
-            "<h1>Cross-dataset evaluation</h1>"
-            f'<p class="meta" id="protocol">protocol: {proto}; frame AUC over every scored frame, video AUC over '
+    return (f'<p class="meta" id="protocol">protocol: {proto}; frame AUC over every scored frame, video AUC over '
             f"videos<br>checkpoint <code>{e(str(table['checkpoint']))}</code></p>{warn}"
             '<table id="cross-dataset"><thead><tr><th>data</th><th>frame AUC</th><th>video AUC</th><th>frames</th>'
             f"<th>videos</th><th>frames/video</th></tr></thead><tbody>{rows}</tbody></table>"
             '<p class="meta">frames/video: the frames actually scored per video on average (fewer than the '
             "protocol's where prep found no face on some frames: the prep manifest's frames.short lists those "
-            "videos)</p>\n</body></html>\n")
+            "videos)</p>")
+
+
+def render_html(table: dict) -> str:
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>ltm eval: cross-dataset</title>'
+            "<style>body{font-family:system-ui,sans-serif;margin:24px auto;max-width:900px;padding:0 16px}"
+            "table{border-collapse:collapse}th,td{border:1px solid #ddd;padding:4px 10px;text-align:right}"
+            "th:first-child,td:first-child{text-align:left}th{background:#f4f4f6}tr.mean td{font-weight:600}"
+            ".warn{color:#b3261e}.meta{color:#555}</style></head><body>\n"
+            f"<h1>Cross-dataset evaluation</h1>{_table_html(table)}\n</body></html>\n")
+
+
+def _stored(folder: Path, report: dict) -> dict | None:
+    """The eval root's table when it covers this report's set (never a table from another evaluation)."""
+    f = Path(folder).parent / f"{NAME}.json"
+    if not report.get("cross_dataset") or not f.is_file():
+        return None
+    try:
+        table = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return table if any(r.get("name") == report.get("name") for r in table.get("rows", [])) else None
+
+
+def html_section(folder: str | os.PathLike, report: dict) -> str:
+    """For a set's report.html: the cross-dataset table of its evaluation, once written, with a link to its page."""
+    table = _stored(Path(folder), report)
+    head = f'<h2>Cross-dataset</h2><p><a href="{link(report, "html")}">the table on its own page</a></p>'
+    return head + (_table_html(table) if table else "")
+
+
+MARK = "<!-- cross-dataset -->"
+
+
+def _embed_markdown(report_md: Path, table: dict) -> None:
+    """The table at the end of a set's report.md, replacing the one an earlier write put there."""
+    text = report_md.read_text()
+    text = text.split(MARK)[0].rstrip("\n") + "\n\n"
+    body = render_markdown(table).replace("# Cross-dataset evaluation", "## Cross-dataset table", 1)
+    atomic_write_text(report_md, text + MARK + "\n" + body)
 
 
 def write(out_root: str | os.PathLike, reports: Sequence[dict], protocol: str | None = None) -> dict:
@@ -156,6 +191,14 @@ def write(out_root: str | os.PathLike, reports: Sequence[dict], protocol: str | 
     atomic_write_text(out_root / f"{NAME}.md", render_markdown(table))
     atomic_write_text(out_root / f"{NAME}.html", render_html(table))
     atomic_write_text(out_root / f"{NAME}.json", json.dumps(table, indent=2) + "\n")
+    from ltm.report_html import write_html
+
+    for r in reports:  # each set's own report shows the table too, now that every set is scored
+        folder = Path(r.get("report_dir") or out_root / r["name"])
+        if (folder / "report.md").is_file():
+            _embed_markdown(folder / "report.md", table)
+        if (folder / "report.json").is_file():
+            write_html(folder)
     return {**table, "paths": [str(out_root / f"{NAME}.{ext}") for ext in ("json", "md", "html")]}
 
 

@@ -102,10 +102,9 @@ def _report_sections(folder: Path, report: dict) -> list[str]:
            "<h2>Summary</h2>",
            _table([c for c, _ in SUMMARY_COLUMNS], [[E(_cell(report, k)) for _, k in SUMMARY_COLUMNS]])]
     if report.get("cross_dataset"):
-        from ltm.crossdata import link
+        from ltm.crossdata import html_section
 
-        out.append(f'<p>Cross-dataset table of this evaluation: <a href="{link(report, "html")}">every set and the '
-                   "mean</a></p>")
+        out.append(html_section(folder, report))
     low = report.get("tpr_at_fpr") or {}
     if low:
         rows = []

@@ -112,7 +112,12 @@ def test_cross_dataset_report_of_three_miniatures_in_chromium(media, tmp_path): 
         report = json.loads((out / r["name"] / "report.json").read_text())
         assert r["frame_auc"] == report["frame_auc"] and r["video_auc"] == report["video_auc"]
         assert report["frames_per_video"] == 32 and report["video_agg"] == "mean" and report["cross_dataset"]
-        assert "../cross-dataset.md" in (out / r["name"] / "report.md").read_text()
+        md = (out / r["name"] / "report.md").read_text()
+        assert "../cross-dataset.md" in md and "## Cross-dataset table" in md  # the whole table, every set's row
+        assert all(f"| {x['name']} | {crossdata._fmt(x['frame_auc'])} |" in md for x in table["rows"])
+        assert md.count("## Cross-dataset table") == 1
+        page_of_set = (out / r["name"] / "report.html").read_text()
+        assert 'id="cross-dataset"' in page_of_set and '<tr class="mean">' in page_of_set
     vals = [r["frame_auc"] for r in table["rows"] if r["frame_auc"] is not None]
     assert len(vals) == 3 and math.isclose(table["mean"]["frame_auc"], sum(vals) / 3)
     assert main(["eval", "--run", str(run), "--weights", str(run / "weights.pt"), "--protocol", "deepfakebench",
