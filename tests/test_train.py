@@ -766,3 +766,21 @@ def test_linear_lr_scaling_sets_the_optimizer_rate(shards, tmp_path, caplog):
     finally:
         trainer.close()
     assert "images per rank" not in caplog.text
+
+
+def test_gradient_maps_train_through_the_trainer(shards, tmp_path):
+    """model.attention_map=saliency (and grad) take a backward pass through the teacher inside the forward: a run
+    trains with it (the FLOP count at start-up once failed on that backward) and the count includes that pass."""
+    from ltm.engine import train, train_flops_per_step
+
+    def config(kind: str, name: str):
+        return load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=2, epochs=1, val_every=0),
+                           ["data.val=[]", f"model.attention_map={kind}", "model.mask_strategy=high"])
+
+    result = train(config("saliency", "saliency"))
+    assert result["status"] == "completed" and result["step"] == 2
+    losses = [r["loss"] for r in records(tmp_path / "saliency", "train")]
+    assert losses and all(np.isfinite(losses))
+    mean = train_flops_per_step(config("mean", "mean"))
+    assert train_flops_per_step(config("saliency", "s2")) > 1.5 * mean
+    assert train_flops_per_step(config("grad", "g2")) > 1.5 * mean
