@@ -13,7 +13,7 @@ hand-off and RNG fork, the per-step collective) against a plain PyTorch loop of 
 loader built from the same config (same kind, same batch size), in interleaved blocks of steps after a warm-up,
 with the time of each phase (loader, forward, backward, optimizer step, the rest). Headline: engine images/s over
 plain images/s, target >= 0.9. Default: `tiny-cpu` as shipped (EfficientNet-Lite0, 112 px, batch 32, fp32,
-ZeRO-0), random init, on shards it writes from scikit-image's photos (bench/gpu.py's writer) or `--data`.
+ZeRO-0), random init, on shards it writes from scikit-image's photos (bench/checkdata.py's writer) or `--data`.
 
     python bench/step.py --engine                                     # tiny-cpu, 112 px, batch 32
     python bench/step.py --engine train.precision=bf16 train.zero_stage=1   # config overrides
@@ -110,7 +110,7 @@ class TimedLoader:
 
 def engine_vs_plain(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu import configure, write_check_shards  # bench/gpu.py: the shard writer and its config helper
+    from checkdata import configure, write_check_shards  # bench/checkdata.py: the GPU check's shards and config
 
     from ltm.data import build_train_loader
     from ltm.engine import Trainer

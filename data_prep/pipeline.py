@@ -36,6 +36,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.datasets import Item
+from data_prep.keys import sample_key, video_id
 from data_prep.protocol import crop_faces, frame_summary
 from data_prep.shards import (
     _sample_size,
@@ -46,7 +47,6 @@ from data_prep.shards import (
     write_json_atomic,
     write_shard,
 )
-from ltm.data.shards import video_id
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
         stats["videos_used"] += 1
         video = video_id(dataset, it.method, it.video)  # FF++ reuses `<target>_<source>` in every method folder
         for s in meta["samples"]:
-            key = f"{video}-{s['frame']:06d}"
+            key = sample_key(video, s["frame"])
             jpg = d / s["file"]
             info = {"dataset": dataset, "split": split, "video": video, "frame": s["frame"], "label": it.label,
                     "method": it.method, "compression": settings_compression(dataset), "bbox": s["bbox"],

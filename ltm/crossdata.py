@@ -191,15 +191,16 @@ def write(out_root: str | os.PathLike, reports: Sequence[dict], protocol: str | 
     atomic_write_text(out_root / f"{NAME}.md", render_markdown(table))
     atomic_write_text(out_root / f"{NAME}.html", render_html(table))
     atomic_write_text(out_root / f"{NAME}.json", json.dumps(table, indent=2) + "\n")
-    from ltm.report_html import write_html
-
-    for r in reports:  # each set's own report shows the table too, now that every set is scored
-        folder = Path(r.get("report_dir") or out_root / r["name"])
+    for folder in report_folders(out_root, reports):  # each set's report.md shows the table too, now all are scored
         if (folder / "report.md").is_file():
             _embed_markdown(folder / "report.md", table)
-        if (folder / "report.json").is_file():
-            write_html(folder)
     return {**table, "paths": [str(out_root / f"{NAME}.{ext}") for ext in ("json", "md", "html")]}
+
+
+def report_folders(out_root: str | os.PathLike, reports: Sequence[dict]) -> list[Path]:
+    """Each set's report folder. The caller rebuilds their report.html after `write` (ltm.report_html renders this
+    module's section, so this module does not call it)."""
+    return [Path(r.get("report_dir") or Path(out_root) / r["name"]) for r in reports]
 
 
 def link(report: dict, ext: str) -> str | None:

@@ -20,6 +20,39 @@ import sys
 DALI_BUILDS = {12: "cuda120", 13: "cuda130"}  # CUDA major -> nvidia-dali-<build>
 
 
+def dali_import_error() -> str | None:
+    """Why nvidia.dali cannot be imported here ("ImportError: ..."), or None when it can."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising at import
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def dali_available() -> bool:
+    return dali_import_error() is None
+
+
+def dali_package() -> dict:
+    """Which DALI build is installed: `{"package", "version", "cuda"}` (e.g. nvidia-dali-cuda130, 2.4.0, "13.0").
+
+    The CUDA 12 and CUDA 13 wheels (and their nightly/weekly builds) install the same `nvidia.dali` package, so
+    ltm imports either the same way; this names the one present. "package" is None when none is installed; a
+    venv holding two is reported as an error because one overwrote the other's files.
+    """
+    import re
+
+    found = sorted({d.metadata["Name"].lower() for d in metadata.distributions()
+                    if re.fullmatch(r"nvidia-dali(-nightly|-weekly)?-cuda\d+", (d.metadata["Name"] or "").lower())})
+    if len(found) > 1:
+        raise RuntimeError(f"several DALI builds are installed ({', '.join(found)}); they share the nvidia.dali "
+                           f"package: uninstall all but one (`make install DALI=cuda120|cuda130` does)")
+    if not found:
+        return {"package": None, "version": None, "cuda": None}
+    built = re.search(r"cuda(\d+)$", found[0]).group(1)
+    return {"package": found[0], "version": metadata.version(found[0]), "cuda": f"{built[:-1]}.{built[-1]}"}
+
+
 class EnvironmentMismatch(RuntimeError):
     """Builds that cannot work together on this node; the message says which and what to install."""
 
@@ -49,10 +82,8 @@ def driver_cuda() -> tuple[int, int] | None:
 
 def check_dali_serves_driver(dali: dict | None = None, driver: tuple[int, int] | None = None) -> None:
     """Refuse a DALI build the driver cannot serve (DALI for CUDA 13 on a CUDA 12 driver), or two builds at once.
-    `dali`: `ltm.data.dali_package()`'s answer."""
+    `dali`: `dali_package()`'s answer."""
     if dali is None:
-        from ltm.data import dali_package
-
         try:
             dali = dali_package()
         except RuntimeError as exc:  # two builds installed
@@ -69,8 +100,6 @@ def check_dali_serves_driver(dali: dict | None = None, driver: tuple[int, int] |
 
 def report() -> dict:
     import torch
-
-    from ltm.data import dali_package
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_cuda": torch_cuda(),
            "cuda_available": torch.cuda.is_available(), "driver_cuda": None, "gpus": [], "dali": [],

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -28,12 +27,9 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from ltm.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from ltm.metrics import video_scores  # noqa: E402
+from ltm.tables import SUMMARY_COLUMNS, fmt, summary_cell  # noqa: E402
 
 SCORE_COLUMNS = ("key", "video", "method", "label", "score")
-
-
-def fmt(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 def atomic_savefig(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> None:
@@ -46,21 +42,6 @@ def atomic_savefig(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------------------------
-
-SUMMARY_COLUMNS = (("frames", "n_frames"), ("videos", "n_videos"), ("frame AUC", "frame_auc"),
-                   ("video AUC", "video_auc"), ("AP", "ap"), ("EER", "eer"), ("acc", "acc"),
-                   ("TPR@1%FPR", ("tpr_at_fpr", "0.01", "tpr")), ("TPR@0.1%FPR", ("tpr_at_fpr", "0.001", "tpr")))
-
-
-def _cell(report: dict, key: str | tuple[str, ...]) -> str:
-    if isinstance(key, tuple):  # a path into nested dicts; a missing level (older reports) reads as n/a
-        value: Any = report
-        for part in key:
-            value = value.get(part) if isinstance(value, dict) else None
-        return fmt(value)
-    value = report.get(key)
-    return str(value) if key.startswith("n_") else fmt(value)
-
 
 def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
     lines = [f"# Evaluation: {report['name']}", ""]
@@ -79,7 +60,7 @@ def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
         lines += [f"Cross-dataset table of this evaluation (every set and the mean): [{link(report, 'md')}]"
                   f"({link(report, 'md')})", ""]
     lines += ["| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |", "|" + "---:|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(_cell(report, k) for _, k in SUMMARY_COLUMNS) + " |", ""]
+    lines += ["| " + " | ".join(summary_cell(report, k) for _, k in SUMMARY_COLUMNS) + " |", ""]
     low = [(f, report.get("tpr_at_fpr", {}).get(f), report.get("video_tpr_at_fpr", {}).get(f))
            for f in report.get("tpr_at_fpr", {})]
     if low:
@@ -129,7 +110,7 @@ def print_table(reports: Sequence[dict]) -> None:
     table.add_column("per-method frame AUC")
     for r in reports:
         per_method = ", ".join(f"{m} {fmt(v['frame_auc'], 3)}" for m, v in r["per_method"].items())
-        table.add_row(r["name"], *(_cell(r, k) for _, k in columns), per_method)
+        table.add_row(r["name"], *(summary_cell(r, k) for _, k in columns), per_method)
     if len(reports) > 1:
         from ltm.crossdata import summary
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from ltm.files import atomic_write_text
-from ltm.report import SUMMARY_COLUMNS, _cell, fmt
+from ltm.tables import SUMMARY_COLUMNS, fmt, summary_cell
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1200px;
@@ -100,7 +100,7 @@ def _report_sections(folder: Path, report: dict) -> list[str]:
            f"{E(str(model['image_size']))} px); {report.get('world_size', 1)} rank(s), "
            f"{fmt(report.get('images_per_s'), 1)} images/s<br>protocol: {E(protocol(report))}</div>",
            "<h2>Summary</h2>",
-           _table([c for c, _ in SUMMARY_COLUMNS], [[E(_cell(report, k)) for _, k in SUMMARY_COLUMNS]])]
+           _table([c for c, _ in SUMMARY_COLUMNS], [[E(summary_cell(report, k)) for _, k in SUMMARY_COLUMNS]])]
     if report.get("cross_dataset"):
         from ltm.crossdata import html_section
 

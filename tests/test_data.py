@@ -14,10 +14,10 @@ import torch
 import wds2idx
 import webdataset as wds
 
+from data_prep.keys import video_id
 from data_prep.shards import jpeg_bytes, write_shards
 from ltm.config import load_config
 from ltm.data import ShardError, build_eval_loader, build_train_loader, per_rank_batch
-from ltm.data.shards import video_id
 
 LOADERS = ["dali", "reference"]
 SIZE = 48
@@ -356,7 +356,7 @@ def test_loader_state_matches_a_source_named_relatively_or_absolutely(tmp_path, 
     loader state must be accepted; another folder must not."""
     from types import SimpleNamespace
 
-    from ltm.data import check_state, loader_identity
+    from ltm.data.state import check_state, loader_identity
 
     (tmp_path / "shards" / "real").mkdir(parents=True)
     (tmp_path / "other").mkdir()

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ltm.data import dali_package
-from ltm.env import EnvironmentMismatch, check_dali_serves_driver, dali_build_for
+from ltm.env import EnvironmentMismatch, check_dali_serves_driver, dali_build_for, dali_package
 
 REPO = Path(__file__).resolve().parents[1]
 

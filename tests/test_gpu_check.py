@@ -23,15 +23,33 @@ SKIP = "skipped: no CUDA"
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    """bench/gpu.py as a module (bench/ is no package; its own `from step import` needs it on the path)."""
+def bench():
+    """bench/'s modules by name (bench/ is no package; its scripts import each other with bench/ on the path)."""
     import importlib
 
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        yield importlib.import_module("gpu")
+        yield importlib.import_module
     finally:
         sys.path.remove(str(REPO / "bench"))
+
+
+@pytest.fixture(scope="module")
+def gpu_check(bench):
+    """bench/gpu.py, the check's legs and main."""
+    return bench("gpu")
+
+
+@pytest.fixture(scope="module")
+def decode_legs(bench):
+    """bench/decode.py, the decode and agree legs."""
+    return bench("decode")
+
+
+@pytest.fixture(scope="module")
+def checkdata(bench):
+    """bench/checkdata.py, the check's shards and config."""
+    return bench("checkdata")
 
 
 def _face_split(root: Path, name: str, encode) -> Path:
@@ -55,7 +73,8 @@ def _face_split(root: Path, name: str, encode) -> Path:
     return root / name / "test"
 
 
-def test_decode_agreement_holds_on_real_shards_and_fails_on_a_planted_offset(gpu_check, tmp_path):
+def test_decode_agreement_holds_on_real_shards_and_fails_on_a_planted_offset(gpu_check, decode_legs, checkdata,
+                                                                           tmp_path):
     """The agree leg's comparison on real face shards (4:4:4 as prep writes them, 4:2:0 as other tools do): without
     CUDA it compares DALI's CPU pipeline with the reference loader, within that pair's stated tolerances, and one
     level added to one side's pixels puts every type outside its bound."""
@@ -63,16 +82,16 @@ def test_decode_agreement_holds_on_real_shards_and_fails_on_a_planted_offset(gpu
     from ltm.config import load_config
 
     splits = {"444": _face_split(tmp_path, "f444", jpeg_bytes),
-              "420": _face_split(tmp_path, "f420", gpu_check.encode_420)}
+              "420": _face_split(tmp_path, "f420", checkdata.encode_420)}
     cfg = load_config(None, [f"data.root={tmp_path}", "data.image_size=64", "data.num_threads=1"])
     kinds = ["clean", "clean420", "pixelate", "jpeg"]
-    fig = gpu_check.decode_agreement(cfg, splits, False, 4, kinds, levels=(5,))
+    fig = decode_legs.decode_agreement(cfg, splits, False, 4, kinds, levels=(5,))
     assert fig["agree_pair"] == "cpu vs reference" and fig["agree_levels"] == [5]
     assert fig["agree_within_tolerance"] is True and fig["agree_outside"] == [], fig
     # two different paths were compared: pixelate's fixed-point weights differ from OpenCV's by a level or two
     assert 1 <= fig["agree_pixelate_max_diff"] <= 2 and 0 < fig["agree_pixelate_mean_diff"] <= 0.3
     assert fig["agree_clean420_max_diff"] == 0  # DALI's CPU decoder and PIL both upsample 4:2:0 chroma "fancily"
-    planted = gpu_check.decode_agreement(cfg, splits, False, 4, kinds, levels=(5,), plant=1)
+    planted = decode_legs.decode_agreement(cfg, splits, False, 4, kinds, levels=(5,), plant=1)
     assert planted["agree_within_tolerance"] is False and planted["agree_outside"] == kinds, planted
     assert all(planted[f"agree_{k}_mean_diff"] > 0.5 for k in kinds)
     # the verdicts in the JSON line carry the same tolerances
@@ -80,9 +99,9 @@ def test_decode_agreement_holds_on_real_shards_and_fails_on_a_planted_offset(gpu
     assert targets["agree_jpeg_max_diff"] == {"value": planted["agree_jpeg_max_diff"], "target": "<= 0", "ok": False}
     # samples out of order are a failure too, whatever the pixels
     batches = [{"keys": [f"k{i}"], "labels": torch.zeros(1), "images": torch.zeros(1, 3, 4, 4)} for i in range(2)]
-    assert gpu_check.compare_loaders(batches, batches)["same_keys"] is True
-    assert gpu_check.compare_loaders(batches, batches[::-1])["same_keys"] is False
-    assert gpu_check.compare_loaders(batches, batches[:1])["same_keys"] is False
+    assert decode_legs.compare_loaders(batches, batches)["same_keys"] is True
+    assert decode_legs.compare_loaders(batches, batches[::-1])["same_keys"] is False
+    assert decode_legs.compare_loaders(batches, batches[:1])["same_keys"] is False
 
 
 def test_mixed_decoder_upsamples_chroma_as_the_cpu_decoder(gpu_check):
@@ -102,7 +121,7 @@ def test_mixed_decoder_upsamples_chroma_as_the_cpu_decoder(gpu_check):
         assert "device: mixed" in decoders[0] and "jpeg_fancy_upsampling: True" in decoders[0], decoders[0]
 
 
-def test_timed_legs_run_under_the_configs_cudnn_setting(gpu_check, tmp_path):
+def test_timed_legs_run_under_the_configs_cudnn_setting(gpu_check, checkdata, tmp_path):
     """An earlier leg may leave cudnn.benchmark either way (the plain loop turns it on for a non-deterministic
     config, the engine turns it off for a deterministic one): each engine leg sets the config's own setting again,
     so an option is never timed under another setting than the default it is compared with."""
@@ -111,7 +130,7 @@ def test_timed_legs_run_under_the_configs_cudnn_setting(gpu_check, tmp_path):
     split = _face_split(tmp_path, "faces", jpeg_bytes)
     over = ["model.pretrained=null", "data.num_threads=1", "data.shuffle_buffer=8", *gpu_check.CPU_OVERRIDES,
             "data.image_size=64", "train.batch_size=4", "train.deterministic=false"]
-    cfg = gpu_check.configure("tiny-cpu", split, tmp_path / "run", over)
+    cfg = checkdata.configure("tiny-cpu", split, tmp_path / "run", over)
     before = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
     try:
         torch.backends.cudnn.benchmark = False  # as a deterministic leg (resume) leaves it

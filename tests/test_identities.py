@@ -16,10 +16,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from data_prep.keys import video_id
 from data_prep.shards import read_shard, write_shards
 from ltm.config import load_config, save_config
-from ltm.data import build_eval_loader, dali_available
-from ltm.data.shards import sample_ids, video_id
+from ltm.data import build_eval_loader
+from ltm.data.shards import sample_ids
+from ltm.env import dali_available
 from ltm.evaluate import evaluate
 from ltm.report import read_scores
 

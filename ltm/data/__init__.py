@@ -14,11 +14,12 @@ Public API:
         videos are unique across datasets and methods (`<dataset>-<method>-<video>[-<frame>]`,
         `ltm.data.shards.sample_ids`), also for shards written before prep wrote them in that form.
     loader_identity(loader) -> dict, check_state(loader, state)
-        what a saved loader state must match to be restored (kind, sources, rank split, batch size); both loaders.
+        what a saved loader state must match to be restored (kind, sources, rank split, batch size); both loaders
+        (`ltm.data.state`).
 
 `cfg.data.loader` picks the implementation: "dali" (NVIDIA DALI pipelines, `ltm.data.dali`) or "reference"
 (webdataset + PIL + torch DataLoader, `ltm.data.reference`). Where nvidia.dali cannot be imported the DALI choice
-falls back to the reference loader with a warning.
+falls back to the reference loader with a warning (`ltm.env.dali_import_error`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import torch
 
 from ltm.config import Config
 from ltm.data.shards import ShardError, Source, method_folders, resolve, scan_source
+from ltm.data.state import check_state, loader_identity
+from ltm.env import dali_import_error
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ __all__ = [
     "build_eval_loader",
     "build_train_loader",
     "check_state",
-    "dali_available",
-    "dali_package",
     "per_rank_batch",
     "train_sources",
     "eval_sources",
@@ -60,65 +61,9 @@ class TrainLoader(Protocol):
     def close(self) -> None: ...
 
 
-def loader_identity(loader: Any) -> dict:
-    """What a saved loader state must match: the same kind, sources, rank split and batch size."""
-    return {
-        "kind": loader.kind,
-        "rank": loader.rank,
-        "world_size": loader.world_size,
-        "batch": loader.batch,
-        # resolved: the same folder named relatively in one run and absolutely in the next is the same source
-        "sources": [(str(Path(s.folder).resolve()), s.weight, len(s)) for s in loader.sources],
-    }
-
-
-def check_state(loader: Any, state: dict) -> None:
-    """A loader state fits only a loader over the same sources, rank split and batch size."""
-    for k, v in loader_identity(loader).items():
-        got = state.get(k)
-        if k == "sources" and got is not None:  # states saved before paths were resolved: resolve them here
-            got = [(str(Path(x[0]).resolve()), *x[1:]) for x in got]
-        if got != v:
-            raise ValueError(f"loader state does not fit this loader: {k} is {got!r} in the state, {v!r} here")
-
-
-_DALI_ERROR: str | None = None
-
-
-def dali_available() -> bool:
-    global _DALI_ERROR
-    try:
-        import nvidia.dali  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising at import
-        _DALI_ERROR = f"{type(exc).__name__}: {exc}"
-        return False
-    return True
-
-
-def dali_package() -> dict:
-    """Which DALI build is installed: `{"package", "version", "cuda"}` (e.g. nvidia-dali-cuda130, 2.4.0, "13.0").
-
-    The CUDA 12 and CUDA 13 wheels (and their nightly/weekly builds) install the same `nvidia.dali` package, so
-    ltm imports either the same way; this names the one present. "package" is None when none is installed; a
-    venv holding two is reported as an error because one overwrote the other's files.
-    """
-    import importlib.metadata as md
-    import re
-
-    found = sorted({d.metadata["Name"].lower() for d in md.distributions()
-                    if re.fullmatch(r"nvidia-dali(-nightly|-weekly)?-cuda\d+", (d.metadata["Name"] or "").lower())})
-    if len(found) > 1:
-        raise RuntimeError(f"several DALI builds are installed ({', '.join(found)}); they share the nvidia.dali "
-                           f"package: uninstall all but one (`make install DALI=cuda120|cuda130` does)")
-    if not found:
-        return {"package": None, "version": None, "cuda": None}
-    built = re.search(r"cuda(\d+)$", found[0]).group(1)
-    return {"package": found[0], "version": md.version(found[0]), "cuda": f"{built[:-1]}.{built[-1]}"}
-
-
 def _loader_kind(cfg: Config) -> str:
-    if cfg.data.loader == "dali" and not dali_available():
-        log.warning("data.loader=dali but nvidia.dali cannot be imported (%s); using the reference loader", _DALI_ERROR)
+    if cfg.data.loader == "dali" and (error := dali_import_error()) is not None:
+        log.warning("data.loader=dali but nvidia.dali cannot be imported (%s); using the reference loader", error)
         return "reference"
     return cfg.data.loader
 

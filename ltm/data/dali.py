@@ -41,10 +41,11 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from nvidia.dali.tensors import TensorGPU
 
 from data_prep import jpeg
-from ltm.data import check_state, dali_perturb, loader_identity
-from ltm.data.plan import Item, MemberReader, ShareEvalLoader, compressed_frames, eval_share
-from ltm.data.reference import decode_jpeg, eval_pixels, parse_label
+from ltm.data import dali_perturb
+from ltm.data.plan import Item, MemberReader, ShareEvalLoader, compressed_frames, decode_jpeg, eval_share, parse_label
+from ltm.data.reference import eval_pixels
 from ltm.data.shards import ShardError, Source, rank_range, sample_ids
+from ltm.data.state import check_state, loader_identity
 from ltm.perturb import Perturbation
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,25 @@ from typing import BinaryIO
 
 import numpy as np
 
+from data_prep import jpeg
 from ltm.data.shards import Shard, ShardError, Source, rank_range
 from ltm.perturb import Perturbation, perturbation
+
+
+# The member decoders both loaders and the clip compression below share (the DALI loader uses them on its CPU path).
+def decode_jpeg(data: bytes, size: int, where: str) -> np.ndarray:
+    """JPEG bytes -> uint8 (size, size, 3) RGB; resized (bilinear, antialiased) only when the stored size differs."""
+    try:
+        return jpeg.decode_jpeg(data, size)
+    except Exception as exc:  # PIL raises several types for broken files; all mean "not a readable JPEG"
+        raise ShardError(f"{where}: corrupt JPEG ({type(exc).__name__}: {exc})") from exc
+
+
+def parse_label(data: bytes, where: str) -> float:
+    text = data.strip()
+    if text not in (b"0", b"1"):
+        raise ShardError(f"{where}: cls must be ASCII 0 or 1, got {data[:16]!r}")
+    return float(text == b"1")
 
 
 @dataclass(frozen=True)
@@ -238,8 +255,6 @@ def compressed_frames(
     """(item, its frame after the clip perturbation at the stored size, None) for each item of a share, or
     (item, None, error) for a frame that cannot be decoded when `on_bad` is "skip" (the clip is then built
     without it). Each video touching the share is decoded (PIL) and compressed whole, once."""
-    from ltm.data.reference import decode_jpeg
-
     for group, items in by_video(share):
         frames = plan.videos[group]
         pixels: dict[Item, np.ndarray] = {}

@@ -26,29 +26,24 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data_prep import jpeg
-from ltm.data import check_state, loader_identity
-from ltm.data.plan import Item, MemberReader, Plan, ShareEvalLoader, clip_perturbation, compressed_frames, eval_share
+from ltm.data.plan import (
+    Item,
+    MemberReader,
+    Plan,
+    ShareEvalLoader,
+    clip_perturbation,
+    compressed_frames,
+    decode_jpeg,
+    eval_share,
+    parse_label,
+)
 from ltm.data.shards import Shard, ShardError, Source, rank_range, sample_ids
+from ltm.data.state import check_state, loader_identity
 
 log = logging.getLogger(__name__)
 
 # A worker that produces nothing for this long is reported instead of waited for (a batch takes well under a second).
 WORKER_TIMEOUT_S = 300
-
-
-def decode_jpeg(data: bytes, size: int, where: str) -> np.ndarray:
-    """JPEG bytes -> uint8 (size, size, 3) RGB; resized (bilinear, antialiased) only when the stored size differs."""
-    try:
-        return jpeg.decode_jpeg(data, size)
-    except Exception as exc:  # PIL raises several types for broken files; all mean "not a readable JPEG"
-        raise ShardError(f"{where}: corrupt JPEG ({type(exc).__name__}: {exc})") from exc
-
-
-def parse_label(data: bytes, where: str) -> float:
-    text = data.strip()
-    if text not in (b"0", b"1"):
-        raise ShardError(f"{where}: cls must be ASCII 0 or 1, got {data[:16]!r}")
-    return float(text == b"1")
 
 
 def start_workers(loader: DataLoader) -> Iterator:

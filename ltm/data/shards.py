@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_prep.keys import video_id
 from ltm.config import Config
 
 log = logging.getLogger(__name__)
@@ -156,17 +157,6 @@ def method_folders(folder: Path) -> list[Path]:
     if not subs:
         raise ShardError(f"shard folder {folder} holds no .tar shards and no method folders with shards")
     return subs
-
-
-def video_id(dataset: str, method: str, video: str) -> str:
-    """A video's id, unique across datasets and methods: `<dataset>-<method>-<video>`.
-
-    FF++ names every manipulated video `<target>_<source>` in each method folder, so `Deepfakes/000_003` and
-    `Face2Face/000_003` are different videos with one name; the prefix keeps them apart. Prep's names are key-safe
-    (`[A-Za-z0-9_]`), so the `-` separators are unambiguous, and an id that already carries its prefix is kept.
-    """
-    prefix = "-".join(p for p in (dataset, method) if p) + "-"
-    return video if video.startswith(prefix) else prefix + video
 
 
 def sample_ids(meta_bytes: bytes | None, key: str, folder: Path) -> tuple[str, str, str]:

@@ -1,0 +1,144 @@
+"""The import graph of ltm, launcher, data_prep and bench runs one way.
+
+Built with `ast` from the source (no module is imported): every `import` and `from ... import` counts, at module
+level or inside a function, because a function-level import is still a dependency, only a later one. Two checks:
+- no cycle between modules;
+- the layers, lowest first: data_prep -> ltm -> launcher -> bench. A package may import the ones below it, never
+  the ones above (data_prep is the shard writer both sides share, launcher submits ltm's jobs, bench measures all).
+
+bench's scripts run with bench/ on sys.path (`python bench/gpu.py`), so there a bare `import step` is bench/step.py.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("data_prep", "ltm", "launcher", "bench")  # lowest layer first
+LAYER = {p: i for i, p in enumerate(PACKAGES)}
+
+# Known upward imports that are being moved right now; each entry is (importer, imported) module names. The
+# reproduce plans' SLURM submission moves from ltm.reproduce into launcher (issue 29); once it lands this is empty.
+PENDING_MOVES: frozenset[tuple[str, str]] = frozenset()
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def source_modules() -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            out[module_name(path)] = path
+    return out
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The longest known module that `name` is or lies in (`ltm.data.shards.video_id` -> `ltm.data.shards`)."""
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The known modules `module` imports anywhere in its source."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def add(name: str) -> None:
+        target = _resolve(name, modules)
+        if target is None and module.startswith("bench."):  # bench/ on sys.path: `import step`
+            target = _resolve(f"bench.{name}", modules)
+        if target is not None and target != module:
+            found.add(target)
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from . import x / from .x import y
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            for alias in node.names:  # `from pkg import submodule` depends on the submodule itself
+                add(f"{base}.{alias.name}")
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = source_modules()
+    return {m: imports_of(m, p, modules) for m, p in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as [a, b, ..., a], or None. Depth-first search with colours."""
+    colour: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        colour[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if colour.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in colour and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        colour[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in colour and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def _pending(importer: str, imported: str) -> bool:
+    return any((importer == a or importer.startswith(a + ".")) and (imported == b or imported.startswith(b + "."))
+               for a, b in PENDING_MOVES)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, t) for m, targets in graph.items() for t in targets
+                  if LAYER[t.split(".")[0]] > LAYER[m.split(".")[0]] and not _pending(m, t))
+
+
+def test_graph_sees_the_packages() -> None:
+    graph = import_graph()
+    assert {"ltm.engine", "ltm.data", "data_prep.shards", "launcher.submit", "bench.gpu"} <= set(graph)
+    assert "ltm.config" in graph["ltm.engine"]  # module-level import
+    assert "ltm.data.dali" in graph["ltm.data"]  # function-level import
+
+
+def test_no_import_cycle() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_import_against_the_layers() -> None:
+    bad = upward_imports(import_graph())
+    assert not bad, ("imports against the layers (data_prep -> ltm -> launcher -> bench):\n"
+                     + "\n".join(f"  {m} imports {t}" for m, t in bad))
+
+
+def test_pending_moves_are_still_pending() -> None:
+    """An allow-list entry whose import is gone is removed, so the list never hides a new one."""
+    graph = import_graph()
+    for a, b in PENDING_MOVES:
+        assert any((m == a or m.startswith(a + ".")) and any(t == b or t.startswith(b + ".") for t in ts)
+                   for m, ts in graph.items()), f"PENDING_MOVES lists {a} -> {b}, which no longer exists"
+
+
+def test_checks_catch_a_planted_cycle_and_upward_import() -> None:
+    graph = {"ltm.a": {"ltm.b"}, "ltm.b": {"ltm.c"}, "ltm.c": {"ltm.a"}, "data_prep.x": {"bench.y"}, "bench.y": set()}
+    assert find_cycle(graph) == ["ltm.a", "ltm.b", "ltm.c", "ltm.a"]
+    assert upward_imports(graph) == [("data_prep.x", "bench.y")]
