@@ -52,8 +52,6 @@ import sys
 import time
 from pathlib import Path
 
-import scipy.stats
-
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 VARIANTS = {  # name -> model overrides
@@ -231,12 +229,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval (nan half-width for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    lo, hi = scipy.stats.t.interval(0.95, len(values) - 1, loc=mean, scale=scipy.stats.sem(values))
-    return mean, float(lo), float(hi)
+    """Mean and 95% t-interval (nan half-width for one value): `ltm.sweep.stats`, the one place for them."""
+    from ltm.sweep.stats import interval as t_interval
+
+    i = t_interval(values)
+    return i.mean, i.lo, i.hi
 
 
 def unseen_mean(row: dict, head: str, seen: str) -> float:
@@ -378,7 +375,10 @@ def main() -> int:
                                                                                         for f in FAMILIES))
 
     def paired(a: tuple[str, str], b: tuple[str, str]) -> tuple[float, float, float]:
-        return interval([x - y for x, y in zip(per_seed(*a), per_seed(*b))])
+        from ltm.sweep.stats import paired as paired_by_seed
+
+        i = paired_by_seed(dict(zip(seeds, per_seed(*a))), dict(zip(seeds, per_seed(*b)))).interval
+        return i.mean, i.lo, i.hi
 
     diffs = {}
     for name, a, b in (("student-baseline", ("ltm-high", "student"), ("baseline", "baseline")),

@@ -22,7 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("ltm.predict", "P(fake) for a video or image file, per frame, with attention pictures"),
     "export": ("ltm.export", "write one inference head (the student by default) as ONNX or TorchScript"),
     "submit": ("launcher.submit", "submit train / eval / prep jobs to SLURM with submitit"),
-    "reproduce": ("ltm.reproduce", "run or collect one of the paper's tables (Tables 1-5)"),
+    "sweep": ("launcher.sweep", "paired multi-seed experiments: variants x seeds, here or as a SLURM array, with "
+              "t-intervals and a verdict"),
+    "reproduce": ("launcher.reproduce", "run or collect one of the paper's tables (Tables 1-5)"),
     "weights": ("ltm.models.weights", "ImageNet backbone weights: fetch into the cache, list what loads offline"),
     "config": ("ltm.cli", "print a resolved config (packaged name or path, plus key=value overrides)"),
     "env": ("ltm.env", "the installed builds (torch/CUDA, DALI, driver, DeepSpeed) and whether they fit together"),

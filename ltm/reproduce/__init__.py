@@ -21,12 +21,11 @@ so that a table can run on other shards: e.g. on the sample dataset (FF++ layout
 FaceSwap) `--map Deepfakes=SelfBlend --map Face2Face=SelfBlend --map NeuralTextures=FaceSwap`.
 
 The package, one concern per module: `configs` (each run's resolved config), `plan` (a table's runs and their
-state), `local` (running here), `slurm` (submitting, remembering and waiting for jobs), `cost` (GPU-hour
-estimates), `results` (collecting the reports into tableN.md/.json), `cli` (the command). The paper's numbers are
-data in `ltm.paper_results`.
+state), `local` (running here), `cost` (GPU-hour estimates), `results` (collecting the reports into
+tableN.md/.json). The command and the SLURM submission (submitting, remembering and waiting for jobs) are
+`launcher.reproduce`: SLURM sits above `ltm`. The paper's numbers are data in `ltm.paper_results`.
 """
 
-from ltm.reproduce.cli import add_arguments, print_plan, run
 from ltm.reproduce.configs import (
     EXPERIMENTS_DIR,
     config_diff,
@@ -40,14 +39,11 @@ from ltm.reproduce.cost import estimate, model_gflops, print_estimate, split_fra
 from ltm.reproduce.local import eval_command, run_local, train_command
 from ltm.reproduce.plan import STATE_DIR, RunPlan, checkpoint_step, plan_table, report_dir, select, write_configs
 from ltm.reproduce.results import collect, render_markdown, write_collected
-from ltm.reproduce.slurm import active_jobs, load_jobs, save_jobs, submit_slurm, wait_for
 
 __all__ = [
     "EXPERIMENTS_DIR",
     "STATE_DIR",
     "RunPlan",
-    "active_jobs",
-    "add_arguments",
     "checkpoint_step",
     "collect",
     "config_diff",
@@ -55,24 +51,18 @@ __all__ = [
     "eval_command",
     "experiment_layer",
     "experiment_path",
-    "load_jobs",
     "map_path",
     "model_gflops",
     "parse_pairs",
     "plan_table",
     "print_estimate",
-    "print_plan",
     "render_markdown",
     "report_dir",
-    "run",
     "run_config",
     "run_local",
-    "save_jobs",
     "select",
     "split_frames",
-    "submit_slurm",
     "train_command",
-    "wait_for",
     "write_collected",
     "write_configs",
 ]
