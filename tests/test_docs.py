@@ -188,7 +188,7 @@ def test_demo_step_count_is_tiny_cpus():
     train = load_config("tiny-cpu").train
     steps = train.iters_per_epoch * train.epochs
     readme = page("README.md")
-    demo = readme[readme.index("## What `make demo` prints"):readme.index("Before ImageNet initialisation")]
+    demo = readme[readme.index("## What `make demo` prints"):readme.index("## A tour of the commands")]
     counts = [int(n) for n in re.findall(r"\b(\d+) steps\b", demo)]
     assert len(counts) >= 2, "README: no demo step count found"
     assert set(counts) == {steps}, f"README: the demo trains {steps} steps (tiny-cpu), the page says {counts}"
