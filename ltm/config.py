@@ -137,7 +137,7 @@ class TrainConfig:
     # torch.compile of the model inside the DeepSpeed engine (DeepSpeed's engine.compile, inductor):
     # false | default | reduce-overhead | max-autotune (true = default); checkpoints keep the same keys
     compile: bool | str = False
-    peak_tflops: float = 0.0  # one device's peak TFLOP/s for the logged MFU (0: the GPU's entry in ltm.engine's table)
+    peak_tflops: float = 0.0  # one device's peak TFLOP/s for the logged MFU (0: PEAK_TFLOPS in ltm.train_metrics)
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler trace of steps start..+steps-1
     # BatchNorm statistics over every rank's micro-batch (torch SyncBatchNorm, GPUs only) instead of each rank's own;
     # no effect in a world of one (docs/training.md "Many GPUs")

@@ -10,6 +10,9 @@ Exact resume: every random draw of a step comes from generators whose states are
 the `random` mask strategy and the mixup permutation and lambda, numpy, python), the loader state is saved beside
 them, and anything else that draws (the loader's iterator start-up, validation) runs under `torch.random.fork_rng`,
 so it leaves the training stream where it was. On the CPU a resumed run ends bitwise equal to one never stopped.
+
+Its components live beside it: checkpoints in `ltm.checkpoint`, validation in `ltm.validate`, the metrics log and
+throughput figures in `ltm.train_metrics`, the stop flag and its signals in `ltm.preemption`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,7 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,51 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ltm import distributed, scaling
+from ltm import distributed, preemption, scaling
 from ltm.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state, step_of, tag_for
 from ltm.config import Config, ConfigError, load_config, load_run_config, save_config, to_dict, upgrade_stored
-from ltm.distributed import DistEnv, all_gather_object, all_reduce_sum, init_distributed, teardown
+from ltm.distributed import all_reduce_sum, init_distributed, teardown
+from ltm.train_metrics import MetricsLog, peak_tflops, train_flops_per_step
+from ltm.validate import Validator
 
 log = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------------------------------------ preemption
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-_stop = threading.Event()
-
-
-def request_stop() -> None:
-    """Ask the running `train()` to save at the next step boundary and return status "preempted".
-
-    Safe to call from a signal handler or another thread (submitit's checkpoint handler, a launcher); every rank's
-    flag is summed over the ranks each step, so one rank asking is enough.
-    """
-    _stop.set()
-
-
-def stop_requested() -> bool:
-    return _stop.is_set()
-
-
-def _on_signal(signum: int, _frame: Any) -> None:
-    # Only a flag: the ranks must agree on one step to save at, which a handler cannot do.
-    _stop.set()
-    log.warning("received %s: saving at the next step boundary", signal.Signals(signum).name)
-
-
-@contextmanager
-def stop_signal_handlers() -> Iterator[None]:
-    """SIGUSR1/SIGUSR2/SIGTERM set the stop flag while training; the previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():  # signal.signal works only there
-        yield
-        return
-    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
 
 # ------------------------------------------------------------------------------------------------ pieces
 
@@ -146,94 +108,6 @@ def check_run_folder(run_dir: Path, cfg: Config) -> None:
                           "pick another train.run_dir or the same model settings")
 
 
-class MetricsLog:
-    """`<run>/metrics.jsonl` (one JSON object per line) and TensorBoard under `<run>/tb/`; rank 0 writes."""
-
-    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        self._truncate(start_step)
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step drops events a killed run wrote after the checkpoint it resumes from
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
-
-    def _truncate(self, step: int) -> None:
-        """Keep the lines up to the resumed step: a run killed after its checkpoint logged steps it will redo."""
-        if not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:  # the last line of a run killed mid-write (node crash, full disk)
-                log.warning("%s: dropping a line cut short by an earlier crash: %.80s", self.path, line)
-                continue
-            if record is not None and record.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        kind, step = record.get("type"), record.get("step", 0)
-        for key, value in record.items():
-            scalar = isinstance(value, (int, float)) and math.isfinite(value)
-            if scalar and key not in ("type", "step", "epoch", "time"):
-                self.tb.add_scalar(f"{kind}/{key}", value, step)
-        self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-class Validator:
-    """Frame AUC (sklearn) and loss of the inference head over cfg.data.val, every rank scoring its share."""
-
-    def __init__(self, cfg: Config, env: DistEnv):
-        from ltm.data import build_eval_loader
-
-        self.cfg, self.env = cfg, env
-        self.loader = None
-        if cfg.data.val:
-            self.loader = build_eval_loader(cfg, cfg.data.val, env.rank, env.world_size, env.device,
-                                            cfg.eval.batch_size)
-
-    @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, dtype: torch.dtype) -> dict:
-        from sklearn.metrics import log_loss, roc_auc_score
-
-        scores, labels = [], []
-        was_training = model.training
-        model.eval()
-        with torch.random.fork_rng(devices=[]):  # whatever the loader draws stays out of the training stream
-            for i, batch in enumerate(self.loader):
-                if self.cfg.train.val_batches and i >= self.cfg.train.val_batches:
-                    break
-                scores.append(model.predict(batch["images"].to(dtype)).float().cpu())
-                labels.append(batch["labels"].float().cpu())
-        model.train(was_training)
-        mine = (torch.cat(scores).numpy() if scores else np.zeros(0), torch.cat(labels).numpy() if labels
-                else np.zeros(0))
-        parts = all_gather_object(mine)  # the only collective of a validation: every rank gets every score
-        s = np.concatenate([p[0] for p in parts]).astype(np.float64)
-        y = np.concatenate([p[1] for p in parts])
-        both = len(np.unique(y)) == 2
-        return {
-            "val_auc": float(roc_auc_score(y, s)) if both else float("nan"),
-            "val_loss": float(log_loss(y, np.clip(s, 1e-7, 1 - 1e-7), labels=[0, 1])) if len(y) else float("nan"),
-            "val_frames": int(len(y)),
-        }
-
-
 @dataclass
 class TrainState:
     """What the loop counts; saved in every checkpoint's client_state."""
@@ -244,42 +118,6 @@ class TrainState:
     last_val_auc: float = float("nan")
     window: dict[str, float] = field(default_factory=dict)  # per-term sums since the last log line
     window_steps: int = 0
-
-
-# ------------------------------------------------------------------------------------------------ throughput
-
-# Dense peak TFLOP/s of one device from its datasheet: (bf16/fp16, tf32 for fp32 training). MFU is achieved / peak.
-PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L40S": (362.0, 183.0),
-               "A10": (125.0, 62.5), "L4": (121.0, 60.0), "V100": (125.0, 15.7), "RTX 4090": (165.0, 82.6)}
-
-
-def peak_tflops(cfg: Config, device: torch.device) -> float | None:
-    """`train.peak_tflops`, else the table's entry for this GPU and precision; None on the CPU or an unknown GPU."""
-    if cfg.train.peak_tflops > 0:
-        return cfg.train.peak_tflops
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, tf32) in PEAK_TFLOPS.items():
-        if key in name:
-            return half if cfg.train.precision in ("bf16", "fp16") else tf32
-    log.info("no peak TFLOP/s known for %s: set train.peak_tflops to log MFU", name)
-    return None
-
-
-_FORWARD_GFLOP: dict[tuple[str, int], float] = {}  # (model config, image size) -> training forward GFLOP per image
-
-
-def train_flops_per_step(cfg: Config) -> float:
-    """FLOPs of one optimizer step of the whole job: 3x the model's training forward (forward + backward) per image,
-    counted by torch's FlopCounterMode on the meta device (ltm.reproduce.cost), times the global batch."""
-    from ltm.reproduce.cost import model_gflops
-
-    # counted once per model in a process: the count takes seconds on a CPU, and benchmarks start many Trainers
-    key = (repr(cfg.model), cfg.data.image_size)
-    if key not in _FORWARD_GFLOP:
-        _FORWARD_GFLOP[key] = model_gflops(cfg)[0]
-    return 3 * _FORWARD_GFLOP[key] * 1e9 * cfg.train.batch_size
 
 
 def compile_model(engine: Any, mode: bool | str, deterministic: bool) -> None:
@@ -474,12 +312,12 @@ class Trainer:
 
     # --- the loop
     def fit(self) -> dict:
-        _stop.clear()
+        preemption.clear_stop()
         from tqdm.auto import tqdm
 
         self.progress = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True,
                              disable=None if self.is_main else True)
-        with stop_signal_handlers():
+        with preemption.stop_signal_handlers():
             while self.state.step < self.total_steps:
                 if self.train_one_epoch():
                     return self.finish("preempted")
@@ -551,7 +389,7 @@ class Trainer:
         # drift apart while only rank 0's are checkpointed; averaging keeps every rank's model equal to the checkpoint.
         # A world of one has nothing to average: its buffers stay out of the step.
         world = self.env.world_size
-        flag = torch.tensor([float(_stop.is_set())], dtype=torch.float64, device=self.env.device)
+        flag = torch.tensor([float(preemption.stop_requested())], dtype=torch.float64, device=self.env.device)
         parts = [flag, (sums / self.cfg.train.grad_accum).to(self.env.device)]
         if world > 1:
             # one concatenation, then one cast: two kernels however many buffers the model has
@@ -705,5 +543,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Trainer", "TrainState", "add_arguments", "deepspeed_config", "request_stop", "run", "stop_requested",
-           "train"]
+__all__ = ["Trainer", "TrainState", "add_arguments", "deepspeed_config", "run", "train"]

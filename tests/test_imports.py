@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_prep", "ltm", "launcher", "bench")  # lowest layer first
 LAYER = {p: i for i, p in enumerate(PACKAGES)}
 
-# Known upward imports that are being moved right now; each entry is (importer, imported) module names. The
-# reproduce plans' SLURM submission moves from ltm.reproduce into launcher (issue 29); once it lands this is empty.
+# Known upward imports that are being moved right now, each (importer, imported) module names; empty when no move
+# is under way. The last one, ltm.reproduce -> launcher, went when the reproduce plans' SLURM submission moved into
+# launcher/reproduce.py (issue 29).
 PENDING_MOVES: frozenset[tuple[str, str]] = frozenset()
 
 

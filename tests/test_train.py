@@ -549,7 +549,7 @@ def test_universal_resume_at_the_same_world_size(run_a, tmp_path):
 
 def test_resume_keeps_metrics_when_the_last_line_was_cut_short(tmp_path):
     """A node crash mid-write leaves half a JSON line in metrics.jsonl; the resumed run drops it and goes on."""
-    from ltm.engine import MetricsLog
+    from ltm.train_metrics import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"type": "train", "step": 1}\n{"type": "train", "step": 2}\n{"type": "train", "step": 3}\n'
@@ -581,7 +581,8 @@ def test_logged_throughput_data_stall_and_mfu(shards, tmp_path, monkeypatch):
     """Every train record has images/s, the data-stall fraction, achieved TFLOP/s (from the model's FLOP count) and,
     with a peak, MFU; a loader that sleeps shows as a stall above 50%."""
     import ltm.data
-    from ltm.engine import Trainer, train_flops_per_step
+    from ltm.engine import Trainer
+    from ltm.train_metrics import train_flops_per_step
 
     stalls = {}
     for name, slow in (("plain", False), ("slow", True)):
@@ -771,7 +772,8 @@ def test_linear_lr_scaling_sets_the_optimizer_rate(shards, tmp_path, caplog):
 def test_gradient_maps_train_through_the_trainer(shards, tmp_path):
     """model.attention_map=saliency (and grad) take a backward pass through the teacher inside the forward: a run
     trains with it (the FLOP count at start-up once failed on that backward) and the count includes that pass."""
-    from ltm.engine import train, train_flops_per_step
+    from ltm.engine import train
+    from ltm.train_metrics import train_flops_per_step
 
     def config(kind: str, name: str):
         return load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=2, epochs=1, val_every=0),
