@@ -94,10 +94,21 @@ TINY = ["data.image_size=64", "model.backbone=resnet18", "model.pretrained=null"
         "launch.time_min=15"]
 
 
+def second_test_set(shards: Path, root: Path) -> Path:
+    """A second test set: the sample's real and FaceSwap test shards (each set needs both classes for an AUC)."""
+    folder = root / "ffpp_c23_faceswap" / "test"
+    for method in ("real", "FaceSwap"):
+        (folder / method).mkdir(parents=True, exist_ok=True)
+        for f in (shards / "ffpp_c23" / "test" / method).iterdir():
+            if not (folder / method / f.name).exists():
+                (folder / method / f.name).symlink_to(f)
+    return folder
+
+
 def sweep_argv(shards: Path, out: Path, *extra: str) -> list[str]:
     return ["sweep", "--config", "tiny-cpu", "--variant", "base:", "--variant", "hot:train.lr=0.05", "--seeds", "3",
-            "--eval", "ffpp_c23/test", "--eval", "ffpp_c23/test/FaceSwap", "--steps", "2,4", "--out", str(out),
-            *extra, f"data.root={shards}", *TINY]
+            "--eval", "ffpp_c23/test", "--eval", str(second_test_set(shards, out.parent / "sets")), "--steps", "2,4",
+            "--out", str(out), *extra, f"data.root={shards}", *TINY]
 
 
 def table_of(out: Path) -> dict:
@@ -151,10 +162,7 @@ def test_array_with_a_task_killed_then_rerun_equals_a_local_sweep(slurm_cluster,
         steps = [json.loads(x)["step"] for x in (out / "runs" / key / "metrics.jsonl").read_text().splitlines()
                  if '"type": "train"' in x]
         assert sorted(set(steps)) == [1, 2, 3, 4]
-        # selection on val only; test scored once, for the selected checkpoint
-        assert record["selected"] == select_budget(record["val"], record["heads"][0])
-        assert [p.name for p in (out / "runs" / key / "sweep-eval").glob("*-test")] == \
-            [f"step{record['selected']}-test"]
+        assert_selection_on_val(out, key, record)
         assert record["provenance"]["commit"] and record["provenance"]["packages"]["torch"] and record["seed"] >= 0
         if key != victim:
             assert (out / "points" / f"{key}.json").stat().st_mtime_ns == mtimes[key]  # reused, untouched
@@ -192,3 +200,33 @@ def test_a_changed_config_is_refused_naming_the_key(sample_shards, tmp_path, cap
     assert main(argv) == 2
     assert "point a seed 0 was run with another config (train.lr: 0.5 there, 0.01 here)" in caplog.text
     assert not (out / "runs").exists()
+
+
+def assert_selection_on_val(out: Path, key: str, record: dict) -> None:
+    """Val chose the checkpoint from val's own reports; test was scored once, for that checkpoint only."""
+    run = out / "runs" / key / "sweep-eval"
+    head = record["heads"][0]
+    for budget, aucs in record["val"].items():
+        reports = sorted((run / f"step{budget}-val" / head).glob("*/report.json"))
+        assert [p.parent.name for p in reports] == ["ffpp_c23-val"], (key, budget, reports)
+        assert json.loads(reports[0].read_text())["frame_auc"] == pytest.approx(aucs[head])
+    assert record["selected"] == select_budget(record["val"], head)
+    assert [p.name for p in run.glob("*-test")] == [f"step{record['selected']}-test"]
+    report = json.loads(next((run / f"step{record['selected']}-test" / head).glob("ffpp_c23-test/report.json"))
+                        .read_text())
+    assert report["checkpoint"].endswith(f"step{record['selected']:08d}")
+
+
+def test_local_point_selects_on_val_scores_test_once_and_is_kept(sample_shards, tmp_path, capsys):
+    out = tmp_path / "one"
+    argv = ["sweep", "--config", "tiny-cpu", "--variant", "a:", "--seeds", "1", "--eval", "ffpp_c23/test",
+            "--steps", "2,4", "--out", str(out), f"data.root={sample_shards}", *TINY]
+    assert main(argv) == 0
+    record = records(out)["a-seed0"]
+    assert record["status"] == "done" and set(record["val"]) == {"2", "4"}
+    assert_selection_on_val(out, "a-seed0", record)
+    mtime = (out / "points" / "a-seed0.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0  # rerun: the point is kept, nothing trained or scored
+    assert (out / "points" / "a-seed0.json").stat().st_mtime_ns == mtime
+    assert "| a | student |" in capsys.readouterr().out

@@ -237,7 +237,13 @@ def score(run_dir: Path, data: list[str], budget: int, head: str, out_dir: Path)
 
     overrides = [*EVAL_OVERRIDES] + ([] if head == "baseline" else [f"model.inference_head={head}"])
     reports = evaluate(run_dir, data, tag=tag_for(budget), cfg_overrides=overrides, out_dir=out_dir)
-    return {d: float(r["frame_auc"]) for d, r in zip(data, reports)}
+    aucs = {}
+    for d, r in zip(data, reports):
+        if r.get("frame_auc") is None:  # one class only: no AUC, and a sweep's table has nothing to average
+            raise ValueError(f"{d}: AUC undefined (the folder holds only one class); a sweep's --eval and data.val "
+                             "need real and fake frames")
+        aucs[d] = float(r["frame_auc"])
+    return aucs
 
 
 def train_to(cfg: Config, nproc: int | None) -> dict[str, Any]:

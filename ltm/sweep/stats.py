@@ -130,14 +130,18 @@ class Verdict:
     n: int
     n_needed: int | None  # for an unresolved comparison: seeds to resolve `effect`
     effect: float
+    rules_out: bool = False  # unresolved, but the interval lies within +-effect: an effect that large is excluded
 
     def text(self) -> str:
         if self.word in ("better", "worse"):
             return f"{self.word} (95% interval excludes 0, N={self.n})"
         if self.n_needed is None:
             return f"{self.word}"
-        return (f"{self.word}={self.n}; N={self.n_needed} would resolve {self.effect:+.3f} "
-                f"({POWER:.0%} power, from the paired SD)")
+        out = (f"{self.word}={self.n}; N={self.n_needed} would resolve {self.effect:+.3f} "
+               f"({POWER:.0%} power, from the paired SD)")
+        if self.rules_out:
+            out += f"; the interval rules out a difference of {self.effect:.3f} either way"
+        return out
 
 
 def verdict(diff: Interval, effect: float = EFFECT, higher_is_better: bool = True) -> Verdict:
@@ -147,4 +151,5 @@ def verdict(diff: Interval, effect: float = EFFECT, higher_is_better: bool = Tru
     if diff.resolved:
         up = diff.lo > 0
         return Verdict("better" if up == higher_is_better else "worse", diff.n, None, effect)
-    return Verdict("no difference resolved at this N", diff.n, n_needed(diff.sd, effect), effect)
+    inside = -abs(effect) < diff.lo and diff.hi < abs(effect)
+    return Verdict("no difference resolved at this N", diff.n, n_needed(diff.sd, effect), effect, inside)
