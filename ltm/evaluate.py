@@ -420,9 +420,66 @@ def evaluate(
                 os.environ[k] = v
 
 
+def score_and_report(accelerator, model: nn.Module, cfg: Config, source: str, run_dir, folder: Path,
+                     folder_out: Path, threshold: float, threshold_folder: Path | None = None,
+                     cross_dataset: bool = False) -> dict:
+    """Score one folder and (main process) write its report folder `folder_out`: report.json, report.md,
+    report.html, scores.csv, roc.png, the attention gallery, the most confident mistakes and, for a model with
+    teacher maps, the mask diagnostics. Every rank returns the report dict (`report_dir` on the main process)."""
+    from ltm import report as report_mod
+
+    name = folder_out.name
+    start = time.perf_counter()
+    rows, kept, counts = score_folder(model, cfg, folder, accelerator, cfg.eval.batch_size,
+                                      cfg.eval.attention_samples if accelerator.is_main_process else 0,
+                                      cfg.eval.error_samples, threshold)
+    rows = gather_rows(rows, counts)
+    false_positives, false_negatives = gather_errors(kept, cfg.eval.error_samples)
+    seconds = time.perf_counter() - start
+    if not rows:
+        raise ValueError(f"shard folder {str(folder)!r}: the loader yielded no samples")
+    metrics = compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
+                              [r.score for r in rows], cfg.eval.video_agg, threshold)
+    report = {
+        "name": name,
+        **metrics,
+        "threshold_from": str(threshold_folder) if threshold_folder is not None else None,
+        "perturbation": cfg.eval.perturb,
+        "frames_per_video": cfg.eval.frames_per_video,
+        "checkpoint": source,
+        "data": str(folder),
+        "run": str(run_dir),
+        "model": {"kind": cfg.model.kind, "backbone": cfg.model.backbone,
+                  "inference_head": cfg.model.inference_head, "image_size": cfg.data.image_size},
+        "world_size": accelerator.num_processes,
+        "cross_dataset": cross_dataset,  # the eval root holds the table
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
+    }
+    if accelerator.is_main_process:
+        if not hasattr(model, "explain"):
+            log.info("model kind %s has no teacher attention: no attention pictures", type(model).__name__)
+        gallery = [(key, label, img) for label in (0, 1) for key, img in kept.by_label[label]]
+        pictures = attention_maps(model, gallery, accelerator.device)
+        mistakes = attention_maps(model, [(key, 0, img) for _, key, img in false_positives]
+                                  + [(key, 1, img) for _, key, img in false_negatives],
+                                  accelerator.device, crops_without_attention=True)
+        region_pictures: list = []
+        if hasattr(model, "teacher_maps") and cfg.eval.region_samples > 0 and not cfg.eval.perturb:
+            from ltm.regions import diagnose
+
+            report["mask_diagnostics"], region_pictures = diagnose(
+                model, folder, cfg.data.image_size, cfg.eval.region_samples, accelerator.device)
+        report_mod.write_report(folder_out, report, rows, pictures, mistakes, region_pictures)
+        report["report_dir"] = str(folder_out)
+        log.info("%s: %d frames, %d videos, frame AUC %s, %.1f images/s on %d rank(s) -> %s",
+                 name, report["n_frames"], report["n_videos"], report_mod.fmt(report["frame_auc"]),
+                 report["images_per_s"] or 0.0, accelerator.num_processes, folder_out)
+    return report
+
+
 def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_dir, data, out_dir,
                    threshold_from=None, protocol: str | None = None) -> list[dict]:
-    from ltm import report as report_mod
     from ltm.metrics import eer_threshold
 
     model = accelerator.prepare_model(model, evaluation_mode=True)  # this rank's device, no DDP wrapper
@@ -442,59 +499,17 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
     out_root = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
     reports = []
     for folder in folders:
-        name = dataset_name(folder)
-        start = time.perf_counter()
-        rows, kept, counts = score_folder(model, cfg, folder, accelerator, cfg.eval.batch_size,
-                                          cfg.eval.attention_samples if accelerator.is_main_process else 0,
-                                          cfg.eval.error_samples, threshold)
-        rows = gather_rows(rows, counts)
-        false_positives, false_negatives = gather_errors(kept, cfg.eval.error_samples)
-        seconds = time.perf_counter() - start
-        if not rows:
-            raise ValueError(f"shard folder {str(folder)!r}: the loader yielded no samples")
-        metrics = compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
-                                  [r.score for r in rows], cfg.eval.video_agg, threshold)
-        report = {
-            "name": name,
-            **metrics,
-            "threshold_from": str(threshold_folder) if threshold_folder is not None else None,
-            "perturbation": cfg.eval.perturb,
-            "frames_per_video": cfg.eval.frames_per_video,
-            "checkpoint": source,
-            "data": str(folder),
-            "run": str(run_dir),
-            "model": {"kind": cfg.model.kind, "backbone": cfg.model.backbone,
-                      "inference_head": cfg.model.inference_head, "image_size": cfg.data.image_size},
-            "world_size": accelerator.num_processes,
-            "cross_dataset": len(folders) > 1 or protocol is not None,  # the eval root holds the table
-            "seconds": round(seconds, 3),
-            "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
-        }
-        if accelerator.is_main_process:
-            folder_out = out_root / name
-            if not hasattr(model, "explain"):
-                log.info("model kind %s has no teacher attention: no attention pictures", type(model).__name__)
-            gallery = [(key, label, img) for label in (0, 1) for key, img in kept.by_label[label]]
-            pictures = attention_maps(model, gallery, accelerator.device)
-            mistakes = attention_maps(model, [(key, 0, img) for _, key, img in false_positives]
-                                      + [(key, 1, img) for _, key, img in false_negatives],
-                                      accelerator.device, crops_without_attention=True)
-            region_pictures: list = []
-            if hasattr(model, "teacher_maps") and cfg.eval.region_samples > 0 and not cfg.eval.perturb:
-                from ltm.regions import diagnose
-
-                report["mask_diagnostics"], region_pictures = diagnose(
-                    model, folder, cfg.data.image_size, cfg.eval.region_samples, accelerator.device)
-            report_mod.write_report(folder_out, report, rows, pictures, mistakes, region_pictures)
-            report["report_dir"] = str(folder_out)
-            log.info("%s: %d frames, %d videos, frame AUC %s, %.1f images/s on %d rank(s) -> %s",
-                     name, report["n_frames"], report["n_videos"], report_mod.fmt(report["frame_auc"]),
-                     report["images_per_s"] or 0.0, accelerator.num_processes, folder_out)
+        report = score_and_report(accelerator, model, cfg, source, run_dir, folder, out_root / dataset_name(folder),
+                                  threshold, threshold_folder, cross_dataset=len(folders) > 1 or protocol is not None)
         reports.append(report)
     if accelerator.is_main_process and (len(reports) > 1 or protocol is not None):
         from ltm import crossdata
+        from ltm.report_html import write_html
 
         crossdata.write(out_root, reports, protocol)
+        for folder in crossdata.report_folders(out_root, reports):  # each set's page shows the table too
+            if (folder / "report.json").is_file():
+                write_html(folder)
     return reports
 
 
@@ -502,7 +517,8 @@ def robustness(run_dir: str | os.PathLike, data: list[str] | None = None, tag: s
                cfg_overrides: list[str] | None = None, weights: str | os.PathLike | None = None,
                out_dir: str | os.PathLike | None = None) -> list[dict]:
     """Each data folder clean and under every perturbation type at levels 1-5 (the model loaded once, one scoring
-    pass per setting): frame and video AUC per setting in `<out>/<dataset>-<split>/robustness.{json,md,png}`."""
+    pass per setting): frame and video AUC per setting in `<out>/<dataset>-<split>/robustness.{json,md,png}`, and
+    the clean pass's report (report.json, report.md, ...) as a plain `ltm eval` writes it, in the same folder."""
     import dataclasses
 
     from ltm import report as report_mod
@@ -519,11 +535,16 @@ def robustness(run_dir: str | os.PathLike, data: list[str] | None = None, tag: s
                             "frames_per_video": cfg.eval.frames_per_video, "auc": {}}
             started = time.perf_counter()
             for spec in [None] + [f"{kind}:{level}" for kind in LEVELS for level in range(1, 6)]:
-                setting = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, perturb=spec))
-                rows, _, counts = score_folder(model, setting, folder, accelerator, cfg.eval.batch_size, 0)
-                rows = gather_rows(rows, counts)
-                m = compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
-                                    [r.score for r in rows], cfg.eval.video_agg, cfg.eval.threshold)
+                if spec is None:  # the clean pass is a plain `ltm eval` of the folder: its report beside the curves
+                    clean = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, perturb=None))
+                    m = score_and_report(accelerator, model, clean, source, run_dir, folder, out_root / name,
+                                         cfg.eval.threshold)
+                else:
+                    setting = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, perturb=spec))
+                    rows, _, counts = score_folder(model, setting, folder, accelerator, cfg.eval.batch_size, 0)
+                    rows = gather_rows(rows, counts)
+                    m = compute_metrics([r.video for r in rows], [r.method for r in rows], [r.label for r in rows],
+                                        [r.score for r in rows], cfg.eval.video_agg, cfg.eval.threshold)
                 point = {"frame_auc": m["frame_auc"], "video_auc": m["video_auc"], "n_frames": m["n_frames"]}
                 if spec is None:
                     result["clean"] = point

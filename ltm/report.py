@@ -25,8 +25,10 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from ltm.crossdata import link, summary  # noqa: E402
 from ltm.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from ltm.metrics import video_scores  # noqa: E402
+from ltm.report_html import write_html  # noqa: E402
 from ltm.tables import SUMMARY_COLUMNS, fmt, summary_cell  # noqa: E402
 
 SCORE_COLUMNS = ("key", "video", "method", "label", "score")
@@ -55,8 +57,6 @@ def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
                               if report.get("frames_per_video") else "all frames in the shards")
               + (f"; perturbation `{report['perturbation']}`" if report.get("perturbation") else ""), ""]
     if report.get("cross_dataset"):
-        from ltm.crossdata import link
-
         lines += [f"Cross-dataset table of this evaluation (every set and the mean): [{link(report, 'md')}]"
                   f"({link(report, 'md')})", ""]
     lines += ["| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |", "|" + "---:|" * len(SUMMARY_COLUMNS)]
@@ -112,8 +112,6 @@ def print_table(reports: Sequence[dict]) -> None:
         per_method = ", ".join(f"{m} {fmt(v['frame_auc'], 3)}" for m, v in r["per_method"].items())
         table.add_row(r["name"], *(summary_cell(r, k) for _, k in columns), per_method)
     if len(reports) > 1:
-        from ltm.crossdata import summary
-
         mean = summary(reports)["mean"]
         table.add_row("mean", *(fmt(mean.get(k)) if k in ("frame_auc", "video_auc") else "" for _, k in columns), "")
     console = Console(width=max(140, Console().width))
@@ -189,8 +187,6 @@ def write_robustness(folder: str | os.PathLike, result: dict) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: no line hidden
     atomic_savefig(fig, folder / "robustness.png")
     atomic_write_text(folder / "robustness.json", json.dumps(result, indent=2) + "\n")
-    from ltm.report_html import write_html
-
     write_html(folder)  # the page shows the robustness plot beside the report (or alone)
 
 
@@ -304,8 +300,6 @@ def write_report(folder: str | os.PathLike, report: dict, rows: Sequence[Any], p
                  mistakes: Sequence[tuple] = (), region_pictures: Sequence[tuple] = ()) -> None:
     """Everything for one scored folder; report.json, then report.html, last, so that report.json's presence means
     the folder is complete."""
-    from ltm.report_html import write_html
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_scores(folder / "scores.csv", rows)

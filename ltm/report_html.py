@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from ltm.crossdata import html_section
 from ltm.files import atomic_write_text
 from ltm.tables import SUMMARY_COLUMNS, fmt, summary_cell
 
@@ -102,8 +103,6 @@ def _report_sections(folder: Path, report: dict) -> list[str]:
            "<h2>Summary</h2>",
            _table([c for c, _ in SUMMARY_COLUMNS], [[E(summary_cell(report, k)) for _, k in SUMMARY_COLUMNS]])]
     if report.get("cross_dataset"):
-        from ltm.crossdata import html_section
-
         out.append(html_section(folder, report))
     low = report.get("tpr_at_fpr") or {}
     if low:

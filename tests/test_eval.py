@@ -195,7 +195,8 @@ def engine_run(toy_shards, tmp_path_factory) -> Path:
 def all_keys(shards: Path) -> set[str]:
     """Every sample key of the toy split, read from the DALI index files (one line per sample), with the dataset
     and method that scores.csv keys carry."""
-    from ltm.data.shards import scan_source, video_id
+    from data_prep.keys import video_id
+    from ltm.data.shards import scan_source
 
     return {video_id("toy", m, k) for m in METHODS
             for shard in scan_source(shards / "toy" / "test" / m, ("jpg", "cls")).shards for k in shard.keys}
@@ -363,6 +364,14 @@ def test_robustness_scores_every_type_and_level_and_draws_them(toy_runs, tmp_pat
     assert result["auc"]["blur"]["4"]["frame_auc"] == pytest.approx(single[0]["frame_auc"])  # the same pass
     clean = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "clean")[0]
     assert result["clean"]["frame_auc"] == pytest.approx(clean["frame_auc"])
+    # the clean pass leaves the report a plain `ltm eval` writes, beside the robustness files
+    report = json.loads((folder / "report.json").read_text())
+    plain = json.loads((tmp_path / "clean" / "toy-test" / "report.json").read_text())
+    assert report["perturbation"] is None and report["frame_auc"] == pytest.approx(plain["frame_auc"])
+    assert {k for k in plain if k not in ("seconds", "images_per_s")} == {k for k in report
+                                                                          if k not in ("seconds", "images_per_s")}
+    assert (folder / "report.md").read_text().startswith("# Evaluation: toy-test")
+    assert (folder / "scores.csv").is_file() and (folder / "roc.png").is_file()
     assert "| blur |" in (folder / "robustness.md").read_text()
     with Image.open(folder / "robustness.png") as im:
         im.verify()
@@ -492,6 +501,7 @@ def test_html_report_and_comparison_render_in_chromium(toy_runs, tmp_path):
     assert main(["eval", "--run", str(toy_runs["zero0"]), "--data", "toy/test", "--robustness", "--out",
                  str(out)]) == 0
     page = out / "toy-test" / "report.html"
+    report = json.loads((out / "toy-test" / "report.json").read_text())  # the robustness run's clean pass wrote it
     text = page.read_text()
     assert "src=\"roc.png\"" not in text and text.count("data:image/png;base64,") >= 1  # self-contained
     n_pictures = 2 + len(report["attention"]) + sum(len(v) for v in report["errors"].values())  # + roc, robustness
