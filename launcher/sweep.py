@@ -99,6 +99,13 @@ def active(job_id: str) -> bool:
     return state != "UNKNOWN" and not all(s in FINAL_STATES for s in state.split(","))
 
 
+def in_flight(sweep: Sweep) -> list[str]:
+    """`<variant>-seed<k> (task id)` of the points whose array task of an earlier submission is not finished."""
+    if shutil.which("scontrol") is None:
+        return []
+    return [f"{k} (task {j})" for k, j in load_jobs(sweep).items() if active(j)]
+
+
 def check_points(sweep: Sweep, points: list[tuple[str, int]], launch_args: argparse.Namespace) -> list[str]:
     """`ltm submit train`'s checks of every point to submit (inputs, weights, launch against the config)."""
     warnings = []
@@ -221,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
         print_table(sweep)
         return 0
     if not args.submit:
+        busy = in_flight(sweep)
+        if busy:  # two trainings of one run folder would overwrite each other's checkpoints
+            raise ConfigError("points still queued or running on SLURM: " + ", ".join(busy) + "; wait for them "
+                              "(or scancel them) before running the sweep here")
         status = run_local(sweep, args.nproc)
         print_table(sweep)
         return status

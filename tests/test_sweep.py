@@ -230,3 +230,18 @@ def test_local_point_selects_on_val_scores_test_once_and_is_kept(sample_shards, 
     assert main(argv) == 0  # rerun: the point is kept, nothing trained or scored
     assert (out / "points" / "a-seed0.json").stat().st_mtime_ns == mtime
     assert "| a | student |" in capsys.readouterr().out
+
+
+def test_submit_checks_every_point_before_queueing_and_dry_run_writes_nothing(sample_shards, tmp_path, caplog,
+                                                                              capsys):
+    out = tmp_path / "dry"
+    argv = ["sweep", "--config", "tiny-cpu", "--variant", "a:", "--variant", "b:train.lr=0.05", "--seeds", "3",
+            "--eval", "ffpp_c23/test", "--steps", "4", "--out", str(out), "--submit", "--dry-run",
+            f"data.root={sample_shards}", *TINY]
+    assert main(argv) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --array=0-5" in script and "#SBATCH --requeue" in script  # one array, a task per point
+    assert not out.exists()  # a dry run writes nothing
+    bad = [a if a != "ffpp_c23/test" else "ffpp_c23/nowhere" for a in argv]
+    assert main([a for a in bad if a != "--dry-run"]) == 2  # refused on the login node, nothing queued
+    assert "ffpp_c23/nowhere" in caplog.text and not (out / "slurm").exists()
