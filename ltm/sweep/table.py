@@ -105,17 +105,24 @@ def _cell(d: dict | None, signed: bool = False) -> str:
     return f"{f.format(d['mean'])} ({f.format(d['lo'])} .. {f.format(d['hi'])})"
 
 
+def label(test_set: str) -> str:
+    """A test set's column name: as given, or the last two parts of an absolute path (`dataset/split`)."""
+    path = Path(test_set)
+    return "/".join(path.parts[-2:]) if path.is_absolute() else test_set
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     sets = [*result["evals"], MEAN]
+    names = [label(s) for s in sets]
     lines = [f"# Sweep: {result['config']}, {len(result['seeds'])} seeds, budgets {result['budgets']}", "",
              f"{result['metric']}. Variants: " + "; ".join(f"`{k}`: {' '.join(v) or '(the config)'}"
                                                          for k, v in result["variants"].items()) + ".", "",
-             "| variant | head | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
+             "| variant | head | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(sets)]
     for row in result["rows"]:
         lines.append(f"| {row['variant']} | {row['head']} | " + " | ".join(_cell(row["test"][s]) for s in sets) + " |")
     if result["comparisons"]:
         lines += ["", f"Paired by seed against `{result['reference']}` (difference, 95% t-interval):", "",
-                  "| variant | head | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
+                  "| variant | head | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(sets)]
         for c in result["comparisons"]:
             lines.append(f"| {c['variant']} | {c['head']} | " + " | ".join(
                 _cell(c["sets"].get(s, {}).get("diff"), signed=True) for s in sets) + " |")
@@ -167,7 +174,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             err[0].append(c["mean"] - lo)
             err[1].append(hi - c["mean"])
         ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=f"{row['variant']} {row['head']}")
-    ax.set_xticks(range(len(sets)), [s if len(s) < 24 else "…" + s[-22:] for s in sets], rotation=15, fontsize=8)
+    ax.set_xticks(range(len(sets)), [label(s) for s in sets], rotation=15, fontsize=8)
     ax.set_ylabel("frame AUC (95% t-interval over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
