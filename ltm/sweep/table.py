@@ -134,7 +134,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         for c in result["comparisons"]:
             m = c["sets"].get(MEAN)
             if m:
-                lines.append(f"- {c['variant']}/{c['head']} vs {c['reference']}/{c['reference_head']}: {m['text']}")
+                per_set = "; ".join(f"{label(k)}: {v['verdict']}" for k, v in c["sets"].items() if k != MEAN)
+                lines.append(f"- {c['variant']}/{c['head']} vs {c['reference']}/{c['reference_head']}: {m['text']}"
+                             + (f" (per set: {per_set})" if len(c["sets"]) > 2 else ""))
     if result["curves"]:
         budgets = [str(b) for b in result["budgets"]]
         lines += ["", "Learning curves (val AUC, mean over seeds, 95% t-interval):", "",
