@@ -271,7 +271,6 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
 
     Every rank of a distributed task calls this (training and scoring are collective); rank 0 writes the record.
     """
-
     path = sweep.record_path(variant, seed)
     final = point_config(sweep, variant, seed, sweep.budgets[-1])
     record = read_record(path)
@@ -299,8 +298,8 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
 
     save()
     for budget in sweep.budgets:
-        if str(budget) in record["val"]:
-            continue
+        if all(h in record["val"].get(str(budget), {}) for h in heads):
+            continue  # trained and scored on val before (a head added since is scored below)
         cfg = point_config(sweep, variant, seed, budget)
         if not trained_to(run_dir, budget):
             started = time.perf_counter()
@@ -317,7 +316,8 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
         if not val:
             raise ConfigError(f"{variant}: data.val is empty; a sweep selects on val and scores test once")
         out = run_dir / "sweep-eval" / f"step{budget}-val"
-        record["val"][str(budget)] = {h: _mean(score(run_dir, val, budget, h, out / h)) for h in heads}
+        done = record["val"].setdefault(str(budget), {})
+        done.update({h: _mean(score(run_dir, val, budget, h, out / h)) for h in heads if h not in done})
         save()
     selected = select_budget(record["val"], heads[0])
     record["selected"] = selected
