@@ -240,7 +240,10 @@ def run(args: argparse.Namespace) -> int:
         print(sub.script if sub else "nothing to submit: every point is done or in flight")
         return 0
     if sub is None:
-        log.info("nothing to submit: every point is done or still in flight")
+        busy = in_flight(sweep)
+        log.info("nothing to submit: every point is done%s", f" or in flight ({', '.join(busy)})" if busy else "")
+        if busy and not args.wait:
+            return 0  # the table once they finished: rerun the command, or --collect
     else:
         print(sub.describe())
     if args.wait:
