@@ -177,6 +177,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             err[1].append(hi - c["mean"])
         ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=f"{row['variant']} {row['head']}")
     ax.set_xticks(range(len(sets)), [label(s) for s in sets], rotation=15, fontsize=8)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, -0.02), min(hi, 1.02))  # an interval past AUC's own range shows as cut, not as scale
     ax.set_ylabel("frame AUC (95% t-interval over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
