@@ -199,6 +199,10 @@ def test_a_changed_config_is_refused_naming_the_key(sample_shards, tmp_path, cap
             "--steps", "2", "--out", str(out), f"data.root={sample_shards}", *TINY]
     assert main(argv) == 2
     assert "point a seed 0 was run with another config (train.lr: 0.5 there, 0.01 here)" in caplog.text
+    write_json(sweep.record_path("a", 0), {"config": fingerprint(cfg), "budgets": [2], "status": "done"})
+    caplog.clear()
+    assert main([*argv[:argv.index("--steps") + 1], "2,4", *argv[argv.index("--steps") + 2:]]) == 2
+    assert "(--steps: 2 there, 2,4 here)" in caplog.text  # the budgets a point answers for are part of it
     assert not (out / "runs").exists()
 
 

@@ -131,6 +131,16 @@ def config_changes(stored: dict[str, Any], mine: dict[str, Any]) -> list[str]:
     return [f"{k}: {stored.get(k)!r} there, {mine.get(k)!r} here" for k in keys if stored.get(k) != mine.get(k)]
 
 
+def point_changes(record: dict[str, Any], sweep: Sweep, final: Config) -> list[str]:
+    """What differs between a kept point and the one asked for now: config keys, and the budgets (a point's curve
+    and val's choice among them are what its record answers for)."""
+    changes = config_changes(record["config"], fingerprint(final))
+    if record.get("budgets", sweep.budgets) != sweep.budgets:
+        changes.append(f"--steps: {','.join(map(str, record['budgets']))} there, "
+                       f"{','.join(map(str, sweep.budgets))} here")
+    return changes
+
+
 def heads_of(sweep: Sweep, cfg: Config) -> list[str]:
     """The heads scored for a point: a Baseline has one; an LTM run the asked heads (default its inference head)."""
     if cfg.model.kind == "baseline":
@@ -200,7 +210,7 @@ def point_problem(sweep: Sweep, variant: str, seed: int) -> str | None:
     record = read_record(sweep.record_path(variant, seed))
     if record is None:
         return None
-    changes = config_changes(record["config"], fingerprint(point_config(sweep, variant, seed, sweep.budgets[-1])))
+    changes = point_changes(record, sweep, point_config(sweep, variant, seed, sweep.budgets[-1]))
     if changes:
         return (f"{sweep.record_path(variant, seed)}: point {variant} seed {seed} was run with another config "
                 f"({'; '.join(changes)}): use another --out or the same settings")
@@ -275,7 +285,7 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
     final = point_config(sweep, variant, seed, sweep.budgets[-1])
     record = read_record(path)
     if record is not None:
-        changes = config_changes(record["config"], fingerprint(final))
+        changes = point_changes(record, sweep, final)
         if changes:
             raise ConfigError(f"{path}: point {variant} seed {seed} was run with another config "
                               f"({'; '.join(changes)}): use another --out or the same settings")
