@@ -251,7 +251,8 @@ def _report(result: dict) -> int:
         return 1
     log.info("%s: %d samples written", result.get("dataset"), n)
     for split, manifest in sorted((result.get("splits") or {}).items()):
-        frames = (manifest or {}).get("frames")
+        # pipeline.run gives each split's manifest; ltm prep synth gives sample counts (photos, no frame protocol)
+        frames = manifest.get("frames") if isinstance(manifest, dict) else None
         if frames:  # how many face frames each video really has, against the protocol
             counts = ", ".join(f"{k} frames: {v} videos" for k, v in frames["videos_by_frames"].items())
             log.info("%s/%s: %s; %s; %d short of it (manifest frames.short)", result.get("dataset"), split,
