@@ -335,3 +335,17 @@ def test_reproduce_gpu_hours_are_the_estimates(printed_estimates):
     tables_sum = sum(float(total) for _, total in printed_estimates.values())
     assert f"The five totals add up to {tables_sum:.1f} GPU hours" in section
     assert f"**{sum(every_run.values()):.2f} GPU hours for {len(every_run)} distinct runs**" in section
+
+
+# The front page and the reference pages stay short; measurement logs go to the one experiments page.
+PAGE_LIMITS = {"README.md": 10_000}
+DEFAULT_PAGE_LIMIT = 15_000
+LOG_PAGES = {"experiments.md"}
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name not in LOG_PAGES], ids=lambda p: p.name)
+def test_pages_stay_within_their_size(page):
+    limit = PAGE_LIMITS.get(page.name, DEFAULT_PAGE_LIMIT)
+    size = len(page.read_bytes())
+    assert size <= limit, (f"{page.relative_to(ROOT)} is {size} bytes, over its {limit}: move measurement logs to "
+                           "docs/experiments.md or split the page by topic")
