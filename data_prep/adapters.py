@@ -27,6 +27,7 @@ from data_prep.datasets import (
     SPLITS,
     Item,
     LayoutError,
+    _present_folders,
     _require_dir,
     celebdf,
     ffpp,
@@ -477,9 +478,7 @@ def forgerynet(root: str | Path) -> tuple[str, list[Item], list[dict]]:
     the samples' json."""
     root = Path(root)
     _require_dir(root, "ForgeryNet root")
-    present = [d for d in FORGERYNET_SPLITS if (root / d).is_dir()]
-    if not present:
-        raise LayoutError(f"ForgeryNet: none of the split folders {sorted(FORGERYNET_SPLITS)} exist under {root}")
+    present = _present_folders(root, FORGERYNET_SPLITS, "ForgeryNet", "split folders")
     items: list[Item] = []
     skipped: list[dict] = []
     found_list = False

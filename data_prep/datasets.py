@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tarfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,6 +73,15 @@ def skip(path, reason: str, **extra) -> dict:
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
         raise LayoutError(f"{what}: expected folder {path} does not exist")
+
+
+def _present_folders(root: Path, folders: Iterable[str], dataset: str, kind: str) -> list[str]:
+    """The named folders that exist under root, in the given order; a LayoutError naming them all when none does."""
+    folders = list(folders)
+    present = [f for f in folders if (root / f).is_dir()]
+    if not present:
+        raise LayoutError(f"{dataset}: none of the {kind} {sorted(folders)} exist under {root}")
+    return present
 
 
 # ---------------------------------------------------------------- FaceForensics++
@@ -235,9 +245,7 @@ def wdf(root: str | Path, work_dir: str | Path) -> tuple[str, list[Item], list[d
     """WildDeepfake: real/fake x train/test folders of frame sequences or .tar.gz archives of them (no val)."""
     root = Path(root)
     _require_dir(root, "WildDeepfake root")
-    present = [f for f in WDF_FOLDERS if (root / f).is_dir()]
-    if not present:
-        raise LayoutError(f"WildDeepfake: none of the expected folders {sorted(WDF_FOLDERS)} exist under {root}")
+    present = _present_folders(root, WDF_FOLDERS, "WildDeepfake", "expected folders")
     items: list[Item] = []
     skipped: list[dict] = []
     for folder in present:
