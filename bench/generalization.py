@@ -49,8 +49,12 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from ltm.sweep.run import Sweep, point_config, provenance, train_budget
+from ltm.sweep.stats import interval as t_interval
+from ltm.sweep.stats import paired as paired_by_seed
+from ltm.sweep.stats import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -166,45 +170,47 @@ def overall_auc(scores: dict, head: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- training
-def run_point(variant: str, seed: int, steps: int, args: argparse.Namespace) -> dict:
-    """Train variant/seed to `steps` (resuming its own run) and score it; cached as JSON."""
-    from ltm.config import load_config
-    from ltm.engine import train
+def bench_sweep(variants: list[str], budgets: list[int], args: argparse.Namespace) -> Sweep:
+    """The benchmark as an `ltm sweep`: its variants and seeds, the synthetic shards and schedule as overrides for
+    every point, run folders `<out>/<variant>-seed<k>/`. Training, each point's config and its provenance are the
+    sweep's (`ltm.sweep.run`); the scoring below is the benchmark's own (per family, the shortcut, the mask)."""
+    return Sweep(
+        config=args.config, variants={v: VARIANTS[v] for v in variants}, seeds=list(range(args.seeds)),
+        evals=[f"synth/{args.split}"], out=args.out, budgets=budgets, runs_folder="", overrides=[
+            *args.overrides, f"data.root={args.shards}",
+            f"data.train=[{{path: synth/train/real, weight: 1}}, {{path: synth/train/{args.train_family}, weight: 1}}]",
+            "data.val=[]", f"data.test=[synth/{args.split}]", f"train.iters_per_epoch={args.epoch_steps}",
+            f"train.lr_gamma={args.lr_gamma}", "train.val_every=0", "train.log_every=50", "eval.attention_samples=0"])
 
-    run_dir = args.out / f"{variant}-seed{seed}"
+
+def run_point(sweep: Sweep, variant: str, seed: int, steps: int, args: argparse.Namespace) -> dict:
+    """Train variant/seed to `steps` (resuming its own run, `ltm.sweep.run.train_budget`) and score it; cached as
+    JSON beside the run."""
+    from ltm.config import load_run_config, to_dict
+    from ltm.engine import model_differences
+
+    run_dir = sweep.run_dir(variant, seed)
     path = run_dir / "scores" / f"step{steps:06d}-{args.split}.json"
     if steps % args.epoch_steps:
         raise SystemExit(f"budget {steps} is not a multiple of --epoch-steps {args.epoch_steps}")
-    overrides = [
-        *VARIANTS[variant], *args.overrides, f"data.root={args.shards}",
-        f"data.train=[{{path: synth/train/real, weight: 1}}, {{path: synth/train/{args.train_family}, weight: 1}}]",
-        "data.val=[]", f"data.test=[synth/{args.split}]", f"train.run_dir={run_dir}", f"train.seed={seed}",
-        f"data.seed={seed}", f"train.epochs={steps // args.epoch_steps}", f"train.iters_per_epoch={args.epoch_steps}",
-        f"train.lr_gamma={args.lr_gamma}", "train.val_every=0", "train.log_every=50",
-        f"train.ckpt_every={args.epoch_steps}", "train.keep_last=1", "eval.attention_samples=0",
-    ]
-    cfg = load_config(args.config, overrides)
+    cfg = point_config(sweep, variant, seed, steps)
     stored = run_dir / "config.yaml"
     if stored.is_file():  # a kept run answers only for the model this variant now means (configs change)
-        from ltm.config import load_run_config, to_dict
-        from ltm.engine import model_differences
-
         diff = model_differences(to_dict(load_run_config(stored))["model"], to_dict(cfg)["model"])
         if diff:
             raise SystemExit(f"{run_dir} was trained as another model ({'; '.join(diff)}): remove it or use "
                              "another --out")
     if path.is_file():
         return json.loads(path.read_text())
-    started = time.perf_counter()
-    result = train(cfg, resume="auto")
-    if result.get("step") != steps:
-        raise SystemExit(f"{run_dir}: training stopped at step {result.get('step')} of {steps} ({result})")
-    seconds = time.perf_counter() - started
+    session = train_budget(sweep, variant, seed, steps)
+    if session is not None and session["status"] != "completed":
+        raise SystemExit(f"{run_dir}: training stopped at step {session['step']} of {steps} ({session['status']})")
     heads = HEADS["baseline" if cfg.model.kind == "baseline" else "ltm"]
     split_dir = args.shards / "synth" / args.split
     clean = [p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.endswith("Stamped")]
     scores = head_scores(run_dir, clean)
-    row = {"variant": variant, "seed": seed, "steps": steps, "split": args.split, "train_s": round(seconds, 1),
+    row = {"variant": variant, "seed": seed, "steps": steps, "split": args.split,
+           "train_s": session["seconds"] if session else None, "trained": session, "provenance": provenance(),
            "family_auc": family_aucs(scores, heads), "auc": {h: overall_auc(scores, h) for h in heads},
            "overrides": args.overrides, "train_family": args.train_family}
     if args.real_ffpp_folders:
@@ -230,8 +236,6 @@ def write_json(path: Path, data: dict) -> None:
 
 def interval(values: list[float]) -> tuple[float, float, float]:
     """Mean and 95% t-interval (nan half-width for one value): `ltm.sweep.stats`, the one place for them."""
-    from ltm.sweep.stats import interval as t_interval
-
     i = t_interval(values)
     return i.mean, i.lo, i.hi
 
@@ -337,11 +341,12 @@ def main() -> int:
         range(args.epoch_steps, args.steps + 1, args.epoch_steps)))
     curve_extra = sorted(int(x) for x in args.curve.split(",") if x)
 
+    sweep = bench_sweep(variants, budgets, args)
     rows: dict[tuple[str, int, int], dict] = {}
     for seed in range(args.seeds):
         for variant in variants:
             for steps in budgets:
-                rows[variant, seed, steps] = run_point(variant, seed, steps, args)
+                rows[variant, seed, steps] = run_point(sweep, variant, seed, steps, args)
             row = rows[variant, seed, args.steps]
             for head, fams in row["family_auc"].items():
                 cells = "  ".join(f"{f} {fams[f]:.3f}" for f in FAMILIES if f in fams)
@@ -350,11 +355,10 @@ def main() -> int:
                       + (f" | real FF++ {real:.3f}" if real is not None else ""), flush=True)
     if curve_extra:
         for seed in range(args.curve_seeds):
-            for variant in args.curve_variants.split(","):
-                if variant in variants:
-                    for steps in budgets + curve_extra:
-                        if (variant, seed, steps) not in rows:  # seeds < --seeds already hold their budgets
-                            rows[variant, seed, steps] = run_point(variant, seed, steps, args)
+            for variant in [v for v in args.curve_variants.split(",") if v in variants]:
+                for steps in budgets + curve_extra:
+                    if (variant, seed, steps) not in rows:  # seeds < --seeds already hold their budgets
+                        rows[variant, seed, steps] = run_point(sweep, variant, seed, steps, args)
 
     final = {k: r for k, r in rows.items() if k[2] == args.steps}
     seeds = range(args.seeds)
@@ -377,19 +381,20 @@ def main() -> int:
             print(f"{variant:<13}{head:<12}{mean:>10.4f} ({lo:.4f} .. {hi:.4f})" + "".join(f"{fam[f]:>14.4f}"
                                                                                         for f in FAMILIES))
 
-    def paired(a: tuple[str, str], b: tuple[str, str]) -> tuple[float, float, float]:
-        from ltm.sweep.stats import paired as paired_by_seed
+    diffs: dict = {}
 
+    def compare(name: str, label: str, a: tuple[str, str], b: tuple[str, str]) -> None:
+        """a - b paired by seed, printed with the sweep's verdict and kept in `diffs[name]`."""
         i = paired_by_seed(dict(zip(seeds, per_seed(*a))), dict(zip(seeds, per_seed(*b)))).interval
-        return i.mean, i.lo, i.hi
+        word = verdict(i)
+        diffs[name] = {"mean": round(i.mean, 4), "ci95": [round(i.lo, 4), round(i.hi, 4)] if math.isfinite(i.lo)
+                       else None, "verdict": word.word, "n_needed": word.n_needed}
+        print(f"{label:<22} {i.mean:+.4f} (95% CI {i.lo:+.4f} .. {i.hi:+.4f}, paired by seed): {word.text()}")
 
-    diffs = {}
     for name, a, b in (("student-baseline", (ref, "student"), ("baseline", "baseline")),
                        ("student-teacher_cnn", (ref, "student"), (ref, "teacher_cnn")),
                        ("teacher_cnn-baseline", (ref, "teacher_cnn"), ("baseline", "baseline"))):
-        mean, lo, hi = paired(a, b)
-        diffs[name] = {"mean": round(mean, 4), "ci95": [round(lo, 4), round(hi, 4)] if math.isfinite(lo) else None}
-        print(f"{name:<22} {mean:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f}, paired by seed)")
+        compare(name, name, a, b)
     mechanism: dict = {}
     if args.shortcut != "none":
         print(f"\nshortcut `{args.shortcut}` on every training fake: AUC on {seen} fakes with it stamped on (the "
@@ -416,16 +421,10 @@ def main() -> int:
                                   ("ltm-random", ("ltm-random", "student"))):
                 if against[0] not in variants or (variant, name) == (ref, "baseline"):
                     continue
-                mean, lo, hi = paired((variant, "student"), against)
-                diffs[f"{variant}-{name}"] = {"mean": round(mean, 4),
-                                              "ci95": [round(lo, 4), round(hi, 4)] if math.isfinite(lo) else None}
-                print(f"student {variant} - {name:<10} {mean:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f}, paired by seed)")
+                compare(f"{variant}-{name}", f"student {variant} - {name}", (variant, "student"), against)
         # the reference against every other LTM variant, less the pairs the targets above already print
         for other in [v for v in ltm_variants if v not in (ref, "ltm-random") and ref != "ltm-random"]:
-            mean, lo, hi = paired((ref, "student"), (other, "student"))
-            diffs[f"student-{other}"] = {"mean": round(mean, 4),
-                                         "ci95": [round(lo, 4), round(hi, 4)] if math.isfinite(lo) else None}
-            print(f"student {ref} - {other:<10} {mean:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f}, paired by seed)")
+            compare(f"student-{other}", f"student {ref} - {other}", (ref, "student"), (other, "student"))
     ordering = None
     if {"ltm-high", "ltm-random", "ltm-low"} <= set(variants):
         h, r, lo = (statistics.fmean(per_seed(v, "student")) for v in ("ltm-high", "ltm-random", "ltm-low"))

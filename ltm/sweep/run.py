@@ -49,6 +49,7 @@ class Sweep:
     heads: list[str] = field(default_factory=list)  # empty: the config's inference head
     overrides: list[str] = field(default_factory=list)  # for every variant
     effect: float = 0.02
+    runs_folder: str = "runs"  # run folders under out/ ("" : directly in out/, bench/generalization.py's layout)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).absolute()
@@ -77,7 +78,7 @@ class Sweep:
         return [(v, s) for v in self.variants for s in self.seeds]
 
     def run_dir(self, variant: str, seed: int) -> Path:
-        return self.out / "runs" / f"{variant}-seed{seed}"
+        return self.out / self.runs_folder / f"{variant}-seed{seed}"
 
     def record_path(self, variant: str, seed: int) -> Path:
         return self.out / "points" / f"{variant}-seed{seed}.json"
@@ -311,15 +312,11 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
         if all(h in record["val"].get(str(budget), {}) for h in heads):
             continue  # trained and scored on val before (a head added since is scored below)
         cfg = point_config(sweep, variant, seed, budget)
-        if not trained_to(run_dir, budget):
-            started = time.perf_counter()
-            result = train_to(cfg, nproc)
-            session = {"budget": budget, "status": result.get("status"), "step": result.get("step"),
-                       "seconds": round(time.perf_counter() - started, 1), **{k: here[k] for k in (
-                           "host", "cpu", "gpu", "commit", "slurm_job", "time")}}
+        session = train_budget(sweep, variant, seed, budget, nproc, here)
+        if session is not None:
             record["trained"].append(session)
-            if result.get("status") != "completed":
-                record["status"] = "preempted" if result.get("status") == "preempted" else "failed"
+            if session["status"] != "completed":
+                record["status"] = "preempted" if session["status"] == "preempted" else "failed"
                 save()
                 return record
         val = [str(v) for v in cfg.data.val]
@@ -337,6 +334,22 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
     save()
     log.info("%s seed %d: done (budget %d selected on val)", variant, seed, selected)
     return record
+
+
+def train_budget(sweep: Sweep, variant: str, seed: int, budget: int, nproc: int | None = None,
+                 here: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Train (or resume) one point's run to `budget` steps unless its checkpoint of that budget is there.
+
+    Returns the training session ({budget, status, step, seconds} and the machine it ran on), None when the run was
+    already trained that far. Every run of a sweep and of bench/generalization.py is trained here."""
+    if trained_to(sweep.run_dir(variant, seed), budget):
+        return None
+    here = here or provenance()
+    started = time.perf_counter()
+    result = train_to(point_config(sweep, variant, seed, budget), nproc)
+    return {"budget": budget, "status": result.get("status"), "step": result.get("step"),
+            "seconds": round(time.perf_counter() - started, 1),
+            **{k: here[k] for k in ("host", "cpu", "gpu", "commit", "slurm_job", "time")}}
 
 
 def trained_to(run_dir: Path, budget: int) -> bool:
