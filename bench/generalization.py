@@ -3,8 +3,9 @@ that can tell.)
 
 The benchmark: `ltm prep synth` turns real face photos (default `../shared/data/faces`, 305 photos, read in place)
 into identity-disjoint train/val/test shards of real faces and five synthetic fake families with different
-artefacts (SelfBlend, IdentitySwap, Upsample, ExpressionWarp, TextureRender; see data_prep/synth.py). Each variant is
-trained by `ltm.engine.train` in this process on real + one family (`--train-family`, SelfBlend by default: the
+artefacts (SelfBlend, IdentitySwap, Upsample, ExpressionWarp, TextureRender; see data_prep/synth.py). The benchmark is
+a preset of `ltm sweep` (`bench_sweep`): each (variant, seed) is a sweep point, trained in this process by the sweep's
+`train_budget` with the sweep's per-point config on real + one family (`--train-family`, SelfBlend by default: the
 paper's Table 3 protocol of one training manipulation) and scored by every head it has on the other four families
 (unseen) and on its own (seen), frame AUC per family:
 
@@ -33,8 +34,9 @@ Selection (`--split val`, the default) never looks at test; `--split test` print
 Finished points are kept under --out (`<variant>-seed<k>/scores/step<N>-<split>.json`) and reused: an interrupted
 benchmark continues where it stopped. Printed: per family, per head and per seed frame AUC; each variant's unseen mean
 with a 95% t-interval over seeds; the student's difference to the baseline and to the teacher's CNN head (paired
-by seed, 95% interval); Table 4's order on unseen families; the learning curves; last line one JSON object with
-`ratio` = student unseen mean / baseline unseen mean and `target` = (baseline + 0.02) / baseline.
+by seed, 95% interval, with the sweep's verdict: better / worse / the N that would resolve 0.02); Table 4's order on
+unseen families; the learning curves; last line one JSON object with `ratio` = student unseen mean / baseline unseen
+mean and `target` = (baseline + 0.02) / baseline.
 
 Where the real FaceForensics++ c23 videos of the shared media exist (`--real-ffpp`), every scored point also scores
 them (112 frames of 7 videos: a small, noisy figure, printed beside the main one).
