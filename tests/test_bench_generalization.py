@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats
+from shared_data import SHARED_DATA
 from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_the_benchmark_trains_its_points_as_sweep_points_and_reuses_them(tmp_pat
     faces = tmp_path / "faces"
     faces.mkdir()
     groups: dict[str, list[Path]] = {}  # a few photos of each source: identity-disjoint splits need 3 groups
-    for photo in sorted((ROOT.parent / "shared" / "data" / "faces").glob("*.jpg")):
+    for photo in sorted((SHARED_DATA / "faces").glob("*.jpg")):
         groups.setdefault(photo.name.split("_")[0], []).append(photo)
     for photo in [p for g in groups.values() for p in g[:8]]:
         (faces / photo.name).symlink_to(photo)
