@@ -53,8 +53,12 @@ class ModelConfig:
     # the map whose top cells Eq. 4 masks: mean (Eq. 2, the last block's heads averaged) | max (over the heads) |
     # rollout (attention rollout over every block) | grad (the last block's attention weighted by the ViT logit's
     # gradient, positive part) | cam (the teacher CNN head's class activation map) | saliency (|input gradient x
-    # input| of the teacher's two logits, pooled per cell); docs/method.md measures each against known regions
+    # input| of the teacher's two logits, pooled per cell) | input_grad (|input gradient| of the same logits, smoothed,
+    # pooled per cell); docs/method.md measures each against known regions
     attention_map: str = "mean"
+    # saliency / input_grad: the contributions are box-averaged over a window of this share of the image side before
+    # the per-cell pooling, so that an artefact straddling cells ranks its main cell (0: no smoothing)
+    saliency_smooth: float = 0.0
     # where the mask acts: features (Eq. 4: the student's feature map X_s * M) | input (the image cells under M = 0
     # are erased to the backbone's mean colour before the student CNN sees them)
     mask_at: str = "features"
@@ -196,7 +200,7 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.kind": ("ltm", "baseline"),
     "model.mask_strategy": ("high", "low", "random"),
-    "model.attention_map": ("mean", "max", "rollout", "grad", "cam", "saliency"),
+    "model.attention_map": ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad"),
     "model.mask_at": ("features", "input"),
     "model.pooling": ("avg", "masked_mean"),
     "model.mixup_partner": ("any", "same_class"),
@@ -312,6 +316,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"key {key!r}: {value!r} is not one of {list(allowed)}")
     checks = {  # key: (valid, the allowed range as said to the user)
         "model.mask_ratio": (0.0 <= cfg.model.mask_ratio < 1.0, "in [0, 1)"),
+        "model.saliency_smooth": (0.0 <= cfg.model.saliency_smooth < 1.0, "in [0, 1)"),
         "model.mixup_alpha": (cfg.model.mixup_alpha > 0, "> 0"),
         "model.div_weight": (cfg.model.div_weight >= 0, ">= 0"),
         "model.vit.heads": (cfg.model.vit.heads > 0 and cfg.model.vit.dim % cfg.model.vit.heads == 0,

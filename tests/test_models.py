@@ -209,9 +209,10 @@ def test_bf16_buffers_trace_under_torch_compile():
 # ------------------------------------------------------------------------------------------------ map options
 
 
-def _map_model(kind: str, mask_at: str = "features") -> LearningToMask:
+def _map_model(kind: str, mask_at: str = "features", smooth: float = 0.0) -> LearningToMask:
     torch.manual_seed(0)
-    return build_model(tiny_model_cfg(attention_map=kind, mask_at=mask_at), image_size=112)  # a 4x4 grid
+    cfg = tiny_model_cfg(attention_map=kind, mask_at=mask_at, saliency_smooth=smooth)
+    return build_model(cfg, image_size=112)  # a 4x4 grid
 
 
 def _expected_map(model: LearningToMask, images: torch.Tensor, kind: str) -> torch.Tensor:
@@ -240,12 +241,23 @@ def _expected_map(model: LearningToMask, images: torch.Tensor, kind: str) -> tor
         return (g * last).clamp_min(0)[:, :, 0, 1:].mean(1).reshape(len(x), 4, 4)
     logits = model.teacher_cnn_head(x_t.mean((2, 3))).sum() + model.teacher_vit_head(cls_out).sum()
     g = torch.autograd.grad(logits, x)[0]
-    return torch.nn.functional.avg_pool2d((g * x).abs().sum(1, keepdim=True), 28)[:, 0]
+    per_pixel = ((g * x) if kind == "saliency" else g).abs().sum(1, keepdim=True)
+    if model.cfg.saliency_smooth:  # 0.19 x 112 px = 21.3: a window of 21 px
+        width = 21  # each pixel: the mean over the window's pixels inside the image
+        ones = torch.ones_like(per_pixel)
+        pad = width // 2
+        window = torch.ones(1, 1, width, width)
+        per_pixel = (torch.nn.functional.conv2d(per_pixel, window, padding=pad)
+                     / torch.nn.functional.conv2d(ones, window, padding=pad))
+    return torch.nn.functional.avg_pool2d(per_pixel, 28)[:, 0]
 
 
-@pytest.mark.parametrize("kind", ["mean", "max", "rollout", "grad", "cam", "saliency"])
-def test_attention_map_option_decides_the_map_eq4_masks(kind):
-    model = _map_model(kind)
+KINDS = ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad")
+
+
+@pytest.mark.parametrize("kind,smooth", [(k, 0.0) for k in KINDS] + [("saliency", 0.19), ("input_grad", 0.19)])
+def test_attention_map_option_decides_the_map_eq4_masks(kind, smooth):
+    model = _map_model(kind, smooth=smooth)
     model.eval()  # BatchNorm on running statistics: the reference and the forward see the same features
     images, labels = torch.rand(6, 3, 112, 112), torch.tensor([0.0, 1.0] * 3)
     expected = _expected_map(model, images, kind).detach()
@@ -260,15 +272,15 @@ def test_attention_map_option_decides_the_map_eq4_masks(kind):
 
 
 def test_map_kinds_rank_cells_differently():
-    """The option is not ignored: on the same weights and images the six kinds do not all pick the same cells."""
+    """The option is not ignored: on the same weights and images the seven kinds do not all pick the same cells."""
     images = torch.rand(8, 3, 112, 112)
     masks = {}
-    for kind in ("mean", "max", "rollout", "grad", "cam", "saliency"):
+    for kind in ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad"):
         model = _map_model(kind)
         model.eval()
         masks[kind] = model.explain(images)["mask"]
     distinct = {tuple(m.flatten().tolist()) for m in masks.values()}
-    assert len(distinct) >= 5
+    assert len(distinct) >= 6
 
 
 @pytest.mark.parametrize("mask_at", ["features", "input"])

@@ -21,6 +21,7 @@ from ltm.models.masking import (
     global_deep_mixup,
     grad_attention_map,
     head_max_map,
+    input_gradient_map,
     rollout_map,
     saliency_map,
 )
@@ -99,11 +100,11 @@ class LearningToMask(nn.Module):
         (default `model.attention_map`; `mean` is Eq. 2). The gradient-based kinds (grad, saliency) take one
         extra backward pass through the teacher, with the parameters' gradients untouched."""
         kind = self.cfg.attention_map if map_kind is None else map_kind
-        needs_grad = kind in ("grad", "saliency")
+        needs_grad = kind in ("grad", "saliency", "input_grad")
         with torch.enable_grad() if needs_grad else nullcontext():
             if needs_grad:
                 # a fresh tensor: images made under inference mode (eval pictures) cannot enter autograd
-                images = images.clone().requires_grad_(kind == "saliency")
+                images = images.clone().requires_grad_(kind in ("saliency", "input_grad"))
             x_t = self.teacher_cnn(images)
             cls_out, attentions = self.teacher_vit(x_t, all_attentions or kind == "rollout")
             last = attentions[-1]
@@ -120,12 +121,14 @@ class LearningToMask(nn.Module):
             elif kind == "grad":
                 (grad,) = torch.autograd.grad(vit_logits.sum(), last, retain_graph=True)
                 attention = grad_attention_map(last, grad, self.grid)
-            elif kind == "saliency":
+            elif kind in ("saliency", "input_grad"):
                 (grad,) = torch.autograd.grad(cls_logits.sum() + vit_logits.sum(), images, retain_graph=True)
-                attention = saliency_map(grad, images, self.grid)
+                smooth = self.cfg.saliency_smooth
+                attention = (saliency_map(grad, images, self.grid, smooth) if kind == "saliency"
+                             else input_gradient_map(grad, self.grid, smooth))
             else:
                 raise ValueError(f"model.attention_map {kind!r}: expected one of mean, max, rollout, grad, cam, "
-                                 "saliency")
+                                 "saliency, input_grad")
         return {
             "cls_logits": cls_logits,
             "vit_logits": vit_logits,
@@ -230,10 +233,11 @@ class LearningToMask(nn.Module):
     @torch.no_grad()
     def teacher_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every map the teacher can rank cells by, (B, h, w) each: its ViT heads one by one (`head0`...), their mean
-        (Eq. 2), max and rollout, gradient-weighted attention, the CNN head's CAM and input saliency; `mask_map` is
-        the configured one (what Eq. 4 masks). For measuring which of them finds a known manipulated region."""
+        (Eq. 2), max and rollout, gradient-weighted attention, the CNN head's CAM, input saliency and input gradient;
+        `mask_map` is the configured one (what Eq. 4 masks). For measuring which of them finds a known manipulated
+        region."""
         maps: dict[str, torch.Tensor] = {}
-        for kind in ("mean", "max", "rollout", "grad", "cam", "saliency"):
+        for kind in ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad"):
             t = self.teacher(images, map_kind=kind)
             maps[kind] = t["attention"].float()
         for i in range(t["head_maps"].shape[1]):

@@ -49,11 +49,26 @@ def class_activation_map(features: torch.Tensor, head: torch.nn.Linear) -> torch
     return torch.einsum("bchw,c->bhw", features.float(), head.weight[0].float())
 
 
-def saliency_map(grad: torch.Tensor, images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def _smooth_and_pool(contribution: torch.Tensor, grid: tuple[int, int], smooth: float) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, h, w): box-averaged over an odd window of `smooth` x the image side (none below 2 px),
+    then averaged over each grid cell."""
+    width = int(round(smooth * contribution.shape[-1])) // 2 * 2 + 1
+    if width > 1:
+        contribution = torch.nn.functional.avg_pool2d(contribution, width, 1, width // 2, count_include_pad=False)
+    return torch.nn.functional.adaptive_avg_pool2d(contribution, grid)[:, 0]
+
+
+def saliency_map(grad: torch.Tensor, images: torch.Tensor, grid: tuple[int, int], smooth: float = 0.0) -> torch.Tensor:
     """|input gradient x input| of the teacher's logits summed over colours and averaged over each grid cell:
     the pixels whose change would move the teacher's decision most, (B, 3, H, W) -> (B, h, w)."""
     contribution = (grad.float() * images.float()).abs().sum(dim=1, keepdim=True)
-    return torch.nn.functional.adaptive_avg_pool2d(contribution, grid)[:, 0]
+    return _smooth_and_pool(contribution, grid, smooth)
+
+
+def input_gradient_map(grad: torch.Tensor, grid: tuple[int, int], smooth: float = 0.0) -> torch.Tensor:
+    """|input gradient| of the teacher's logits summed over colours, smoothed and averaged over each grid cell:
+    without saliency's x input, a dark or flat artefact counts as much as a bright textured one."""
+    return _smooth_and_pool(grad.float().abs().sum(dim=1, keepdim=True), grid, smooth)
 
 
 def diversity_loss(head_maps: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ def split_frames(root: Path, folder: str) -> int:
     return videos * FRAMES_PER_VIDEO
 
 
-GRADIENT_MAPS = ("grad", "saliency")  # model.attention_map kinds computed with a backward pass through the teacher
+# model.attention_map kinds computed with a backward pass through the teacher
+GRADIENT_MAPS = ("grad", "saliency", "input_grad")
 
 
 def model_gflops(cfg: Config) -> tuple[float, float]:
