@@ -275,7 +275,7 @@ def test_map_kinds_rank_cells_differently():
     """The option is not ignored: on the same weights and images the seven kinds do not all pick the same cells."""
     images = torch.rand(8, 3, 112, 112)
     masks = {}
-    for kind in ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad"):
+    for kind in KINDS:
         model = _map_model(kind)
         model.eval()
         masks[kind] = model.explain(images)["mask"]

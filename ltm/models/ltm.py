@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltm.config import ModelConfig
+from ltm.config import CHOICES, ModelConfig
 from ltm.models.backbone import Backbone, BackboneError
 from ltm.models.masking import (
+    GRADIENT_MAPS,
+    INPUT_GRADIENT_MAPS,
     attention_map,
     class_activation_map,
     cls_attention,
@@ -97,14 +99,14 @@ class LearningToMask(nn.Module):
 
     def teacher(self, images: torch.Tensor, all_attentions: bool = False, map_kind: str | None = None) -> dict:
         """The teacher's two logits, its attention maps and the map A that Eq. 4 masks, of kind `map_kind`
-        (default `model.attention_map`; `mean` is Eq. 2). The gradient-based kinds (grad, saliency) take one
+        (default `model.attention_map`; `mean` is Eq. 2). The gradient-based kinds (GRADIENT_MAPS) take one
         extra backward pass through the teacher, with the parameters' gradients untouched."""
         kind = self.cfg.attention_map if map_kind is None else map_kind
-        needs_grad = kind in ("grad", "saliency", "input_grad")
+        needs_grad = kind in GRADIENT_MAPS
         with torch.enable_grad() if needs_grad else nullcontext():
             if needs_grad:
                 # a fresh tensor: images made under inference mode (eval pictures) cannot enter autograd
-                images = images.clone().requires_grad_(kind in ("saliency", "input_grad"))
+                images = images.clone().requires_grad_(kind in INPUT_GRADIENT_MAPS)
             x_t = self.teacher_cnn(images)
             cls_out, attentions = self.teacher_vit(x_t, all_attentions or kind == "rollout")
             last = attentions[-1]
@@ -121,14 +123,14 @@ class LearningToMask(nn.Module):
             elif kind == "grad":
                 (grad,) = torch.autograd.grad(vit_logits.sum(), last, retain_graph=True)
                 attention = grad_attention_map(last, grad, self.grid)
-            elif kind in ("saliency", "input_grad"):
+            elif kind in INPUT_GRADIENT_MAPS:
                 (grad,) = torch.autograd.grad(cls_logits.sum() + vit_logits.sum(), images, retain_graph=True)
                 smooth = self.cfg.saliency_smooth
                 attention = (saliency_map(grad, images, self.grid, smooth) if kind == "saliency"
                              else input_gradient_map(grad, self.grid, smooth))
             else:
-                raise ValueError(f"model.attention_map {kind!r}: expected one of mean, max, rollout, grad, cam, "
-                                 "saliency, input_grad")
+                raise ValueError(f"model.attention_map {kind!r}: expected one of "
+                                 f"{', '.join(CHOICES['model.attention_map'])}")
         return {
             "cls_logits": cls_logits,
             "vit_logits": vit_logits,
@@ -237,7 +239,7 @@ class LearningToMask(nn.Module):
         `mask_map` is the configured one (what Eq. 4 masks). For measuring which of them finds a known manipulated
         region."""
         maps: dict[str, torch.Tensor] = {}
-        for kind in ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad"):
+        for kind in CHOICES["model.attention_map"]:
             t = self.teacher(images, map_kind=kind)
             maps[kind] = t["attention"].float()
         for i in range(t["head_maps"].shape[1]):

@@ -49,6 +49,12 @@ def class_activation_map(features: torch.Tensor, head: torch.nn.Linear) -> torch
     return torch.einsum("bchw,c->bhw", features.float(), head.weight[0].float())
 
 
+# model.attention_map kinds computed with a backward pass through the teacher, and those of them that differentiate
+# with respect to the input image
+GRADIENT_MAPS = ("grad", "saliency", "input_grad")
+INPUT_GRADIENT_MAPS = ("saliency", "input_grad")
+
+
 def _smooth_and_pool(contribution: torch.Tensor, grid: tuple[int, int], smooth: float) -> torch.Tensor:
     """(B, 1, H, W) -> (B, h, w): box-averaged over an odd window of `smooth` x the image side (none below 2 px),
     then averaged over each grid cell."""

@@ -40,19 +40,16 @@ def split_frames(root: Path, folder: str) -> int:
     return videos * FRAMES_PER_VIDEO
 
 
-# model.attention_map kinds computed with a backward pass through the teacher
-GRADIENT_MAPS = ("grad", "saliency", "input_grad")
-
-
 def model_gflops(cfg: Config) -> tuple[float, float]:
     """(training forward, inference) GFLOP per image, counted by torch's FlopCounterMode on the meta device."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ltm.models import build_model
+    from ltm.models.masking import GRADIENT_MAPS
 
     size = cfg.data.image_size
-    # The gradient-based maps (grad, saliency) take torch.autograd.grad inside the forward, which the counter's
+    # The gradient-based maps (GRADIENT_MAPS) take torch.autograd.grad inside the forward, which the counter's
     # module hooks cannot follow: the forward is counted with Eq. 2's map and that backward added as the teacher's
     # forward twice (a backward costs about two forwards).
     backward_map = cfg.model.kind == "ltm" and cfg.model.attention_map in GRADIENT_MAPS
