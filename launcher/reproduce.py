@@ -1,28 +1,27 @@
-"""`ltm reproduce`: options, the printed plan, the order of planning, running and collecting, and the SLURM side.
+"""`ltm reproduce`: options, the printed plan, and the order of planning, running and collecting.
 
-The plans, configs, local runs and collection live in `ltm.reproduce`; submitting them (training and evaluation
-jobs through `launcher.submit`, remembered between calls) lives here, above `ltm`, as every SLURM path does."""
+The table as a sweep, its points' states and the collection live in `ltm.reproduce`; the points run through
+`ltm.sweep` here or as one SLURM array through `launcher.sweep` (submitted, remembered and waited for there)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from launcher.checks import check_plans
-from launcher.submit import FINAL_STATES, add_launch_arguments, job_state, launch_from_args, submit_eval, submit_train
-from launcher.submit import wait_for as launcher_wait
+from launcher.submit import add_launch_arguments, launch_from_args, wait_for
+from launcher.sweep import active, in_flight, load_jobs, seeds_from, submit_sweep
 from ltm.config import Config, ConfigError, load_config
 from ltm.paper_results import TABLES, Table
 from ltm.reproduce.configs import config_diff, experiment_path, parse_pairs
 from ltm.reproduce.cost import DEFAULT_TFLOPS, estimate, print_estimate
-from ltm.reproduce.local import eval_command, run_local, train_command
-from ltm.reproduce.plan import STATE_DIR, RunPlan, plan_table, report_dir, select, write_atomic, write_configs
+from ltm.reproduce.plan import STATE_DIR, RunPlan, plan_points, select, table_sweep, write_atomic
 from ltm.reproduce.results import collect, render_markdown, write_collected
+from ltm.sweep.run import Sweep, run_local
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", action="append", metavar="BACKBONE=FILE",
                         help="local pretrained weights for a backbone name (sets model.pretrained / "
                              "model.teacher_pretrained where the run uses it); repeatable")
+    parser.add_argument("--seeds", default="", help="N (seeds 0..N-1) or a comma list: every cell the mean over "
+                        "them with its 95%% t-interval (default: the config's train.seed)")
     parser.add_argument("--nproc", type=int, help="--local: ranks per training (ltm train --nproc)")
     parser.add_argument("--estimate", action="store_true", help="print the GPU hours each run needs (from FLOPs)")
     parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
                         help=f"sustained TFLOP/s per GPU for --estimate and for the wall-time check before submitting "
                              f"(default {DEFAULT_TFLOPS:g}: bf16 Xception on an A100, see docs/reproduce.md)")
-    parser.add_argument("--wait", action="store_true", help="SLURM: wait until the submitted jobs left the queue, "
+    parser.add_argument("--wait", action="store_true", help="SLURM: wait until the array's tasks left the queue, "
                         "then collect")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     _add_submit_arguments(parser)
@@ -107,44 +108,43 @@ def _add_submit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _sbatch_lines(script: str) -> str:
     keep = ("--nodes", "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time", "--partition",
-            "--account", "--qos", "--constraint", "--mem", "--exclusive", "--dependency")
+            "--account", "--qos", "--constraint", "--mem", "--exclusive", "--array", "--requeue")
     opts = [line.removeprefix("#SBATCH ").strip() for line in script.splitlines() if line.startswith("#SBATCH")]
     return " ".join(o for o in opts if o.startswith(keep))
 
 
-def print_plan(plans: list[RunPlan], table: Table, paper: Config, nproc: int | None = None,
-               jobs: list[tuple[RunPlan, dict[str, Any]]] | None = None) -> None:
-    """What a run of the table would do: runs with state and config, then the commands or SLURM jobs."""
-    print(f"{table.name}: {len(plans)} runs, {sum(p.state != 'done' for p in plans)} to do")
+def print_plan(plans: list[RunPlan], table: Table, paper: Config, script: str | None = None) -> None:
+    """What a run of the table would do: its points with state and config, then the order here or the array."""
+    runs = list(dict.fromkeys(p.name for p in plans))
+    print(f"{table.name}: {len(plans)} points ({len(runs)} runs x {len(plans) // max(len(runs), 1)} seeds), "
+          f"{sum(p.state != 'done' for p in plans)} to do")
     for plan in plans:
         where = f"checkpoint step {plan.step} of {plan.total}" if plan.step is not None else f"{plan.total} steps"
-        print(f"\n{plan.name}  [{plan.state}; {where}]  {plan.run_dir}")
+        print(f"\n{plan.label}  [{plan.state}; {where}]  {plan.run_dir}")
         print(f"  experiment: {experiment_path(plan.name)}")
-        print("  config (against paper.yaml): " + " ".join(config_diff(plan.cfg, paper)))
-        reports = ", ".join(str(report_dir(plan.run_dir, d).relative_to(plan.run_dir)) for d in plan.data)
-        print(f"  reports: {reports}" + (f" (missing: {', '.join(plan.missing)})" if plan.missing else " (present)"))
+        print("  config (against paper.yaml): " + " ".join(
+            kv for kv in config_diff(plan.cfg, paper) if not kv.startswith(("train.run_dir=", "launch."))))
+        print(f"  scored on: {', '.join(plan.data)}"
+              + (f" (missing: {', '.join(plan.missing)})" if plan.missing else " (all scored)"))
     todo = [p for p in plans if p.state != "done"]
-    if jobs is None:
-        print("\ncommands, in this order:")
-        for plan in todo:
-            if plan.state in ("train", "resume"):
-                print("  ltm " + " ".join(train_command(plan, nproc)[3:]))
-            print("  ltm " + " ".join(eval_command(plan)[3:]))
-    else:
-        print("\nSLURM jobs:")
-        for n, (plan, out) in enumerate(jobs, 1):
-            for kind, sub in out.items():
-                after = "" if kind == "train" or "train" not in out else f"  afterok: train job of {plan.name}"
-                job = f"  job {sub.job_id}" if sub.job_id else ""
-                print(f"  {n}. {kind} {plan.name}{job}{after}")
-                print(f"     {_sbatch_lines(sub.script)}")
-                if kind == "eval":
-                    print(f"     data: {' '.join(plan.missing)}")
-        skipped = len(todo) - len(jobs)
-        if skipped:
-            print(f"  ({skipped} run(s) not submitted again: their jobs are still queued or running)")
     if not todo:
-        print("\nnothing to do: every report exists (collect with --collect)")
+        print("\nnothing to do: every point is scored (collect with --collect)")
+    elif script is None:
+        print("\nhere, in this order (each trained to its budget, then scored): "
+              + ", ".join(p.label for p in todo))
+    else:
+        print(f"\nSLURM: one array, a task per point: {_sbatch_lines(script)}")
+        for n, plan in enumerate(todo):
+            print(f"  task {n}: {plan.label}")
+
+
+def _sweep(args: argparse.Namespace, table: Table, runs: Path, mapping: dict[str, str], stored: dict[str, Any],
+           seeds: list[int] | None) -> Sweep:
+    if args.collect:  # the options of the run being collected
+        return table_sweep(table, stored.get("shards") or "shards", runs, stored.get("base"),
+                           stored.get("overrides"), mapping, seeds=seeds)
+    return table_sweep(table, args.shards or "shards", runs, args.base, args.overrides, mapping,
+                       parse_pairs(args.weights, "--weights"), seeds)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,23 +152,25 @@ def run(args: argparse.Namespace) -> int:
     stored = _recall(runs, args.table)
     mapping = parse_pairs(args.map, "--map") if args.map else stored.get("map", {})
     rows, columns = _csv(args.rows), _csv(args.columns)
+    seeds = seeds_from(args.seeds) if args.seeds else None
     if args.collect and rows is None and columns is None:
         rows, columns = stored.get("rows"), stored.get("columns")
+    if args.collect and seeds is None:
+        seeds = stored.get("seeds")
     table = select(TABLES[args.table], rows, columns)
     if args.collect:
         if not runs.is_dir():
             raise ConfigError(f"--runs {str(runs)!r}: no such folder (nothing to collect)")
-        return _collect_and_print(table, runs, mapping, write=not args.dry_run)
+        return _collect_and_print(table, _sweep(args, table, runs, mapping, stored, seeds), mapping,
+                                  write=not args.dry_run)
     if not args.shards and not args.estimate:
         raise ConfigError("--shards ROOT is needed to run a table (the shard root that the experiments read)")
-    weights = parse_pairs(args.weights, "--weights")
     # --estimate alone needs no shards: without manifests to count, frames are the datasets' nominal counts
-    plans = plan_table(table, args.shards or "shards", runs, args.base, args.overrides, mapping, weights)
+    sweep = _sweep(args, table, runs, mapping, stored, seeds)
+    plans = plan_points(sweep)
     if not args.local:
         for plan in plans:
             plan.cfg = replace(plan.cfg, launch=launch_from_args(args, plan.cfg.launch))
-    for plan in plans:
-        plan.config_file = runs / STATE_DIR / "configs" / f"{plan.name}.yaml"
     paper = load_config("paper")
     if args.estimate:
         print_estimate(estimate(plans, args.tflops), args.tflops)
@@ -178,106 +180,39 @@ def run(args: argparse.Namespace) -> int:
     for warning in check_plans(plans, args.tflops, launch=not args.local):  # before anything is queued or run
         log.warning("%s", warning)
     if args.dry_run:
-        jobs = None if args.local else submit_slurm(plans, runs, dry_run=True)
-        print_plan(plans, table, paper, args.nproc, jobs)
+        sub = None if args.local else submit_sweep(sweep, args, dry_run=True)
+        print_plan(plans, table, paper, None if args.local else (sub.script if sub else ""))
         return 0
-    write_configs(plans, runs)
-    _remember(runs, args.table, {"map": mapping, "rows": rows, "columns": columns, "base": args.base})
+    _remember(runs, args.table, {"map": mapping, "rows": rows, "columns": columns, "base": args.base,
+                                 "shards": str(Path(args.shards).resolve()), "overrides": list(args.overrides),
+                                 "seeds": sweep.seeds})
+    status = 0
     if args.local:
-        status = run_local(plans, args.nproc)
+        busy = in_flight(sweep)
+        if busy:  # two trainings of one run folder would overwrite each other's checkpoints
+            raise ConfigError("points still queued or running on SLURM: " + ", ".join(busy) + "; wait for them "
+                              "(or scancel them) before running the table here")
+        status = run_local(sweep, args.nproc)
     else:
-        submitted = submit_slurm(plans, runs)
-        print_plan(plans, table, paper, jobs=submitted)
-        status = 0
+        sub = submit_sweep(sweep, args)
+        print_plan(plans, table, paper, sub.script if sub else "")
+        if sub is not None:
+            print(sub.describe())
         if args.wait:
-            # this submission's jobs and those of an earlier one still in flight for the same runs
-            recorded = load_jobs(runs)
-            ids = [i for plan in plans if plan.state != "done" for i in recorded.get(plan.name, {}).values() if i]
-            new = [sub.job_id for _, out in submitted for sub in out.values()]
-            states = wait_for([i for i in dict.fromkeys(ids) if i in new or i in active_jobs([i])])
+            ids = [i for i in load_jobs(sweep).values() if active(i)]
+            states = wait_for(ids, timeout_s=float("inf"), poll_s=5.0) if ids else {}
+            for job_id, state in states.items():
+                (log.info if state == "COMPLETED" else log.error)("task %s: %s", job_id, state)
             status = 0 if all(v == "COMPLETED" for v in states.values()) else 1
     if args.local or args.wait:
-        _collect_and_print(table, runs, mapping, write=True)
+        _collect_and_print(table, sweep, mapping, write=True)
     return status
 
 
-def _collect_and_print(table: Table, runs: Path, mapping: dict[str, str], write: bool) -> int:
-    result = collect(table, runs, mapping)
+def _collect_and_print(table: Table, sweep: Sweep, mapping: dict[str, str], write: bool) -> int:
+    result = collect(table, sweep, mapping)
     print(render_markdown(result), end="")
     if write:
-        md, js = write_collected(result, runs)
+        md, js = write_collected(result, Path(sweep.out))
         print(f"\nwrote {md} and {js}")
     return 0
-
-
-# --- SLURM: jobs through the launcher, remembered between calls --------------------------------------------------
-
-def load_jobs(runs: Path) -> dict[str, dict[str, str]]:
-    """Job ids of earlier submissions per run: {run: {"train": id, "eval": id}}."""
-    path = runs / STATE_DIR / "jobs.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); delete it to forget earlier submissions") from exc
-
-
-def save_jobs(runs: Path, jobs: dict[str, dict[str, str]]) -> None:
-    (runs / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    write_atomic(runs / STATE_DIR / "jobs.json", json.dumps(jobs, indent=2, sort_keys=True) + "\n")
-
-
-def active_jobs(ids: list[str]) -> set[str]:
-    """Those of `ids` that SLURM still knows as pending, running or requeued (not in a final state)."""
-    if not ids or shutil.which("scontrol") is None:
-        return set()
-    active = set()
-    for job_id in ids:
-        state = job_state(job_id)
-        if state != "UNKNOWN" and not all(s in FINAL_STATES for s in state.split(",")):
-            active.add(job_id)
-    return active
-
-
-def submit_slurm(plans: list[RunPlan], runs: Path, dry_run: bool = False) -> list[tuple[RunPlan, dict[str, Any]]]:
-    """Submit each unfinished run through the launcher: training, then its evaluation with `afterok`.
-
-    A run whose training finished gets only the evaluation job; a run with jobs of an earlier submission still
-    queued or running gets nothing new. Job ids are recorded in `<runs>/.reproduce/jobs.json` after each run.
-    """
-    if not dry_run and shutil.which("sbatch") is None:
-        raise ConfigError("sbatch not found: this machine has no SLURM client; run with --local instead")
-    jobs = load_jobs(runs)
-    active = active_jobs([i for rec in jobs.values() for i in rec.values() if i])
-    submitted = []
-    for plan in plans:
-        if plan.state == "done":
-            continue
-        busy = [i for i in jobs.get(plan.name, {}).values() if i in active]
-        if busy:
-            log.info("%s: job(s) %s of an earlier submission still queued or running; not submitted again",
-                     plan.name, ", ".join(busy))
-            continue
-        data = [str(Path(plan.cfg.data.root) / d) for d in plan.missing]
-        if plan.state in ("train", "resume"):
-            # checked by launcher.checks.check_plans with the rest of the table, before the first submission
-            out: dict[str, Any] = submit_train(plan.cfg, eval_data=data, dry_run=dry_run, check=False)
-        else:
-            out = {"eval": submit_eval(str(plan.run_dir), data, launch=plan.cfg.launch, dry_run=dry_run,
-                                       check=False)}
-        if not dry_run:
-            jobs[plan.name] = {kind: sub.job_id for kind, sub in out.items()}
-            save_jobs(runs, jobs)
-            log.info("%s: %s", plan.name, ", ".join(f"{k} job {v.job_id}" for k, v in out.items()))
-        submitted.append((plan, out))
-    return submitted
-
-
-def wait_for(ids: list[str]) -> dict[str, str]:
-    """Block until every job of `ids` reached a final state; {job id: state}."""
-    log.info("waiting for %d job(s): %s", len(ids), ", ".join(ids))
-    states = launcher_wait(ids, timeout_s=float("inf"), poll_s=5.0)
-    for job_id, state in states.items():
-        (log.info if state == "COMPLETED" else log.error)("job %s: %s", job_id, state)
-    return states

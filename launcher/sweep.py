@@ -45,10 +45,9 @@ from ltm.sweep import table
 from ltm.sweep.run import (
     Sweep,
     check_sweep,
-    is_done,
+    is_complete,
     parse_variant,
     point_config,
-    read_record,
     run_local,
     run_point,
     save_spec,
@@ -112,7 +111,7 @@ def check_points(sweep: Sweep, points: list[tuple[str, int]], launch_args: argpa
     for variant, seed in points:
         cfg = point_config(sweep, variant, seed, sweep.budgets[-1])
         cfg = dataclasses.replace(cfg, launch=launch_from_args(launch_args, cfg.launch))
-        warnings += check_train(cfg, [*sweep.evals, *map(str, cfg.data.val)], "auto")
+        warnings += check_train(cfg, [*sweep.evals_of(variant), *map(str, cfg.data.val)], "auto")
     return list(dict.fromkeys(warnings))
 
 
@@ -123,7 +122,7 @@ def submit_sweep(sweep: Sweep, launch_args: argparse.Namespace, dry_run: bool = 
     todo = []
     for variant, seed in sweep.points():
         key = f"{variant}-seed{seed}"
-        if is_done(read_record(sweep.record_path(variant, seed))):
+        if is_complete(sweep, variant, seed):
             continue
         if key in jobs and shutil.which("scontrol") and active(jobs[key]):
             log.info("%s: task %s of an earlier submission still queued or running; not submitted again", key,
@@ -171,6 +170,14 @@ def _ints(text: str) -> list[int]:
         raise ConfigError(f"{text!r}: expected a comma list of whole numbers") from None
 
 
+def seeds_from(text: str) -> list[int]:
+    """`--seeds`: N means seeds 0..N-1; a comma list names them."""
+    seeds = _ints(text)
+    if not seeds:
+        raise ConfigError(f"--seeds {text!r}: at least one seed")
+    return list(range(seeds[0])) if len(seeds) == 1 and "," not in text else seeds
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__
@@ -207,8 +214,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
     variants = dict(parse_variant(v) for v in args.variant)
     if len(variants) != len(args.variant):
         raise ConfigError("--variant: two variants share a name")
-    seeds = _ints(args.seeds)
-    seeds = list(range(seeds[0])) if len(seeds) == 1 and "," not in args.seeds else seeds
+    seeds = seeds_from(args.seeds)
     return Sweep(config=args.config, variants=variants, seeds=seeds, evals=list(args.eval), out=out,
                  budgets=_ints(args.steps), reference=args.reference,
                  heads=[h for h in args.heads.split(",") if h], overrides=list(args.overrides), effect=args.effect)

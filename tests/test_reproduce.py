@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,12 @@ from ltm.reproduce import (
     map_path,
     plan_table,
     render_markdown,
-    report_dir,
     run_config,
     select,
+    table_sweep,
 )
+from ltm.sweep import stats
+from ltm.sweep.run import fingerprint, point_config, write_json
 
 EXPERIMENTS = sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 BACKBONE = {"resnet18": "resnet18", "resnet34": "resnet34", "xception": "legacy_xception"}
@@ -109,32 +112,56 @@ def test_select_and_unknown_keys() -> None:
         select(TABLES["table4"], None, ["imagenet"])
 
 
-def _report(path: Path, frame_auc: float | None, per_method: dict[str, float] | None = None) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    per = {m: {"frame_auc": v, "video_auc": v, "n_frames": 10} for m, v in (per_method or {}).items()}
-    (path / "report.json").write_text(json.dumps({"frame_auc": frame_auc, "per_method": per}))
+def _record(sweep, run: str, seed: int, test: dict[str, float], methods: dict[str, dict[str, float]] | None = None,
+            status: str = "done") -> None:
+    """A point's record as `ltm.sweep.run.run_point` writes it: the selected checkpoint's AUCs per split."""
+    cfg = point_config(sweep, run, seed, sweep.budgets[-1])
+    head = "baseline" if cfg.model.kind == "baseline" else cfg.model.inference_head
+    write_json(sweep.record_path(run, seed), {
+        "variant": run, "seed": seed, "config": fingerprint(cfg), "budgets": sweep.budgets, "heads": [head],
+        "status": status, "val": {}, "selected": sweep.budgets[-1], "test": {head: test},
+        "test_methods": {head: {d: (methods or {}).get(d, {}) for d in test}}, "trained": []})
+
+
+def test_table_sweep_trains_each_run_as_its_experiment_config(tmp_path: Path) -> None:
+    """Each run of a table is a variant whose point config is the run's resolved config (mapped, with --base and
+    overrides): only the run folder and seeds are the sweep's."""
+    mapping = {"Deepfakes": "SelfBlend", "Face2Face": "SelfBlend", "NeuralTextures": "FaceSwap"}
+    for name in ("table2", "table3", "table5"):
+        sweep = table_sweep(TABLES[name], tmp_path / "shards", tmp_path / "runs", "tiny-cpu", ["train.lr=0.02"],
+                            mapping, seeds=[3])
+        assert list(sweep.variants) == TABLES[name].runs() and sweep.seeds == [3]
+        for run in sweep.variants:
+            mine = fingerprint(point_config(sweep, run, 3, sweep.budgets[-1]))
+            theirs = fingerprint(run_config(run, tmp_path / "shards", tmp_path / "runs", "tiny-cpu",
+                                            ["train.lr=0.02", "train.seed=3", "data.seed=3"], mapping))
+            assert mine == theirs, run
+            assert sweep.run_dir(run, 3) == (tmp_path / "runs" / f"{run}-seed3").absolute()
+    assert table_sweep(TABLES["table2"], tmp_path, tmp_path).variant_evals["celebdf_v2_ltm"] == ["celebdf_v2/test"]
 
 
 def test_plan_states_and_collect(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     table = TABLES["table3"]
-    # FF-DF: trained and both reports there; FF-F2F: trained, CelebDF report missing; FF-NT: half trained.
-    _report(runs / "ffpp_c23_df_ltm/eval/ffpp_c23-test", 0.99, {"Deepfakes": 0.995, "FaceSwap": 0.7})
-    _report(runs / "ffpp_c23_df_ltm/eval/celebdf_v2-test", 0.8)
-    _report(runs / "ffpp_c23_f2f_ltm/eval/ffpp_c23-test", 0.98, {"Face2Face": 0.9961})
-    for run, step in (("ffpp_c23_df_ltm", 9000), ("ffpp_c23_f2f_ltm", 9000), ("ffpp_c23_nt_ltm", 300)):
-        (runs / run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (runs / run / "checkpoints" / "latest").write_text(f"step{step:08d}")
+    sweep = table_sweep(table, tmp_path / "shards", runs)
+    # FF-DF: trained and both splits scored; FF-F2F: trained, CelebDF not scored; FF-NT: half trained.
+    _record(sweep, "ffpp_c23_df_ltm", 0, {"ffpp_c23/test": 0.99, "celebdf_v2/test": 0.8},
+            {"ffpp_c23/test": {"Deepfakes": 0.995, "FaceSwap": 0.7}})
+    _record(sweep, "ffpp_c23_f2f_ltm", 0, {"ffpp_c23/test": 0.98}, {"ffpp_c23/test": {"Face2Face": 0.9961}})
+    total = sweep.budgets[-1]
+    for run, step in (("ffpp_c23_df_ltm", total), ("ffpp_c23_f2f_ltm", total), ("ffpp_c23_nt_ltm", 300)):
+        (runs / f"{run}-seed0" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (runs / f"{run}-seed0" / "checkpoints" / "latest").write_text(f"step{step:08d}")
     plans = {p.name: p for p in plan_table(table, tmp_path / "shards", runs)}
     assert list(plans) == table.runs()
     assert plans["ffpp_c23_df_ltm"].state == "done"
     assert (plans["ffpp_c23_f2f_ltm"].state, plans["ffpp_c23_f2f_ltm"].missing) == ("eval", ["celebdf_v2/test"])
-    assert plans["ffpp_c23_nt_ltm"].state == "resume" and checkpoint_step(runs / "ffpp_c23_nt_ltm") == 300
+    assert plans["ffpp_c23_nt_ltm"].state == "resume" and checkpoint_step(runs / "ffpp_c23_nt_ltm-seed0") == 300
     assert plans["ffpp_c23_baseline"].state == "train"
 
-    result = collect(table, runs)
+    result = collect(table, sweep)
     cells = {r["key"]: r["cells"] for r in result["rows"]}
-    assert cells["df"]["in"]["ours"] == pytest.approx(99.5)  # per_method Deepfakes, not the split's frame_auc
+    assert cells["df"]["in"]["ours"] == pytest.approx(99.5)  # per-method Deepfakes, not the split's frame AUC
     assert cells["df"]["in"]["diff"] == pytest.approx(99.5 - 99.90)
     assert cells["df"]["celebdf"]["ours"] == pytest.approx(80.0)
     assert cells["f2f"]["in"]["ours"] == pytest.approx(99.61)
@@ -145,20 +172,31 @@ def test_plan_states_and_collect(tmp_path: Path) -> None:
     assert "| Ours | FF-F2F | 99.61 | 99.62 | -0.01 | missing | 74.92 | — |" in md
 
 
-def test_collect_cli_writes_table_and_averages(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_collect_cli_writes_table_and_averages_over_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs = tmp_path / "runs"
-    for run, data, auc in (("ffpp_c23_ltm", "ffpp_c23/test", 0.98), ("celebdf_v2_ltm", "celebdf_v2/test", 0.99),
-                           ("wdf_ltm", "wdf/test", 0.85)):
-        _report(report_dir(runs / run, data), auc)
-    assert main(["reproduce", "table2", "--runs", str(runs), "--collect"]) == 0
+    sweep = table_sweep(TABLES["table2"], "shards", runs, seeds=[0, 1, 2])
+    aucs = {"ffpp_c23_ltm": [0.98, 0.97, 0.99], "celebdf_v2_ltm": [0.99, 0.95, 0.96], "wdf_ltm": [0.85, 0.80, 0.81]}
+    for run, values in aucs.items():
+        for seed in (2, 0, 1):  # written out of order: the average column pairs by seed, not position
+            _record(sweep, run, seed, {sweep.evals_of(run)[0]: values[seed]})
+    assert main(["reproduce", "table2", "--runs", str(runs), "--collect", "--seeds", "3"]) == 0
     out = capsys.readouterr().out
     data = json.loads((runs / "table2.json").read_text())
     ours = data["rows"][-1]["cells"]
-    assert ours["avg"]["ours"] == pytest.approx((98 + 99 + 85) / 3)
+    wdf = stats.interval([85.0, 80.0, 81.0])
+    assert (ours["wdf"]["ours"], ours["wdf"]["lo"], ours["wdf"]["hi"]) == pytest.approx((wdf.mean, wdf.lo, wdf.hi))
+    per_seed_avg = [statistics.fmean(100 * aucs[r][k] for r in aucs) for k in range(3)]
+    avg = stats.interval(per_seed_avg)  # the average column's interval is over the seeds' averages
+    assert (ours["avg"]["ours"], ours["avg"]["lo"], ours["avg"]["hi"]) == pytest.approx((avg.mean, avg.lo, avg.hi))
     assert ours["avg"]["paper"] == 94.91
+    assert f"| {wdf.mean:.2f} ({wdf.lo:.2f} .. {wdf.hi:.2f}) | 86.70 |" in out
+    assert "the mean over 3 seeds (0, 1, 2) with its 95% t-interval" in out
     assert (runs / "table2.md").read_text() in out
-    assert sorted(p.name for p in runs.iterdir()) == ["celebdf_v2_ltm", "ffpp_c23_ltm", "table2.json", "table2.md",
-                                                      "wdf_ltm"]  # no temp files left
+    assert sorted(p.name for p in runs.iterdir()) == ["points", "table2.json", "table2.md"]  # no temp files left
+    # a seed short: its cells are missing, not an average over fewer seeds
+    (runs / "points" / "wdf_ltm-seed1.json").unlink()
+    assert main(["reproduce", "table2", "--runs", str(runs), "--collect", "--seeds", "3"]) == 0
+    assert "| missing | 86.70 |" in capsys.readouterr().out
 
 
 def test_dry_run_lists_runs_and_changes_nothing(tmp_path: Path, sample_shards: Path,
@@ -171,9 +209,10 @@ def test_dry_run_lists_runs_and_changes_nothing(tmp_path: Path, sample_shards: P
     weights.write_bytes(b"")
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "table5: 3 runs, 3 to do" in out
+    assert "table5: 3 points (3 runs x 1 seeds), 3 to do" in out
     assert "model.backbone=resnet18 model.teacher_backbone=resnet34" in out
-    assert out.count("ltm train --config") == 3 and out.count("ltm eval --run") == 3
+    assert out.count("[train; ") == 3 and "here, in this order (each trained to its budget, then scored): " \
+        "ffpp_c23_ltm_s-resnet18_t-resnet18 seed 0, " in out
     assert f"model.pretrained={weights}" in out
     assert not runs.exists()
 
@@ -208,7 +247,7 @@ def reduced_table4(shards: Path, runs: Path, *extra: str) -> list[str]:
 
 def snapshot(runs: Path) -> dict[str, float]:
     """mtime of every checkpoint and report file of the runs: what a skipped run must leave alone."""
-    return {str(p): p.stat().st_mtime_ns for run in REDUCED_RUNS for p in sorted((runs / run).rglob("*"))
+    return {str(p): p.stat().st_mtime_ns for run in REDUCED_RUNS for p in sorted((runs / f"{run}-seed0").rglob("*"))
             if p.is_file() and ("checkpoints" in p.parts or "eval" in p.parts)}
 
 
@@ -218,7 +257,7 @@ def check_table4(runs: Path) -> None:
     md = (runs / "table4.md").read_text()
     for row, run in zip(result["rows"], REDUCED_RUNS):
         cell = row["cells"]["ffpp_c23"]
-        report = json.loads((runs / run / "eval" / "ffpp_c23-test" / "report.json").read_text())
+        report = json.loads((runs / f"{run}-seed0" / "eval" / "ffpp_c23-test" / "report.json").read_text())
         assert cell["ours"] == pytest.approx(100 * report["frame_auc"])
         assert cell["diff"] == pytest.approx(cell["ours"] - cell["paper"])
         assert f"| {row['key']} | {cell['ours']:.2f} | {cell['paper']:.2f} | {cell['diff']:+.2f} |" in md
@@ -235,9 +274,9 @@ def local_table4(sample_shards: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_local_reduced_table4_runs_end_to_end(local_table4: Path) -> None:
     runs = local_table4
     for run in REDUCED_RUNS:
-        assert (runs / run / "checkpoints" / "latest").read_text().strip() == "step00000002"
+        assert (runs / f"{run}-seed0" / "checkpoints" / "latest").read_text().strip() == "step00000002"
         strategy = run.removeprefix("ffpp_c23_ltm").strip("_") or "high"
-        assert load_config(runs / run / "config.yaml").model.mask_strategy == strategy
+        assert load_config(runs / f"{run}-seed0" / "config.yaml").model.mask_strategy == strategy
     check_table4(runs)
 
 
@@ -247,28 +286,54 @@ def test_rerun_skips_finished_runs_and_evaluates_only_what_is_missing(
     before = snapshot(runs)
     capsys.readouterr()
     assert main(reduced_table4(sample_shards, runs, "--local", "--dry-run")) == 0
-    assert "table4: 3 runs, 0 to do" in capsys.readouterr().out
+    assert "table4: 3 points (3 runs x 1 seeds), 0 to do" in capsys.readouterr().out
     assert main(reduced_table4(sample_shards, runs, "--local")) == 0
     assert snapshot(runs) == before  # nothing trained or evaluated again
 
-    # A run whose evaluation is lost: its training is not redone, only the evaluation runs again.
-    report = runs / "ffpp_c23_ltm_low" / "eval" / "ffpp_c23-test" / "report.json"
-    report.unlink()
+    # A kept run another table needs on a split it was not scored on: its training is not redone, only that
+    # split is scored (here: its score forgotten, as a run of another table would lack it).
+    point = runs / "points" / "ffpp_c23_ltm_low-seed0.json"
+    record = json.loads(point.read_text())
+    for scores in (record["test"], record["test_methods"]):
+        scores["student"].pop("ffpp_c23/test")
+    point.write_text(json.dumps(record))
+    shutil.rmtree(runs / "ffpp_c23_ltm_low-seed0" / "eval")
     assert main(reduced_table4(sample_shards, runs, "--local", "--dry-run")) == 0
     out = capsys.readouterr().out
-    assert "ffpp_c23_ltm_low  [eval; checkpoint step 2 of 2]" in out and "table4: 3 runs, 1 to do" in out
+    assert "ffpp_c23_ltm_low seed 0  [eval; checkpoint step 2 of 2]" in out and ", 1 to do" in out
     assert main(reduced_table4(sample_shards, runs, "--local")) == 0
     after = snapshot(runs)
-    assert report.is_file()
+    assert (runs / "ffpp_c23_ltm_low-seed0" / "eval" / "ffpp_c23-test" / "report.json").is_file()
     assert {k: v for k, v in after.items() if "checkpoints" in k} == {k: v for k, v in before.items()
                                                                       if "checkpoints" in k}
     changed = {k for k in after if before.get(k) != after[k]}
-    assert changed and all("ffpp_c23_ltm_low/eval/" in k for k in changed)
+    assert changed and all("ffpp_c23_ltm_low-seed0/eval/" in k for k in changed)
 
-    # --collect alone finds the same reports (the map of the run is remembered) and prints the table
+    # --collect alone finds the same points (the map of the run is remembered) and prints the table
     assert main(["reproduce", "table4", "--runs", str(runs), "--collect"]) == 0
     assert "| high |" in capsys.readouterr().out
     check_table4(runs)
+
+
+def test_more_seeds_train_only_the_new_points_and_give_intervals(
+        local_table4: Path, sample_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = local_table4
+    kept = snapshot(runs)
+    argv = reduced_table4(sample_shards, runs, "--local", "--seeds", "2")
+    argv[argv.index("high,low,random")] = "high"
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert snapshot(runs) == kept  # seed 0 of every run kept as it was
+    assert (runs / "ffpp_c23_ltm-seed1" / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    assert not (runs / "ffpp_c23_ltm_low-seed1").exists()  # rows not asked for are not trained
+    aucs = [100 * json.loads((runs / f"ffpp_c23_ltm-seed{k}" / "eval" / "ffpp_c23-test" / "report.json")
+                             .read_text())["frame_auc"] for k in (0, 1)]
+    cell = json.loads((runs / "table4.json").read_text())["rows"][0]["cells"]["ffpp_c23"]
+    want = stats.interval(aucs)
+    assert (cell["ours"], cell["lo"], cell["hi"], cell["n"]) == pytest.approx((want.mean, want.lo, want.hi, 2))
+    assert cell["per_seed"] == {"0": round(aucs[0], 4), "1": round(aucs[1], 4)}
+    assert f"| high | {want.mean:.2f} ({want.lo:.2f} .. {want.hi:.2f}) | 98.59 |" in capsys.readouterr().out
+    assert load_config(runs / "ffpp_c23_ltm-seed1" / "config.yaml").train.seed == 1
 
 
 def test_failed_training_is_reported_and_not_evaluated(sample_shards: Path, tmp_path: Path,
@@ -289,7 +354,7 @@ def test_failed_training_is_reported_and_not_evaluated(sample_shards: Path, tmp_
     argv = ["reproduce", "table4", "--shards", str(broken), "--runs", str(runs), "--rows", "high", "--columns",
             "ffpp_c23", "--base", "tiny-cpu", "--local", *SAMPLE_MAP, *TINY]
     assert main(argv) == 1
-    assert not (runs / "ffpp_c23_ltm" / "eval").exists()
+    assert not (runs / "ffpp_c23_ltm-seed0" / "eval").exists()
     assert "| high | missing | 98.59 | — |" in (runs / "table4.md").read_text()
     assert "| high | missing |" in capsys.readouterr().out
 
@@ -300,15 +365,14 @@ SLURM_OPTIONS = ["--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "1",
 
 
 @pytest.mark.slurm
-def test_slurm_dry_run_lists_three_trainings_with_chained_evals(
+def test_slurm_dry_run_lists_one_array_with_a_task_per_point(
         slurm_cluster: dict, sample_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs = tmp_path / "runs"
     assert main(reduced_table4(sample_shards, runs, *SLURM_OPTIONS, "--dry-run")) == 0
     out = capsys.readouterr().out
-    for n, run in enumerate(REDUCED_RUNS, 1):
-        assert f"{n}. train {run}\n" in out
-        assert f"{n}. eval {run}  afterok: train job of {run}" in out
-    assert out.count("--dependency=afterok:") == 3 and out.count("--nodes=1") == 6
+    for n, run in enumerate(REDUCED_RUNS):
+        assert f"  task {n}: {run} seed 0\n" in out
+    assert "--array=0-2" in out and "--requeue" in out and out.count("--nodes=1") == 1
     assert not runs.exists()
 
 
@@ -317,26 +381,29 @@ def test_slurm_submission_of_reduced_table4_completes_and_collects(
         slurm_cluster: dict, sample_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs = tmp_path / "runs"
     assert main(reduced_table4(sample_shards, runs, *SLURM_OPTIONS, "--wait")) == 0
-    jobs = json.loads((runs / ".reproduce" / "jobs.json").read_text())
-    assert sorted(jobs) == sorted(REDUCED_RUNS) and all(set(j) == {"train", "eval"} for j in jobs.values())
+    jobs = json.loads((runs / ".sweep" / "jobs.json").read_text())
+    assert sorted(jobs) == sorted(f"{r}-seed0" for r in REDUCED_RUNS)
+    assert len({j.split("_")[0] for j in jobs.values()}) == 1  # one array
     check_table4(runs)
     # everything is done: a second submission submits nothing
     assert main(reduced_table4(sample_shards, runs, *SLURM_OPTIONS)) == 0
-    assert json.loads((runs / ".reproduce" / "jobs.json").read_text()) == jobs
+    assert json.loads((runs / ".sweep" / "jobs.json").read_text()) == jobs
     assert "nothing to do" in capsys.readouterr().out
 
 
-def test_bad_reports_and_tags_name_the_file(tmp_path: Path) -> None:
+def test_bad_records_and_tags_name_the_file(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    report = report_dir(runs / "ffpp_c40_df_ltm", "ffpp_c40/test") / "report.json"
-    report.parent.mkdir(parents=True)
-    report.write_text("{not json")
-    with pytest.raises(ValueError, match=str(report)):
-        collect(select(TABLES["table1"], ["ltm"], ["df"]), runs)
-    _report(report.parent, 0.9, {"FaceSwap": 0.8})  # the Deepfakes entry is absent
-    with pytest.raises(ValueError, match="no per_method entry 'Deepfakes'"):
-        collect(select(TABLES["table1"], ["ltm"], ["df"]), runs)
-    latest = runs / "ffpp_c40_df_ltm" / "checkpoints" / "latest"
+    table = select(TABLES["table1"], ["ltm"], ["df"])
+    sweep = table_sweep(table, "shards", runs)
+    point = sweep.record_path("ffpp_c40_df_ltm", 0)
+    point.parent.mkdir(parents=True)
+    point.write_text("{not json")
+    with pytest.raises(ConfigError, match=str(point)):
+        collect(table, sweep)
+    _record(sweep, "ffpp_c40_df_ltm", 0, {"ffpp_c40/test": 0.9}, {"ffpp_c40/test": {"FaceSwap": 0.8}})
+    with pytest.raises(ValueError, match=f"{point}: no per-method AUC 'Deepfakes'"):
+        collect(table, sweep)
+    latest = runs / "ffpp_c40_df_ltm-seed0" / "checkpoints" / "latest"
     latest.parent.mkdir(parents=True)
     latest.write_text("global_step7")
     with pytest.raises(ValueError, match="unexpected checkpoint tag"):

@@ -1,4 +1,5 @@
-"""The plan of a table: its runs, the split folders each must evaluate, and each run's state from its folder."""
+"""The plan of a table: its runs as the points of one sweep (run x seed), the split folders each must score, and
+each point's state from its record and run folder."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ltm.config import Config, ConfigError, save_config
+from ltm.config import Config, ConfigError, load_config
 from ltm.paper_results import Row, Table
-from ltm.reproduce.configs import map_path, run_config
+from ltm.reproduce.configs import config_diff, experiment_layer, map_path, run_config
+from ltm.sweep.run import Sweep, is_complete, point_config, read_record
 
-STATE_DIR = ".reproduce"  # under --runs: resolved configs, submitted jobs, the options of the last run per table
+STATE_DIR = ".reproduce"  # under --runs: the options of the last run per table
 
 
 def select(table: Table, rows: list[str] | None = None, columns: list[str] | None = None) -> Table:
@@ -28,12 +30,6 @@ def select(table: Table, rows: list[str] | None = None, columns: list[str] | Non
     return replace(table, columns={c: table.columns[c] for c in keep_cols}, rows=kept_rows, average=average)
 
 
-def report_dir(run_dir: Path, data: str) -> Path:
-    """`<run>/eval/<dataset>-<split>/` for the split folder `<dataset>/<split>` (DESIGN.md "Run folder")."""
-    parts = Path(data).parts
-    return run_dir / "eval" / "-".join(parts[-2:])
-
-
 def checkpoint_step(run_dir: Path) -> int | None:
     """Step of the run's `latest` checkpoint tag (`step<NNNNNNNN>`), None without checkpoints."""
     latest = run_dir / "checkpoints" / "latest"
@@ -47,15 +43,91 @@ def checkpoint_step(run_dir: Path) -> int | None:
 
 @dataclass
 class RunPlan:
+    """One point of the table's sweep: an experiment run with one seed."""
+
     name: str
-    cfg: Config
+    seed: int
+    cfg: Config  # the point's training config (its run folder, seed and budget)
     run_dir: Path
     data: list[str]  # split folders (relative to the shard root) the table's cells need from this run
-    missing: list[str] = field(default_factory=list)  # of those, the ones without report.json
+    missing: list[str] = field(default_factory=list)  # of those, the ones not scored yet
     step: int | None = None
     total: int = 0
     state: str = "train"  # done | eval | resume | train
-    config_file: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} seed {self.seed}"
+
+
+def needed_data(table: Table, mapping: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """{run: the split folders its cells score}, runs in row order (a run shared by cells is trained once)."""
+    needed: dict[str, list[str]] = {}
+    for row in table.rows:
+        for cell in row.cells.values():
+            if cell.run is not None:
+                data = map_path(cell.data or "", mapping or {})
+                needed.setdefault(cell.run, [])
+                if data not in needed[cell.run]:
+                    needed[cell.run].append(data)
+    return needed
+
+
+def table_sweep(
+    table: Table,
+    shards: str | os.PathLike,
+    runs: str | os.PathLike,
+    base: str | None = None,
+    overrides: list[str] | None = None,
+    mapping: dict[str, str] | None = None,
+    weights: dict[str, str] | None = None,
+    seeds: list[int] | None = None,
+) -> Sweep:
+    """The table as a sweep: a variant per run (its resolved config as `key=value` over the base), scored on its own
+    cells' split folders, seeds as asked (default: the config's), the run's full budget, test reports with pictures.
+
+    Points live in `<runs>/<run>-seed<k>/` with their records in `<runs>/points/`, so tables sharing a run share
+    its points, and a table needing a set a kept run was not scored on scores only that set."""
+    needed = needed_data(table, mapping)
+    if not needed:
+        raise ConfigError(f"{table.name}: the selected rows and columns need no run (only cited numbers)")
+    if base and Path(base).suffix in (".yaml", ".yml"):
+        base = str(Path(base).resolve())
+    variants, budgets, configs, config_seeds = {}, set(), set(), set()
+    for name in needed:
+        cfg = run_config(name, shards, runs, base, overrides, mapping, weights)
+        config = base or experiment_layer(name)[0]
+        configs.add(config)
+        variants[name] = [kv for kv in config_diff(cfg, load_config(config)) if not kv.startswith("train.run_dir=")]
+        budgets.add(cfg.train.epochs * cfg.train.iters_per_epoch)
+        config_seeds.add(cfg.train.seed)
+    if len(budgets) != 1 or len(configs) != 1:
+        raise ConfigError(f"{table.name}: its runs train for different budgets {sorted(budgets)} or from different "
+                          f"base configs {sorted(configs)}; one sweep has one of each (pass --base)")
+    seeds = list(seeds) if seeds else sorted(config_seeds)[:1]
+    return Sweep(config=configs.pop(), variants=variants, seeds=seeds, evals=[], out=Path(runs),
+                 budgets=sorted(budgets), variant_evals=needed, runs_folder="", full_reports=True)
+
+
+def plan_points(sweep: Sweep) -> list[RunPlan]:
+    """One plan per point, in row order then seed, with its state from its record and run folder."""
+    plans = []
+    for name, seed in sweep.points():
+        total = sweep.budgets[-1]
+        cfg = point_config(sweep, name, seed, total)
+        record = read_record(sweep.record_path(name, seed)) or {}
+        scored = set.intersection(*map(set, record["test"].values())) if record.get("test") else set()
+        plan = RunPlan(name, seed, cfg, sweep.run_dir(name, seed), sweep.evals_of(name), total=total)
+        plan.missing = [d for d in plan.data if d not in scored]
+        plan.step = checkpoint_step(plan.run_dir)
+        if is_complete(sweep, name, seed, record or None):
+            plan.state = "done"
+        elif plan.step is not None and plan.step >= plan.total:
+            plan.state = "eval"
+        elif plan.step is not None:
+            plan.state = "resume"
+        plans.append(plan)
+    return plans
 
 
 def plan_table(
@@ -66,41 +138,10 @@ def plan_table(
     overrides: list[str] | None = None,
     mapping: dict[str, str] | None = None,
     weights: dict[str, str] | None = None,
+    seeds: list[int] | None = None,
 ) -> list[RunPlan]:
-    """One plan per run of the table, in row order, with its state read from the run folder."""
-    needed: dict[str, list[str]] = {}
-    for row in table.rows:
-        for cell in row.cells.values():
-            if cell.run is not None:
-                data = map_path(cell.data or "", mapping or {})
-                needed.setdefault(cell.run, [])
-                if data not in needed[cell.run]:
-                    needed[cell.run].append(data)
-    plans = []
-    for name, data in needed.items():
-        cfg = run_config(name, shards, runs, base, overrides, mapping, weights)
-        run_dir = Path(cfg.train.run_dir)
-        plan = RunPlan(name, cfg, run_dir, data, total=cfg.train.epochs * cfg.train.iters_per_epoch)
-        plan.missing = [d for d in data if not (report_dir(run_dir, d) / "report.json").is_file()]
-        plan.step = checkpoint_step(run_dir)
-        if not plan.missing:
-            plan.state = "done"
-        elif plan.step is not None and plan.step >= plan.total:
-            plan.state = "eval"
-        elif plan.step is not None:
-            plan.state = "resume"
-        plans.append(plan)
-    return plans
-
-
-def write_configs(plans: list[RunPlan], runs: Path) -> None:
-    """The resolved config of every run still to do, as the file `ltm train --config` reads (atomic writes)."""
-    folder = runs / STATE_DIR / "configs"
-    folder.mkdir(parents=True, exist_ok=True)
-    for plan in plans:
-        plan.config_file = folder / f"{plan.name}.yaml"
-        if plan.state != "done":
-            save_config(plan.cfg, plan.config_file)
+    """The plans of the table's sweep (`table_sweep` then `plan_points`)."""
+    return plan_points(table_sweep(table, shards, runs, base, overrides, mapping, weights, seeds))
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,63 +1,86 @@
-"""Collecting a table: our AUC from each run's reports beside the paper's, as Markdown and JSON."""
+"""Collecting a table: our AUC (the mean over seeds, with its 95% t-interval from `ltm.sweep.stats`) from the
+points' records, beside the paper's, as Markdown and JSON."""
 
 from __future__ import annotations
 
 import json
-import os
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 from ltm.paper_results import Cell, Table
 from ltm.reproduce.configs import map_path
-from ltm.reproduce.plan import report_dir, write_atomic
+from ltm.reproduce.plan import write_atomic
+from ltm.sweep import stats
+from ltm.sweep.run import Sweep, is_done, read_record
 
 
-def _read_auc(run_dir: Path, cell: Cell, mapping: dict[str, str]) -> tuple[float | None, Path]:
-    path = report_dir(run_dir, map_path(cell.data or "", mapping)) / "report.json"
-    if not path.is_file():
-        return None, path
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+def _point_auc(record: dict[str, Any], cell: Cell, data: str, mapping: dict[str, str], where: Path) -> float | None:
+    """The cell's AUC (in %) in one point's record, None where it was not scored (or undefined)."""
+    head = record["heads"][0]
+    if data not in record["test"].get(head, {}):
+        return None
     if cell.method is None:
-        value = report.get("frame_auc")
+        value = record["test"][head][data]
     else:
         method = mapping.get(cell.method, cell.method)
-        per_method = report.get("per_method") or {}
+        per_method = record.get("test_methods", {}).get(head, {}).get(data, {})
         if method not in per_method:
-            raise ValueError(f"{path}: no per_method entry {method!r} (has {sorted(per_method)})")
-        value = per_method[method].get("frame_auc")
-    if value is None:
-        return None, path  # AUC undefined (one class only): shown as missing
-    return 100.0 * float(value), path  # sklearn's AUC is a fraction; the paper prints percent
+            raise ValueError(f"{where}: no per-method AUC {method!r} on {data} (has {sorted(per_method)})")
+        value = per_method[method]
+    return 100.0 * float(value)  # sklearn's AUC is a fraction; the paper prints percent
 
 
-def collect(table: Table, runs: str | os.PathLike, mapping: dict[str, str] | None = None) -> dict[str, Any]:
-    """Our AUC next to the paper's for every cell; missing reports are listed, not fatal."""
-    runs = Path(runs)
+def _summary(per_seed: dict[int, float]) -> dict[str, Any]:
+    iv = stats.interval(list(per_seed.values()))
+    finite = math.isfinite(iv.lo)
+    return {"ours": iv.mean, "lo": iv.lo if finite else None, "hi": iv.hi if finite else None, "n": iv.n,
+            "per_seed": {str(k): round(v, 4) for k, v in sorted(per_seed.items())}}
+
+
+def collect(table: Table, sweep: Sweep, mapping: dict[str, str] | None = None) -> dict[str, Any]:
+    """Our AUC next to the paper's for every cell, over the sweep's seeds; missing points are listed, not fatal."""
     mapping = mapping or {}
+    records = {}
+    for run, seed in sweep.points():
+        record = read_record(sweep.record_path(run, seed))
+        if is_done(record):
+            records[run, seed] = record
     rows, missing = [], []
     for row in table.rows:
         cells: dict[str, dict[str, Any]] = {}
+        seeds_of: dict[str, dict[int, float]] = {}
         for col in table.columns:
             cell = row.cells.get(col)
             if cell is None:
                 continue
             entry: dict[str, Any] = {"paper": cell.paper, "ours": None, "diff": None, "run": cell.run}
             if col in table.average and not row.cited:
-                parts = [cells.get(c, {}).get("ours") for c in table.average[col]]
-                entry["status"] = "ok" if all(p is not None for p in parts) else "missing"
-                if entry["status"] == "ok":
-                    entry["ours"] = sum(parts) / len(parts)
+                parts = [seeds_of.get(c, {}) for c in table.average[col]]
+                common = set.intersection(*(set(p) for p in parts)) if parts else set()
+                complete = all(cells.get(c, {}).get("status") == "ok" for c in table.average[col])
+                entry["status"] = "ok" if complete and common else "missing"
+                if entry["status"] == "ok":  # per seed first, so the interval is over seeds
+                    entry.update(_summary({s: statistics.fmean(p[s] for p in parts) for s in sorted(common)}))
             elif cell.run is None:
                 entry["status"] = "cited"
             else:
-                auc, path = _read_auc(runs / cell.run, cell, mapping)
-                entry.update(ours=auc, report=str(path), data=cell.data, method=cell.method)
-                entry["status"] = "ok" if auc is not None else "missing"
-                if auc is None:
-                    missing.append(str(path))
+                data = map_path(cell.data or "", mapping)
+                per_seed = {}
+                for seed in sweep.seeds:
+                    where = sweep.record_path(cell.run, seed)
+                    auc = _point_auc(records[cell.run, seed], cell, data, mapping, where) \
+                        if (cell.run, seed) in records else None
+                    if auc is None:
+                        missing.append(f"{cell.run} seed {seed}: {data}")
+                    else:
+                        per_seed[seed] = auc
+                entry.update(data=data, method=cell.method)
+                entry["status"] = "ok" if len(per_seed) == len(sweep.seeds) else "missing"
+                if entry["status"] == "ok":
+                    entry.update(_summary(per_seed))
+                    seeds_of[col] = per_seed
             if entry["ours"] is not None and cell.paper is not None:
                 entry["diff"] = entry["ours"] - cell.paper
             cells[col] = entry
@@ -66,10 +89,11 @@ def collect(table: Table, runs: str | os.PathLike, mapping: dict[str, str] | Non
         "table": table.name,
         "caption": table.caption,
         "metric": "frame-level AUC (%)",
+        "seeds": list(sweep.seeds),
         "row_header": table.row_header,
         "columns": table.columns,
         "rows": rows,
-        "missing": missing,
+        "missing": list(dict.fromkeys(missing)),
         "map": mapping,
     }
 
@@ -80,12 +104,23 @@ def _num(value: float | None, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _ours(c: dict[str, Any]) -> str:
+    if c["status"] == "missing":
+        return "missing"
+    if c.get("lo") is None:
+        return _num(c["ours"])
+    return f"{c['ours']:.2f} ({c['lo']:.2f} .. {c['hi']:.2f})"
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     title = result["table"].replace("table", "Table ")
+    seeds = result.get("seeds") or [0]
+    over = (f"the mean over {len(seeds)} seeds ({', '.join(map(str, seeds))}) with its 95% t-interval"
+            if len(seeds) > 1 else f"one seed ({seeds[0]}; `--seeds N` gives intervals)")
     lines = [
         f"# {title}: {result['caption']}",
         "",
-        f"{result['metric']}: ours, the paper's, and ours − paper. `missing`: no evaluation report yet; "
+        f"{result['metric']}: ours ({over}), the paper's, and ours − paper. `missing`: not scored yet; "
         "`—`: nothing to show (a number the paper cites from another paper, or `-` in the paper).",
     ]
     if result.get("map"):
@@ -102,11 +137,10 @@ def render_markdown(result: dict[str, Any]) -> str:
             if c is None:
                 out += ["", "", ""]
                 continue
-            ours = "missing" if c["status"] == "missing" else _num(c["ours"])
-            out += [ours, _num(c["paper"]), _num(c["diff"], signed=True)]
+            out += [_ours(c), _num(c["paper"]), _num(c["diff"], signed=True)]
         lines.append("| " + " | ".join(out) + " |")
     if result["missing"]:
-        lines += ["", f"Missing reports ({len(result['missing'])}):"] + [f"- `{p}`" for p in result["missing"]]
+        lines += ["", f"Not scored yet ({len(result['missing'])}):"] + [f"- {p}" for p in result["missing"]]
     return "\n".join(lines) + "\n"
 
 

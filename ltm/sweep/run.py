@@ -50,6 +50,8 @@ class Sweep:
     overrides: list[str] = field(default_factory=list)  # for every variant
     effect: float = 0.02
     runs_folder: str = "runs"  # run folders under out/ ("" : directly in out/, bench/generalization.py's layout)
+    variant_evals: dict[str, list[str]] = field(default_factory=dict)  # a variant's own test sets (ltm reproduce)
+    full_reports: bool = False  # test reports with pictures, in the run's eval/ as `ltm eval` writes them
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).absolute()
@@ -60,7 +62,7 @@ class Sweep:
             raise ConfigError(f"--reference {self.reference!r}: not one of the variants {list(self.variants)}")
         if not self.seeds:
             raise ConfigError("--seeds: at least one seed")
-        if not self.evals:
+        if not self.evals and not all(self.variant_evals.get(v) for v in self.variants):
             raise ConfigError("--eval: at least one test folder")
         if not self.budgets:
             cfg = load_config(self.config, self.overrides)
@@ -76,6 +78,10 @@ class Sweep:
 
     def points(self) -> list[tuple[str, int]]:
         return [(v, s) for v in self.variants for s in self.seeds]
+
+    def evals_of(self, variant: str) -> list[str]:
+        """The test sets a variant is scored on: its own where it has them, else every `--eval`."""
+        return list(self.variant_evals.get(variant) or self.evals)
 
     def run_dir(self, variant: str, seed: int) -> Path:
         return self.out / self.runs_folder / f"{variant}-seed{seed}"
@@ -229,6 +235,16 @@ def is_done(record: dict[str, Any] | None) -> bool:
     return bool(record) and record.get("status") == "done"
 
 
+def is_complete(sweep: Sweep, variant: str, seed: int, record: dict[str, Any] | None = None) -> bool:
+    """Done, with a test score of every head on every set the sweep asks of this variant (another table may ask
+    a kept run for a set it was not scored on)."""
+    record = record if record is not None else read_record(sweep.record_path(variant, seed))
+    if not is_done(record):
+        return False
+    sets = sweep.evals_of(variant)
+    return all(all(s in aucs for s in sets) for aucs in record["test"].values())
+
+
 # ------------------------------------------------------------------------------------------------- one point
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
@@ -241,20 +257,25 @@ def select_budget(val: dict[str, dict[str, float]], head: str) -> int:
     return int(max(budgets, key=lambda b: (val[b][head], -int(b))))
 
 
-def score(run_dir: Path, data: list[str], budget: int, head: str, out_dir: Path) -> dict[str, float]:
-    """Frame AUC of one checkpoint (the tag of `budget`) with `head` on each folder of `data`: {folder: auc}."""
+def score(run_dir: Path, data: list[str], budget: int, head: str, out_dir: Path,
+          pictures: bool = False) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Frame AUC of one checkpoint (the tag of `budget`) with `head` on each folder of `data`: ({folder: auc},
+    {folder: {fake method: auc of that method against the real frames}})."""
     from ltm.checkpoint import tag_for
     from ltm.evaluate import evaluate
 
-    overrides = [*EVAL_OVERRIDES] + ([] if head == "baseline" else [f"model.inference_head={head}"])
+    overrides = ([] if pictures else [*EVAL_OVERRIDES]) + ([] if head == "baseline" else
+                                                           [f"model.inference_head={head}"])
     reports = evaluate(run_dir, data, tag=tag_for(budget), cfg_overrides=overrides, out_dir=out_dir)
-    aucs = {}
+    aucs, methods = {}, {}
     for d, r in zip(data, reports):
         if r.get("frame_auc") is None:  # one class only: no AUC, and a sweep's table has nothing to average
             raise ValueError(f"{d}: AUC undefined (the folder holds only one class); a sweep's --eval and data.val "
                              "need real and fake frames")
         aucs[d] = float(r["frame_auc"])
-    return aucs
+        methods[d] = {m: float(v["frame_auc"]) for m, v in (r.get("per_method") or {}).items()
+                      if v.get("frame_auc") is not None}
+    return aucs, methods
 
 
 def train_to(cfg: Config, nproc: int | None) -> dict[str, Any]:
@@ -290,7 +311,7 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
         if changes:
             raise ConfigError(f"{path}: point {variant} seed {seed} was run with another config "
                               f"({'; '.join(changes)}): use another --out or the same settings")
-        if is_done(record):
+        if is_complete(sweep, variant, seed, record):
             log.info("%s seed %d: done before, kept", variant, seed)
             return record
     else:
@@ -308,10 +329,10 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
             write_json(path, record)
 
     save()
+    val = [str(v) for v in final.data.val]
     for budget in sweep.budgets:
-        if all(h in record["val"].get(str(budget), {}) for h in heads):
+        if val and all(h in record["val"].get(str(budget), {}) for h in heads):
             continue  # trained and scored on val before (a head added since is scored below)
-        cfg = point_config(sweep, variant, seed, budget)
         session = train_budget(sweep, variant, seed, budget, nproc, here)
         if session is not None:
             record["trained"].append(session)
@@ -319,17 +340,32 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
                 record["status"] = "preempted" if session["status"] == "preempted" else "failed"
                 save()
                 return record
-        val = [str(v) for v in cfg.data.val]
-        if not val:
-            raise ConfigError(f"{variant}: data.val is empty; a sweep selects on val and scores test once")
-        out = run_dir / "sweep-eval" / f"step{budget}-val"
-        done = record["val"].setdefault(str(budget), {})
-        done.update({h: _mean(score(run_dir, val, budget, h, out / h)) for h in heads if h not in done})
-        save()
-    selected = select_budget(record["val"], heads[0])
+        if val:
+            out = run_dir / "sweep-eval" / f"step{budget}-val"
+            done = record["val"].setdefault(str(budget), {})
+            done.update({h: _mean(score(run_dir, val, budget, h, out / h)[0]) for h in heads if h not in done})
+            save()
+    if val:
+        selected = select_budget(record["val"], heads[0])
+    else:  # nothing to select on (Celeb-DF and WildDeepfake have no val split): the full budget, as trained
+        selected = sweep.budgets[-1]
+        record["selected_by"] = "the last budget: data.val is empty"
+    if record.get("selected") not in (None, selected):
+        record["test"], record["test_methods"] = {}, {}  # scores of another checkpoint (a head added since)
     record["selected"] = selected
-    out = run_dir / "sweep-eval" / f"step{selected}-test"
-    record["test"] = {h: score(run_dir, list(sweep.evals), selected, h, out / h) for h in heads}
+    # scored once per test set, with val's checkpoint; a set asked for since (another table) is added
+    for h in heads:
+        have = record["test"].setdefault(h, {})
+        todo = [s for s in sweep.evals_of(variant) if s not in have]
+        if not todo:
+            continue
+        if sweep.full_reports:
+            out = run_dir / "eval" if len(heads) == 1 else run_dir / "eval" / h
+        else:
+            out = run_dir / "sweep-eval" / f"step{selected}-test" / h
+        aucs, methods = score(run_dir, todo, selected, h, out, pictures=sweep.full_reports)
+        have.update(aucs)
+        record.setdefault("test_methods", {}).setdefault(h, {}).update(methods)
     record["status"] = "done"
     save()
     log.info("%s seed %d: done (budget %d selected on val)", variant, seed, selected)
@@ -381,11 +417,20 @@ def run_local(sweep: Sweep, nproc: int | None = None) -> int:
     save_spec(sweep)
     failed = []
     for i, (variant, seed) in enumerate(sweep.points(), 1):
-        if is_done(read_record(sweep.record_path(variant, seed))):
+        if is_complete(sweep, variant, seed):
             log.info("[%d/%d] %s seed %d: done before, kept", i, len(sweep.points()), variant, seed)
             continue
         log.info("[%d/%d] %s seed %d", i, len(sweep.points()), variant, seed)
-        record = run_point(sweep, variant, seed, nproc)
+        try:
+            record = run_point(sweep, variant, seed, nproc)
+        except Exception as exc:  # noqa: BLE001 - one point's broken input must not stop the other points
+            log.error("%s seed %d failed: %s", variant, seed, exc)
+            record = read_record(sweep.record_path(variant, seed))
+            if record is None:  # refused before it started: nothing of it to keep
+                record = {"status": "failed"}
+            else:
+                record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                write_json(sweep.record_path(variant, seed), record)
         if record["status"] != "done":
             failed.append(f"{variant} seed {seed} ({record['status']})")
     if failed:

@@ -63,7 +63,8 @@ def collect(sweep: Sweep) -> dict[str, Any]:
             if len(sweep.budgets) > 1:
                 curve = {}
                 for budget in sweep.budgets:
-                    vals = [r["val"][str(budget)][head] for (v, _), r in sorted(records.items()) if v == variant]
+                    vals = [r["val"][str(budget)][head] for (v, _), r in sorted(records.items())
+                            if v == variant and str(budget) in r["val"]]
                     if vals:
                         curve[str(budget)] = stats.interval(vals).as_dict()
                 curves.append({"variant": variant, "head": head, "val": curve})
