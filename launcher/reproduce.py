@@ -113,10 +113,15 @@ def _sbatch_lines(script: str) -> str:
     return " ".join(o for o in opts if o.startswith(keep))
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def print_plan(plans: list[RunPlan], table: Table, paper: Config, script: str | None = None) -> None:
     """What a run of the table would do: its points with state and config, then the order here or the array."""
     runs = list(dict.fromkeys(p.name for p in plans))
-    print(f"{table.name}: {len(plans)} points ({len(runs)} runs x {len(plans) // max(len(runs), 1)} seeds), "
+    seeds = len(plans) // max(len(runs), 1)
+    print(f"{table.name}: {_n(len(runs), 'run')} x {_n(seeds, 'seed')} = {_n(len(plans), 'point')}, "
           f"{sum(p.state != 'done' for p in plans)} to do")
     for plan in plans:
         where = f"checkpoint step {plan.step} of {plan.total}" if plan.step is not None else f"{plan.total} steps"

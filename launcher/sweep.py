@@ -146,12 +146,12 @@ def submit_sweep(sweep: Sweep, launch_args: argparse.Namespace, dry_run: bool = 
         return Submitted("sweep", folder, batch_script(folder, params, array=len(todo)))
     if shutil.which("sbatch") is None:
         raise ConfigError("sbatch not found: this machine has no SLURM client; run without --submit")
-    save_spec(sweep)
     sd = sweep.to_dict()
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=launch.max_requeue)
     executor.update_parameters(**params)
     with cleaned_up_on_failure(folder, "sweep array"):
         submitted = executor.submit_array([SweepPointJob(sd, v, s) for v, s in todo])
+    save_spec(sweep)
     array_id = str(submitted[0].job_id).split("_")[0]
     for (variant, seed), job in zip(todo, submitted):
         jobs[f"{variant}-seed{seed}"] = str(job.job_id)

@@ -154,7 +154,8 @@ def test_estimate_needs_no_shards_and_dry_run_keeps_its_listing(cli, tmp_path, s
                                     "--shards", str(sample_shards), "--base", "tiny-cpu",
                                     "--map", "Deepfakes=SelfBlend", "--map", "Face2Face=SelfBlend",
                                     "--map", "NeuralTextures=FaceSwap")
-    assert status == 0 and "GPU hours" in out and "table4: 1 runs, 1 to do" in out and "commands" in out
+    assert status == 0 and "GPU hours" in out and "table4: 1 run x 1 seed = 1 point, 1 to do" in out
+    assert "here, in this order (each trained to its budget, then scored): ffpp_c23_ltm seed 0" in out
 
 
 @pytest.mark.slurm
@@ -200,8 +201,8 @@ def test_reproduce_refused_by_sbatch_leaves_no_job_folders(cli, slurm_cluster, t
                              "high", "--columns", "ffpp_c23", "--base", "tiny-cpu", "--map", "Deepfakes=SelfBlend",
                              "--map", "Face2Face=SelfBlend", "--map", "NeuralTextures=FaceSwap", *SLURM_CPU,
                              "--partition", "nosuch")
-    assert status == 2 and len(errors) == 1 and errors[0].startswith("sbatch refused the train job")
-    assert not list(runs.glob("*/slurm"))
+    assert status == 2 and len(errors) == 1 and errors[0].startswith("sbatch refused the sweep array job")
+    assert not (runs / "slurm").exists() and not (runs / "points").exists()  # nothing of the array is left
 
 
 # --- smaller one-line errors and help texts -------------------------------------------------------------------------

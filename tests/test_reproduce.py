@@ -209,7 +209,7 @@ def test_dry_run_lists_runs_and_changes_nothing(tmp_path: Path, sample_shards: P
     weights.write_bytes(b"")
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "table5: 3 points (3 runs x 1 seeds), 3 to do" in out
+    assert "table5: 3 runs x 1 seed = 3 points, 3 to do" in out
     assert "model.backbone=resnet18 model.teacher_backbone=resnet34" in out
     assert out.count("[train; ") == 3 and "here, in this order (each trained to its budget, then scored): " \
         "ffpp_c23_ltm_s-resnet18_t-resnet18 seed 0, " in out
@@ -286,7 +286,7 @@ def test_rerun_skips_finished_runs_and_evaluates_only_what_is_missing(
     before = snapshot(runs)
     capsys.readouterr()
     assert main(reduced_table4(sample_shards, runs, "--local", "--dry-run")) == 0
-    assert "table4: 3 points (3 runs x 1 seeds), 0 to do" in capsys.readouterr().out
+    assert "table4: 3 runs x 1 seed = 3 points, 0 to do" in capsys.readouterr().out
     assert main(reduced_table4(sample_shards, runs, "--local")) == 0
     assert snapshot(runs) == before  # nothing trained or evaluated again
 

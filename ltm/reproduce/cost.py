@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ltm.config import Config
-from ltm.reproduce.plan import RunPlan
+
+
+class PlannedRun(Protocol):
+    """What an estimate reads of a run's plan (`ltm.reproduce.plan.RunPlan`)."""
+
+    name: str
+    state: str
+    cfg: Config
+    data: list[str]
+
 
 FRAMES_PER_VIDEO = 32  # `ltm prep` default (--frames)
 
@@ -93,7 +102,7 @@ def run_cost(cfg: Config, test_folders: list[str], tflops: float = DEFAULT_TFLOP
             "gpu_hours": hours}
 
 
-def estimate(plans: list[RunPlan], tflops: float = DEFAULT_TFLOPS) -> list[dict[str, Any]]:
+def estimate(plans: list[PlannedRun], tflops: float = DEFAULT_TFLOPS) -> list[dict[str, Any]]:
     """`run_cost` of every run of a table."""
     return [{"run": plan.name, "state": plan.state, **run_cost(plan.cfg, plan.data, tflops)} for plan in plans]
 
