@@ -49,7 +49,7 @@ class ModelConfig:
     freeze_bn: bool = False
     vit: ViTConfig = field(default_factory=ViTConfig)
     mask_ratio: float = 0.25  # Eq. 4: k = round(mask_ratio * h * w)
-    mask_strategy: str = "high"  # high | low | random (Table 4)
+    mask_strategy: str = "high"  # high | low | random (Table 4) | soft (M = 1 - A / max A: attenuated, not zeroed)
     # the map whose top cells Eq. 4 masks: mean (Eq. 2, the last block's heads averaged) | max (over the heads) |
     # rollout (attention rollout over every block) | grad (the last block's attention weighted by the ViT logit's
     # gradient, positive part) | cam (the teacher CNN head's class activation map) | saliency (|input gradient x
@@ -199,7 +199,7 @@ class Config:
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.kind": ("ltm", "baseline"),
-    "model.mask_strategy": ("high", "low", "random"),
+    "model.mask_strategy": ("high", "low", "random", "soft"),
     "model.attention_map": ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad"),
     "model.mask_at": ("features", "input"),
     "model.pooling": ("avg", "masked_mean"),

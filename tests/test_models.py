@@ -7,7 +7,7 @@ import torch
 
 from ltm.config import load_config
 from ltm.models import BackboneError, Baseline, LearningToMask, build_model
-from ltm.models.masking import deep_mixup, diversity_loss, feature_mask, num_masked
+from ltm.models.masking import deep_mixup, diversity_loss, erase_cells, feature_mask, num_masked
 from ltm.models.precision import keep_batchnorm_fp32
 
 
@@ -301,3 +301,25 @@ def test_mask_at_input_hides_the_masked_cells_pixels_from_the_student(mask_at):
     assert torch.equal(again["mask"], out["mask"])
     same = torch.allclose(again["losses"]["student"], out["losses"]["student"], atol=1e-6)
     assert same == (mask_at == "input")
+
+
+def test_soft_mask_attenuates_each_cell_by_its_share_of_the_strongest():
+    """`mask_strategy=soft`: M = 1 - A / max(A) from the map Eq. 4 would rank (the strongest cell hidden, none
+    zeroed by rank), on the features and, blended toward the mean colour, on the input."""
+    torch.manual_seed(4)
+    attention = torch.rand(3, 4, 4)
+    mask = feature_mask(attention, 0.25, "soft")
+    flat = attention.flatten(1)
+    assert torch.allclose(mask.flatten(1), 1 - flat / flat.amax(1, keepdim=True))
+    assert ((mask == 0).flatten(1).sum(1) == 1).all() and mask.min() >= 0 and mask.max() < 1
+    images, fill = torch.rand(3, 3, 8, 8), torch.tensor([0.5, 0.4, 0.3])[:, None, None]
+    keep = mask.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, None]
+    assert torch.allclose(erase_cells(images, mask, fill), images * keep + fill * (1 - keep))
+    for mask_at in ("features", "input"):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_cfg(mask_strategy="soft", mask_at=mask_at), image_size=112)
+        model.eval()
+        x = torch.rand(2, 3, 112, 112)
+        a = _expected_map(model, x, "mean").flatten(1)
+        out = model(x, torch.tensor([0.0, 1.0]))
+        assert torch.allclose(out["mask"].flatten(1), 1 - a / a.amax(1, keepdim=True), atol=1e-5)

@@ -103,10 +103,16 @@ def feature_mask(attention: torch.Tensor, ratio: float, strategy: str,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Eq. 4: M (B, h, w) with 0 at the k positions chosen by `strategy`, 1 elsewhere; carries no gradient.
 
-    high: the k most attended positions (the paper's default); low: the k least attended; random: k at random.
+    high: the k most attended positions (the paper's default); low: the k least attended; random: k at random;
+    soft: no position zeroed but each attenuated by its share of the strongest, M = 1 - A / max(A) (the most
+    attended hidden, the least kept; `ratio` unused).
     """
     a = attention.detach().float().flatten(1)  # ranked in fp32: bf16 values tie at the k-th cell (vit.py)
     b, n = a.shape
+    if strategy == "soft":
+        a = a.clamp_min(0)
+        top = a.amax(dim=1, keepdim=True)
+        return torch.where(top > 0, 1 - a / top.clamp_min(1e-30), torch.ones_like(a)).reshape_as(attention)
     k = num_masked(ratio, tuple(attention.shape[-2:]))
     mask = torch.ones_like(a)
     if k > 0:
@@ -121,7 +127,7 @@ def feature_mask(attention: torch.Tensor, ratio: float, strategy: str,
                      else torch.rand(b, n, device=a.device, generator=generator))
             idx = noise.topk(k, dim=1).indices
         else:
-            raise ValueError(f"mask strategy {strategy!r}: expected high, low or random")
+            raise ValueError(f"mask strategy {strategy!r}: expected high, low, random or soft")
         mask.scatter_(1, idx, 0.0)
     return mask.reshape_as(attention)
 
