@@ -178,7 +178,11 @@ def run(args: argparse.Namespace) -> int:
             plan.cfg = replace(plan.cfg, launch=launch_from_args(args, plan.cfg.launch))
     paper = load_config("paper")
     if args.estimate:
-        print_estimate(estimate(plans, args.tflops), args.tflops)
+        rows = estimate(plans, args.tflops)
+        if len(sweep.seeds) > 1:  # a row per point, named as its folder
+            for row, plan in zip(rows, plans):
+                row["run"] = plan.run_dir.name
+        print_estimate(rows, args.tflops)
         if not args.dry_run:
             return 0
         print()

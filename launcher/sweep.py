@@ -172,7 +172,10 @@ def _ints(text: str) -> list[int]:
 
 def seeds_from(text: str) -> list[int]:
     """`--seeds`: N means seeds 0..N-1; a comma list names them."""
-    seeds = _ints(text)
+    try:
+        seeds = _ints(text)
+    except ConfigError as exc:
+        raise ConfigError(f"--seeds {exc}") from None
     if not seeds:
         raise ConfigError(f"--seeds {text!r}: at least one seed")
     return list(range(seeds[0])) if len(seeds) == 1 and "," not in text else seeds
