@@ -181,6 +181,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     lo, hi = ax.get_ylim()
     ax.set_ylim(max(lo, -0.02), min(hi, 1.02))  # an interval past AUC's own range shows as cut, not as scale
     ax.set_ylabel("frame AUC (95% t-interval over seeds)")
+    ax.ticklabel_format(axis="y", useOffset=False)  # AUCs near 1 read as 0.9999, not as "+1" and offsets
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if result["curves"]:
