@@ -281,7 +281,7 @@ def printed_estimates(tmp_path_factory):
     """{table: ({run: (GFLOP/img, GPU h)}, total)} as `ltm reproduce tableN --runs DIR --estimate` prints them."""
     from ltm.paper_results import TABLES
     from ltm.reproduce import cost
-    from ltm.reproduce.plan import plan_table, select
+    from ltm.reproduce.plan import plan_points, select, table_sweep
 
     model_gflops, counted = cost.model_gflops, {}
 
@@ -296,7 +296,7 @@ def printed_estimates(tmp_path_factory):
         mp.setattr(cost, "model_gflops", once_per_model)
         for name in sorted(TABLES):
             empty = tmp_path_factory.mktemp(name)  # no shards (nominal frame counts), no runs (all to do)
-            plans = plan_table(select(TABLES[name], None, None), empty / "shards", empty / "runs")
+            plans = plan_points(table_sweep(select(TABLES[name], None, None), empty / "shards", empty / "runs"))
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 cost.print_estimate(cost.estimate(plans, tflops=cost.DEFAULT_TFLOPS), cost.DEFAULT_TFLOPS)

@@ -19,7 +19,7 @@ from ltm.reproduce import (
     checkpoint_step,
     collect,
     map_path,
-    plan_table,
+    plan_points,
     render_markdown,
     run_config,
     select,
@@ -152,7 +152,7 @@ def test_plan_states_and_collect(tmp_path: Path) -> None:
     for run, step in (("ffpp_c23_df_ltm", total), ("ffpp_c23_f2f_ltm", total), ("ffpp_c23_nt_ltm", 300)):
         (runs / f"{run}-seed0" / "checkpoints").mkdir(parents=True, exist_ok=True)
         (runs / f"{run}-seed0" / "checkpoints" / "latest").write_text(f"step{step:08d}")
-    plans = {p.name: p for p in plan_table(table, tmp_path / "shards", runs)}
+    plans = {p.name: p for p in plan_points(table_sweep(table, tmp_path / "shards", runs))}
     assert list(plans) == table.runs()
     assert plans["ffpp_c23_df_ltm"].state == "done"
     assert (plans["ffpp_c23_f2f_ltm"].state, plans["ffpp_c23_f2f_ltm"].missing) == ("eval", ["celebdf_v2/test"])
@@ -220,7 +220,7 @@ def test_dry_run_lists_runs_and_changes_nothing(tmp_path: Path, sample_shards: P
 def test_estimate_counts_flops_per_backbone(tmp_path: Path) -> None:
     from ltm.reproduce import estimate
 
-    plans = plan_table(select(TABLES["table5"], ["resnet18"], None), tmp_path, tmp_path / "runs")
+    plans = plan_points(table_sweep(select(TABLES["table5"], ["resnet18"], None), tmp_path, tmp_path / "runs"))
     rows = {r["run"]: r for r in estimate(plans, tflops=25.0)}
     gflop = [rows[f"ffpp_c23_ltm_s-resnet18_t-{t}"]["train_gflop_per_image"] for t in ("resnet18", "resnet34",
                                                                                          "xception")]

@@ -39,7 +39,7 @@ from ltm.reproduce.configs import (
     run_config,
 )
 from ltm.reproduce.cost import estimate, model_gflops, print_estimate, split_frames
-from ltm.reproduce.plan import STATE_DIR, RunPlan, checkpoint_step, plan_points, plan_table, select, table_sweep
+from ltm.reproduce.plan import STATE_DIR, RunPlan, checkpoint_step, plan_points, select, table_sweep
 from ltm.reproduce.results import collect, render_markdown, write_collected
 
 __all__ = [
@@ -56,7 +56,6 @@ __all__ = [
     "model_gflops",
     "parse_pairs",
     "plan_points",
-    "plan_table",
     "print_estimate",
     "render_markdown",
     "run_config",

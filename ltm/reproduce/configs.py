@@ -69,6 +69,13 @@ def _map_sources(sources: list[SourceConfig], mapping: dict[str, str]) -> list[S
     return [SourceConfig(path=p, weight=w) for p, w in merged.items()]
 
 
+def resolve_base(base: str | None) -> str | None:
+    """`--base`: a packaged config name as given, a YAML path made absolute (run folders may live elsewhere)."""
+    if base is not None and Path(base).suffix in (".yaml", ".yml"):
+        return str(Path(base).resolve())
+    return base
+
+
 def run_config(
     name: str,
     shards: str | os.PathLike,
@@ -80,8 +87,7 @@ def run_config(
 ) -> Config:
     """The resolved config of one run: experiment (on `base` instead of its own when given), then overrides."""
     own_base, layer = experiment_layer(name)
-    if base is not None and Path(base).suffix in (".yaml", ".yml"):
-        base = str(Path(base).resolve())
+    base = resolve_base(base)
     fixed = [f"data.root={_format(str(Path(shards).resolve()))}",
              f"train.run_dir={_format(str((Path(runs) / name).resolve()))}"]
     try:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ltm.config import Config, ConfigError, load_config
 from ltm.paper_results import Row, Table
-from ltm.reproduce.configs import config_diff, experiment_layer, map_path, run_config
-from ltm.sweep.run import Sweep, is_complete, point_config, read_record
+from ltm.reproduce.configs import config_diff, experiment_layer, map_path, resolve_base, run_config
+from ltm.sweep.run import Sweep, is_complete, point_config, read_record, unscored
 
 STATE_DIR = ".reproduce"  # under --runs: the options of the last run per table
 
@@ -91,36 +91,35 @@ def table_sweep(
     needed = needed_data(table, mapping)
     if not needed:
         raise ConfigError(f"{table.name}: the selected rows and columns need no run (only cited numbers)")
-    if base and Path(base).suffix in (".yaml", ".yml"):
-        base = str(Path(base).resolve())
-    variants, budgets, configs, config_seeds = {}, set(), set(), set()
+    base = resolve_base(base)
+    variants, budgets, config_seeds = {}, set(), set()
+    references: dict[str, Config] = {}  # each base config loaded once
     for name in needed:
         cfg = run_config(name, shards, runs, base, overrides, mapping, weights)
         config = base or experiment_layer(name)[0]
-        configs.add(config)
-        variants[name] = [kv for kv in config_diff(cfg, load_config(config)) if not kv.startswith("train.run_dir=")]
+        if config not in references:
+            references[config] = load_config(config)
+        variants[name] = [kv for kv in config_diff(cfg, references[config]) if not kv.startswith("train.run_dir=")]
         budgets.add(cfg.train.epochs * cfg.train.iters_per_epoch)
         config_seeds.add(cfg.train.seed)
-    if len(budgets) != 1 or len(configs) != 1:
+    if len(budgets) != 1 or len(references) != 1:
         raise ConfigError(f"{table.name}: its runs train for different budgets {sorted(budgets)} or from different "
-                          f"base configs {sorted(configs)}; one sweep has one of each (pass --base)")
+                          f"base configs {sorted(references)}; one sweep has one of each (pass --base)")
     seeds = list(seeds) if seeds else sorted(config_seeds)[:1]
-    return Sweep(config=configs.pop(), variants=variants, seeds=seeds, evals=[], out=Path(runs),
+    return Sweep(config=next(iter(references)), variants=variants, seeds=seeds, evals=[], out=Path(runs),
                  budgets=sorted(budgets), variant_evals=needed, runs_folder="", full_reports=True)
 
 
 def plan_points(sweep: Sweep) -> list[RunPlan]:
     """One plan per point, in row order then seed, with its state from its record and run folder."""
-    plans = []
+    plans, total = [], sweep.budgets[-1]
     for name, seed in sweep.points():
-        total = sweep.budgets[-1]
-        cfg = point_config(sweep, name, seed, total)
         record = read_record(sweep.record_path(name, seed)) or {}
-        scored = set.intersection(*map(set, record["test"].values())) if record.get("test") else set()
-        plan = RunPlan(name, seed, cfg, sweep.run_dir(name, seed), sweep.evals_of(name), total=total)
-        plan.missing = [d for d in plan.data if d not in scored]
+        plan = RunPlan(name, seed, point_config(sweep, name, seed, total), sweep.run_dir(name, seed),
+                       sweep.evals_of(name), total=total)
+        plan.missing = unscored(sweep, name, record)
         plan.step = checkpoint_step(plan.run_dir)
-        if is_complete(sweep, name, seed, record or None):
+        if is_complete(sweep, name, seed, record):
             plan.state = "done"
         elif plan.step is not None and plan.step >= plan.total:
             plan.state = "eval"
@@ -128,20 +127,6 @@ def plan_points(sweep: Sweep) -> list[RunPlan]:
             plan.state = "resume"
         plans.append(plan)
     return plans
-
-
-def plan_table(
-    table: Table,
-    shards: str | os.PathLike,
-    runs: str | os.PathLike,
-    base: str | None = None,
-    overrides: list[str] | None = None,
-    mapping: dict[str, str] | None = None,
-    weights: dict[str, str] | None = None,
-    seeds: list[int] | None = None,
-) -> list[RunPlan]:
-    """The plans of the table's sweep (`table_sweep` then `plan_points`)."""
-    return plan_points(table_sweep(table, shards, runs, base, overrides, mapping, weights, seeds))
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -235,14 +235,17 @@ def is_done(record: dict[str, Any] | None) -> bool:
     return bool(record) and record.get("status") == "done"
 
 
+def unscored(sweep: Sweep, variant: str, record: dict[str, Any] | None) -> list[str]:
+    """The test sets the sweep asks of this variant that some scored head of the record lacks (another table may
+    ask a kept run for a set it was not scored on)."""
+    tests = (record or {}).get("test") or {}
+    return [s for s in sweep.evals_of(variant) if not tests or any(s not in aucs for aucs in tests.values())]
+
+
 def is_complete(sweep: Sweep, variant: str, seed: int, record: dict[str, Any] | None = None) -> bool:
-    """Done, with a test score of every head on every set the sweep asks of this variant (another table may ask
-    a kept run for a set it was not scored on)."""
+    """Done, with a test score of every head on every set the sweep asks of this variant."""
     record = record if record is not None else read_record(sweep.record_path(variant, seed))
-    if not is_done(record):
-        return False
-    sets = sweep.evals_of(variant)
-    return all(all(s in aucs for s in sets) for aucs in record["test"].values())
+    return is_done(record) and not unscored(sweep, variant, record)
 
 
 # ------------------------------------------------------------------------------------------------- one point
