@@ -54,7 +54,8 @@ class ModelConfig:
     # rollout (attention rollout over every block) | grad (the last block's attention weighted by the ViT logit's
     # gradient, positive part) | cam (the teacher CNN head's class activation map) | saliency (|input gradient x
     # input| of the teacher's two logits, pooled per cell) | input_grad (|input gradient| of the same logits, smoothed,
-    # pooled per cell); docs/method.md measures each against known regions
+    # pooled per cell) | occlusion (how far the teacher's two logits move when one cell of the input is erased: h*w
+    # extra teacher forwards, no gradient); docs/method.md measures each against known regions
     attention_map: str = "mean"
     # saliency / input_grad: the contributions are box-averaged over a window of this share of the image side before
     # the per-cell pooling, so that an artefact straddling cells ranks its main cell (0: no smoothing)
@@ -200,7 +201,7 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.kind": ("ltm", "baseline"),
     "model.mask_strategy": ("high", "low", "random", "soft"),
-    "model.attention_map": ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad"),
+    "model.attention_map": ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad", "occlusion"),
     "model.mask_at": ("features", "input"),
     "model.pooling": ("avg", "masked_mean"),
     "model.mixup_partner": ("any", "same_class"),

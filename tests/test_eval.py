@@ -538,7 +538,8 @@ def test_report_says_where_the_mask_lands_on_known_regions(toy_runs, tmp_path):
     d = diag["per_method"]["Stamp"]
     assert d["n"] == 6 and d["kinds"] == ["blend"]
     assert 0.0 <= d["mask"]["hit_rate"] <= 1.0 and d["mask"]["chance_hit_rate"] == pytest.approx(0.25)
-    assert {"mean", "max", "rollout", "grad", "cam", "saliency", "input_grad", "head0", "mask_map"} <= set(d["maps"])
+    kinds = {"mean", "max", "rollout", "grad", "cam", "saliency", "input_grad", "occlusion", "head0", "mask_map"}
+    assert kinds <= set(d["maps"])
     folder = Path(report["report_dir"])
     stored = json.loads((folder / "report.json").read_text())
     assert stored["mask_diagnostics"]["per_method"]["Stamp"]["mask"] == d["mask"]

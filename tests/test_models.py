@@ -7,7 +7,7 @@ import torch
 
 from ltm.config import load_config
 from ltm.models import BackboneError, Baseline, LearningToMask, build_model
-from ltm.models.masking import deep_mixup, diversity_loss, erase_cells, feature_mask, num_masked
+from ltm.models.masking import deep_mixup, diversity_loss, erase_cells, feature_mask, num_masked, occlusion_map
 from ltm.models.precision import keep_batchnorm_fp32
 
 
@@ -236,6 +236,19 @@ def _expected_map(model: LearningToMask, images: torch.Tensor, kind: str) -> tor
     if kind == "cam":
         w = model.teacher_cnn_head.weight[0]
         return (x_t * w[None, :, None, None]).sum(1)
+    if kind == "occlusion":  # each 28 px cell painted with the teacher's mean colour, one at a time
+        def decision(y: torch.Tensor) -> torch.Tensor:
+            y_t = model.teacher_cnn(y)
+            vit_logits = model.teacher_vit_head(model.teacher_vit(y_t)[0])[:, 0]
+            return model.teacher_cnn_head(y_t.mean((2, 3)))[:, 0] + vit_logits
+        full = decision(images)
+        drops = torch.zeros(len(x), 4, 4)
+        for i in range(4):
+            for j in range(4):
+                erased = images.clone()
+                erased[:, :, 28 * i:28 * i + 28, 28 * j:28 * j + 28] = model.teacher_cnn.mean.view(1, 3, 1, 1)
+                drops[:, i, j] = (full - decision(erased)).abs()
+        return drops
     if kind == "grad":
         g = torch.autograd.grad(model.teacher_vit_head(cls_out).sum(), last)[0]
         return (g * last).clamp_min(0)[:, :, 0, 1:].mean(1).reshape(len(x), 4, 4)
@@ -252,7 +265,7 @@ def _expected_map(model: LearningToMask, images: torch.Tensor, kind: str) -> tor
     return torch.nn.functional.avg_pool2d(per_pixel, 28)[:, 0]
 
 
-KINDS = ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad")
+KINDS = ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad", "occlusion")
 
 
 @pytest.mark.parametrize("kind,smooth", [(k, 0.0) for k in KINDS] + [("saliency", 0.19), ("input_grad", 0.19)])
@@ -272,7 +285,7 @@ def test_attention_map_option_decides_the_map_eq4_masks(kind, smooth):
 
 
 def test_map_kinds_rank_cells_differently():
-    """The option is not ignored: on the same weights and images the seven kinds do not all pick the same cells."""
+    """The option is not ignored: on the same weights and images the eight kinds do not all pick the same cells."""
     images = torch.rand(8, 3, 112, 112)
     masks = {}
     for kind in KINDS:
@@ -281,6 +294,36 @@ def test_map_kinds_rank_cells_differently():
         masks[kind] = model.explain(images)["mask"]
     distinct = {tuple(m.flatten().tolist()) for m in masks.values()}
     assert len(distinct) >= 6
+
+
+def test_occlusion_map_ranks_first_the_cell_the_decision_reads():
+    """A decision that reads only pixels inside one cell: erasing that cell is the only change it feels."""
+    fill = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    images = torch.rand(3, 3, 112, 112)
+
+    def decision(x: torch.Tensor) -> torch.Tensor:  # reads cell (row 2, column 1) of the 4x4 grid only
+        return (x[:, :, 60:70, 31:45] - 0.2).pow(2).sum((1, 2, 3))
+
+    drops = occlusion_map(decision, images, (4, 4), fill)
+    assert drops.shape == (3, 4, 4)
+    assert (drops.flatten(1).argmax(1) == 2 * 4 + 1).all()
+    assert (drops.flatten(1).topk(2).values[:, 1] == 0).all()
+
+
+def test_occlusion_leaves_the_teachers_batchnorm_statistics_and_modes_alone():
+    """The h*w erased copies run the teacher in eval mode: a training forward updates the running statistics
+    exactly as the same forward with the `mean` map does, and every module's mode is restored."""
+    images, labels = torch.rand(4, 3, 112, 112), torch.tensor([0.0, 1.0, 0.0, 1.0])
+    stats = {}
+    for kind in ("mean", "occlusion"):
+        model = _map_model(kind)
+        model.train()
+        before = {n: m.training for n, m in model.named_modules()}
+        model(images, labels)
+        assert {n: m.training for n, m in model.named_modules()} == before
+        stats[kind] = {n: b.clone() for n, b in model.named_buffers() if "running_" in n}
+    assert stats["mean"].keys() == stats["occlusion"].keys() and stats["mean"]
+    assert all(torch.equal(stats["mean"][n], stats["occlusion"][n]) for n in stats["mean"])
 
 
 @pytest.mark.parametrize("mask_at", ["features", "input"])

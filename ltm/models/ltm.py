@@ -24,6 +24,7 @@ from ltm.models.masking import (
     grad_attention_map,
     head_max_map,
     input_gradient_map,
+    occlusion_map,
     rollout_map,
     saliency_map,
 )
@@ -128,6 +129,8 @@ class LearningToMask(nn.Module):
                 smooth = self.cfg.saliency_smooth
                 attention = (saliency_map(grad, images, self.grid, smooth) if kind == "saliency"
                              else input_gradient_map(grad, self.grid, smooth))
+            elif kind == "occlusion":
+                attention = self._occlusion(images)
             else:
                 raise ValueError(f"model.attention_map {kind!r}: expected one of "
                                  f"{', '.join(CHOICES['model.attention_map'])}")
@@ -139,6 +142,23 @@ class LearningToMask(nn.Module):
             "attention": attention.detach(),  # A: the mask carries no gradient (Eq. 4)
             "features": x_t,
         }
+
+    def _occlusion(self, images: torch.Tensor) -> torch.Tensor:
+        """The `occlusion` map: the teacher's two logits summed, on the input and with each cell erased. Measured with
+        the teacher in eval mode, so that its BatchNorm running statistics never see the h*w erased copies."""
+        def decision(x: torch.Tensor) -> torch.Tensor:
+            x_o = self.teacher_cnn(x)
+            return (self.teacher_cnn_head(x_o.mean(dim=(2, 3))).squeeze(1)
+                    + self.teacher_vit_head(self.teacher_vit(x_o)[0]).squeeze(1))
+
+        modes = [(m, m.training) for m in (*self.teacher_cnn.modules(), *self.teacher_vit.modules())]
+        self.teacher_cnn.eval()
+        self.teacher_vit.eval()
+        try:
+            return occlusion_map(decision, images.detach(), self.grid, self.teacher_cnn.mean)
+        finally:
+            for module, training in modes:
+                module.training = training
 
     def pool(self, features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """F = AvgPool(X_s * M) over all h*w positions (as printed), or over the kept ones (`masked_mean`)."""

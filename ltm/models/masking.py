@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -75,6 +77,25 @@ def input_gradient_map(grad: torch.Tensor, grid: tuple[int, int], smooth: float 
     """|input gradient| of the teacher's logits summed over colours, smoothed and averaged over each grid cell:
     without saliency's x input, a dark or flat artefact counts as much as a bright textured one."""
     return _smooth_and_pool(grad.float().abs().sum(dim=1, keepdim=True), grid, smooth)
+
+
+def occlusion_map(decision: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, grid: tuple[int, int],
+                  fill: torch.Tensor) -> torch.Tensor:
+    """Occlusion sensitivity (after Zeiler & Fergus, 2014): how far the teacher's decision moves when one grid cell of
+    the input is erased to `fill`, |decision(x) - decision(x with cell c erased)| per cell, (B, 3, H, W) -> (B, h, w).
+
+    `decision(images) -> (B,)` is the teacher's summed logits. The cell is erased exactly as `erase_cells` erases it
+    for the student under `mask_at: input`, so the top cells are the ones whose loss the teacher feels most. One
+    batch-sized forward per cell (h*w in all), without gradient."""
+    b, n = images.shape[0], grid[0] * grid[1]
+    with torch.no_grad():
+        full = decision(images).float()
+        drop = torch.empty(b, n, device=images.device, dtype=torch.float32)
+        for c in range(n):
+            keep = torch.ones(b, n, device=images.device, dtype=images.dtype)
+            keep[:, c] = 0
+            drop[:, c] = (full - decision(erase_cells(images, keep.view(b, *grid), fill)).float()).abs()
+    return drop.view(b, *grid)
 
 
 def diversity_loss(head_maps: torch.Tensor) -> torch.Tensor:
