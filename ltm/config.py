@@ -63,6 +63,10 @@ class ModelConfig:
     # where the mask acts: features (Eq. 4: the student's feature map X_s * M) | input (the image cells under M = 0
     # are erased to the backbone's mean colour before the student CNN sees them)
     mask_at: str = "features"
+    # whose map decides a real sample's mask: own (its own teacher map, as printed) | fake (the mask of a fake drawn at
+    # random from the same batch, so that where the mask lands says nothing of the label: with input erasing, a
+    # fake-only position of the erased cells becomes a shortcut of its own)
+    real_mask: str = "own"
     # training forwards during which the student's features go unmasked (M = 1) while the teacher's attention is
     # still untrained (the paper is silent on a schedule; 0 = masked from the first step, as printed)
     mask_warmup: int = 0
@@ -203,6 +207,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.mask_strategy": ("high", "low", "random", "soft"),
     "model.attention_map": ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad", "occlusion"),
     "model.mask_at": ("features", "input"),
+    "model.real_mask": ("own", "fake"),
     "model.pooling": ("avg", "masked_mean"),
     "model.mixup_partner": ("any", "same_class"),
     "model.mixup_scope": ("global", "rank"),

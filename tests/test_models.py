@@ -7,7 +7,15 @@ import torch
 
 from ltm.config import load_config
 from ltm.models import BackboneError, Baseline, LearningToMask, build_model
-from ltm.models.masking import deep_mixup, diversity_loss, erase_cells, feature_mask, num_masked, occlusion_map
+from ltm.models.masking import (
+    deep_mixup,
+    diversity_loss,
+    erase_cells,
+    feature_mask,
+    masks_from_fakes,
+    num_masked,
+    occlusion_map,
+)
 from ltm.models.precision import keep_batchnorm_fp32
 
 
@@ -324,6 +332,32 @@ def test_occlusion_leaves_the_teachers_batchnorm_statistics_and_modes_alone():
         stats[kind] = {n: b.clone() for n, b in model.named_buffers() if "running_" in n}
     assert stats["mean"].keys() == stats["occlusion"].keys() and stats["mean"]
     assert all(torch.equal(stats["mean"][n], stats["occlusion"][n]) for n in stats["mean"])
+
+
+def test_real_mask_fake_gives_each_real_the_mask_of_a_fake_of_its_batch():
+    """`model.real_mask=fake`: in training a real's mask is one of the batch's fakes' masks and a fake keeps its own,
+    so the masked positions of the two labels come from one distribution; `own` (and eval) keep each sample's own."""
+    images = torch.rand(8, 3, 112, 112)
+    labels = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+    own = _map_model("saliency")
+    own.eval()
+    expected = feature_mask(own.explain(images)["attention"], 0.25, "high")
+    torch.manual_seed(0)
+    model = build_model(tiny_model_cfg(attention_map="saliency", real_mask="fake"), image_size=112)
+    model.eval()
+    assert torch.equal(model(images, labels)["mask"], expected)  # eval: every sample its own
+    model.train()
+    for module in model.modules():  # BatchNorm on running statistics, so the map equals the eval-mode one
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    mask = model(images, labels)["mask"]
+    fakes = [i for i, y in enumerate(labels) if y == 1]
+    assert all(torch.equal(mask[i], expected[i]) for i in fakes)
+    for i in (i for i, y in enumerate(labels) if y == 0):
+        assert any(torch.equal(mask[i], expected[j]) for j in fakes)
+    assert not all(torch.equal(mask[i], expected[i]) for i in range(8) if labels[i] == 0)
+    only_reals = torch.zeros(8)
+    assert torch.equal(masks_from_fakes(expected, only_reals), expected)
 
 
 @pytest.mark.parametrize("mask_at", ["features", "input"])

@@ -24,6 +24,7 @@ from ltm.models.masking import (
     grad_attention_map,
     head_max_map,
     input_gradient_map,
+    masks_from_fakes,
     occlusion_map,
     rollout_map,
     saliency_map,
@@ -173,6 +174,8 @@ class LearningToMask(nn.Module):
         labels = labels.float()
         t = self.teacher(images)
         mask = feature_mask(t["attention"], self.cfg.mask_ratio, self.cfg.mask_strategy)  # Eq. 4
+        if self.cfg.real_mask == "fake" and self.training:
+            mask = masks_from_fakes(mask, labels)
         if self.cfg.mask_warmup > 0 and self.training:
             if int(self.forwards) < self.cfg.mask_warmup:
                 mask = torch.ones_like(mask)

@@ -153,6 +153,21 @@ def feature_mask(attention: torch.Tensor, ratio: float, strategy: str,
     return mask.reshape_as(attention)
 
 
+def masks_from_fakes(mask: torch.Tensor, labels: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """`model.real_mask=fake`: every real sample (label 0) takes the mask of a fake (label > 0) of the batch drawn at
+    random, fakes keep their own; a batch without fakes or reals is returned as it is. So the masked positions are
+    distributed alike for both labels and cannot stand in for the label themselves."""
+    fake = labels > 0.5
+    fakes, reals = fake.nonzero().squeeze(1), (~fake).nonzero().squeeze(1)
+    if fakes.numel() == 0 or reals.numel() == 0:
+        return mask
+    pick = torch.randint(fakes.numel(), (reals.numel(),), device=mask.device, generator=generator)
+    out = mask.clone()
+    out[reals] = mask[fakes[pick]]
+    return out
+
+
 def erase_cells(images: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """Eq. 4's mask applied to the input instead of the features (`model.mask_at=input`, as RFM erases): the pixels
     of every cell with M = 0 take the colour `fill` (the backbone's mean, which its normalisation maps to 0)."""
