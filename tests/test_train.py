@@ -770,19 +770,22 @@ def test_linear_lr_scaling_sets_the_optimizer_rate(shards, tmp_path, caplog):
 
 
 def test_gradient_maps_train_through_the_trainer(shards, tmp_path):
-    """model.attention_map=saliency (and grad) take a backward pass through the teacher inside the forward: a run
-    trains with it (the FLOP count at start-up once failed on that backward) and the count includes that pass."""
+    """model.attention_map=saliency (and grad) take a backward pass through the teacher inside the forward, occlusion
+    h*w extra teacher forwards: a run trains with each (the FLOP count at start-up once failed on that backward) and
+    the count includes those passes."""
     from ltm.engine import train
     from ltm.train_metrics import train_flops_per_step
 
-    def config(kind: str, name: str):
+    def config(kind: str, name: str, *more: str):
         return load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=2, epochs=1, val_every=0),
-                           ["data.val=[]", f"model.attention_map={kind}", "model.mask_strategy=high"])
+                           ["data.val=[]", f"model.attention_map={kind}", "model.mask_strategy=high", *more])
 
-    result = train(config("saliency", "saliency"))
-    assert result["status"] == "completed" and result["step"] == 2
-    losses = [r["loss"] for r in records(tmp_path / "saliency", "train")]
-    assert losses and all(np.isfinite(losses))
+    for kind, more in (("saliency", ()), ("occlusion", ("model.mask_at=input", "model.real_mask=fake"))):
+        result = train(config(kind, kind, *more))
+        assert result["status"] == "completed" and result["step"] == 2
+        losses = [r["loss"] for r in records(tmp_path / kind, "train")]
+        assert losses and all(np.isfinite(losses))
     mean = train_flops_per_step(config("mean", "mean"))
     assert train_flops_per_step(config("saliency", "s2")) > 1.5 * mean
     assert train_flops_per_step(config("grad", "g2")) > 1.5 * mean
+    assert train_flops_per_step(config("occlusion", "o2")) > 2 * mean  # h*w teacher forwards

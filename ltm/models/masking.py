@@ -156,16 +156,17 @@ def feature_mask(attention: torch.Tensor, ratio: float, strategy: str,
 def masks_from_fakes(mask: torch.Tensor, labels: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """`model.real_mask=fake`: every real sample (label 0) takes the mask of a fake (label > 0) of the batch drawn at
-    random, fakes keep their own; a batch without fakes or reals is returned as it is. So the masked positions are
-    distributed alike for both labels and cannot stand in for the label themselves."""
+    random, fakes keep their own; a batch without fakes is returned as it is. So the masked positions are
+    distributed alike for both labels and cannot stand in for the label themselves.
+
+    Without data-dependent shapes (no nonzero): a random score per (sample, candidate), fakes only, and the argmax,
+    so that the FLOP count's fake tensors and a compiled model can trace it."""
+    b = labels.shape[0]
     fake = labels > 0.5
-    fakes, reals = fake.nonzero().squeeze(1), (~fake).nonzero().squeeze(1)
-    if fakes.numel() == 0 or reals.numel() == 0:
-        return mask
-    pick = torch.randint(fakes.numel(), (reals.numel(),), device=mask.device, generator=generator)
-    out = mask.clone()
-    out[reals] = mask[fakes[pick]]
-    return out
+    scores = torch.rand(b, b, device=mask.device, generator=generator)
+    pick = scores.masked_fill(~fake[None, :], -1.0).argmax(dim=1)  # a uniformly drawn fake per row
+    take = (~fake & fake.any())[:, None, None]
+    return torch.where(take, mask[pick], mask)
 
 
 def erase_cells(images: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
