@@ -43,13 +43,13 @@ def erased_cell_shift(run_dir: Path, split: str, frames: int) -> dict:
     """{"shift", "clean", "cell"} of one run: see the module docstring."""
     from ltm.data import build_eval_loader
     from ltm.evaluate import load_model
-    from ltm.models.masking import erase_cells
+    from ltm.models.masking import decisions_with_each_cell_erased
 
     model, cfg, _ = load_model(run_dir)
     model.eval()
     cnn = model.backbone if cfg.model.kind == "baseline" else model.student_cnn
     split_dir = Path(cfg.data.root) / "synth" / split
-    grid = tuple(cnn(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size)).shape[-2:])
+    grid = cnn.grid(cfg.data.image_size)
     cell = artefact_cell(split_dir / "SelfBlendStamped", cfg.data.image_size, grid)
     images = []
     for batch in build_eval_loader(cfg, [str(split_dir / "real")], 0, 1, "cpu", 64):
@@ -57,12 +57,7 @@ def erased_cell_shift(run_dir: Path, split: str, frames: int) -> dict:
         if sum(len(x) for x in images) >= frames:
             break
     x = torch.cat(images)[:frames]
-    n = grid[0] * grid[1]
-    per_cell = []
-    for c in range(n):
-        keep = torch.ones(len(x), n)
-        keep[:, c] = 0
-        per_cell.append(float(model.predict(erase_cells(x, keep.view(-1, *grid), cnn.mean)).mean()))
+    per_cell = decisions_with_each_cell_erased(model.predict, x, grid, cnn.mean).mean(dim=0).flatten().tolist()
     others = [p for c, p in enumerate(per_cell) if c != cell]
     return {"shift": per_cell[cell] - sum(others) / len(others), "clean": float(model.predict(x).mean()),
             "cell": cell}

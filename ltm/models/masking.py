@@ -79,23 +79,31 @@ def input_gradient_map(grad: torch.Tensor, grid: tuple[int, int], smooth: float 
     return _smooth_and_pool(grad.float().abs().sum(dim=1, keepdim=True), grid, smooth)
 
 
+def decisions_with_each_cell_erased(decision: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                                    grid: tuple[int, int], fill: torch.Tensor) -> torch.Tensor:
+    """`decision(images) -> (B,)` on the images with one grid cell erased to `fill` (as `erase_cells` erases it for
+    the student under `mask_at: input`), for every cell in turn: (B, 3, H, W) -> (B, h, w), float32. One batch-sized
+    forward per cell (h*w in all), without gradient."""
+    b, n = images.shape[0], grid[0] * grid[1]
+    out = torch.empty(b, n, device=images.device, dtype=torch.float32)
+    with torch.no_grad():
+        for c in range(n):
+            keep = torch.ones(b, n, device=images.device, dtype=images.dtype)
+            keep[:, c] = 0
+            out[:, c] = decision(erase_cells(images, keep.view(b, *grid), fill)).float()
+    return out.view(b, *grid)
+
+
 def occlusion_map(decision: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, grid: tuple[int, int],
                   fill: torch.Tensor) -> torch.Tensor:
     """Occlusion sensitivity (after Zeiler & Fergus, 2014): how far the teacher's decision moves when one grid cell of
     the input is erased to `fill`, |decision(x) - decision(x with cell c erased)| per cell, (B, 3, H, W) -> (B, h, w).
 
-    `decision(images) -> (B,)` is the teacher's summed logits. The cell is erased exactly as `erase_cells` erases it
-    for the student under `mask_at: input`, so the top cells are the ones whose loss the teacher feels most. One
-    batch-sized forward per cell (h*w in all), without gradient."""
-    b, n = images.shape[0], grid[0] * grid[1]
+    `decision(images) -> (B,)` is the teacher's summed logits. The cell is erased exactly as the student's input is
+    erased, so the top cells are the ones whose loss the teacher feels most."""
     with torch.no_grad():
         full = decision(images).float()
-        drop = torch.empty(b, n, device=images.device, dtype=torch.float32)
-        for c in range(n):
-            keep = torch.ones(b, n, device=images.device, dtype=images.dtype)
-            keep[:, c] = 0
-            drop[:, c] = (full - decision(erase_cells(images, keep.view(b, *grid), fill)).float()).abs()
-    return drop.view(b, *grid)
+    return (full[:, None, None] - decisions_with_each_cell_erased(decision, images, grid, fill)).abs()
 
 
 def diversity_loss(head_maps: torch.Tensor) -> torch.Tensor:
