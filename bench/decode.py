@@ -20,7 +20,7 @@ from ltm.config import Config
 # The agree leg: per type (largest absolute pixel difference, mean absolute difference), in levels 0-255, that two
 # decode paths may differ by over the same crops, stored at the loader's size (no resize). "clean": no perturbation;
 # "clean420": clean decode of 4:2:0 JPEGs (prep writes 4:4:4; other tools write 4:2:0); the per-crop types of
-# ltm.perturb at levels 1 and 5, the worse level counting. Video compression is left out: it runs on the host
+# ltm.data.perturb at levels 1 and 5, the worse level counting. Video compression is left out: it runs on the host
 # (PyAV) before either pipeline, which receive the same decoded frames.
 AGREE_LEVELS = (1, 5)
 AGREE_SAMPLES = 256  # crops per agreement split at GPU sizes (the CPU mode's `samples` below that)

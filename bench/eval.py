@@ -1,6 +1,6 @@
 """Evaluation throughput: the real `ltm eval` scoring path against forward-only on the same batches.
 
-The eval path is what `ltm.evaluate.evaluate` runs per data folder: the eval loader (shard reading, JPEG decode,
+The eval path is what `ltm.eval.evaluate.evaluate` runs per data folder: the eval loader (shard reading, JPEG decode,
 resize, batching, device copy), `model.predict`, the row bookkeeping and the exactly-once gather, and the metrics.
 Forward-only runs `model.predict` over the very same batches, already decoded and in memory (no loader). Both are
 timed interleaved (eval, forward, eval, forward, ...) so machine noise hits both alike. The loader should hide
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from ltm.config import load_config
-from ltm.evaluate import gather_rows, score_folder, scoring_accelerator
-from ltm.metrics import compute_metrics
+from ltm.eval.evaluate import gather_rows, score_folder, scoring_accelerator
+from ltm.eval.metrics import compute_metrics
 from ltm.models import build_model
 
 FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
@@ -176,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from ltm.perturb import LEVELS
+    from ltm.data.perturb import LEVELS
 
     specs = [f"{k}:3" for k in LEVELS] if args.perturb == ["all"] else args.perturb
     cuda = torch.cuda.is_available() and args.device != "cpu"

@@ -105,8 +105,8 @@ def head_scores(run_dir: Path, folders: list[Path]) -> dict:
     """P(fake) of every head of the run's latest checkpoint on `folders`: {"labels", "methods", head: scores}."""
     import torch
 
+    from ltm.checkpoint.reader import load_model
     from ltm.data import build_eval_loader
-    from ltm.evaluate import load_model
 
     model, cfg, _ = load_model(run_dir)
     out: dict = {"labels": [], "methods": []}
@@ -125,13 +125,13 @@ def head_scores(run_dir: Path, folders: list[Path]) -> dict:
 
 
 def mask_figures(run_dir: Path, folder: Path) -> dict:
-    """Where the run's mask lands on the fakes of `folder` (their region.png): `ltm.regions.diagnose` over every
-    method there, pooled: {"hit_rate", "chance_hit_rate", "masked_in_region", "region_share", "maps": {name:
+    """Where the run's mask lands on the fakes of `folder` (their region.png): `ltm.eval.mask_diagnostics.diagnose`
+    over every method there, pooled: {"hit_rate", "chance_hit_rate", "masked_in_region", "region_share", "maps": {name:
     hit rate}}."""
     import torch
 
-    from ltm.evaluate import load_model
-    from ltm.regions import diagnose
+    from ltm.checkpoint.reader import load_model
+    from ltm.eval.mask_diagnostics import diagnose
 
     model, cfg, _ = load_model(run_dir)
     figures, _ = diagnose(model, folder, cfg.data.image_size, 10**9, torch.device("cpu"))
@@ -189,7 +189,7 @@ def run_point(sweep: Sweep, variant: str, seed: int, steps: int, args: argparse.
     """Train variant/seed to `steps` (resuming its own run, `ltm.sweep.run.train_budget`) and score it; cached as
     JSON beside the run."""
     from ltm.config import load_run_config, to_dict
-    from ltm.engine import model_differences
+    from ltm.train.trainer import model_differences
 
     run_dir = sweep.run_dir(variant, seed)
     path = run_dir / "scores" / f"step{steps:06d}-{args.split}.json"

@@ -7,11 +7,11 @@ One command runs every step of the product's GPU path and prints a table, then o
   2. decode   DALI `mixed` (nvJPEG) against `cpu` on the same shards: images/s of each (steady state, first batch
               excluded) at the config's DALI threads (and at 8 when that differs), the same keys and labels in the
               same order, the largest pixel difference (0-255).
-     agree    the same comparison per perturbation type (clean, each per-crop type of ltm.perturb at levels 1 and
+     agree    the same comparison per perturbation type (clean, each per-crop type of ltm.data.perturb at levels 1 and
               5, and clean 4:2:0 JPEGs such as other tools write) against stated tolerances (AGREE_TOLERANCE: the
               largest and the mean absolute difference in levels 0-255); without CUDA, DALI's CPU pipeline against
               the reference loader (PIL, OpenCV) with that pair's tolerances.
-  3. train    the `paper` config (Xception 224, ViT 384x6x6, 32 per GPU, bf16, ZeRO-1) through ltm.engine's
+  3. train    the `paper` config (Xception 224, ViT 384x6x6, 32 per GPU, bf16, ZeRO-1) through ltm.train.trainer's
               Trainer: steady-state images/s, peak GPU memory, data stall (time in the loader / step time), the
               LTM / Baseline step-time ratio against their FLOP ratio; beside it the same model in a plain PyTorch
               autocast loop fed by the reference (PIL + DataLoader) loader. Headline ratio: ltm / plain images/s.
@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import os
 
-# cuBLAS reads this when CUDA initialises: deterministic GEMMs for the bitwise resume check (ltm.engine sets the
+# cuBLAS reads this when CUDA initialises: deterministic GEMMs for the bitwise resume check (ltm.train.trainer sets the
 # same value, but only when a Trainer starts, which is after the decode and eval steps have used CUDA)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -103,7 +103,7 @@ CPU_SIZES = {"config": "tiny-cpu", "image_size": 64, "samples": 32, "steps": 4, 
 # minutes, under the 4 minutes that leave one rerun inside a GPU command's 10.
 QUICK_SIZES = {"steps": 50, "warmup": 10, "option_steps": 50, "passes": 2, "rounds": 2}
 # Legs, in the order they run, and the packages each needs besides torch. webdataset: the shard writer and the
-# reference loader; DALI: the decode pipelines compared; DeepSpeed: ltm.engine's Trainer (train runs its plain
+# reference loader; DALI: the decode pipelines compared; DeepSpeed: ltm.train.trainer's Trainer (train runs its plain
 # loop and FLOP count without it, options its pin_memory option).
 LEGS = {"decode": ("webdataset", "dali"), "agree": ("webdataset", "dali"), "eval": ("webdataset",),
         "train": ("webdataset",), "options": ("webdataset",), "resume": ("webdataset", "deepspeed")}
@@ -130,8 +130,8 @@ CPU_OVERRIDES = ["model.backbone=test_resnet", "train.zero_stage=1", "train.prec
 
 def set_determinism(on: bool) -> None:
     """The cuDNN and kernel settings of every timed leg: `train.deterministic` on gives deterministic kernels and
-    cudnn.benchmark off (what ltm.engine sets), off gives benchmark on. Set again at the start of each leg, so an
-    option is never timed under another setting than the default it is divided by (ltm.engine turns benchmark off
+    cudnn.benchmark off (what ltm.train.trainer sets), off gives benchmark on. Set again at the start of each leg, so an
+    option is never timed under another setting than the default it is divided by (ltm.train.trainer turns benchmark off
     in deterministic runs and the resume leg forces those)."""
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.benchmark = not on
@@ -183,8 +183,9 @@ class TimedLoader:
 
 
 def engine_steps(cfg: Config, steps: int, warmup: int, cuda: bool) -> dict:
-    """`steps` optimizer steps of ltm.engine's Trainer (the DeepSpeed engine `ltm train` runs), timed per step."""
-    from ltm.engine import Trainer
+    """`steps` optimizer steps of the Trainer (ltm.train.trainer: the DeepSpeed engine `ltm train` runs), timed
+    per step."""
+    from ltm.train.trainer import Trainer
 
     set_determinism(cfg.train.deterministic)
     if cuda:
@@ -286,7 +287,7 @@ def final_weights(trainer) -> dict[str, torch.Tensor]:
 
 
 def fit(cfg: Config, resume: str, signal_at: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    from ltm.engine import Trainer
+    from ltm.train.trainer import Trainer
 
     trainer = Trainer(cfg, resume=resume)
     ok = False
@@ -324,7 +325,7 @@ def resume_check(cfg: Config, n: int, precision: str, root: Path) -> dict:
 def eval_check(cfg: Config, split: Path, cuda: bool, batch: int, rounds: int) -> dict:
     from eval import eval_throughput  # bench/eval.py
 
-    from ltm.evaluate import scoring_accelerator
+    from ltm.eval.evaluate import scoring_accelerator
     from ltm.models import build_model
 
     c = with_overrides(cfg, ["data.loader=dali", "eval.attention_samples=0"])
@@ -498,7 +499,7 @@ def main() -> None:
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         # CPU mode: one intra-op thread unless OMP_NUM_THREADS says otherwise. With one thread per core on a machine
         # other jobs share, every OpenMP region waits for a descheduled thread: toy steps then vary 15-50x and the
-        # training ratios measure the other jobs (ltm.engine's Trainer reads the variable, so set it too).
+        # training ratios measure the other jobs (ltm.train.trainer's Trainer reads the variable, so set it too).
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
     env = environment(cuda)
@@ -564,7 +565,7 @@ def main() -> None:
                     "ltm_baseline_flop_ratio": round(flops, 4), "deterministic": cfg.train.deterministic})
         defaults = {"plain": plain, "engine": engine_skipped}
         if no_engine:
-            print(f"train leg: ltm.engine's runs skipped ({no_engine}); the plain loop and FLOP count ran", flush=True)
+            print(f"train leg: the Trainer's runs skipped ({no_engine}); the plain loop and FLOP count ran", flush=True)
             for key in ("train_images_per_s", "train_data_stall", "peak_gpu_memory_gib", "ltm_over_plain"):
                 fig[key] = engine_skipped
         else:

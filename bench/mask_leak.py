@@ -29,7 +29,7 @@ from ltm.sweep.stats import interval, paired
 
 def artefact_cell(folder: Path, image_size: int, grid: tuple[int, int]) -> int:
     """The flat index of the cell that most of `folder`'s region samples (stamped fakes) have most of the region in."""
-    from ltm.regions import cell_coverage, region_samples
+    from ltm.eval.mask_diagnostics import cell_coverage, region_samples
 
     samples = region_samples(folder, image_size, 10**9)
     if not samples:
@@ -41,8 +41,8 @@ def artefact_cell(folder: Path, image_size: int, grid: tuple[int, int]) -> int:
 @torch.no_grad()
 def erased_cell_shift(run_dir: Path, split: str, frames: int) -> dict:
     """{"shift", "clean", "cell"} of one run: see the module docstring."""
+    from ltm.checkpoint.reader import load_model
     from ltm.data import build_eval_loader
-    from ltm.evaluate import load_model
     from ltm.models.masking import decisions_with_each_cell_erased
 
     model, cfg, _ = load_model(run_dir)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from ltm.cli import main as ltm_main  # noqa: E402
 from ltm.config import load_config, save_config  # noqa: E402
-from ltm.exported import ExportedModel  # noqa: E402
+from ltm.deploy.exported import ExportedModel  # noqa: E402
 from ltm.models import build_model  # noqa: E402
 
 SHARED = Path(os.environ.get("LTM_SHARED_DATA", ROOT.parent / "shared" / "data"))

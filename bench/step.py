@@ -8,9 +8,9 @@ Target: time ratio <= 1.1 x FLOP ratio.
     python bench/step.py                      # resnet18 at 112 px, batch 16 (CPU-sized)
     python bench/step.py --backbone legacy_xception --size 224 --batch 32 --device cuda
 
-`--engine` measures something else: the cost of ltm.engine itself. Its Trainer (DeepSpeed engine, the step's loader
-hand-off and RNG fork, the per-step collective) against a plain PyTorch loop of the same model, fed by a second
-loader built from the same config (same kind, same batch size), in interleaved blocks of steps after a warm-up,
+`--engine` measures something else: the cost of the Trainer itself (ltm.train.trainer: the DeepSpeed engine, the
+step's loader hand-off and RNG fork, the per-step collective) against a plain PyTorch loop of the same model, fed by
+a second loader built from the same config (same kind, same batch size), in interleaved blocks of steps after a warm-up,
 with the time of each phase (loader, forward, backward, optimizer step, the rest). Headline: engine images/s over
 plain images/s, target >= 0.9. Default: `tiny-cpu` as shipped (EfficientNet-Lite0, 112 px, batch 32, fp32,
 ZeRO-0), random init, on shards it writes from scikit-image's photos (bench/checkdata.py's writer) or `--data`.
@@ -113,7 +113,7 @@ def engine_vs_plain(args: argparse.Namespace) -> None:
     from checkdata import configure, write_check_shards  # bench/checkdata.py: the GPU check's shards and config
 
     from ltm.data import build_train_loader
-    from ltm.engine import Trainer
+    from ltm.train.trainer import Trainer
 
     tmp = tempfile.TemporaryDirectory(prefix="ltm-step-engine-")
     work = Path(tmp.name)
@@ -204,7 +204,7 @@ def engine_vs_plain(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", action="store_true",
-                        help="ltm.engine's training step against a plain loop of the same model and loader")
+                        help="ltm.train.trainer's training step against a plain loop of the same model and loader")
     parser.add_argument("--config", default="tiny-cpu", help="--engine: the config (its model, size and batch)")
     parser.add_argument("--data", default=None, help="--engine: a shard split folder holding method folders")
     parser.add_argument("--samples", type=int, default=256, help="--engine: images in the shards it writes")

@@ -50,7 +50,7 @@ def shard_problems(cfg: Config, folders: list[str], what: str) -> list[str]:
 
 
 def eval_data_problems(cfg: Config, folders: list[str], what: str = "--eval") -> list[str]:
-    from ltm.evaluate import resolve_folder
+    from ltm.eval.evaluate import resolve_folder
 
     problems = []
     for folder in folders:
@@ -80,7 +80,8 @@ def weights_problems(cfg: Config) -> list[str]:
 
 
 def resume_problems(run_dir: Path, resume: str) -> list[str]:
-    from ltm.checkpoint import Checkpointer, CheckpointError
+    from ltm.checkpoint import CheckpointError
+    from ltm.checkpoint.checkpointer import Checkpointer
 
     try:
         Checkpointer(run_dir / "checkpoints").resolve(resume)
@@ -92,15 +93,16 @@ def resume_problems(run_dir: Path, resume: str) -> list[str]:
 def batch_split_problems(cfg: Config) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the global batch split over the job's ranks (one per GPU, or one per node for a CPU
     job): a batch that does not divide refuses; what the split changes in the method (BatchNorm over a few images,
-    mixup partners among a few) is warned with the fix (`ltm.scaling.batch_warnings`, which `ltm train` logs too)."""
-    from ltm import scaling
+    mixup partners among a few) is warned with the fix
+    (`ltm.train.batch_scaling.batch_warnings`, which `ltm train` logs too)."""
+    from ltm.train import batch_scaling
 
     launch = cfg.launch
     world = launch.nodes * max(1, launch.gpus_per_node)
     gpus = launch.gpus_per_node > 0
     try:
-        return [], scaling.batch_warnings(cfg, world, cfg.train.sync_bn and gpus,
-                                          scaling.backbone_batchnorm_layers(cfg.model), gpus=gpus)
+        return [], batch_scaling.batch_warnings(cfg, world, cfg.train.sync_bn and gpus,
+                                          batch_scaling.backbone_batchnorm_layers(cfg.model), gpus=gpus)
     except ValueError as exc:
         return [f"{exc}: the job's {world} rank(s) need a batch that divides (launch.nodes={launch.nodes}, "
                 f"launch.gpus_per_node={launch.gpus_per_node})"], []
@@ -164,7 +166,8 @@ def check_train(cfg: Config, eval_data: list[str] | None = None, resume: str = "
 def check_eval(run_dir: str | Path, data: list[str], tag: str | None = None,
                cfg_overrides: list[str] | None = None) -> None:
     """The run folder has a config and the checkpoint asked for, and every data folder holds shards."""
-    from ltm.evaluate import load_run_config, resolve_tag
+    from ltm.checkpoint.reader import resolve_tag
+    from ltm.config import load_run_config
 
     run = Path(run_dir)
     config = run / "config.yaml"
@@ -254,7 +257,7 @@ def check_prep(prep_args: list[str]) -> None:
 def check_predict(args: argparse.Namespace) -> tuple[list[str], Path]:
     """`ltm submit predict`: the inputs list files, the run or exported model loads, and a table is named.
     Returns the files and the table."""
-    from ltm.predict import media_files, table_path
+    from ltm.deploy.predict import media_files, table_path
 
     problems: list[str] = []
     files, folders = [], []
@@ -267,14 +270,15 @@ def check_predict(args: argparse.Namespace) -> tuple[list[str], Path]:
     if (args.run is None) == (args.model is None):
         problems.append("give --run RUN_FOLDER or --model FILE (an `ltm export` file), one of them")
     elif args.model:
-        from ltm.exported import ExportError, read_metadata
+        from ltm.deploy.exported import ExportError, read_metadata
 
         try:
             read_metadata(args.model)
         except (ExportError, ImportError) as exc:
             problems.append(str(exc))
     else:
-        from ltm.evaluate import load_run_config, resolve_tag
+        from ltm.checkpoint.reader import resolve_tag
+        from ltm.config import load_run_config
 
         try:
             load_run_config(Path(args.run) / "config.yaml", args.overrides or [])

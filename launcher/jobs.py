@@ -4,7 +4,7 @@ Each one runs the same code as its `ltm` command, in-process, inside one SLURM t
 requeue pattern of DeiT/MAE's `run_with_submitit.py` Trainer: the job object is its own checkpoint (the state
 lives in the run folder, `resume="auto"` picks up `latest`), and `checkpoint()` hands submitit a fresh copy.
 
-Preemption / time limit: SLURM sends SIGUSR2 `signal_delay_s` before the end to every task. `ltm.engine.train`
+Preemption / time limit: SLURM sends SIGUSR2 `signal_delay_s` before the end to every task. `ltm.train.trainer.train`
 catches it (its handler replaces submitit's), the ranks agree at the next step boundary, save one checkpoint
 together and return status "preempted". Only then does global rank 0 requeue the job (`scontrol requeue`), so
 every rank has saved before the allocation goes away; the new allocation resumes from `latest`. A SIGUSR2
@@ -80,9 +80,9 @@ class TrainJob:
 
         cfg = from_dict(self.cfg)
         dist_env = setup_task(cfg.launch.gpus_per_node, cfg.launch.cpus_per_task)
-        from ltm import engine  # after the environment is set: DeepSpeed reads DS_ACCELERATOR on import
+        from ltm.train import trainer  # after the environment is set: DeepSpeed reads DS_ACCELERATOR on import
 
-        result = engine.train(cfg, resume=self.resume)
+        result = trainer.train(cfg, resume=self.resume)
         log.info("training returned %s at step %s", result.get("status"), result.get("step"))
         if result.get("status") == "preempted":
             self._requeue(cfg.launch.max_requeue, cfg.launch.time_min, dist_env.rank)
@@ -146,7 +146,7 @@ class EvalJob:
 
     def __call__(self) -> list[dict[str, Any]]:
         setup_task(self.gpus_per_node)
-        from ltm.evaluate import evaluate
+        from ltm.eval.evaluate import evaluate
 
         reports = evaluate(self.run_dir, self.data, tag=self.tag, cfg_overrides=self.cfg_overrides or None)
         for report in reports:

@@ -16,11 +16,11 @@ from launcher.checks import check_plans
 from launcher.submit import add_launch_arguments, launch_from_args, wait_for
 from launcher.sweep import active, in_flight, load_jobs, seeds_from, submit_sweep
 from ltm.config import Config, ConfigError, load_config
-from ltm.paper_results import TABLES, Table
 from ltm.reproduce.configs import config_diff, experiment_path, parse_pairs
 from ltm.reproduce.cost import DEFAULT_TFLOPS, estimate, print_estimate
+from ltm.reproduce.paper import TABLES, Table
 from ltm.reproduce.plan import STATE_DIR, RunPlan, plan_points, select, table_sweep, write_atomic
-from ltm.reproduce.results import collect, render_markdown, write_collected
+from ltm.reproduce.results import collect, results_markdown, write_collected
 from ltm.sweep.run import Sweep, run_local
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _collect_and_print(table: Table, sweep: Sweep, mapping: dict[str, str], write: bool) -> int:
     result = collect(table, sweep, mapping)
-    print(render_markdown(result), end="")
+    print(results_markdown(result), end="")
     if write:
         md, js = write_collected(result, Path(sweep.out))
         print(f"\nwrote {md} and {js}")

@@ -4,7 +4,7 @@
     ltm submit eval --run runs/x --data celebdf_v2/test
     ltm submit prep ffpp --root /data/FaceForensics++ --splits /data/ffpp-splits --out shards --array 8
 
-Training runs one task per GPU (one per node without GPUs), every task calling `ltm.engine.train` in-process
+Training runs one task per GPU (one per node without GPUs), every task calling `ltm.train.trainer.train` in-process
 (launcher.jobs.TrainJob); `--eval` chains an evaluation job (`afterok`, cancelled if training fails). `prep`
 submits an array of N parts (`--part i/N`) and a merge job after all of them. `--dry-run` prints the batch
 scripts and submits nothing. Each submission gets a fresh submitit folder: a local test cluster restarts job
@@ -377,7 +377,7 @@ def submit_predict(
     resumable through its journal), then `ltm predict ... --merge N` after all of them: one table, input order.
 
     A rerun of the same submission skips the files the tasks already scored. Logs go to `<table dir>/.slurm/`."""
-    from ltm import predict as predict_cli
+    from ltm.deploy import predict as predict_cli
 
     if array < 1:
         raise ConfigError(f"--array {array}: must be >= 1")

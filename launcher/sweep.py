@@ -225,7 +225,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
 
 def print_table(sweep: Sweep) -> dict[str, Any]:
     result = table.write(sweep)
-    print(table.render_markdown(result), end="")
+    print(table.sweep_markdown(result), end="")
     print(f"\nwrote {sweep.out / 'sweep.md'}, {sweep.out / 'sweep.json'}"
           + (f", {sweep.out / 'sweep.png'}" if (sweep.out / "sweep.png").is_file() else ""))
     return result

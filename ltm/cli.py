@@ -17,10 +17,10 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\[\d+\])?(\.[A-Za-z_]\w*(\[\d+\])?)+=")
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "preprocess a dataset (videos/frames) into WebDataset shards of face crops"),
-    "train": ("ltm.engine", "train a detector with DeepSpeed (one process, --nproc N local ranks, or SLURM)"),
-    "eval": ("ltm.evaluate", "score shard folders with a run's checkpoint: frame/video AUC report and plots"),
-    "predict": ("ltm.predict", "P(fake) for a video or image file, per frame, with attention pictures"),
-    "export": ("ltm.export", "write one inference head (the student by default) as ONNX or TorchScript"),
+    "train": ("ltm.train.trainer", "train a detector with DeepSpeed (one process, --nproc N local ranks, or SLURM)"),
+    "eval": ("ltm.eval.evaluate", "score shard folders with a run's checkpoint: frame/video AUC report and plots"),
+    "predict": ("ltm.deploy.predict", "P(fake) for a video or image file, per frame, with attention pictures"),
+    "export": ("ltm.deploy.export", "write one inference head (the student by default) as ONNX or TorchScript"),
     "submit": ("launcher.submit", "submit train / eval / prep jobs to SLURM with submitit"),
     "sweep": ("launcher.sweep", "paired multi-seed experiments: variants x seeds, here or as a SLURM array, with "
               "t-intervals and a verdict"),

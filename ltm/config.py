@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ViTConfig:
-    dim: int = 384  # D: token width after the C -> D projection (DESIGN.md: "2048" is the CNN width C)
+    dim: int = 384  # D: token width after the C -> D projection (the paper's "2048" is C: docs/choices.md)
     heads: int = 6
     depth: int = 6
     mlp_ratio: float = 4.0
@@ -146,7 +146,7 @@ class TrainConfig:
     # torch.compile of the model inside the DeepSpeed engine (DeepSpeed's engine.compile, inductor):
     # false | default | reduce-overhead | max-autotune (true = default); checkpoints keep the same keys
     compile: bool | str = False
-    peak_tflops: float = 0.0  # one device's peak TFLOP/s for the logged MFU (0: PEAK_TFLOPS in ltm.train_metrics)
+    peak_tflops: float = 0.0  # one device's peak TFLOP/s for the logged MFU (0: PEAK_TFLOPS in ltm.train.metrics_log)
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler trace of steps start..+steps-1
     # BatchNorm statistics over every rank's micro-batch (torch SyncBatchNorm, GPUs only) instead of each rank's own;
     # no effect in a world of one (docs/training.md "Many GPUs")
@@ -162,14 +162,14 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 64
-    video_agg: str = "mean"  # mean | max | confident (ltm.metrics.VIDEO_REDUCE)
+    video_agg: str = "mean"  # mean | max | confident (ltm.eval.metrics.VIDEO_REDUCE)
     attention_samples: int = 4  # per label, pictures under attention/
     # fakes with a known manipulated region (shard member region.png) scored for the mask diagnostics, per method
     # folder (0: off); pictures of the first few under regions/
     region_samples: int = 256
     error_samples: int = 4  # the most confident false positives and false negatives each, pictures under errors/
     threshold: float = 0.5
-    perturb: str | None = None  # TYPE:LEVEL, a test-time perturbation of every crop or clip (ltm.perturb)
+    perturb: str | None = None  # TYPE:LEVEL, a test-time perturbation of every crop or clip (ltm.data.perturb)
     frames_per_video: int = 0  # N evenly spaced frames scored per video (ltm.data.plan); 0 = all frames in the shards
     # minutes a rank of `ltm eval` / `ltm predict --run` waits in a collective for the others (the process group's
     # timeout): a rank done with its share waits for the slowest, and NCCL's default 10 would abort after scoring

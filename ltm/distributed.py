@@ -1,7 +1,7 @@
 """The distributed environment: ranks from environment variables, gloo/NCCL through DeepSpeed, local launches.
 
-Every entry point reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (DESIGN.md "Distributed and
-SLURM"): submitit, sbatch+srun, `deepspeed`, `torchrun` and `ltm train --nproc N` all set them. A process without
+Every entry point reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (docs/scaling.md, "Distributed
+environment"): submitit, sbatch+srun, `deepspeed`, `torchrun` and `ltm train --nproc N` all set them. A process without
 them runs as a world of one. Without CUDA, DeepSpeed must run its CPU accelerator, which it picks from
 `DS_ACCELERATOR` at import time, so this module sets that variable before anything imports deepspeed.
 """

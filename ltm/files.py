@@ -1,10 +1,12 @@
-"""Atomic file writes (temp name in the same folder, fsync, rename): a reader never sees half a file.
+"""Atomic file writes (temp name in the same folder, fsync, rename): a reader never sees half a file; file names
+made from keys.
 
 Kept free of heavy imports: `ltm predict --model` uses it without the training stack."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -25,3 +27,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def safe_filename(name: str) -> str:
+    """`name` with every character outside [A-Za-z0-9_.-] replaced by `_` (keys and file stems in picture names)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)

@@ -17,8 +17,8 @@ from shared_data import SHARED_DATA
 
 from ltm.config import load_config, save_config
 from ltm.distributed import DIST_VARS, free_port
+from ltm.eval.report.files import read_scores
 from ltm.models import build_model
-from ltm.report import read_scores
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {"real": 6, "FaceSwap": 5}  # 11 samples: 6 + 5 over 2 ranks, the split falls inside a method folder

@@ -53,7 +53,7 @@ def test_interval_is_the_student_t_95_percent_interval(bench, n):
 def test_a_baseline_run_is_the_same_model_whatever_its_ltm_only_keys():
     """Resume and kept benchmark runs compare models: a Baseline ignores mixup, mask and ViT keys, not its backbone."""
     from ltm.config import load_config, to_dict
-    from ltm.engine import model_differences
+    from ltm.train.trainer import model_differences
 
     def model(*overrides):
         return to_dict(load_config("tiny-cpu", ["model.kind=baseline", *overrides]))["model"]

@@ -1,6 +1,6 @@
-"""The cross-dataset table (ltm.crossdata): rows and mean from reports, the protocol stated, and a real evaluation of
-the tiny model over three benchmark miniatures prepared by `ltm prep` (Celeb-DF v1, UADFV, DFDC-Preview), its page
-opened in headless Chromium."""
+"""The cross-dataset table (ltm.eval.report.crossdata): rows and mean from reports, the protocol stated, and a real
+evaluation of the tiny model over three benchmark miniatures prepared by `ltm prep` (Celeb-DF v1, UADFV,
+DFDC-Preview), its page opened in headless Chromium."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from test_prep_benchmarks import _put, media  # noqa: F401  (the module's pooled real media fixture)
 
-from ltm import crossdata
+from ltm.eval.report import crossdata
 
 
 def _report(name: str, frame: float | None, video: float | None, frames: int = 32, agg: str = "mean") -> dict:
@@ -31,14 +31,14 @@ def test_rows_mean_and_protocol():
     assert math.isclose(t["mean"]["frame_auc"], 0.7) and math.isclose(t["mean"]["video_auc"], 0.8)
     assert t["short_of_protocol"] == []
     assert t["mean"]["n_frame_auc"] == 2  # a set without an AUC (one class) is left out of the mean, not counted 0
-    md = crossdata.render_markdown(t)
+    md = crossdata.crossdata_markdown(t)
     assert "deepfakebench — DeepfakeBench: 32 evenly spaced frames per video" in md
     assert "| **mean** | **0.7000** | **0.8000** |" in md and "| dfd_c23-test | n/a | n/a | 64 | 2 | 32.0 |" in md
     # without a preset the table states the settings the reports were scored under, and flags a mix
     assert crossdata.summary(reports[:2])["protocol_text"].startswith("32 evenly spaced frames per video, video "
                                                                       "score = mean")
     mixed = crossdata.summary([_report("a", 0.5, 0.5), _report("b", 0.5, 0.5, frames=0, agg="max")])
-    assert not mixed["consistent"] and "different settings" in crossdata.render_markdown(mixed)
+    assert not mixed["consistent"] and "different settings" in crossdata.crossdata_markdown(mixed)
     assert crossdata.protocol_overrides("deepfakebench") == ["eval.frames_per_video=32", "eval.video_agg=mean"]
     assert crossdata.protocol_overrides("all-frames")[0] == "eval.frames_per_video=0"
     with pytest.raises(ValueError, match="--protocol 'nope'"):

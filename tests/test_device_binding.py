@@ -18,7 +18,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from shared_data import SHARED_DATA
 
-from ltm import checkpoint, distributed
+from ltm import distributed
+from ltm.checkpoint import checkpointer as checkpoint
 from ltm.config import load_config, save_config
 from ltm.models import build_model
 
@@ -146,7 +147,7 @@ def test_a_stream_that_cannot_be_restored_is_said_in_the_log(monkeypatch, caplog
     assert "cuda" not in cpu_saved
     expected = torch.rand(3)
     torch.manual_seed(0)
-    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="ltm.checkpoint"):
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="ltm.checkpoint.checkpointer"):
         gpus = FakeGPUs(2).install(m)
         checkpoint.set_rng_state(cpu_saved, torch.device("cuda", 1))
         assert gpus.asked == []
@@ -164,7 +165,7 @@ def test_an_old_checkpoint_with_every_gpus_state_restores_this_devices_entry(mon
     is restored (the layout is assumed unchanged, and the log says so); no other device is touched."""
     saved = dict(checkpoint.rng_state(torch.device("cpu")),
                  cuda=[torch.full((8,), 50 + i, dtype=torch.uint8) for i in range(4)])
-    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="ltm.checkpoint"):
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="ltm.checkpoint.checkpointer"):
         gpus = FakeGPUs(4).install(m)
         checkpoint.set_rng_state(saved, torch.device("cuda", 2))
     assert gpus.asked == [("set", 2)]
@@ -190,7 +191,7 @@ def test_cpu_ranks_touch_no_gpu_generator(monkeypatch):
 RANK_SCRIPT = r"""
 import json, os, sys
 import torch, torch.distributed as dist
-from ltm.evaluate import scoring_accelerator
+from ltm.eval.evaluate import scoring_accelerator
 
 with scoring_accelerator("fp32", "cpu", timeout_min=7) as accelerator:
     timeout = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout.total_seconds()
@@ -230,7 +231,7 @@ def test_eval_and_predict_take_the_timeout_from_the_runs_config(command, run_wit
     scoring accelerator."""
     import inspect
 
-    import ltm.evaluate as ev
+    import ltm.eval.evaluate as ev
     from ltm.cli import main
 
     run = run_with_timeout
@@ -258,7 +259,7 @@ def test_eval_and_predict_take_the_timeout_from_the_runs_config(command, run_wit
 
 def test_training_takes_its_process_group_timeout_from_the_config(run_with_timeout, monkeypatch):
     """`ltm train` joins its process group with `train.timeout_min` (here 9), not a fixed 30 minutes."""
-    import ltm.engine as engine
+    import ltm.train.trainer as engine
 
     asked: list[int] = []
 
@@ -277,7 +278,7 @@ def test_training_takes_its_process_group_timeout_from_the_config(run_with_timeo
 def test_predict_takes_overrides_after_its_options(run_with_timeout, monkeypatch):
     """`ltm predict FILE --run R ... eval.timeout_min=5`: an override after the options reaches the run's config
     (argparse alone leaves it over as an unrecognized argument); a stray word is still refused."""
-    import ltm.evaluate as ev
+    import ltm.eval.evaluate as ev
     from ltm.cli import main
 
     asked: list[int] = []

@@ -18,11 +18,13 @@ from PIL import Image
 from shared_data import SHARED_DATA
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
 
-from ltm import metrics
+from ltm.checkpoint import CheckpointError
+from ltm.checkpoint.reader import load_checkpoint_weights, load_model
 from ltm.config import load_config, save_config
 from ltm.distributed import DIST_VARS
-from ltm.evaluate import CheckpointError, evaluate, load_checkpoint_weights, load_model
-from ltm.report import read_scores
+from ltm.eval import metrics
+from ltm.eval.evaluate import evaluate
+from ltm.eval.report.files import read_scores
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = SHARED_DATA / "faces"
@@ -292,7 +294,7 @@ def test_report_files(toy_runs, tmp_path):
 
 
 def test_threshold_from_a_validation_folder_decides_the_accuracy(toy_runs, tmp_path):
-    from ltm.metrics import accuracy, eer_threshold
+    from ltm.eval.metrics import accuracy, eer_threshold
 
     plain = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "plain")[0]
     (report,) = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=tmp_path / "val", threshold_from="toy/test")
@@ -351,7 +353,7 @@ def test_frames_per_video_flag_scores_the_chosen_frames_and_says_so(toy_runs, to
 
 def test_robustness_scores_every_type_and_level_and_draws_them(toy_runs, tmp_path, capsys):
     from ltm.cli import main
-    from ltm.perturb import LEVELS
+    from ltm.data.perturb import LEVELS
 
     assert main(["eval", "--run", str(toy_runs["zero0"]), "--data", "toy/test", "--robustness", "--out",
                  str(tmp_path)]) == 0
@@ -380,7 +382,7 @@ def test_robustness_scores_every_type_and_level_and_draws_them(toy_runs, tmp_pat
 
 def test_robustness_curve_keeps_an_auc_of_zero_and_leaves_one_class_levels_out():
     """A perfectly inverted detector (AUC 0.0) is a point on the plot, not a gap; only an undefined AUC is."""
-    from ltm.report import level_aucs
+    from ltm.eval.report.files import level_aucs
 
     result = {"auc": {"contrast": {str(k): {"frame_auc": v} for k, v in zip(range(1, 6), (1.0, 0.5, 0.0, None, 0.25))}}}
     curve = level_aucs(result, "contrast")

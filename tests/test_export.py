@@ -18,7 +18,7 @@ from shared_data import SHARED_DATA
 
 from ltm.cli import main
 from ltm.config import load_config, save_config
-from ltm.exported import ExportedModel, read_metadata
+from ltm.deploy.exported import ExportedModel, read_metadata
 from ltm.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -109,7 +109,7 @@ def test_mixed_decoder_upsamples_chroma_as_the_cpu_decoder(gpu_check):
     DALI decode pipelines (training and eval, with and without a perturbation) ask the mixed decoder for fancy
     upsampling. The graphs are built without a GPU; their decoder's arguments are read back."""
     from ltm.data.dali import _decode, _decode_eval
-    from ltm.perturb import perturbation
+    from ltm.data.perturb import perturbation
 
     pipes = [_decode(64, "mixed", batch_size=1, num_threads=1, device_id=0),
              _decode_eval(64, "mixed", None, False, batch_size=1, num_threads=1, device_id=0),
@@ -170,7 +170,7 @@ def test_quick_check_skips_the_legs_whose_packages_are_missing(tmp_path):
         assert f"skipped leg {leg}: needs DALI" in out
         assert fig["legs_skipped"][leg].startswith("needs DALI") and fig[f"leg_{leg}"].startswith("skipped: needs DALI")
     assert fig["legs"] == ["eval", "train"] and fig["quick"] is True
-    assert "train leg: ltm.engine's runs skipped (needs deepspeed" in out
+    assert "train leg: ltm.train.trainer's runs skipped (needs deepspeed" in out
     assert fig["train_images_per_s"].startswith("skipped: needs deepspeed")
     assert isinstance(fig["plain_images_per_s"], float) and fig["plain_images_per_s"] > 0
     assert fig["ratio"] is None and "did not run" in fig["ratio_note"] and fig["target"] == 1.2

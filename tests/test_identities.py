@@ -22,8 +22,8 @@ from ltm.config import load_config, save_config
 from ltm.data import build_eval_loader
 from ltm.data.shards import sample_ids
 from ltm.env import dali_available
-from ltm.evaluate import evaluate
-from ltm.report import read_scores
+from ltm.eval.evaluate import evaluate
+from ltm.eval.report.files import read_scores
 
 METHODS = ("real", "SelfBlend", "FaceSwap")
 
@@ -123,8 +123,8 @@ def test_report_video_auc_equals_sklearn_on_scores_csv(sample_shards, old_shards
 
 def test_predict_heatmaps_of_same_named_videos_stay_apart(tmp_path):
     """`ltm predict Deepfakes/.../000_003.mp4 Face2Face/.../000_003.mp4 --heatmap DIR`: one picture set per video."""
+    from ltm.deploy.predict import write_heatmaps
     from ltm.models import build_model
-    from ltm.predict import write_heatmaps
 
     cfg = load_config("tiny-cpu")
     model = build_model(cfg.model, cfg.data.image_size, load_weights=False).eval()

@@ -4,7 +4,9 @@ Built with `ast` from the source (no module is imported): every `import` and `fr
 level or inside a function, because a function-level import is still a dependency, only a later one. Two checks:
 - no cycle between modules;
 - the layers, lowest first: data_prep -> ltm -> launcher -> bench. A package may import the ones below it, never
-  the ones above (data_prep is the shard writer both sides share, launcher submits ltm's jobs, bench measures all).
+  the ones above (data_prep is the shard writer both sides share, launcher submits ltm's jobs, bench measures all);
+- inside ltm, its rooms in the same way (`LTM_ROOMS`): the data flow data -> train -> checkpoints -> eval, with the
+  users of a trained model (deploy, sweep, reproduce) above it.
 
 bench's scripts run with bench/ on sys.path (`python bench/gpu.py`), so there a bare `import step` is bench/step.py.
 """
@@ -17,6 +19,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_prep", "ltm", "launcher", "bench")  # lowest layer first
 LAYER = {p: i for i, p in enumerate(PACKAGES)}
+# ltm's rooms, lowest first; rooms on one line may not import each other (train and eval are two uses of the same
+# checkpoints). A module directly in ltm/ is its own room on the ground floor, except the CLI on top.
+LTM_ROOMS: tuple[tuple[str, ...], ...] = (
+    ("ltm", "ltm.config", "ltm.distributed", "ltm.env", "ltm.files"),
+    ("ltm.models", "ltm.data"),
+    ("ltm.checkpoint",),
+    ("ltm.train", "ltm.eval"),
+    ("ltm.deploy", "ltm.sweep"),
+    ("ltm.reproduce",),
+    ("ltm.cli",),
+)
+MAX_TOP_MODULES = 8  # modules directly in ltm/: the CLI, config, distributed environment, env check, file helpers
 
 # Known upward imports that are being moved right now, each (importer, imported) module names; empty when no move
 # is under way. The last one, ltm.reproduce -> launcher, went when the reproduce plans' SLURM submission moved into
@@ -113,10 +127,33 @@ def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
                   if LAYER[t.split(".")[0]] > LAYER[m.split(".")[0]] and not _pending(m, t))
 
 
+def ltm_room(module: str) -> str | None:
+    """`ltm.eval.report.html` -> `ltm.eval`; a module directly in ltm/ is its own room; None outside ltm."""
+    parts = module.split(".")
+    return None if parts[0] != "ltm" else ".".join(parts[:2])
+
+
+def ltm_upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Imports from one of ltm's rooms into a room on its own floor or above."""
+    floor = {room: i for i, rooms in enumerate(LTM_ROOMS) for room in rooms}
+    bad = []
+    for m, targets in graph.items():
+        a = ltm_room(m)
+        for t in targets:
+            b = ltm_room(t)
+            if a is None or b is None or a == b:
+                continue
+            if a not in floor or b not in floor:
+                bad.append((m, t))  # a new room must be given its floor
+            elif floor[b] >= floor[a]:
+                bad.append((m, t))
+    return sorted(bad)
+
+
 def test_graph_sees_the_packages() -> None:
     graph = import_graph()
-    assert {"ltm.engine", "ltm.data", "data_prep.shards", "launcher.submit", "bench.gpu"} <= set(graph)
-    assert "ltm.config" in graph["ltm.engine"]  # module-level import
+    assert {"ltm.train.trainer", "ltm.data", "data_prep.shards", "launcher.submit", "bench.gpu"} <= set(graph)
+    assert "ltm.config" in graph["ltm.train.trainer"]  # module-level import
     assert "ltm.data.dali" in graph["ltm.data"]  # function-level import
 
 
@@ -143,3 +180,23 @@ def test_checks_catch_a_planted_cycle_and_upward_import() -> None:
     graph = {"ltm.a": {"ltm.b"}, "ltm.b": {"ltm.c"}, "ltm.c": {"ltm.a"}, "data_prep.x": {"bench.y"}, "bench.y": set()}
     assert find_cycle(graph) == ["ltm.a", "ltm.b", "ltm.c", "ltm.a"]
     assert upward_imports(graph) == [("data_prep.x", "bench.y")]
+
+
+def test_no_import_against_ltms_rooms() -> None:
+    bad = ltm_upward_imports(import_graph())
+    assert not bad, ("imports against ltm's rooms (LTM_ROOMS, lowest first: "
+                     + " -> ".join("/".join(r) for r in LTM_ROOMS) + "):\n"
+                     + "\n".join(f"  {m} imports {t}" for m, t in bad))
+
+
+def test_rooms_check_catches_a_planted_upward_import() -> None:
+    graph = {"ltm.models.backbone": {"ltm.train.trainer"}, "ltm.train.trainer": {"ltm.eval.metrics"},
+             "ltm.eval.report.html": {"ltm.eval.metrics", "ltm.files"}, "ltm.newroom.x": {"ltm.config"}}
+    assert ltm_upward_imports(graph) == [("ltm.models.backbone", "ltm.train.trainer"),
+                                         ("ltm.newroom.x", "ltm.config"), ("ltm.train.trainer", "ltm.eval.metrics")]
+
+
+def test_ltm_top_level_holds_few_modules() -> None:
+    """New modules land in the room of their concern, not beside the CLI."""
+    top = sorted(p.name for p in (ROOT / "ltm").glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= MAX_TOP_MODULES, f"{len(top)} modules directly in ltm/: {top}"

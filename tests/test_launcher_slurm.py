@@ -99,7 +99,7 @@ def test_two_node_training_then_chained_eval(requeued_training):
     assert "master n1:" in rank1
     # the evaluation ran after training and wrote its report for the test split
     eval_log = logs[f"{r['eval_id']}_0_log.err"]
-    assert "ltm.evaluate" in eval_log
+    assert "ltm.eval.evaluate" in eval_log
     report = json.loads((r["run_dir"] / "eval" / "ffpp_c23-test" / "report.json").read_text())
     manifest = json.loads((r["shards"] / "ffpp_c23" / "test" / "manifest.json").read_text())
     n = manifest["totals"]["samples"]

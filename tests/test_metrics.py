@@ -1,11 +1,11 @@
-"""The equal error rate against a brute-force reference that shares no code with ltm.metrics (nor sklearn)."""
+"""The equal error rate against a brute-force reference that shares no code with ltm.eval.metrics (nor sklearn)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ltm import metrics
+from ltm.eval import metrics
 
 
 def eer_brute_force(labels, scores, steps: int = 20001) -> float:

@@ -1,4 +1,4 @@
-"""Test-time perturbations (ltm.perturb): each type against its definition on a real face photo (computed here
+"""Test-time perturbations (ltm.data.perturb): each type against its definition on a real face photo (computed here
 independently), severity rising with the level, determinism per key and per clip. The loaders' side is in
 tests/test_perturb_loaders.py."""
 
@@ -10,7 +10,7 @@ from h264 import h264_roundtrip
 from PIL import Image
 from shared_data import SHARED_DATA
 
-from ltm.perturb import LEVELS, PER_CROP, PerturbationError, perturbation
+from ltm.data.perturb import LEVELS, PER_CROP, PerturbationError, perturbation
 
 PHOTO = SHARED_DATA / "faces" / "3ddfa__examples_inputs_emma.jpg"
 

@@ -18,8 +18,8 @@ from shared_data import SHARED_DATA
 from data_prep.shards import jpeg_bytes, write_shards
 from ltm.config import ConfigError, load_config
 from ltm.data import ShardError, build_eval_loader
+from ltm.data.perturb import PER_CROP
 from ltm.data.plan import frame_indices
-from ltm.perturb import PER_CROP
 
 SIZE = 64
 FRAMES = 7  # per video; frame numbers 0, 5, ..., 30
@@ -144,7 +144,7 @@ def test_dali_perturbs_the_stored_crop_before_the_resize(root):
         assert _diff(dali, ref)[1] < 1.0, spec
     # the same measure separates the two orders: blurring the already resized crop is far off
     from data_prep import jpeg as jpeg_mod
-    from ltm.perturb import perturbation
+    from ltm.data.perturb import perturbation
 
     p = perturbation("blur:5")
     key = "real_0-000000"

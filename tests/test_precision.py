@@ -124,8 +124,8 @@ def test_bf16_training_keeps_batchnorm_statistics_fp32_and_eval_loads_them(shard
     the BatchNorm running statistics stay fp32 (the parameters bf16), some move by less than a bf16 step could hold,
     validation runs, and `ltm eval`'s loader and a resumed Trainer read the checkpoint's fp32 statistics back
     exactly."""
-    from ltm.engine import Trainer
-    from ltm.evaluate import load_model
+    from ltm.checkpoint.reader import load_model
+    from ltm.train.trainer import Trainer
 
     run_dir = tmp_path / "bf16"
     cfg = load_config(write_config(tmp_path, shards, run_dir, iters_per_epoch=2, epochs=1, log_every=1, val_every=2,

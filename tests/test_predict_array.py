@@ -17,7 +17,7 @@ from test_export import make_run
 
 from launcher.submit import job_state, submit_predict, wait_for
 from ltm.cli import main
-from ltm.predict import parts_dir
+from ltm.deploy.predict import parts_dir
 
 FACES = sorted((SHARED_DATA / "faces").glob("deepface__tests_unit_dataset_img*.jpg"))[:9]
 

@@ -1,5 +1,5 @@
-"""Mask diagnostics (ltm.regions): known manipulated regions read aligned with their crops, and the hit rate of a
-map that does find them against one that does not."""
+"""Mask diagnostics (ltm.eval.mask_diagnostics): known manipulated regions read aligned with their crops, and the hit
+rate of a map that does find them against one that does not."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from PIL import Image
 
 from data_prep.shards import jpeg_bytes, write_shards
 from ltm.config import load_config
+from ltm.eval.mask_diagnostics import cell_coverage, chance_hit, diagnose, map_scores, mask_scores, region_samples
 from ltm.models.masking import feature_mask
-from ltm.regions import cell_coverage, chance_hit, diagnose, map_scores, mask_scores, region_samples
 from tests.shared_data import SHARED_DATA
 
 FACES = SHARED_DATA / "faces"

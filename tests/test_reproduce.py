@@ -13,18 +13,18 @@ import torch
 from ltm.cli import main
 from ltm.config import ConfigError, load_config
 from ltm.models import build_model
-from ltm.paper_results import FF_METHODS, TABLES
 from ltm.reproduce import (
     EXPERIMENTS_DIR,
     checkpoint_step,
     collect,
     map_path,
     plan_points,
-    render_markdown,
+    results_markdown,
     run_config,
     select,
     table_sweep,
 )
+from ltm.reproduce.paper import FF_METHODS, TABLES
 from ltm.sweep import stats
 from ltm.sweep.run import fingerprint, point_config, write_json
 
@@ -167,7 +167,7 @@ def test_plan_states_and_collect(tmp_path: Path) -> None:
     assert cells["f2f"]["in"]["ours"] == pytest.approx(99.61)
     assert cells["f2f"]["celebdf"]["status"] == "missing" and cells["spsl"]["in"]["status"] == "cited"
     assert len(result["missing"]) == 1 + 2 * 5  # f2f CelebDF; nothing from the other five runs
-    md = render_markdown(result)
+    md = results_markdown(result)
     assert "| Ours | FF-DF | 99.50 | 99.90 | -0.40 | 80.00 | 81.41 | -1.41 |" in md
     assert "| Ours | FF-F2F | 99.61 | 99.62 | -0.01 | missing | 74.92 | — |" in md
 

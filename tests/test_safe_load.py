@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from ltm.checkpoint import COMPLETE, UnsafeCheckpointError, convert_to_universal, load_file, rank_state_name
+from ltm.checkpoint import CheckpointError
+from ltm.checkpoint.checkpointer import COMPLETE, convert_to_universal, rank_state_name
+from ltm.checkpoint.reader import load_checkpoint_weights, load_weights_file
+from ltm.checkpoint.safe_load import UnsafeCheckpointError, load_file
 from ltm.config import load_config
-from ltm.evaluate import CheckpointError, load_checkpoint_weights, load_weights_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import ENV, _jpeg, write_config  # noqa: E402 - the train tests' tiny model and synthetic shards
@@ -105,7 +107,7 @@ def test_eval_and_universal_conversion_refuse_a_planted_file(run, tmp_path, vict
 
 
 def test_resume_refuses_a_planted_rank_state(run, tmp_path):
-    from ltm.engine import train
+    from ltm.train.trainer import train
 
     copy = shutil.copytree(run, tmp_path / "R")
     tag = copy / "checkpoints" / "step00000002"

@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ltm.checkpoint import COMPLETE, Checkpointer, CheckpointError, tag_for
+from ltm.checkpoint import CheckpointError
+from ltm.checkpoint.checkpointer import COMPLETE, Checkpointer, tag_for
 from ltm.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 DRIVER = """
 import sys, torch
 from ltm.config import load_config
-from ltm.engine import Trainer
+from ltm.train.trainer import Trainer
 trainer = Trainer(load_config(sys.argv[1]))
 result = trainer.fit()
 state = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
@@ -272,7 +273,7 @@ def test_a_save_that_fails_for_want_of_space_names_it_and_keeps_the_previous_che
 
 def test_universal_resume_two_ranks_to_one(run_a, tmp_path):
     """A 2-rank ZeRO-1 checkpoint continues on 1 rank: weights and SGD momentum arrive whole, steps go on."""
-    from ltm.engine import Trainer
+    from ltm.train.trainer import Trainer
 
     run_dir = tmp_path / "C"
     shutil.copytree(run_a["run_dir"], run_dir)
@@ -346,7 +347,7 @@ def test_preemption_signal_saves_at_the_next_step_and_exits_cleanly(shards, tmp_
 
 
 def test_errors_name_the_file(run_a, shards, tmp_path):
-    from ltm.engine import train
+    from ltm.train.trainer import train
 
     run_dir = run_a["run_dir"]
     other_model = load_config(run_a["config"], ["model.backbone=resnet18"])
@@ -549,7 +550,7 @@ def test_universal_resume_at_the_same_world_size(run_a, tmp_path):
 
 def test_resume_keeps_metrics_when_the_last_line_was_cut_short(tmp_path):
     """A node crash mid-write leaves half a JSON line in metrics.jsonl; the resumed run drops it and goes on."""
-    from ltm.train_metrics import MetricsLog
+    from ltm.train.metrics_log import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"type": "train", "step": 1}\n{"type": "train", "step": 2}\n{"type": "train", "step": 3}\n'
@@ -581,8 +582,8 @@ def test_logged_throughput_data_stall_and_mfu(shards, tmp_path, monkeypatch):
     """Every train record has images/s, the data-stall fraction, achieved TFLOP/s (from the model's FLOP count) and,
     with a peak, MFU; a loader that sleeps shows as a stall above 50%."""
     import ltm.data
-    from ltm.engine import Trainer
-    from ltm.train_metrics import train_flops_per_step
+    from ltm.models.flops import train_flops_per_step
+    from ltm.train.trainer import Trainer
 
     stalls = {}
     for name, slow in (("plain", False), ("slow", True)):
@@ -610,7 +611,7 @@ def test_logged_throughput_data_stall_and_mfu(shards, tmp_path, monkeypatch):
 def test_profile_writes_a_trace_and_changes_nothing(shards, tmp_path):
     """train.profile traces steps 2..3 on rank 0 into <run>/profile/ (a Chrome/Perfetto trace); the weights and
     the logged losses equal those of the same run without it."""
-    from ltm.engine import Trainer
+    from ltm.train.trainer import Trainer
 
     states = {}
     for name, profile in (("plain", []), ("profiled", ["train.profile.start=2", "train.profile.steps=2"])):
@@ -631,7 +632,7 @@ def test_profile_writes_a_trace_and_changes_nothing(shards, tmp_path):
 
 
 def _train_state(shards: Path, tmp_path: Path, name: str, *overrides: str, epochs: int = 1) -> dict:
-    from ltm.engine import Trainer
+    from ltm.train.trainer import Trainer
 
     cfg = load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=3, epochs=epochs, log_every=1,
                                    val_every=0, ckpt_every=3), ["data.val=[]", *overrides])
@@ -665,7 +666,7 @@ def test_student_lr_scale_moves_only_the_student_further(shards, tmp_path):
     twice as far as with one learning rate, every teacher weight exactly as far; the scheduler decays both groups.
     A Baseline has no student: refused, naming the key."""
     from ltm.config import ConfigError
-    from ltm.engine import Trainer
+    from ltm.train.trainer import Trainer
 
     def first_step(name: str, *overrides: str) -> tuple[dict, dict, Trainer]:
         cfg = load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=1, epochs=1, log_every=1,
@@ -717,8 +718,8 @@ def test_compiled_model_trains_like_eager_resumes_exactly_and_loads_in_eval(shar
     strategy and mixup on) equals the eager run's within 1e-6; the fused kernels sum in another order, so the later
     losses are held to 1e-2 (fp32, CPU). A compiled run stopped after its first epoch and resumed ends bitwise equal
     to the compiled run trained straight through."""
-    from ltm.engine import Trainer
-    from ltm.evaluate import load_model
+    from ltm.checkpoint.reader import load_model
+    from ltm.train.trainer import Trainer
 
     eager = _train_state(shards, tmp_path, "eager", *COMPILE_MODEL)
     eager_losses = [r["loss"] for r in records(tmp_path / "eager", "train")]
@@ -754,12 +755,12 @@ def test_linear_lr_scaling_sets_the_optimizer_rate(shards, tmp_path, caplog):
     student_lr_scale) and the schedule decays from there; a world of one says nothing about the per-rank batch."""
     import logging
 
-    from ltm.engine import Trainer
+    from ltm.train.trainer import Trainer
 
     cfg = load_config(write_config(tmp_path, shards, tmp_path / "scaled", batch_size=8, iters_per_epoch=1, epochs=1,
                                    val_every=0), ["data.val=[]", "train.lr_scaling=linear",
                                                   "train.student_lr_scale=2"])
-    with caplog.at_level(logging.WARNING, logger="ltm.engine"):
+    with caplog.at_level(logging.WARNING, logger="ltm.train.trainer"):
         trainer = Trainer(cfg)
     try:
         assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.01 * 8 / 32, 0.02 * 8 / 32])
@@ -773,8 +774,8 @@ def test_gradient_maps_train_through_the_trainer(shards, tmp_path):
     """model.attention_map=saliency (and grad) take a backward pass through the teacher inside the forward, occlusion
     h*w extra teacher forwards: a run trains with each (the FLOP count at start-up once failed on that backward) and
     the count includes those passes."""
-    from ltm.engine import train
-    from ltm.train_metrics import train_flops_per_step
+    from ltm.models.flops import train_flops_per_step
+    from ltm.train.trainer import train
 
     def config(kind: str, name: str, *more: str):
         return load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=2, epochs=1, val_every=0),

@@ -144,7 +144,7 @@ def test_a_run_stored_before_normalisation_keeps_its_meaning(tmp_path):
 def test_a_checkpoint_from_before_a_new_model_key_resumes_with_its_default():
     """A checkpoint's stored config lacks keys added since (e.g. `model.freeze_bn`): their defaults keep the earlier
     behaviour, so resuming it is no model change (what `Trainer.load` checks); a legacy key is still one."""
-    from ltm.engine import model_differences
+    from ltm.train.trainer import model_differences
 
     mine = to_dict(load_config("tiny-cpu"))
     stored = to_dict(load_config("tiny-cpu"))

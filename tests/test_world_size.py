@@ -1,6 +1,6 @@
-"""The method at any number of ranks (ltm.scaling): deep mixup over the global batch on a real 2-rank gloo group,
-SyncBatchNorm conversion, fp32 gradient reduction in the DeepSpeed config (accepted by a DeepSpeed CPU engine), the
-per-rank batch warnings of `ltm train` / `ltm submit train`, and the linear learning-rate scaling rule."""
+"""The method at any number of ranks (ltm.train.batch_scaling): deep mixup over the global batch on a real 2-rank gloo
+group, SyncBatchNorm conversion, fp32 gradient reduction in the DeepSpeed config (accepted by a DeepSpeed CPU engine),
+the per-rank batch warnings of `ltm train` / `ltm submit train`, and the linear learning-rate scaling rule."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def test_sync_bn_converts_every_batchnorm_and_keeps_activations_and_tensors():
     same keys, and without a process group the converted model computes what the original did. The conversion is
     module surgery only: the device is named, not used."""
     from ltm.models.backbone import Backbone
-    from ltm.scaling import batchnorm_layers, sync_batchnorm
+    from ltm.train.batch_scaling import batchnorm_layers, sync_batchnorm
 
     torch.manual_seed(0)
     model = Backbone("tf_efficientnet_lite0", None)
@@ -169,12 +169,12 @@ def test_sync_bn_converts_every_batchnorm_and_keeps_activations_and_tensors():
 
 def test_sync_bn_is_left_out_in_a_world_of_one_and_on_the_cpu(caplog):
     from ltm.models.backbone import Backbone
-    from ltm.scaling import sync_batchnorm
+    from ltm.train.batch_scaling import sync_batchnorm
 
     model = Backbone("tf_efficientnet_lite0", None)
     assert sync_batchnorm(model, sync_cfg(), 1, torch.device("cuda", 0)) == (model, False)  # nothing to sync
     assert sync_batchnorm(model, sync_cfg(False), 2, torch.device("cuda", 0)) == (model, False)
-    with caplog.at_level(logging.WARNING, logger="ltm.scaling"):
+    with caplog.at_level(logging.WARNING, logger="ltm.train.batch_scaling"):
         assert sync_batchnorm(model, sync_cfg(), 2, torch.device("cpu")) == (model, False)
     assert "train.sync_bn=true needs GPUs" in caplog.text and "2 ranks normalises BatchNorm over its own" in caplog.text
 
@@ -189,7 +189,7 @@ def test_gradients_are_reduced_in_fp32_by_a_deepspeed_cpu_engine(precision, stag
     import deepspeed
 
     from ltm.distributed import init_distributed, teardown
-    from ltm.engine import deepspeed_config
+    from ltm.train.trainer import deepspeed_config
 
     cfg = load_config("tiny-cpu", [f"train.precision={precision}", f"train.zero_stage={stage}", "train.grad_accum=2",
                                    "train.batch_size=4"])
@@ -255,7 +255,7 @@ def test_submit_warns_of_a_per_rank_batch_the_options_do_not_cover():
 
 
 def test_bf16_accumulation_below_zero2_is_warned():
-    from ltm.scaling import batch_warnings
+    from ltm.train.batch_scaling import batch_warnings
 
     cfg = load_config("paper", ["train.grad_accum=2"])
     assert any("summed in bf16; set train.zero_stage=2" in w for w in batch_warnings(cfg, 1, False, 0))
@@ -266,7 +266,7 @@ def test_bf16_accumulation_below_zero2_is_warned():
 
 
 def test_linear_lr_scaling_rule():
-    from ltm.scaling import scaled_lr
+    from ltm.train.batch_scaling import scaled_lr
 
     assert scaled_lr(load_config("paper")) == 0.01
     assert scaled_lr(load_config("paper", ["train.batch_size=256", "train.lr_scaling=none"])) == 0.01

@@ -1,4 +1,4 @@
-"""ltm.data: batches from the shards (DESIGN.md "Shard contract") for training and evaluation.
+"""ltm.data: batches from the shards (docs/contracts.md, "Shard format") for training and evaluation.
 
 Public API:
     per_rank_batch(cfg, world_size) -> int
@@ -10,7 +10,7 @@ Public API:
         {"images", "labels", "keys", "videos", "methods"}; every sample of the folders once across the ranks, or
         with `eval.frames_per_video` N every selected sample (N evenly spaced frames per video, `ltm.data.plan`);
         `.num_samples` is this rank's share, `.total_samples` all ranks' together. `eval.perturb` perturbs every
-        crop (inside the DALI pipeline with the DALI loader) or every video's clip (`ltm.perturb`). Keys and
+        crop (inside the DALI pipeline with the DALI loader) or every video's clip (`ltm.data.perturb`). Keys and
         videos are unique across datasets and methods (`<dataset>-<method>-<video>[-<frame>]`,
         `ltm.data.shards.sample_ids`), also for shards written before prep wrote them in that form.
     loader_identity(loader) -> dict, check_state(loader, state)

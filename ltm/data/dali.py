@@ -42,11 +42,11 @@ from nvidia.dali.tensors import TensorGPU
 
 from data_prep import jpeg
 from ltm.data import dali_perturb
+from ltm.data.perturb import Perturbation
 from ltm.data.plan import Item, MemberReader, ShareEvalLoader, compressed_frames, decode_jpeg, eval_share, parse_label
 from ltm.data.reference import eval_pixels
 from ltm.data.shards import ShardError, Source, rank_range, sample_ids
 from ltm.data.state import check_state, loader_identity
-from ltm.perturb import Perturbation
 
 log = logging.getLogger(__name__)
 

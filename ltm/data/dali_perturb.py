@@ -1,4 +1,4 @@
-"""The per-crop perturbations of `ltm.perturb` as DALI operators, for the DALI eval pipeline.
+"""The per-crop perturbations of `ltm.data.perturb` as DALI operators, for the DALI eval pipeline.
 
 Each type runs on the decoded crop at its stored size, before the loader's resize (the reference loader's order),
 on the device the decoder put it on (GPU with CUDA, CPU otherwise); every operator used has both backends:
@@ -6,9 +6,9 @@ on the device the decoder put it on (GPU with CUDA, CPU otherwise); every operat
     saturation  fn.coord_transform, M = f I + (1 - f) 1 y^T (y = BT.601 luma row): the reference's
                 RGB -> YCbCr -> chroma x f -> RGB collapsed into one 3x3 matrix, rounded to uint8
     contrast    arithmetic: floor(RGB x f) cast to uint8 (truncation, as the reference's astype)
-    block       fn.erase with fill 128 at the anchors `ltm.perturb.block_anchors` draws from the sample's key
+    block       fn.erase with fill 128 at the anchors `ltm.data.perturb.block_anchors` draws from the sample's key
                 (drawn on the host, fed as argument inputs)
-    noise       the standard normal field `ltm.perturb.noise_field` draws from the sample's key (drawn on the host,
+    noise       the standard normal field `ltm.data.perturb.noise_field` draws from the sample's key (drawn on the host,
                 fed as an external source), mapped YCbCr -> RGB by fn.coord_transform (255 sqrt(v) x the inverse
                 BT.601 matrix) and added; rounded and clamped to uint8
     blur        fn.gaussian_blur with OpenCV's window and sigma (kernel k, sigma k / 6; both reflect-101 borders)
@@ -28,7 +28,7 @@ import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
-from ltm.perturb import _FROM_YCBCR, _TO_YCBCR, BLOCK, GREY, Perturbation, block_anchors, noise_field
+from ltm.data.perturb import _FROM_YCBCR, _TO_YCBCR, BLOCK, GREY, Perturbation, block_anchors, noise_field
 
 # the external sources a type reads besides the crop: name -> (dtype, ndim, layout)
 INPUTS: dict[str, dict[str, tuple[Any, int, str | None]]] = {
@@ -95,8 +95,8 @@ def feed(p: Perturbation, keys: list[str], sizes: list[tuple[int, int]],
          where: list[str] | None = None) -> dict[str, list[np.ndarray]]:
     """The external inputs of `p` for one batch: per sample (its raw key, its stored (h, w)), the draws the
     reference loader makes for that key; `where` names the samples in errors."""
+    from ltm.data.perturb import PerturbationError
     from ltm.data.shards import ShardError
-    from ltm.perturb import PerturbationError
 
     if p.kind == "block":
         anchors, shapes = [], []

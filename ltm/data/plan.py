@@ -34,8 +34,8 @@ from typing import BinaryIO
 import numpy as np
 
 from data_prep import jpeg
+from ltm.data.perturb import Perturbation, perturbation
 from ltm.data.shards import Shard, ShardError, Source, rank_range
-from ltm.perturb import Perturbation, perturbation
 
 
 # The member decoders both loaders and the clip compression below share (the DALI loader uses them on its CPU path).
@@ -204,7 +204,7 @@ class EvalShare:
 
 
 class ShareEvalLoader:
-    """What both eval loaders answer from their `EvalShare` (`ltm.evaluate` reads the counts); a subclass sets
+    """What both eval loaders answer from their `EvalShare` (`ltm.eval.evaluate` reads the counts); a subclass sets
     `share` and `batch`."""
 
     share: EvalShare

@@ -9,7 +9,7 @@ Training reads samples by their byte offsets from the `.idx` index, so the order
 with exactly the batches an uninterrupted one would have produced, without replaying anything. Eval streams the
 tars with webdataset in stored order, or, with an eval plan (`eval.frames_per_video`, video compression:
 `ltm.data.plan`), reads the rank's share of the plan by the index offsets; `eval.perturb` runs on the CPU here
-(`ltm.perturb`), on each crop at its stored size before the resize, or on each video's clip.
+(`ltm.data.perturb`), on each crop at its stored size before the resize, or on each video's clip.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def eval_pixels(data: bytes, key: str, where: str, size: int, perturb=None) -> t
     if perturb is None:
         pixels = decode_jpeg(data, size, where)
     else:  # on the crop as stored (prep's size), then the loader's resize
-        from ltm.perturb import PerturbationError
+        from ltm.data.perturb import PerturbationError
 
         try:
             pixels = jpeg.resize(perturb(decode_jpeg(data, 0, where), key), size)

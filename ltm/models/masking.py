@@ -107,7 +107,7 @@ def occlusion_map(decision: Callable[[torch.Tensor], torch.Tensor], images: torc
 
 
 def diversity_loss(head_maps: torch.Tensor) -> torch.Tensor:
-    """Eq. 3, as DESIGN.md corrects it: mean over samples of sum_{i != j} d_ij^2 / (h (h - 1)).
+    """Eq. 3, corrected (docs/choices.md): mean over samples of sum_{i != j} d_ij^2 / (h (h - 1)).
 
     d_ij is the cosine similarity of head i's and head j's attention maps (flattened, per sample). Eq. 3 as
     printed minimises (1 - d_ij) for i != j, which pulls the heads together; the method it cites (DBT) pushes

@@ -4,7 +4,7 @@
     ltm reproduce table4 --shards /data/shards --runs runs/paper --gpus-per-node 4   # SLURM: one array task a point
     ltm reproduce table4 --runs runs/paper --collect                              # table4.md / table4.json
 
-A table (`ltm.paper_results`) names, per cell, the experiment config that trains it
+A table (`ltm.reproduce.paper`) names, per cell, the experiment config that trains it
 (`ltm/configs/experiments/<run>.yaml`) and the shard split its evaluation scores. A table is run as one sweep
 (`ltm.sweep`): each run a variant (its resolved config: experiment <- `--base` <- `--map` <- `--weights` <- key=value
 overrides <- shard root, as `key=value` over the base), each seed a point `<runs>/<run>-seed<k>/` trained to the
@@ -26,9 +26,10 @@ FaceSwap) `--map Deepfakes=SelfBlend --map Face2Face=SelfBlend --map NeuralTextu
 The package, one concern per module: `configs` (each run's resolved config), `plan` (the table as a sweep, and
 each point's state), `cost` (GPU-hour estimates), `results` (collecting the points into tableN.md/.json). Running
 points (here or as a SLURM array) is `ltm.sweep` / `launcher.sweep`; the command is `launcher.reproduce`. The
-paper's numbers are data in `ltm.paper_results`.
+paper's numbers are data in `ltm.reproduce.paper`.
 """
 
+from ltm.models.flops import model_gflops
 from ltm.reproduce.configs import (
     EXPERIMENTS_DIR,
     config_diff,
@@ -38,9 +39,9 @@ from ltm.reproduce.configs import (
     parse_pairs,
     run_config,
 )
-from ltm.reproduce.cost import estimate, model_gflops, print_estimate, split_frames
+from ltm.reproduce.cost import estimate, print_estimate, split_frames
 from ltm.reproduce.plan import STATE_DIR, RunPlan, checkpoint_step, plan_points, select, table_sweep
-from ltm.reproduce.results import collect, render_markdown, write_collected
+from ltm.reproduce.results import collect, results_markdown, write_collected
 
 __all__ = [
     "EXPERIMENTS_DIR",
@@ -57,7 +58,7 @@ __all__ = [
     "parse_pairs",
     "plan_points",
     "print_estimate",
-    "render_markdown",
+    "results_markdown",
     "run_config",
     "select",
     "split_frames",

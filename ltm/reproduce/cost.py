@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from ltm.config import Config
+from ltm.models.flops import model_gflops
 
 
 class PlannedRun(Protocol):
@@ -47,36 +47,6 @@ def split_frames(root: Path, folder: str) -> int:
     if family == "ffpp" and method is None:
         videos *= FFPP_METHODS_IN_SPLIT
     return videos * FRAMES_PER_VIDEO
-
-
-def model_gflops(cfg: Config) -> tuple[float, float]:
-    """(training forward, inference) GFLOP per image, counted by torch's FlopCounterMode on the meta device."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ltm.models import build_model
-    from ltm.models.masking import GRADIENT_MAPS
-
-    size = cfg.data.image_size
-    # The gradient-based maps (GRADIENT_MAPS) take torch.autograd.grad inside the forward, which the counter's
-    # module hooks cannot follow: the forward is counted with Eq. 2's map and that backward added as the teacher's
-    # forward twice (a backward costs about two forwards).
-    backward_map = cfg.model.kind == "ltm" and cfg.model.attention_map in GRADIENT_MAPS
-    counted = replace(cfg.model, mixup=False, **({"attention_map": "mean"} if backward_map else {}))
-    with torch.device("meta"):
-        # mixup draws lambda with .item(), which meta tensors cannot do; it adds no measurable FLOPs
-        model = build_model(counted, size, load_weights=False)  # FLOPs need no weights
-        images, labels = torch.empty(2, 3, size, size), torch.empty(2)
-        with torch.no_grad(), FlopCounterMode(display=False) as train_fc:
-            model(images, labels)
-        train_flops = train_fc.get_total_flops()
-        if backward_map:
-            with torch.no_grad(), FlopCounterMode(display=False) as teacher_fc:
-                model.teacher(images)
-            train_flops += 2 * teacher_fc.get_total_flops()
-        with FlopCounterMode(display=False) as predict_fc:
-            model.predict(images)
-    return train_flops / 2e9, predict_fc.get_total_flops() / 2e9
 
 
 DEFAULT_TFLOPS = 25.0  # sustained bf16 TFLOP/s per GPU for Xception-sized models on an A100 (docs/reproduce.md)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ltm.config import Config, ConfigError, load_config
-from ltm.paper_results import Row, Table
 from ltm.reproduce.configs import config_diff, experiment_layer, map_path, resolve_base, run_config
+from ltm.reproduce.paper import Row, Table
 from ltm.sweep.run import Sweep, is_complete, point_config, read_record, unscored
 
 STATE_DIR = ".reproduce"  # under --runs: the options of the last run per table

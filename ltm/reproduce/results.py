@@ -9,8 +9,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ltm.paper_results import Cell, Table
+from ltm.eval.report.tables import markdown_table
 from ltm.reproduce.configs import map_path
+from ltm.reproduce.paper import Cell, Table
 from ltm.reproduce.plan import write_atomic
 from ltm.sweep import stats
 from ltm.sweep.run import Sweep, is_done, read_record
@@ -112,7 +113,7 @@ def _ours(c: dict[str, Any]) -> str:
     return f"{c['ours']:.2f} ({c['lo']:.2f} .. {c['hi']:.2f})"
 
 
-def render_markdown(result: dict[str, Any]) -> str:
+def results_markdown(result: dict[str, Any]) -> str:
     title = result["table"].replace("table", "Table ")
     seeds = result.get("seeds") or [0]
     over = (f"the mean over {len(seeds)} seeds ({', '.join(map(str, seeds))}) with its 95% t-interval"
@@ -129,16 +130,14 @@ def render_markdown(result: dict[str, Any]) -> str:
     header = [result["row_header"]] + (["Train"] if has_train else [])
     for label in result["columns"].values():
         header += [f"{label} ours", f"{label} paper", "Δ"]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for row in result["rows"]:
         out = [row["label"]] + ([row["train"]] if has_train else [])
         for col in result["columns"]:
             c = row["cells"].get(col)
-            if c is None:
-                out += ["", "", ""]
-                continue
-            out += [_ours(c), _num(c["paper"]), _num(c["diff"], signed=True)]
-        lines.append("| " + " | ".join(out) + " |")
+            out += ["", "", ""] if c is None else [_ours(c), _num(c["paper"]), _num(c["diff"], signed=True)]
+        rows.append(out)
+    lines += [""] + markdown_table(header, rows, align="l" * len(header))
     if result["missing"]:
         lines += ["", f"Not scored yet ({len(result['missing'])}):"] + [f"- {p}" for p in result["missing"]]
     return "\n".join(lines) + "\n"
@@ -148,5 +147,5 @@ def write_collected(result: dict[str, Any], runs: Path) -> tuple[Path, Path]:
     runs.mkdir(parents=True, exist_ok=True)
     md, js = runs / f"{result['table']}.md", runs / f"{result['table']}.json"
     write_atomic(js, json.dumps(result, indent=2) + "\n")
-    write_atomic(md, render_markdown(result))
+    write_atomic(md, results_markdown(result))
     return md, js

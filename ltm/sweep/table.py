@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ltm.eval.report.tables import markdown_table
 from ltm.sweep import stats
 from ltm.sweep.run import Sweep, is_done, read_record, write_json
 
@@ -112,21 +113,20 @@ def label(test_set: str) -> str:
     return "/".join(path.parts[-2:]) if path.is_absolute() else test_set
 
 
-def render_markdown(result: dict[str, Any]) -> str:
+def sweep_markdown(result: dict[str, Any]) -> str:
     sets = [*result["evals"], MEAN]
     names = [label(s) for s in sets]
     lines = [f"# Sweep: {result['config']}, {len(result['seeds'])} seeds, budgets {result['budgets']}", "",
              f"{result['metric']}. Variants: " + "; ".join(f"`{k}`: {' '.join(v) or '(the config)'}"
-                                                         for k, v in result["variants"].items()) + ".", "",
-             "| variant | head | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(sets)]
-    for row in result["rows"]:
-        lines.append(f"| {row['variant']} | {row['head']} | " + " | ".join(_cell(row["test"][s]) for s in sets) + " |")
+                                                         for k, v in result["variants"].items()) + ".", ""]
+    lines += markdown_table(["variant", "head", *names], [[row["variant"], row["head"],
+                                                           *(_cell(row["test"][s]) for s in sets)]
+                                                          for row in result["rows"]], align="ll" + "r" * len(sets))
     if result["comparisons"]:
-        lines += ["", f"Paired by seed against `{result['reference']}` (difference, 95% t-interval):", "",
-                  "| variant | head | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(sets)]
-        for c in result["comparisons"]:
-            lines.append(f"| {c['variant']} | {c['head']} | " + " | ".join(
-                _cell(c["sets"].get(s, {}).get("diff"), signed=True) for s in sets) + " |")
+        lines += ["", f"Paired by seed against `{result['reference']}` (difference, 95% t-interval):", ""]
+        lines += markdown_table(["variant", "head", *names], [
+            [c["variant"], c["head"], *(_cell(c["sets"].get(s, {}).get("diff"), signed=True) for s in sets)]
+            for c in result["comparisons"]], align="ll" + "r" * len(sets))
         lines += ["", "Per seed (variant − reference, mean over sets): " + "; ".join(
             f"{c['variant']}/{c['head']} " + ", ".join(f"seed {k} {v:+.4f}" for k, v in
                                                     c["sets"].get(MEAN, {}).get("per_seed", {}).items())
@@ -140,11 +140,10 @@ def render_markdown(result: dict[str, Any]) -> str:
                              + (f" (per set: {per_set})" if len(c["sets"]) > 2 else ""))
     if result["curves"]:
         budgets = [str(b) for b in result["budgets"]]
-        lines += ["", "Learning curves (val AUC, mean over seeds, 95% t-interval):", "",
-                  "| variant | head | " + " | ".join(budgets) + " |", "|---|---|" + "---|" * len(budgets)]
-        for c in result["curves"]:
-            lines.append(f"| {c['variant']} | {c['head']} | " + " | ".join(_cell(c["val"].get(b)) for b in budgets)
-                         + " |")
+        lines += ["", "Learning curves (val AUC, mean over seeds, 95% t-interval):", ""]
+        lines += markdown_table(["variant", "head", *budgets], [
+            [c["variant"], c["head"], *(_cell(c["val"].get(b)) for b in budgets)] for c in result["curves"]],
+                                align="ll" + "r" * len(budgets))
     if result["missing"]:
         lines += ["", f"Not finished ({len(result['missing'])}): " + ", ".join(result["missing"])]
     lines += ["", "Machines: " + "; ".join(f"{m['host']} ({m['cpu']}, GPU {m['gpu']}, commit {m['commit'][:12]})"
@@ -208,7 +207,7 @@ def write(sweep: Sweep) -> dict[str, Any]:
     """Collect, write sweep.json / sweep.md / sweep.png under the sweep's folder; returns the table."""
     result = collect(sweep)
     write_json(sweep.out / "sweep.json", result)
-    md = render_markdown(result)
+    md = sweep_markdown(result)
     tmp = sweep.out / ".sweep.md.tmp"
     tmp.write_text(md)
     tmp.replace(sweep.out / "sweep.md")

@@ -83,18 +83,3 @@ def peak_tflops(cfg: Config, device: torch.device) -> float | None:
             return half if cfg.train.precision in ("bf16", "fp16") else tf32
     log.info("no peak TFLOP/s known for %s: set train.peak_tflops to log MFU", name)
     return None
-
-
-_FORWARD_GFLOP: dict[tuple[str, int], float] = {}  # (model config, image size) -> training forward GFLOP per image
-
-
-def train_flops_per_step(cfg: Config) -> float:
-    """FLOPs of one optimizer step of the whole job: 3x the model's training forward (forward + backward) per image,
-    counted by torch's FlopCounterMode on the meta device (ltm.reproduce.cost), times the global batch."""
-    from ltm.reproduce.cost import model_gflops
-
-    # counted once per model in a process: the count takes seconds on a CPU, and benchmarks start many Trainers
-    key = (repr(cfg.model), cfg.data.image_size)
-    if key not in _FORWARD_GFLOP:
-        _FORWARD_GFLOP[key] = model_gflops(cfg)[0]
-    return 3 * _FORWARD_GFLOP[key] * 1e9 * cfg.train.batch_size

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import logging
 import os
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,14 +27,11 @@ import torch
 from torch import nn
 
 from ltm import distributed  # sets DS_ACCELERATOR=cpu without CUDA before DeepSpeed's zero_to_fp32 is imported
-from ltm.config import Config, EvalConfig, load_run_config
-from ltm.metrics import VIDEO_AGGREGATIONS, compute_metrics
+from ltm.checkpoint.reader import load_model
+from ltm.config import Config, EvalConfig
+from ltm.eval.metrics import VIDEO_AGGREGATIONS, compute_metrics
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A run folder, tag or checkpoint file that cannot give weights for the model; the message names the file."""
 
 
 @dataclass
@@ -46,158 +41,6 @@ class Row:
     method: str
     label: int
     score: float
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Weights: DeepSpeed checkpoint tag folder (ZeRO 0/1/2) or a consolidated fp32 file
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def resolve_tag(run_dir: str | os.PathLike, tag: str | None = None) -> Path:
-    """`<run>/checkpoints/<tag>`; tag None or "latest" = the tag named in `<run>/checkpoints/latest`."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
-    ckpt_root = run / "checkpoints"
-    if tag in (None, "latest"):
-        latest = ckpt_root / "latest"
-        if not latest.is_file():
-            raise CheckpointError(f"{latest}: no such file (the run has no finished checkpoint; pass --tag)")
-        tag = latest.read_text().strip()
-        if not tag:
-            raise CheckpointError(f"{latest}: empty (a checkpoint save was interrupted?)")
-    folder = ckpt_root / str(tag)
-    if not folder.is_dir():
-        tags = sorted(p.name for p in ckpt_root.glob("*") if p.is_dir()) if ckpt_root.is_dir() else []
-        raise CheckpointError(f"checkpoint tag folder {str(folder)!r}: no such folder (tags here: {tags or 'none'})")
-    return folder
-
-
-def _find_corrupt(files: list[Path]) -> Path | None:
-    """The first file that is not a readable torch zip archive (truncated, overwritten, not a checkpoint)."""
-    for f in files:
-        try:
-            with zipfile.ZipFile(f) as zf:
-                if zf.testzip() is not None:
-                    return f
-        except (zipfile.BadZipFile, OSError):
-            return f
-    return None
-
-
-def _quietly(fn, *args, **kwargs):
-    """DeepSpeed's zero_to_fp32 prints progress to stdout; keep `ltm eval`'s output to the table and paths."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):  # its tqdm bar goes to stderr
-        out = fn(*args, **kwargs)
-    for line in buf.getvalue().splitlines():
-        log.debug("zero_to_fp32: %s", line)
-    return out
-
-
-def load_checkpoint_weights(tag_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """fp32 state dict of the model saved in a DeepSpeed tag folder, on CPU.
-
-    ZeRO 1/2 keep the fp32 master weights partitioned over the ranks' `*_optim_states.pt`; DeepSpeed's
-    `get_fp32_state_dict_from_zero_checkpoint` stitches them (any saved world size). ZeRO stage 0 writes no
-    partitioned optimizer files and the helper does not apply: the full model is `module` in
-    `mp_rank_00_model_states.pt` (fp32 unless the run trained in bf16/fp16, then the half-precision copy).
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from ltm.checkpoint import UnsafeCheckpointError, load_file, weights_only_loads
-
-    tag_dir = Path(tag_dir)
-    model_files = sorted(tag_dir.glob("*_model_states.pt"))
-    optim_files = sorted(tag_dir.glob("*_optim_states.pt"))
-    if not model_files:
-        raise CheckpointError(f"{tag_dir / 'mp_rank_00_model_states.pt'}: no such file (no *_model_states.pt in "
-                              f"the tag folder: an incomplete or foreign checkpoint)")
-    try:
-        if optim_files:
-            with weights_only_loads(model_files + optim_files):  # the helper itself unpickles everything
-                state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(tag_dir.parent), tag=tag_dir.name)
-        else:
-            saved = load_file(model_files[0])
-            if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):
-                raise CheckpointError(f"{model_files[0]}: no 'module' state dict (not a DeepSpeed model state file)")
-            state = saved["module"]
-            precision = {k for k in ("bf16", "fp16") if (saved.get("ds_config") or {}).get(k, {}).get("enabled")}
-            if precision:
-                log.warning("%s: ZeRO stage 0 %s run: evaluating its %s weights (no fp32 master copy is stored "
-                            "in a form DeepSpeed's helpers read)", model_files[0], *precision, *precision)
-    except CheckpointError:
-        raise
-    except UnsafeCheckpointError as exc:
-        raise CheckpointError(str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - torch/DeepSpeed raise many kinds for a damaged checkpoint
-        bad = _find_corrupt(model_files + optim_files)
-        if bad is not None:
-            raise CheckpointError(f"checkpoint file {str(bad)!r}: corrupt or truncated ({exc})") from exc
-        raise CheckpointError(f"checkpoint {str(tag_dir)!r}: cannot be read: {exc}") from exc
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A consolidated state dict (`torch.save(model.state_dict())`, zero_to_fp32's output, or {'module': ...})."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {str(path)!r}: no such file")
-    from ltm.checkpoint import UnsafeCheckpointError, load_file
-
-    try:
-        state = load_file(path)
-    except UnsafeCheckpointError as exc:
-        raise CheckpointError(str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"weights file {str(path)!r}: corrupt or not a torch state dict ({exc})") from exc
-    for key in ("module", "state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"weights file {str(path)!r}: not a state dict of tensors")
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def fit_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, config_path: str) -> None:
-    """`load_state_dict(strict=True)`, with a message that names both files when they do not belong together."""
-    from ltm.models.weights import state_mismatch
-
-    parts = state_mismatch(model.state_dict(), state)
-    if parts:
-        raise CheckpointError(f"weights {source!r} do not fit the model built from {config_path!r} "
-                              f"(model/config mismatch): {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
-
-
-def load_model(
-    run_dir: str | os.PathLike,
-    tag: str | None = None,
-    weights: str | os.PathLike | None = None,
-    cfg_overrides: list[str] | None = None,
-    device: torch.device | str = "cpu",
-) -> tuple[nn.Module, Config, str]:
-    """(model in eval mode on `device`, the run's config, the checkpoint it came from)."""
-    from ltm.models import build_model
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
-    config_path = run / "config.yaml"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: no such file (not a run folder written by `ltm train`)")
-    cfg = load_run_config(config_path, cfg_overrides or [])
-    if weights is not None:
-        source = str(Path(weights))
-        state = load_weights_file(weights)
-    else:
-        tag_dir = resolve_tag(run, tag)
-        source = str(tag_dir)
-        state = load_checkpoint_weights(tag_dir)
-    model = build_model(cfg.model, cfg.data.image_size, load_weights=False)  # the checkpoint's weights follow
-    fit_weights(model, state, source, str(config_path))
-    model.to(device).eval()
-    return model, cfg, source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,11 +241,12 @@ def evaluate(
     threshold_from: str | os.PathLike | None = None,
     protocol: str | None = None,
 ) -> list[dict]:
-    """Score each data folder (default: the config's `data.test`); one report dict per folder (DESIGN.md keys).
+    """Score each data folder (default: the config's `data.test`); one report dict per folder (docs/evaluation.md).
 
     `threshold_from`: a validation folder scored first; its EER threshold replaces `eval.threshold` for the
     accuracy of every report (which names the folder).
-    `protocol`: the `ltm.crossdata.PROTOCOLS` preset the overrides came from, named in the cross-dataset table.
+    `protocol`: the `ltm.eval.report.crossdata.PROTOCOLS` preset the overrides came from, named in the cross-dataset
+    table.
 
     Runs on the ranks the environment describes (a world of one without it); every rank returns the same list,
     the main process writes `<out_dir or run/eval>/<dataset>-<split>/` (its reports carry `report_dir`).
@@ -426,7 +270,7 @@ def score_and_report(accelerator, model: nn.Module, cfg: Config, source: str, ru
     """Score one folder and (main process) write its report folder `folder_out`: report.json, report.md,
     report.html, scores.csv, roc.png, the attention gallery, the most confident mistakes and, for a model with
     teacher maps, the mask diagnostics. Every rank returns the report dict (`report_dir` on the main process)."""
-    from ltm import report as report_mod
+    from ltm.eval.report import files as report_files
 
     name = folder_out.name
     start = time.perf_counter()
@@ -466,21 +310,21 @@ def score_and_report(accelerator, model: nn.Module, cfg: Config, source: str, ru
                                   accelerator.device, crops_without_attention=True)
         region_pictures: list = []
         if hasattr(model, "teacher_maps") and cfg.eval.region_samples > 0 and not cfg.eval.perturb:
-            from ltm.regions import diagnose
+            from ltm.eval.mask_diagnostics import diagnose
 
             report["mask_diagnostics"], region_pictures = diagnose(
                 model, folder, cfg.data.image_size, cfg.eval.region_samples, accelerator.device)
-        report_mod.write_report(folder_out, report, rows, pictures, mistakes, region_pictures)
+        report_files.write_report(folder_out, report, rows, pictures, mistakes, region_pictures)
         report["report_dir"] = str(folder_out)
         log.info("%s: %d frames, %d videos, frame AUC %s, %.1f images/s on %d rank(s) -> %s",
-                 name, report["n_frames"], report["n_videos"], report_mod.fmt(report["frame_auc"]),
+                 name, report["n_frames"], report["n_videos"], report_files.fmt(report["frame_auc"]),
                  report["images_per_s"] or 0.0, accelerator.num_processes, folder_out)
     return report
 
 
 def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_dir, data, out_dir,
                    threshold_from=None, protocol: str | None = None) -> list[dict]:
-    from ltm.metrics import eer_threshold
+    from ltm.eval.metrics import eer_threshold
 
     model = accelerator.prepare_model(model, evaluation_mode=True)  # this rank's device, no DDP wrapper
     folders = [resolve_folder(f, cfg) for f in (data or cfg.data.test)]
@@ -503,8 +347,8 @@ def _score_folders(accelerator, model: nn.Module, cfg: Config, source: str, run_
                                   threshold, threshold_folder, cross_dataset=len(folders) > 1 or protocol is not None)
         reports.append(report)
     if accelerator.is_main_process and (len(reports) > 1 or protocol is not None):
-        from ltm import crossdata
-        from ltm.report_html import write_html
+        from ltm.eval.report import crossdata
+        from ltm.eval.report.html import write_html
 
         crossdata.write(out_root, reports, protocol)
         for folder in crossdata.report_folders(out_root, reports):  # each set's page shows the table too
@@ -521,8 +365,8 @@ def robustness(run_dir: str | os.PathLike, data: list[str] | None = None, tag: s
     the clean pass's report (report.json, report.md, ...) as a plain `ltm eval` writes it, in the same folder."""
     import dataclasses
 
-    from ltm import report as report_mod
-    from ltm.perturb import LEVELS
+    from ltm.data.perturb import LEVELS
+    from ltm.eval.report import files as report_files
 
     model, cfg, source = load_model(run_dir, tag, weights, cfg_overrides, "cpu")
     out_root = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval"
@@ -552,10 +396,10 @@ def robustness(run_dir: str | os.PathLike, data: list[str] | None = None, tag: s
                     kind, level = spec.split(":")
                     result["auc"].setdefault(kind, {})[level] = point
                 if accelerator.is_main_process:
-                    log.info("%s %s: frame AUC %s", name, spec or "clean", report_mod.fmt(m["frame_auc"]))
+                    log.info("%s %s: frame AUC %s", name, spec or "clean", report_files.fmt(m["frame_auc"]))
             result["seconds"] = round(time.perf_counter() - started, 3)
             if accelerator.is_main_process:
-                report_mod.write_robustness(out_root / name, result)
+                report_files.write_robustness(out_root / name, result)
                 result["report_dir"] = str(out_root / name)
             results.append(result)
     return results
@@ -578,11 +422,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perturb", metavar="TYPE:LEVEL", default=None,
                         help="score every crop under a DeeperForensics-style perturbation, e.g. blur:3 (types: "
                              "saturation contrast block noise blur pixelate jpeg video; levels 1-5; video: H.264 "
-                             "re-encoding of each video's clip at CRF 30-40; see ltm/perturb.py)")
+                             "re-encoding of each video's clip at CRF 30-40; see ltm/data/perturb.py)")
     parser.add_argument("--frames-per-video", type=int, default=None, metavar="N",
                         help="score N evenly spaced frames per video (eval.frames_per_video; default: all frames "
                              "in the shards)")
-    from ltm.crossdata import PROTOCOLS
+    from ltm.eval.report.crossdata import PROTOCOLS
 
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
                         help="a named evaluation protocol: frames per video and video aggregation as the field "
@@ -601,7 +445,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.compare:
-        from ltm.report_html import write_compare
+        from ltm.eval.report.html import write_compare
 
         print(write_compare(*args.compare, args.out))
         return 0
@@ -622,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
         return distributed.launch_local(args.nproc, [*argv, *args.overrides])
     overrides = list(args.overrides)
     if args.protocol:
-        from ltm.crossdata import protocol_overrides
+        from ltm.eval.report.crossdata import protocol_overrides
 
         if args.video_agg or args.frames_per_video is not None:
             raise ValueError(f"--protocol {args.protocol} fixes frames per video and video aggregation: leave out "
@@ -646,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
     reports = evaluate(args.run, args.data, args.tag, overrides, args.weights, args.out, args.threshold_from,
                        args.protocol)
     if "report_dir" in reports[-1]:  # the main process, which wrote the reports
-        from ltm.report import print_table
+        from ltm.eval.report.files import print_table
 
         print_table(reports)
         for r in reports:

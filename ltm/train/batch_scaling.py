@@ -4,9 +4,10 @@
 Three parts of the method would then see 2 images instead of 32: BatchNorm's batch statistics (`train.sync_bn`:
 torch's SyncBatchNorm, through timm's converter so that timm's BatchNorm+activation layers keep their activation),
 deep mixup's partners (`model.mixup_scope=global`, `ltm.models.masking.global_deep_mixup`) and the gradient
-all-reduce's precision (fp32 communication in `ltm.engine.deepspeed_config`). What these cannot cover is said as a
-warning at `ltm train` and `ltm submit train`, with the fix in the line (`batch_warnings`). `train.lr_scaling=linear`
-scales the learning rate with a global batch raised beyond the paper's 32 (`scaled_lr`). docs/training.md "Many GPUs".
+all-reduce's precision (fp32 communication in `ltm.train.trainer.deepspeed_config`). What these cannot cover is said
+as a warning at `ltm train` and `ltm submit train`, with the fix in the line (`batch_warnings`).
+`train.lr_scaling=linear` scales the learning rate with a global batch raised beyond the paper's 32 (`scaled_lr`).
+docs/training.md "Many GPUs".
 """
 
 from __future__ import annotations

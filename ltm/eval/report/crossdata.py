@@ -10,7 +10,7 @@ states the settings in force.
     PROTOCOLS: {name: {"frames_per_video": N or None, "video_agg": ..., "about": ...}}
     protocol_overrides(name) -> ["eval.frames_per_video=N", "eval.video_agg=..."]
     summary(reports, protocol=None) -> dict (rows, mean, protocol text)
-    render_markdown(table) -> str;  render_html(table) -> str;  html_section(folder, report) -> str (report.html)
+    crossdata_markdown(table) -> str;  render_html(table) -> str;  html_section(folder, report) -> str (report.html)
     write(out_root, reports, protocol=None) -> dict (the table, with the paths written)
 """
 
@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ltm.eval.report.tables import fmt, markdown_table
 from ltm.files import atomic_write_text
 
 NAME = "cross-dataset"
@@ -90,15 +91,11 @@ def summary(reports: Sequence[dict], protocol: str | None = None) -> dict:
             "checkpoint": reports[0].get("checkpoint") if reports else None}
 
 
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
 def _per_video(row: dict) -> str:
     return f"{row['n_frames'] / row['n_videos']:.1f}" if row.get("n_videos") else "n/a"
 
 
-def render_markdown(table: dict) -> str:
+def crossdata_markdown(table: dict) -> str:
     lines = ["# Cross-dataset evaluation", "",
              f"- protocol: {table['protocol'] + ' — ' if table['protocol'] else ''}{table['protocol_text']}; "
              "frame AUC over every scored frame, video AUC over videos",
@@ -110,12 +107,12 @@ def render_markdown(table: dict) -> str:
     if table.get("short_of_protocol"):
         lines.append(f"- fewer frames per video than the protocol asks in: {', '.join(table['short_of_protocol'])} "
                      "(see frames/video)")
-    lines += ["", "| data | frame AUC | video AUC | frames | videos | frames/video |", "|---|---:|---:|---:|---:|---:|"]
-    for r in table["rows"]:
-        lines.append(f"| {r['name']} | {_fmt(r['frame_auc'])} | {_fmt(r['video_auc'])} | {r['n_frames']} | "
-                     f"{r['n_videos']} | {_per_video(r)} |")
     m = table["mean"]
-    lines += [f"| **mean** | **{_fmt(m['frame_auc'])}** | **{_fmt(m['video_auc'])}** | | | |", "",
+    rows = [[r["name"], fmt(r["frame_auc"]), fmt(r["video_auc"]), r["n_frames"], r["n_videos"], _per_video(r)]
+            for r in table["rows"]]
+    rows.append(["**mean**", f"**{fmt(m['frame_auc'])}**", f"**{fmt(m['video_auc'])}**", "", "", ""])
+    lines += [""] + markdown_table(["data", "frame AUC", "video AUC", "frames", "videos", "frames/video"], rows)
+    lines += ["",
               "frames/video: the frames actually scored per video on average (fewer than the protocol's where prep "
               "found no face on some frames: the prep manifest's `frames.short` lists those videos).", ""]
     return "\n".join(lines)
@@ -124,11 +121,11 @@ def render_markdown(table: dict) -> str:
 def _table_html(table: dict) -> str:
     """The table, its protocol line and its warnings, as an HTML fragment (the page, and each set's report.html)."""
     e = html.escape
-    rows = "".join(f"<tr><td>{e(r['name'])}</td><td>{_fmt(r['frame_auc'])}</td><td>{_fmt(r['video_auc'])}</td>"
+    rows = "".join(f"<tr><td>{e(r['name'])}</td><td>{fmt(r['frame_auc'])}</td><td>{fmt(r['video_auc'])}</td>"
                    f"<td>{r['n_frames']}</td><td>{r['n_videos']}</td><td>{_per_video(r)}</td></tr>"
                    for r in table["rows"])
     m = table["mean"]
-    rows += (f'<tr class="mean"><td>mean</td><td>{_fmt(m["frame_auc"])}</td><td>{_fmt(m["video_auc"])}</td>'
+    rows += (f'<tr class="mean"><td>mean</td><td>{fmt(m["frame_auc"])}</td><td>{fmt(m["video_auc"])}</td>'
              "<td></td><td></td><td></td></tr>")
     warn = ("" if table["consistent"] else
             '<p class="warn">The sets were scored under different settings: the mean mixes unlike numbers.</p>')
@@ -180,7 +177,7 @@ def _embed_markdown(report_md: Path, table: dict) -> None:
     """The table at the end of a set's report.md, replacing the one an earlier write put there."""
     text = report_md.read_text()
     text = text.split(MARK)[0].rstrip("\n") + "\n\n"
-    body = render_markdown(table).replace("# Cross-dataset evaluation", "## Cross-dataset table", 1)
+    body = crossdata_markdown(table).replace("# Cross-dataset evaluation", "## Cross-dataset table", 1)
     atomic_write_text(report_md, text + MARK + "\n" + body)
 
 
@@ -188,7 +185,7 @@ def write(out_root: str | os.PathLike, reports: Sequence[dict], protocol: str | 
     """cross-dataset.{json,md,html} in the eval root (each by temp + rename; the JSON last)."""
     out_root = Path(out_root)
     table = summary(reports, protocol)
-    atomic_write_text(out_root / f"{NAME}.md", render_markdown(table))
+    atomic_write_text(out_root / f"{NAME}.md", crossdata_markdown(table))
     atomic_write_text(out_root / f"{NAME}.html", render_html(table))
     atomic_write_text(out_root / f"{NAME}.json", json.dumps(table, indent=2) + "\n")
     for folder in report_folders(out_root, reports):  # each set's report.md shows the table too, now all are scored
@@ -198,7 +195,7 @@ def write(out_root: str | os.PathLike, reports: Sequence[dict], protocol: str | 
 
 
 def report_folders(out_root: str | os.PathLike, reports: Sequence[dict]) -> list[Path]:
-    """Each set's report folder. The caller rebuilds their report.html after `write` (ltm.report_html renders this
+    """Each set's report folder. The caller rebuilds their report.html after `write` (ltm.eval.report.html renders this
     module's section, so this module does not call it)."""
     return [Path(r.get("report_dir") or Path(out_root) / r["name"]) for r in reports]
 

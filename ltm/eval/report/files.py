@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,11 @@ import torch.nn.functional as F  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from ltm.crossdata import link, summary  # noqa: E402
-from ltm.files import atomic_write_bytes, atomic_write_text  # noqa: E402
-from ltm.metrics import video_scores  # noqa: E402
-from ltm.report_html import write_html  # noqa: E402
-from ltm.tables import SUMMARY_COLUMNS, fmt, summary_cell  # noqa: E402
+from ltm.eval.metrics import video_scores  # noqa: E402
+from ltm.eval.report.crossdata import link, summary  # noqa: E402
+from ltm.eval.report.html import write_html  # noqa: E402
+from ltm.eval.report.tables import SUMMARY_COLUMNS, fmt, markdown_table, summary_cell  # noqa: E402
+from ltm.files import atomic_write_bytes, atomic_write_text, safe_filename  # noqa: E402
 
 SCORE_COLUMNS = ("key", "video", "method", "label", "score")
 
@@ -45,7 +44,7 @@ def atomic_savefig(fig: plt.Figure, path: str | os.PathLike, dpi: int = 110) -> 
 # Tables
 # ---------------------------------------------------------------------------------------------------------------
 
-def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
+def report_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
     lines = [f"# Evaluation: {report['name']}", ""]
     lines += [f"- checkpoint: `{report['checkpoint']}`", f"- data: `{report['data']}`",
               f"- model: {report['model']['kind']} ({report['model']['backbone']}, "
@@ -59,24 +58,23 @@ def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
     if report.get("cross_dataset"):
         lines += [f"Cross-dataset table of this evaluation (every set and the mean): [{link(report, 'md')}]"
                   f"({link(report, 'md')})", ""]
-    lines += ["| " + " | ".join(c for c, _ in SUMMARY_COLUMNS) + " |", "|" + "---:|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(summary_cell(report, k) for _, k in SUMMARY_COLUMNS) + " |", ""]
+    lines += markdown_table([c.title for c in SUMMARY_COLUMNS], [[summary_cell(report, c) for c in SUMMARY_COLUMNS]],
+                            align="r") + [""]
     low = [(f, report.get("tpr_at_fpr", {}).get(f), report.get("video_tpr_at_fpr", {}).get(f))
            for f in report.get("tpr_at_fpr", {})]
     if low:
         lines += ["Low false-positive operating points (the ROC point with the best TPR at FPR <= the target; "
-                  "threshold on P(fake)):", "", "| FPR target | frame TPR | frame threshold | video TPR | "
-                  "video threshold |", "|---:|---:|---:|---:|---:|"]
-        for target, frame, video in low:
-            lines.append(f"| {float(target):.1%} | {fmt((frame or {}).get('tpr'))} | "
-                         f"{fmt((frame or {}).get('threshold'))} | {fmt((video or {}).get('tpr'))} | "
-                         f"{fmt((video or {}).get('threshold'))} |")
+                  "threshold on P(fake)):", ""]
+        lines += markdown_table(["FPR target", "frame TPR", "frame threshold", "video TPR", "video threshold"],
+                                [[f"{float(target):.1%}", fmt((frame or {}).get("tpr")),
+                                  fmt((frame or {}).get("threshold")), fmt((video or {}).get("tpr")),
+                                  fmt((video or {}).get("threshold"))] for target, frame, video in low], align="r")
         lines.append("")
     if report["per_method"]:
-        lines += ["Per fake method, against all real samples:", "",
-                  "| method | fake frames | frame AUC | video AUC |", "|---|---:|---:|---:|"]
-        for method, m in report["per_method"].items():
-            lines.append(f"| {method} | {m['n_frames']} | {fmt(m['frame_auc'])} | {fmt(m['video_auc'])} |")
+        lines += ["Per fake method, against all real samples:", ""]
+        lines += markdown_table(["method", "fake frames", "frame AUC", "video AUC"],
+                                [[method, m["n_frames"], fmt(m["frame_auc"]), fmt(m["video_auc"])]
+                                 for method, m in report["per_method"].items()])
         lines.append("")
     lines += [f"Real frames: {report['n_real']}, fake frames: {report['n_fake']}.", "", "![ROC](roc.png)", ""]
     if pictures:
@@ -84,9 +82,9 @@ def render_markdown(report: dict, pictures: Sequence[str] = ()) -> str:
         lines += [f"![{Path(p).stem}]({p})" for p in pictures]
         lines.append("")
     if report.get("mask_diagnostics"):
-        from ltm.regions import render_markdown as region_markdown
+        from ltm.eval.mask_diagnostics import diagnostics_markdown
 
-        lines += region_markdown(report["mask_diagnostics"])
+        lines += diagnostics_markdown(report["mask_diagnostics"])
         lines += [f"![{Path(p).stem}]({p})" for p in report.get("regions") or []] + [""]
     errors = report.get("errors") or {}
     for kind, title in (("false_positives", "Most confident false positives (real called fake)"),
@@ -102,18 +100,19 @@ def print_table(reports: Sequence[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    columns = [c for c in SUMMARY_COLUMNS if c[0] != "TPR@0.1%FPR"]  # the terminal keeps one low-FPR point
+    columns = [c for c in SUMMARY_COLUMNS if c.title != "TPR@0.1%FPR"]  # the terminal keeps one low-FPR point
     table = Table(title="ltm eval", show_lines=False)
     table.add_column("data", style="bold", no_wrap=True)
-    for title, _ in columns:
-        table.add_column(title, justify="right", no_wrap=True)
+    for column in columns:
+        table.add_column(column.title, justify="right", no_wrap=True)
     table.add_column("per-method frame AUC")
     for r in reports:
         per_method = ", ".join(f"{m} {fmt(v['frame_auc'], 3)}" for m, v in r["per_method"].items())
-        table.add_row(r["name"], *(summary_cell(r, k) for _, k in columns), per_method)
+        table.add_row(r["name"], *(summary_cell(r, c) for c in columns), per_method)
     if len(reports) > 1:
         mean = summary(reports)["mean"]
-        table.add_row("mean", *(fmt(mean.get(k)) if k in ("frame_auc", "video_auc") else "" for _, k in columns), "")
+        table.add_row("mean", *(fmt(mean.get(c.key)) if c.key in ("frame_auc", "video_auc") else "" for c in columns),
+                      "")
     console = Console(width=max(140, Console().width))
     console.print(table)
     for r in reports:
@@ -167,7 +166,7 @@ def write_robustness(folder: str | os.PathLike, result: dict) -> None:
     kinds = list(result["auc"])
     lines = [f"# Robustness: {result['name']}", "", f"- checkpoint: `{result['checkpoint']}`",
              f"- clean frame AUC {fmt(result['clean']['frame_auc'])}, video AUC {fmt(result['clean']['video_auc'])}",
-             "- perturbations after DeeperForensics-1.0 (`ltm/perturb.py`), levels 1 (mild) to 5", "",
+             "- perturbations after DeeperForensics-1.0 (`ltm/data/perturb.py`), levels 1 (mild) to 5", "",
              "| frame AUC | " + " | ".join(f"level {k}" for k in range(1, 6)) + " | mean |", "|---|" + "---:|" * 6]
     for kind in kinds:
         values = [result["auc"][kind][str(k)]["frame_auc"] for k in range(1, 6)]
@@ -230,27 +229,23 @@ def plot_attention(path: str | os.PathLike, image: torch.Tensor, attention: torc
     atomic_savefig(fig, path)
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
 def write_attention(folder: str | os.PathLike, pictures: Sequence[tuple]) -> list[str]:
     """pictures: (key, label, image, attention, mask, p_fake); returns file names relative to the report folder."""
     names = []
     for n, (key, label, image, attention, mask, p_fake) in enumerate(pictures):
         kind = "fake" if label else "real"
-        name = f"attention/{n:02d}_{kind}_{_safe(key)}.png"
+        name = f"attention/{n:02d}_{kind}_{safe_filename(key)}.png"
         plot_attention(Path(folder) / name, image, attention, mask, f"{key} ({kind}) P(fake) = {p_fake:.3f}")
         names.append(name)
     return names
 
 
 def write_regions(folder: str | os.PathLike, pictures: Sequence[tuple]) -> list[str]:
-    """pictures: (method, key, image, mask map, mask, region) from `ltm.regions.diagnose`; the mask's map with its
-    masked cells and the true region outlined. Returns file names relative to the report folder."""
+    """pictures: (method, key, image, mask map, mask, region) from `ltm.eval.mask_diagnostics.diagnose`; the mask's map
+    with its masked cells and the true region outlined. Returns file names relative to the report folder."""
     names = []
     for n, (method, key, image, attention, mask, region) in enumerate(pictures):
-        name = f"regions/{n:02d}_{_safe(method)}_{_safe(key)}.png"
+        name = f"regions/{n:02d}_{safe_filename(method)}_{safe_filename(key)}.png"
         plot_attention(Path(folder) / name, image, attention, mask, f"{key} ({method})", region)
         names.append(name)
     return names
@@ -263,7 +258,7 @@ def write_mistakes(folder: str | os.PathLike, mistakes: Sequence[tuple], thresho
     for key, label, image, attention, mask, p_fake in mistakes:
         kind = "false_negatives" if label else "false_positives"
         short = "fn" if label else "fp"
-        name = f"errors/{short}{len(out[kind]):02d}_{_safe(key)}.png"
+        name = f"errors/{short}{len(out[kind]):02d}_{safe_filename(key)}.png"
         what = "fake called real" if label else "real called fake"
         plot_attention(Path(folder) / name, image, attention, mask,
                        f"{key}: {what}, P(fake) = {p_fake:.3f} (threshold {threshold:.3g})")
@@ -311,6 +306,6 @@ def write_report(folder: str | os.PathLike, report: dict, rows: Sequence[Any], p
     report["regions"] = write_regions(folder, region_pictures)
     _drop_stale(folder, "regions", report["regions"])
     _drop_stale(folder, "errors", [e["picture"] for kind in report["errors"].values() for e in kind])
-    atomic_write_text(folder / "report.md", render_markdown(report, picture_names))
+    atomic_write_text(folder / "report.md", report_markdown(report, picture_names))
     atomic_write_text(folder / "report.json", json.dumps(report, indent=2) + "\n")
     write_html(folder)

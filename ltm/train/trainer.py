@@ -3,16 +3,16 @@
 The Trainer declares its parts and builds them in the order data flows through them — config and run folder,
 device and process group, seeds, data, model (whose forward returns the Eq. 7 loss), optimizer and DeepSpeed engine,
 checkpointer, validator, logs — and `train_one_epoch` reads as the loop it is. `train(cfg)` runs in the calling
-process and takes the distributed layout from the environment (DESIGN.md "Distributed and SLURM"), so the same
-function serves `ltm train`, `ltm train --nproc N`, sbatch+srun and submitit jobs.
+process and takes the distributed layout from the environment (docs/scaling.md, "Distributed environment"), so the
+same function serves `ltm train`, `ltm train --nproc N`, sbatch+srun and submitit jobs.
 
 Exact resume: every random draw of a step comes from generators whose states are checkpointed per rank (torch for
 the `random` mask strategy and the mixup permutation and lambda, numpy, python), the loader state is saved beside
 them, and anything else that draws (the loader's iterator start-up, validation) runs under `torch.random.fork_rng`,
 so it leaves the training stream where it was. On the CPU a resumed run ends bitwise equal to one never stopped.
 
-Its components live beside it: checkpoints in `ltm.checkpoint`, validation in `ltm.validate`, the metrics log and
-throughput figures in `ltm.train_metrics`, the stop flag and its signals in `ltm.preemption`.
+Its components live beside it: checkpoints in `ltm.checkpoint`, validation in `ltm.train.validate`, the metrics
+log and throughput figures in `ltm.train.metrics_log`, the stop flag and its signals in `ltm.train.preemption`.
 """
 
 from __future__ import annotations
@@ -31,12 +31,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ltm import distributed, preemption, scaling
-from ltm.checkpoint import Checkpointer, CheckpointError, rng_state, set_rng_state, step_of, tag_for
+from ltm import distributed
+from ltm.checkpoint import CheckpointError
+from ltm.checkpoint.checkpointer import Checkpointer, rng_state, set_rng_state, step_of, tag_for
 from ltm.config import Config, ConfigError, load_config, load_run_config, save_config, to_dict, upgrade_stored
 from ltm.distributed import all_reduce_sum, init_distributed, teardown
-from ltm.train_metrics import MetricsLog, peak_tflops, train_flops_per_step
-from ltm.validate import Validator
+from ltm.models.flops import train_flops_per_step
+from ltm.train import batch_scaling, preemption
+from ltm.train.metrics_log import MetricsLog, peak_tflops
+from ltm.train.validate import Validator
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ def deepspeed_config(cfg: Config, micro_batch: int, world_size: int, load_univer
     if t.precision == "bf16" and t.zero_stage == 2:
         # ZeRO-2 then sums the micro-batches' gradients (grad_accum > 1) in fp32 buffers. ZeRO-0 refuses this setting
         # and ZeRO-1 would swap in DeepSpeed's BF16_Optimizer (another checkpoint layout): there they add up in bf16,
-        # which ltm.scaling.batch_warnings says when grad_accum > 1.
+        # which ltm.train.batch_scaling.batch_warnings says when grad_accum > 1.
         config["data_types"] = {**config["data_types"], "grad_accum_dtype": "fp32"}
     return config
 
@@ -204,9 +207,9 @@ class Trainer:
                 # a resumed run takes every weight from its checkpoint: no pretrained file (or hub) is needed
                 model = build_model(cfg.model, cfg.data.image_size, load_weights=self.resume_tag is None)
             # the same method at any world size: SyncBatchNorm (train.sync_bn) before DeepSpeed wraps the model, and a
-            # warning for what splitting the global batch over the ranks still changes (ltm.scaling)
-            model, synced = scaling.sync_batchnorm(model, cfg, env.world_size, env.device)
-            for line in scaling.batch_warnings(cfg, env.world_size, synced, scaling.batchnorm_layers(model),
+            # warning for what splitting the global batch over the ranks still changes (ltm.train.batch_scaling)
+            model, synced = batch_scaling.sync_batchnorm(model, cfg, env.world_size, env.device)
+            for line in batch_scaling.batch_warnings(cfg, env.world_size, synced, batch_scaling.batchnorm_layers(model),
                                                gpus=env.device.type == "cuda") if self.is_main else []:
                 log.warning("%s", line)
 
@@ -215,7 +218,7 @@ class Trainer:
 
             kernels = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
                        "for-loop": {"foreach": False}}[cfg.train.optimizer_impl]
-            lr = scaling.scaled_lr(cfg)  # train.lr, or with train.lr_scaling=linear lr x batch_size / 32
+            lr = batch_scaling.scaled_lr(cfg)  # train.lr, or with train.lr_scaling=linear lr x batch_size / 32
             self.optimizer = torch.optim.SGD(optimizer_groups(model, lr, cfg.train.student_lr_scale),
                                              lr=lr, momentum=cfg.train.momentum,
                                              weight_decay=cfg.train.weight_decay, **kernels)

@@ -35,6 +35,7 @@ from PIL import Image
 
 from data_prep import jpeg
 from ltm.data.shards import Shard, ShardError, method_folders, scan_source
+from ltm.eval.report.tables import fmt, markdown_table
 from ltm.models.masking import num_masked
 
 log = logging.getLogger(__name__)
@@ -212,25 +213,22 @@ def diagnose(model: torch.nn.Module, folder: Path, image_size: int, limit: int, 
     return figures, pictures
 
 
-def render_markdown(figures: dict) -> list[str]:
+def diagnostics_markdown(figures: dict) -> list[str]:
     """report.md's section: the mask's figures per method, then every map's hit rate and attention in region."""
     h, w = figures["grid"]
     lines = [f"Mask diagnostics on fakes with a known manipulated region ({figures['n']} samples; "
              f"{h}x{w} grid, k = {figures['k']} cells masked, strategy `{figures['mask_strategy']}` on map "
              f"`{figures['attention_map']}`). Hit: one of the region's strongest cells masked; chance: a random "
-             "k-cell mask.", "",
-             "| method | region | n | hit rate | chance | masked in region | region share |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for method, d in figures["per_method"].items():
-        m = d["mask"]
-        lines.append(f"| {method} | {', '.join(d['kinds'])} | {d['n']} | {m['hit_rate']:.3f} | "
-                     f"{m['chance_hit_rate']:.3f} | {m['masked_in_region']:.3f} | {m['region_share']:.3f} |")
+             "k-cell mask.", ""]
+    lines += markdown_table(
+        ["method", "region", "n", "hit rate", "chance", "masked in region", "region share"],
+        [[method, ", ".join(d["kinds"]), d["n"], *(fmt(d["mask"][key], 3) for key in
+                                                   ("hit_rate", "chance_hit_rate", "masked_in_region", "region_share"))]
+         for method, d in figures["per_method"].items()], align="llrrrrr")
     names = list(next(iter(figures["per_method"].values()))["maps"])
-    lines += ["", "Each map's hit rate (region's strongest cell in its top k) / attention in region / entropy:", "",
-              "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for method, d in figures["per_method"].items():
-        cells = [f"{d['maps'][n]['hit_rate']:.2f} / {d['maps'][n]['attention_in_region']:.2f} / "
-                 f"{d['maps'][n]['entropy']:.2f}" for n in names]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Each map's hit rate (region's strongest cell in its top k) / attention in region / entropy:", ""]
+    lines += markdown_table(["method", *names], [
+        [method, *(" / ".join(fmt(d["maps"][n][key], 2) for key in ("hit_rate", "attention_in_region", "entropy"))
+                   for n in names)] for method, d in figures["per_method"].items()])
     lines.append("")
     return lines

@@ -2,7 +2,7 @@
 
 SLURM sends SIGUSR2 before a job's time limit or preemption (`#SBATCH --signal`), a user SIGTERM; submitit's
 checkpoint handler and launchers call `request_stop()`. A handler only sets a flag: the ranks must agree on one step
-to save at, which ltm.engine's Trainer does by summing every rank's flag in its per-step collective.
+to save at, which ltm.train.trainer's Trainer does by summing every rank's flag in its per-step collective.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ltm.exported import FORMATS, META_KEY, TORCHSCRIPT_META, ExportedModel, ExportError
+from ltm.deploy.exported import FORMATS, META_KEY, TORCHSCRIPT_META, ExportedModel, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def choose_head(kind: str, asked: str | None, configured: str) -> str:
 
 def metadata(run_dir: str | os.PathLike, source: str, cfg, head: str, fmt: str) -> dict[str, Any]:
     from ltm import __version__
-    from ltm.predict import crop_settings
+    from ltm.deploy.predict import crop_settings
 
     crop = crop_settings(cfg)
     return {
@@ -110,7 +110,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str | None =
            tag: str | None = None, weights: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET) -> dict:
     """Write one head of a run to `out` (format from `fmt` or the suffix) and check it against PyTorch.
     Returns the metadata plus `max_abs_diff` (largest |P(fake)| difference on a check batch)."""
-    from ltm.evaluate import load_model
+    from ltm.checkpoint.reader import load_model
 
     out = Path(out)
     fmt = fmt or FORMATS.get(out.suffix.lower())

@@ -18,9 +18,9 @@ import json
 import os
 from pathlib import Path
 
-from ltm.crossdata import html_section
+from ltm.eval.report.crossdata import html_section
+from ltm.eval.report.tables import METRIC_COLUMNS, SUMMARY_COLUMNS, fmt, summary_cell, value
 from ltm.files import atomic_write_text
-from ltm.tables import SUMMARY_COLUMNS, fmt, summary_cell
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1200px;
@@ -101,7 +101,7 @@ def _report_sections(folder: Path, report: dict) -> list[str]:
            f"{E(str(model['image_size']))} px); {report.get('world_size', 1)} rank(s), "
            f"{fmt(report.get('images_per_s'), 1)} images/s<br>protocol: {E(protocol(report))}</div>",
            "<h2>Summary</h2>",
-           _table([c for c, _ in SUMMARY_COLUMNS], [[E(summary_cell(report, k)) for _, k in SUMMARY_COLUMNS]])]
+           _table([c.title for c in SUMMARY_COLUMNS], [[E(summary_cell(report, c)) for c in SUMMARY_COLUMNS]])]
     if report.get("cross_dataset"):
         out.append(html_section(folder, report))
     low = report.get("tpr_at_fpr") or {}
@@ -236,10 +236,6 @@ def _delta(a: float | None, b: float | None, higher_is_better: bool = True) -> s
     return f'<span class="{css}">{d:+.4f}</span>'
 
 
-COMPARED = (("frame AUC", "frame_auc", True), ("video AUC", "video_auc", True), ("AP", "ap", True),
-            ("EER", "eer", False), ("acc", "acc", True))
-
-
 def render_compare(run_a: str | os.PathLike, run_b: str | os.PathLike) -> str:
     a, b = report_folders(run_a), report_folders(run_b)
     shared = [name for name in a if name in b]
@@ -254,12 +250,8 @@ def render_compare(run_a: str | os.PathLike, run_b: str | os.PathLike) -> str:
     for name in shared:
         ra = json.loads((a[name] / "report.json").read_text())
         rb = json.loads((b[name] / "report.json").read_text())
-        rows = [[title, fmt(ra.get(key)), fmt(rb.get(key)), _delta(ra.get(key), rb.get(key), up)]
-                for title, key, up in COMPARED]
-        for target in ("0.01", "0.001"):
-            ta = ((ra.get("tpr_at_fpr") or {}).get(target) or {}).get("tpr")
-            tb = ((rb.get("tpr_at_fpr") or {}).get(target) or {}).get("tpr")
-            rows.append([f"TPR@{float(target):.1%}FPR", fmt(ta), fmt(tb), _delta(ta, tb)])
+        rows = [[c.title, fmt(value(ra, c.key)), fmt(value(rb, c.key)),
+                 _delta(value(ra, c.key), value(rb, c.key), c.higher_is_better)] for c in METRIC_COLUMNS]
         for method in sorted(set(ra.get("per_method", {})) | set(rb.get("per_method", {}))):
             fa = (ra.get("per_method", {}).get(method) or {}).get("frame_auc")
             fb = (rb.get("per_method", {}).get(method) or {}).get("frame_auc")

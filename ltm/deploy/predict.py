@@ -16,9 +16,7 @@ others are kept.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
@@ -31,12 +29,9 @@ import torch
 from torch import nn
 
 from ltm.config import Config
+from ltm.deploy.journal import Journal, merge_parts, parse_part, part_name, parts_dir, plural, write_rows
 
 log = logging.getLogger(__name__)
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -204,7 +199,7 @@ def predict_file(
 ) -> Prediction:
     """Score one video or image file with `model.predict` (a trained model or an `ExportedModel`); a file where no
     frame shows a face is an error naming it."""
-    from ltm.metrics import VIDEO_REDUCE
+    from ltm.eval.metrics import VIDEO_REDUCE
 
     path = Path(path)
     frames = read_frames(path, n_frames)
@@ -228,7 +223,8 @@ def write_heatmaps(folder: Path, path: Path, model: nn.Module, images: torch.Ten
     if not hasattr(model, "explain"):
         log.info("model kind %s has no teacher attention: no heatmaps written", type(model).__name__)
         return []
-    from ltm.report import _safe, plot_attention
+    from ltm.eval.report.files import plot_attention
+    from ltm.files import safe_filename
 
     device = model_device(model)
     # FF++ names a video `<target>_<source>` in every method folder: the path's digest keeps their pictures apart
@@ -238,7 +234,7 @@ def write_heatmaps(folder: Path, path: Path, model: nn.Module, images: torch.Ten
         out = model.explain(images[start:start + batch_size].to(device))
         for j in range(out["attention"].shape[0]):
             i = start + j
-            name = folder / f"{_safe(path.stem)}_{tag}_frame{kept[i]:06d}.png"
+            name = folder / f"{safe_filename(path.stem)}_{tag}_frame{kept[i]:06d}.png"
             plot_attention(name, images[i], out["attention"][j].float().cpu(), out["mask"][j].float().cpu(),
                            f"{path.name} frame {kept[i]}: P(fake) = {probs[i]:.3f}")
             written.append(str(name))
@@ -356,7 +352,7 @@ def _score_exported(args: argparse.Namespace, files: list[str], caught, on_resul
     error)` is called as each file ends (the array mode's journal)."""
     from tqdm import tqdm
 
-    from ltm.exported import ExportedModel
+    from ltm.deploy.exported import ExportedModel
 
     if args.overrides or args.tag or args.weights:
         raise ValueError("--tag, --weights and config overrides go with --run; an exported model carries its weights "
@@ -380,7 +376,8 @@ def _score_run(args: argparse.Namespace, files: list[str], caught, on_result=Non
     from accelerate.utils import gather_object
     from tqdm import tqdm
 
-    from ltm.evaluate import load_model, scoring_accelerator
+    from ltm.checkpoint.reader import load_model
+    from ltm.eval.evaluate import scoring_accelerator
 
     model, cfg, source = load_model(args.run, args.tag, args.weights, args.overrides, "cpu")
     settings = ScoreSettings.from_config(cfg)
@@ -413,30 +410,6 @@ def table_path(args: argparse.Namespace, folders: list[Path]) -> Path | None:
     return base / "predict" / f"{folders[0].resolve().name or 'root'}.csv"
 
 
-# --- array mode: one slice of the files per SLURM task, a journal per slice, and the merge ------------------------
-#
-# <table dir>/.<table name>.parts/<i>-of-<N>.jsonl  one line per scored file, appended and fsynced as each file ends:
-#                                                   a rerun skips the files listed, a crash loses the file in hand
-# <table dir>/.<table name>.parts/<i>-of-<N>.csv    the slice's table, written atomically when the slice is done
-# <table>                                           `--merge N`: every slice's rows in input order, atomically
-
-CSV_COLUMNS = ("path", "p_fake", "frames", "no_face", "detector", "error")
-
-
-def parts_dir(table: Path) -> Path:
-    return table.parent / f".{table.name}.parts"
-
-
-def parse_part(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--part {text!r}: expected I/N, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--part {text!r}: needs 0 <= I < N")
-    return i, n
-
-
 def row_of(file: str, pred: Prediction | None, error: str | None) -> dict:
     if pred is None:
         return {"path": file, "p_fake": "", "frames": 0, "no_face": "", "detector": "", "error": error}
@@ -444,90 +417,35 @@ def row_of(file: str, pred: Prediction | None, error: str | None) -> dict:
             "detector": pred.detector, "error": ""}
 
 
-def read_journal(path: Path) -> dict[str, dict]:
-    """Rows of a slice's journal by path; a last line cut short by a crash is dropped (that file is scored again)."""
-    rows: dict[str, dict] = {}
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s: dropping a line cut short by an earlier crash: %.80s", path, line)
-            continue
-        rows[row["path"]] = row
-    return rows
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    from ltm.files import atomic_write_text
-
-    buf = io.StringIO()
-    out = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    out.writeheader()
-    out.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def score_part(args: argparse.Namespace, files: list[str], table: Path) -> int:
-    """Score slice I of N (files I, I+N, ...) with its journal; exit 0 once the slice is done, failed files
-    being rows with their error (a task that failed would keep the merge job from running)."""
+    """Score slice I of N (files I, I+N, ...) with its journal (`ltm.deploy.journal`); exit 0 once the slice is
+    done, failed files being rows with their error (a task that failed would keep the merge job from running)."""
     i, n = parse_part(args.part)
     mine = files[i::n]
     folder = parts_dir(table)
     folder.mkdir(parents=True, exist_ok=True)
-    journal = folder / f"{i}-of-{n}.jsonl"
-    done = read_journal(journal)
-    if journal.is_file():  # cut a line left half-written by a crash, so that the next line starts on its own
-        data = journal.read_bytes()
-        if not data.endswith(b"\n") and data:
-            with open(journal, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-    todo = [f for f in mine if f not in done]
+    journal = Journal(folder / f"{part_name(i, n)}.jsonl")
+    todo = [f for f in mine if f not in journal.done]
     log.info("part %d of %d: %d files, %d already scored (%s), %d to score", i, n, len(mine), len(mine) - len(todo),
-             journal, len(todo))
+             journal.path, len(todo))
     if todo:
         args = argparse.Namespace(**{**vars(args), "heatmap": None})
-        with open(journal, "a") as out:
+        with journal:
             def record(file: str, pred: Prediction | None, error: str | None) -> None:
                 row = row_of(file, pred, error)
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-                done[file] = row
+                journal.record(row)
                 log.info("%s: %s", file, row["error"] or f"P(fake) {row['p_fake']}")
 
             if args.model:
                 _score_exported(args, todo, Exception, on_result=record)
             else:
                 _score_run(args, todo, Exception, on_result=record)
-    rows = [done[f] for f in mine]
-    write_rows(folder / f"{i}-of-{n}.csv", rows)
+    rows = [journal.done[f] for f in mine]
+    table_of_part = folder / f"{part_name(i, n)}.csv"
+    write_rows(table_of_part, rows)
     failed = sum(1 for r in rows if r["error"])
-    print(f"{folder / f'{i}-of-{n}.csv'}: part {i} of {n}, {plural(len(rows), 'file')}, {failed} failed")
+    print(f"{table_of_part}: part {i} of {n}, {plural(len(rows), 'file')}, {failed} failed")
     return 0
-
-
-def merge_parts(table: Path, files: list[str], n: int) -> list[dict]:
-    """The N slices' tables as one, in input order; a missing slice or a file not scored exactly once is an error."""
-    folder = parts_dir(table)
-    missing = [f"{i}-of-{n}.csv" for i in range(n) if not (folder / f"{i}-of-{n}.csv").is_file()]
-    if missing:
-        raise ValueError(f"{folder}: no table for part(s) {', '.join(missing)} (their tasks have not finished)")
-    rows: dict[str, dict] = {}
-    for i in range(n):
-        with open(folder / f"{i}-of-{n}.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                if row["path"] in rows:
-                    raise ValueError(f"{folder}: {row['path']} is in two parts' tables")
-                rows[row["path"]] = row
-    absent = [f for f in files if f not in rows]
-    if absent:
-        raise ValueError(f"{folder}: {plural(len(absent), 'file')} of the inputs in no part's table, e.g. {absent[0]} "
-                         f"(were the parts run with other inputs or another N?)")
-    merged = [rows[f] for f in files]
-    write_rows(table, merged)
-    return merged
 
 
 def _check_writable(path: Path) -> None:
