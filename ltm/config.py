@@ -55,7 +55,7 @@ class ModelConfig:
     # gradient, positive part) | cam (the teacher CNN head's class activation map) | saliency (|input gradient x
     # input| of the teacher's two logits, pooled per cell) | input_grad (|input gradient| of the same logits, smoothed,
     # pooled per cell) | occlusion (how far the teacher's two logits move when one cell of the input is erased: h*w
-    # extra teacher forwards, no gradient); docs/method.md measures each against known regions
+    # extra teacher forwards, no gradient); docs/mask-evidence.md measures each against known regions
     attention_map: str = "mean"
     # saliency / input_grad: the contributions are box-averaged over a window of this share of the image side before
     # the per-cell pooling, so that an artefact straddling cells ranks its main cell (0: no smoothing)
