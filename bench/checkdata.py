@@ -1,7 +1,7 @@
 """The GPU check's data: shards written from photos that scikit-image ships, and a config that trains and tests on
 them. bench/gpu.py and bench/step.py both measure on these shards, so the writer sits in a module of its own.
 
-The shards follow the shard format (docs/contracts.md; data_prep's shard writer): `<root>/<name>/train/{real,fake}/`,
+The shards follow the shard format (docs/shards.md; data_prep's shard writer): `<root>/<name>/train/{real,fake}/`,
 square crops of the photos at the loader's size, 4:4:4 JPEGs as prep writes them or 4:2:0 ones as other tools do.
 """
 
@@ -52,7 +52,7 @@ def encode_420(pixels: np.ndarray, quality: int = 95) -> bytes:
 
 def write_check_shards(root: Path, samples: int, size: int, name: str = "gpucheck", chroma: str = "444") -> Path:
     """`<root>/<name>/train/{real,fake}/` shards (+ .idx, manifest.json) of random square crops of the photos,
-    `size` px, written by data_prep's shard writer (docs/contracts.md, "Shard format"); `chroma` "420" encodes them with
+    `size` px, written by data_prep's shard writer (docs/shards.md, "Shard format"); `chroma` "420" encodes them with
     4:2:0 chroma instead of prep's 4:4:4. Returns the split folder."""
     from PIL import Image
 

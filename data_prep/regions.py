@@ -1,4 +1,4 @@
-"""A fake's manipulated region, cut like its face crop: the optional shard member `region.png` (docs/contracts.md).
+"""A fake's manipulated region, cut like its face crop: the optional shard member `region.png` (docs/shards.md).
 
 `ltm prep ffpp --regions auto` (the default) gives a fake sample a region map where a source exists, in this order:
 

@@ -1,7 +1,7 @@
 """Shard writing: WebDataset tars with their DALI index, made visible only when complete.
 
-The shard contract (DESIGN.md): `<root>/<dataset>/<split>/<method>/<dataset>-<split>-<method>-NNNNNN.tar`, one `.idx`
-per tar, `manifest.json` per split written last. A sample is a dict with `__key__` (str), `jpg` (bytes), `cls`
+The shard format (docs/shards.md): `<root>/<dataset>/<split>/<method>/<dataset>-<split>-<method>-NNNNNN.tar`, one
+`.idx` per tar, `manifest.json` per split written last. A sample is a dict with `__key__` (str), `jpg` (bytes), `cls`
 (`0`/`1`, int or str) and `json` (dict of metadata), and optionally `region.png` (bytes: a fake's manipulated region).
 
 Public API:
@@ -39,7 +39,7 @@ DEFAULT_MAX_SAMPLES = 2000
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 TMP_MARK = ".tmp"
 MTIME = 1_600_000_000.0  # fixed tar member mtime: reproducible shard bytes
-# members a sample may carry besides the four required ones (docs/contracts.md): `region.png`, a fake's
+# members a sample may carry besides the four required ones (docs/shards.md): `region.png`, a fake's
 # manipulated region as an 8-bit map (`ltm prep synth`, `ltm prep ffpp`); readers that do not ask for it never see it
 OPTIONAL_MEMBERS = ("region.png",)
 

@@ -4,7 +4,8 @@ From a folder of real photos and/or videos, MTCNN finds each face and its five l
 every face becomes a source ("video") of `frames` real views — jittered crops of a photo (scale, shift, rotation,
 sensor noise, JPEG quality) or decoded frames of a video — and each family turns every real view into a fake one.
 Real and fake views then share their framing, noise and final JPEG quality, so only the manipulation tells them apart.
-Shards follow DESIGN.md's contract: `<out>/<dataset>/<split>/{real,<Family>}/*.tar`, one `manifest.json` per split.
+Shards follow docs/shards.md, "Shard format": `<out>/<dataset>/<split>/{real,<Family>}/*.tar`, one `manifest.json`
+per split.
 
 The five families and the shortcut artefact are image functions in `data_prep.forgeries`; this module builds the
 benchmark around them (sources, faces, identity splits, views, shards).

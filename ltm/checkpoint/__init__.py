@@ -1,5 +1,5 @@
 """A run's checkpoints: saving and resuming (`checkpointer`), loading files safely (`safe_load`), and reading a
-checkpoint's weights into a model for scoring (`reader`). The layout: docs/contracts.md, "Checkpoint layout"."""
+checkpoint's weights into a model for scoring (`reader`). The layout: docs/run-folder.md, "Checkpoint layout"."""
 
 
 class CheckpointError(ValueError):

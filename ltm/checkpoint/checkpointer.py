@@ -1,4 +1,4 @@
-"""Checkpoints of a run: save, verify, resume, keep the last K, universal conversion (docs/contracts.md,
+"""Checkpoints of a run: save, verify, resume, keep the last K, universal conversion (docs/run-folder.md,
 "Checkpoint layout").
 
 Layout of `<run>/checkpoints/`:

@@ -1,4 +1,4 @@
-"""ltm.data: batches from the shards (docs/contracts.md, "Shard format") for training and evaluation.
+"""ltm.data: batches from the shards (docs/shards.md, "Shard format") for training and evaluation.
 
 Public API:
     per_rank_batch(cfg, world_size) -> int

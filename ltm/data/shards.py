@@ -1,4 +1,4 @@
-"""Finding and checking shard folders against the shard format (docs/contracts.md), before any pipeline starts.
+"""Finding and checking shard folders against the shard format (docs/shards.md), before any pipeline starts.
 
 A shard folder `<root>/<dataset>/<split>/<method>/` holds `*.tar` files, each with its DALI index `.idx` (v1.2: one
 line per sample listing `ext offset size name` per member). Everything the loaders need to know about a folder

@@ -1,6 +1,6 @@
 """Does the mask find the evidence? The teacher's maps measured against fakes whose manipulated region is known.
 
-A fake sample may carry `region.png` (docs/contracts.md): how strongly each pixel was manipulated, 0..255, aligned
+A fake sample may carry `region.png` (docs/shards.md): how strongly each pixel was manipulated, 0..255, aligned
 with its `jpg` crop. `ltm prep synth` writes the blending mask of each family (or, with `--shortcut`, the planted
 artefact's place) and `ltm prep ffpp` FaceForensics++'s own masks or the difference to the aligned original.
 Each region is averaged over the teacher's h x w grid (`cell_coverage`: the share of each cell the region covers),
