@@ -1,6 +1,6 @@
 """The GPU check's decode and agree legs: the two decode paths (nvJPEG against DALI's CPU decoder with CUDA, DALI's
 CPU decoder against the reference loader's PIL without) timed over the same shards, and their pixels compared per
-perturbation type against stated tolerances (docs/gpu.md). bench/gpu.py runs them; tests/test_gpu_check.py plants
+perturbation type against stated tolerances (docs/gpu-check.md). bench/gpu.py runs them; tests/test_gpu_check.py plants
 a difference to see the agreement fail.
 """
 

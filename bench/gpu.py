@@ -440,13 +440,13 @@ def missing(packages: tuple[str, ...]) -> str | None:
 
             if not dali_available():
                 return ("needs DALI: nvidia.dali is not importable here (`make install`, or the wheelhouse's "
-                        "install.sh: docs/gpu.md)")
+                        "install.sh: docs/install.md)")
             continue
         try:  # imported, not only found: a broken install counts as missing, as for DALI
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - ImportError, or an install raising at import
             return (f"needs {name}: not importable here ({type(exc).__name__}: {str(exc)[:120]}; `make install`, "
-                    f"or the wheelhouse's install.sh: docs/gpu.md)")
+                    f"or the wheelhouse's install.sh: docs/install.md)")
     return None
 
 

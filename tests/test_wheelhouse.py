@@ -1,7 +1,7 @@
 """`make wheelhouse` and `make install WHEELS=DIR`: an air-gapped install, checked end to end.
 
 The module builds one wheelhouse for this machine's target (cp311, manylinux_2_28_x86_64) with `TORCH=no` and
-`PART_MB=60`, the route docs/gpu.md gives for a node that brings its own torch. The node is played by a fresh venv
+`PART_MB=60`, the route docs/install.md gives for a node that brings its own torch. The node is played by a fresh venv
 whose torch, torchvision and their dependencies come from a folder on PYTHONPATH (as `module load pytorch` puts them
 there): this venv's installed files, linked one by one, nothing else. The parts are copied together as they would
 arrive on the node, and `make install WHEELS=...` installs from them with pip's configuration set aside, no index

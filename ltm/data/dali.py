@@ -136,7 +136,7 @@ def decode_jpeg_node(jpg: Any, device: str) -> Any:
     colours at every chroma edge. On, the mixed decoder upsamples as the other two do (DALI passes the flag to
     nvJPEG's CUDA and hardware decoders only; the CPU decoder ignores it), so a model scores the same pixels on a GPU
     and on a CPU.
-    bench/gpu.py's agreement leg measures what remains (docs/gpu.md)."""
+    bench/gpu.py's agreement leg measures what remains (docs/gpu-check.md)."""
     return fn.decoders.image(jpg, device=device, output_type=types.RGB, jpeg_fancy_upsampling=True)
 
 
