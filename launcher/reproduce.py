@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate", action="store_true", help="print the GPU hours each run needs (from FLOPs)")
     parser.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS,
                         help=f"sustained TFLOP/s per GPU for --estimate and for the wall-time check before submitting "
-                             f"(default {DEFAULT_TFLOPS:g}: bf16 Xception on an A100, see docs/reproduce.md)")
+                             f"(default {DEFAULT_TFLOPS:g}: bf16 Xception on an A100, see docs/reproduce-cost.md)")
     parser.add_argument("--wait", action="store_true", help="SLURM: wait until the array's tasks left the queue, "
                         "then collect")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")

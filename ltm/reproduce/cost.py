@@ -49,7 +49,7 @@ def split_frames(root: Path, folder: str) -> int:
     return videos * FRAMES_PER_VIDEO
 
 
-DEFAULT_TFLOPS = 25.0  # sustained bf16 TFLOP/s per GPU for Xception-sized models on an A100 (docs/reproduce.md)
+DEFAULT_TFLOPS = 25.0  # sustained bf16 TFLOP/s per GPU for Xception-sized models on an A100 (docs/reproduce-cost.md)
 
 
 def run_cost(cfg: Config, test_folders: list[str], tflops: float = DEFAULT_TFLOPS) -> dict[str, Any]:
