@@ -6,13 +6,18 @@
     DIR/manipulated_sequences/SelfBlend/c23/videos/<a>_<b>.mp4    a's face blended back onto itself (jittered)
     DIR/manipulated_sequences/FaceSwap/c23/videos/<a>_<b>.mp4     b's face blended into a's scene
     DIR/splits/{train,val,test}.json                              official FF++ format: lists of [a, b] id pairs
-    DIR/SOURCES.json                                              which photo each id shows
+    DIR/SOURCES.json                                              which photo each id shows, the settings, and
+                                                                  the digest of every video (`videos_digest`)
 
 and `ltm prep ffpp --root DIR --splits DIR/splits --out DIR/shards` turns it into shards (dataset `ffpp_c23`).
 
 Faces come from photos that installed packages ship: scikit-image's `astronaut` and `lfw_subset` (real LFW faces,
 25x25 grey, tinted per identity), matplotlib's `grace_hopper`. Every id is one identity; ids of the val and test
 pairs never appear in train. Videos are H.264 at crf 23 (x264's quality of FF++ "c23"), 25 fps.
+
+Deterministic: the same identities, length, frame size, seed and crf give byte-identical videos on every run and
+machine, built straight through or killed and resumed: each video draws from its own generator keyed by (seed,
+target, source, method), and x264 runs single-threaded on its C-exact code (`data_prep.video.X264_OPTIONS`).
 
 Fakes carry real blending artifacts, as face-swap pipelines leave them:
 - SelfBlend (after self-blended images): the scene's own face, colour-shifted, rescaled through a lower
@@ -25,6 +30,7 @@ plus sensor noise per frame.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,6 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from data_prep.shards import sha256_file, write_json_atomic
 from data_prep.video import write_video
 
 log = logging.getLogger(__name__)
@@ -224,47 +231,91 @@ def split_pairs(n: int) -> dict[str, list[list[str]]]:
             "test": pairs[len(pairs) - k:]}
 
 
-def build_sample(out: str | Path, n_identities: int = 48, length: int = 32, frame_size: int = 192,
-                 seed: int = 0, crf: int = 23) -> dict:
-    """Write the sample dataset under `out`; returns a summary. Existing videos are kept (a rerun resumes)."""
-    out = Path(out)
-    rng = np.random.default_rng(seed)
-    people = identities(n_identities, seed)
-    splits = split_pairs(n_identities)
-    ids = [f"{i:03d}" for i in range(n_identities)]
-    real_dir = out / "original_sequences" / "youtube" / "c23" / "videos"
-    written = 0
+VIDEO_DIRS = {"real": Path("original_sequences/youtube/c23/videos"),
+              **{m: Path(f"manipulated_sequences/{m}/c23/videos") for m in FAKE_METHODS}}
 
-    def video(path: Path, scene: np.ndarray, vseed: int) -> None:
-        nonlocal written
-        if path.exists():
-            return
-        vrng = np.random.default_rng(vseed)
-        write_video(path, camera_frames(scene, length, frame_size, vrng), crf=crf)
-        written += 1
 
-    for i, vid in enumerate(ids):
-        video(real_dir / f"{vid}.mp4", people[i]["scene"], seed * 100003 + i)
-    for pairs in splits.values():
+def _plan(n_identities: int) -> list[tuple[str, Path, int, int]]:
+    """Every video of the sample as (method, path relative to the root, target id, source id), in writing order."""
+    out = [("real", VIDEO_DIRS["real"] / f"{i:03d}.mp4", i, i) for i in range(n_identities)]
+    for pairs in split_pairs(n_identities).values():
         for a, b in pairs:
             for t, s in ((a, b), (b, a)):
-                ti, si = int(t), int(s)
-                target = people[ti]
-                # the same camera seed as the real video of the target: fake and real differ only in the face
-                cam = seed * 100003 + ti
-                frng = np.random.default_rng([seed, ti, si])
-                sb = self_blend(target["scene"], target["box"], frng)
-                video(out / "manipulated_sequences" / "SelfBlend" / "c23" / "videos" / f"{t}_{s}.mp4", sb, cam)
-                fs = face_swap(target["scene"], target["box"], people[si]["scene"], people[si]["box"], frng)
-                video(out / "manipulated_sequences" / "FaceSwap" / "c23" / "videos" / f"{t}_{s}.mp4", fs, cam)
-    split_dir = out / "splits"
-    split_dir.mkdir(parents=True, exist_ok=True)
-    for name, pairs in splits.items():
-        (split_dir / f"{name}.json").write_text(json.dumps(pairs))
-    sources = {vid: people[i]["name"] for i, vid in enumerate(ids)}
-    (out / "SOURCES.json").write_text(json.dumps({"identities": sources, "length": length, "frame_size": frame_size,
-                                                  "seed": seed, "crf": crf, "methods": list(FAKE_METHODS)}, indent=1))
-    del rng
-    log.info("sample dataset in %s: %d identities, %d videos written", out, n_identities, written)
-    return {"root": str(out), "identities": n_identities, "videos_written": written,
-            "splits": {k: len(v) for k, v in splits.items()}}
+                out += [(m, VIDEO_DIRS[m] / f"{t}_{s}.mp4", int(t), int(s)) for m in FAKE_METHODS]
+    return out
+
+
+def _settings(n_identities: int, length: int, frame_size: int, seed: int, crf: int) -> dict:
+    """What decides the videos' bytes (SOURCES.json): a rerun with other values must not resume into the folder."""
+    return {"identities_count": n_identities, "length": length, "frame_size": frame_size, "seed": seed, "crf": crf,
+            "methods": list(FAKE_METHODS),
+            # X264_OPTIONS name the architecture's way to the C code's bytes (asm=SSE2 or asm=0): the record does not
+            "encoder": {"codec": "libx264", "preset": "fast", "pix_fmt": "yuv420p", "fps": 25, "threads": 1,
+                        "simd": "C-exact"}}
+
+
+def _check_resume(sources: Path, mine: dict) -> None:
+    if not sources.is_file():
+        return
+    try:
+        old = json.loads(sources.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{sources}: not valid JSON ({exc}); remove {sources.parent} to rebuild the sample") from None
+    diff = [f"{k}: {old.get(k)} -> {v}" for k, v in mine.items() if old.get(k) != v]
+    if diff:
+        raise ValueError(f"{sources.parent} holds a sample built with other settings ({'; '.join(diff)}); its videos "
+                         f"would mix with new ones: choose another --out or remove {sources.parent}")
+
+
+def videos_digest(root: str | Path, paths: list[Path]) -> str:
+    """sha256 over `<relative path> <sha256 of the file>` lines, in the given order: one name for the whole set of
+    videos, the same for any two byte-identical builds."""
+    h = hashlib.sha256()
+    for rel in paths:
+        h.update(f"{rel.as_posix()} {sha256_file(Path(root) / rel)}\n".encode())
+    return h.hexdigest()
+
+
+def build_sample(out: str | Path, n_identities: int = 48, length: int = 32, frame_size: int = 192,
+                 seed: int = 0, crf: int = 23) -> dict:
+    """Write the sample dataset under `out`; returns a summary with the videos' digest.
+
+    Existing videos are kept (a rerun resumes): every video draws from its own generator, keyed by (seed, target,
+    source, method), and x264 runs with `X264_OPTIONS`, so a resumed build equals one built straight through, byte
+    for byte. A folder built with other settings is refused.
+    """
+    out = Path(out)
+    plan = _plan(n_identities)  # checks the identity count before anything is written
+    mine = _settings(n_identities, length, frame_size, seed, crf)
+    _check_resume(out / "SOURCES.json", mine)
+    people = identities(n_identities, seed)
+    record = {**mine, "identities": {f"{i:03d}": p["name"] for i, p in enumerate(people)}}
+    write_json_atomic(out / "SOURCES.json", record)  # first: a resumed run checks its settings against it
+    for d in VIDEO_DIRS.values():  # videos a killed run left half-written
+        for tmp in (out / d).glob(".*.tmp*.mp4"):
+            tmp.unlink()
+    written = 0
+    for method, rel, t, s in plan:
+        path = out / rel
+        if path.exists():
+            continue
+        target = people[t]
+        scene = target["scene"]
+        if method != "real":
+            frng = np.random.default_rng([seed, t, s, FAKE_METHODS.index(method)])
+            if method == "SelfBlend":
+                scene = self_blend(scene, target["box"], frng)
+            else:
+                scene = face_swap(scene, target["box"], people[s]["scene"], people[s]["box"], frng)
+        # the camera of the target's real video: a fake and its real differ only in the face
+        cam = np.random.default_rng(seed * 100003 + t)
+        write_video(path, camera_frames(scene, length, frame_size, cam), crf=crf)
+        written += 1
+    for name, pairs in split_pairs(n_identities).items():
+        write_json_atomic(out / "splits" / f"{name}.json", pairs)
+    digest = videos_digest(out, [rel for _, rel, _, _ in plan])
+    write_json_atomic(out / "SOURCES.json", {**record, "videos": len(plan), "digest": digest})
+    log.info("sample dataset in %s: %d identities, %d videos (%d written now), digest %s", out, n_identities,
+             len(plan), written, digest)
+    return {"root": str(out), "identities": n_identities, "videos": len(plan), "videos_written": written,
+            "digest": digest, "splits": {k: len(v) for k, v in split_pairs(n_identities).items()}}
