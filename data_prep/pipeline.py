@@ -367,82 +367,105 @@ def _idx_keys(idx: Path) -> list[str] | None:
     return keys
 
 
-def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipped: list[dict], settings: Settings,
-                   runtime: Runtime, detector_info: dict, parts: int) -> dict:
-    """Phase 2 for one split: shards per method, then manifest.json. Returns the manifest."""
-    split_dir = out / dataset / split
-    by_method: dict[str, list[dict]] = {}
-    skipped = [s for s in skipped if s.get("split", split) == split]
-    stats = {"items": len(items), "frames_read": 0, "frames_without_face": 0, "videos_used": 0}
-    region_notes: list[dict] = []
-    per_video: list[dict] = []
-    face_rules: dict[str, int] = {}
+@dataclass
+class _SplitScan:
+    """What the finished items of one split hold: the samples of each method, and the manifest's accounting."""
+
+    by_method: dict[str, list[dict]] = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    per_video: list[dict] = field(default_factory=list)
+    region_notes: list[dict] = field(default_factory=list)
+    face_rules: dict[str, int] = field(default_factory=dict)
+
+
+def _scan_items(out: Path, dataset: str, split: str, items: list[Item], skipped: list[dict]) -> _SplitScan:
+    """Read every item's meta.json, in (method, video) order: never in the order workers finished them."""
+    scan = _SplitScan(stats={"items": len(items), "frames_read": 0, "frames_without_face": 0, "videos_used": 0},
+                      skipped=[s for s in skipped if s.get("split", split) == split])
     for it in sorted(items, key=lambda i: (i.method, i.video)):
         d = item_dir(out, dataset, it)
         meta = json.loads((d / "meta.json").read_text())
         if it.kind != "image":  # a photo is one frame by nature; videos and frame folders answer to the protocol
-            per_video.append({"video": it.video, "method": it.method, "frames": len(meta["samples"]),
-                              "sampled": meta["frames_read"], "no_face": meta["no_face"],
-                              "topped_up": sum(1 for s in meta["samples"] if "topped_up_from" in s)})
-        stats["frames_read"] += meta["frames_read"]
-        stats["frames_without_face"] += meta["no_face"]
+            scan.per_video.append({"video": it.video, "method": it.method, "frames": len(meta["samples"]),
+                                   "sampled": meta["frames_read"], "no_face": meta["no_face"],
+                                   "topped_up": sum(1 for s in meta["samples"] if "topped_up_from" in s)})
+        scan.stats["frames_read"] += meta["frames_read"]
+        scan.stats["frames_without_face"] += meta["no_face"]
         if meta.get("region_note"):
-            region_notes.append({"path": it.path, "note": meta["region_note"]})
+            scan.region_notes.append({"path": it.path, "note": meta["region_note"]})
+        where = {"split": split, "method": it.method, "video": it.video}
         for note in meta.get("bad_frames", []):
-            skipped.append({"path": it.path, "reason": note, "split": split, "method": it.method, "video": it.video})
+            scan.skipped.append({"path": it.path, "reason": note, **where})
         if meta["status"] != "ok":
-            skipped.append({"path": it.path, "reason": meta["reason"], "split": split, "method": it.method,
-                            "video": it.video})
+            scan.skipped.append({"path": it.path, "reason": meta["reason"], **where})
             continue
-        stats["videos_used"] += 1
-        video = video_id(dataset, it.method, it.video)  # FF++ reuses `<target>_<source>` in every method folder
+        scan.stats["videos_used"] += 1
         for s in meta["samples"]:
-            key = sample_key(video, s["frame"])
-            jpg = d / s["file"]
-            info = {"dataset": dataset, "split": split, "video": video, "frame": s["frame"], "label": it.label,
-                    "method": it.method, "compression": settings_compression(dataset), "bbox": s["bbox"],
-                    "source": it.source}
-            region = d / s["region_file"] if s.get("region_file") else None
-            if region is not None:
-                info["region"] = s["region"]
-            if it.extra:
-                info.update({k: v for k, v in it.extra.items() if k not in info})
             if "face_rule" in s:
-                info["face_rule"] = s["face_rule"]
-                face_rules[s["face_rule"]] = face_rules.get(s["face_rule"], 0) + 1
-            if "topped_up_from" in s:
-                info["topped_up_from"] = s["topped_up_from"]
-            size = _sample_size({"jpg": b"", "cls": "0", "json": info}) + jpg.stat().st_size
-            if region is not None:
-                size += _sample_size({"region.png": b""}) + region.stat().st_size
-            by_method.setdefault(it.method, []).append({"key": key, "jpg": jpg, "label": it.label, "json": info,
-                                                        "region": region, "_size": size})
-    records: list[dict] = []
+                scan.face_rules[s["face_rule"]] = scan.face_rules.get(s["face_rule"], 0) + 1
+            scan.by_method.setdefault(it.method, []).append(_sample_record(dataset, split, it, d, s))
+    return scan
+
+
+def _sample_record(dataset: str, split: str, it: Item, d: Path, s: dict) -> dict:
+    """One finished crop as a shard sample to be: key, files, json and its size in the tar."""
+    video = video_id(dataset, it.method, it.video)  # FF++ reuses `<target>_<source>` in every method folder
+    jpg = d / s["file"]
+    info = {"dataset": dataset, "split": split, "video": video, "frame": s["frame"], "label": it.label,
+            "method": it.method, "compression": settings_compression(dataset), "bbox": s["bbox"], "source": it.source}
+    region = d / s["region_file"] if s.get("region_file") else None
+    if region is not None:
+        info["region"] = s["region"]
+    if it.extra:
+        info.update({k: v for k, v in it.extra.items() if k not in info})
+    for k in ("face_rule", "topped_up_from"):
+        if k in s:
+            info[k] = s[k]
+    size = _sample_size({"jpg": b"", "cls": "0", "json": info}) + jpg.stat().st_size
+    if region is not None:
+        size += _sample_size({"region.png": b""}) + region.stat().st_size
+    return {"key": sample_key(video, s["frame"]), "jpg": jpg, "label": it.label, "json": info, "region": region,
+            "_size": size}
+
+
+def _shard_order(samples: list[dict], settings: Settings, dataset: str, split: str, method: str) -> list[dict]:
+    """Sorted by key, then shuffled across videos with a seed of (seed, dataset, split, method) alone."""
+    samples = sorted(samples, key=lambda s: s["key"])
+    random.Random(f"{settings.seed}/{dataset}/{split}/{method}").shuffle(samples)
+    return samples
+
+
+def _write_method_shards(split_dir: Path, dataset: str, split: str, method: str, samples: list[dict],
+                         settings: Settings) -> list[dict]:
+    """The shards of one method, in plan order; a shard whose `.idx` lists exactly its planned keys is kept."""
+    mdir = split_dir / method
+    mdir.mkdir(parents=True, exist_ok=True)
+    clean_partial(mdir)
+    prefix = f"{dataset}-{split}-{method}"
+    plan = _plan(samples, settings)
+    wanted = {shard_name(prefix, i) for i in range(len(plan))}
+    for stale in mdir.glob(f"{prefix}-*.tar"):  # from an older, larger plan
+        if stale.name not in wanted:
+            stale.unlink()
+            stale.with_suffix(".idx").unlink(missing_ok=True)
+    records = []
+    for i, shard in enumerate(plan):
+        path = mdir / shard_name(prefix, i)
+        keys = [s["key"] for s in shard]
+        if path.is_file() and _idx_keys(path.with_suffix(".idx")) == keys:
+            rec = {"name": path.name, "samples": len(keys), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        else:
+            rec = write_shard((_shard_sample(s) for s in shard), path)
+        records.append({"name": f"{method}/{rec['name']}", "method": method, "samples": rec["samples"],
+                        "bytes": rec["bytes"], "sha256": rec["sha256"]})
+    return records
+
+
+def _totals(by_method: dict[str, list[dict]]) -> dict:
     totals = {"samples": 0, "by_label": {"0": 0, "1": 0}, "by_method": {}, "videos_by_method": {},
               "regions_by_method": {}}
     for method, samples in sorted(by_method.items()):
-        samples.sort(key=lambda s: s["key"])
-        random.Random(f"{settings.seed}/{dataset}/{split}/{method}").shuffle(samples)  # across videos
-        mdir = split_dir / method
-        mdir.mkdir(parents=True, exist_ok=True)
-        clean_partial(mdir)
-        prefix = f"{dataset}-{split}-{method}"
-        plan = _plan(samples, settings)
-        wanted = {shard_name(prefix, i) for i in range(len(plan))}
-        for stale in mdir.glob(f"{prefix}-*.tar"):  # from an older, larger plan
-            if stale.name not in wanted:
-                stale.unlink()
-                stale.with_suffix(".idx").unlink(missing_ok=True)
-        for i, shard in enumerate(plan):
-            path = mdir / shard_name(prefix, i)
-            keys = [s["key"] for s in shard]
-            if path.is_file() and _idx_keys(path.with_suffix(".idx")) == keys:
-                rec = {"name": path.name, "samples": len(keys), "bytes": path.stat().st_size,
-                       "sha256": sha256_file(path)}
-            else:
-                rec = write_shard((_shard_sample(s) for s in shard), path)
-            records.append({"name": f"{method}/{rec['name']}", "method": method, "samples": rec["samples"],
-                            "bytes": rec["bytes"], "sha256": rec["sha256"]})
         n = len(samples)
         totals["samples"] += n
         totals["by_label"][str(samples[0]["label"])] += n
@@ -454,6 +477,11 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
                 kinds[s["json"]["region"]] = kinds.get(s["json"]["region"], 0) + 1
         if kinds:
             totals["regions_by_method"][method] = dict(sorted(kinds.items()))
+    return totals
+
+
+def _manifest(dataset: str, split: str, settings: Settings, detector_info: dict, parts: int, records: list[dict],
+              scan: _SplitScan) -> dict:
     manifest = {
         "format": MANIFEST_VERSION,
         "dataset": dataset,
@@ -464,22 +492,36 @@ def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipp
         "versions": _versions(detector_info),
         "parts": parts,
         "shards": records,
-        "totals": totals,
-        "stats": stats,
-        "skipped": sorted(skipped, key=lambda s: (s.get("method", ""), s["path"])),
+        "totals": _totals(scan.by_method),
+        "stats": scan.stats,
+        "skipped": sorted(scan.skipped, key=lambda s: (s.get("method", ""), s["path"])),
     }
-    if region_notes:
-        manifest["region_notes"] = region_notes
-    manifest["frames"] = frame_summary(per_video, settings.frames)
-    if face_rules:
-        manifest["face_rules"] = dict(sorted(face_rules.items()))
+    if scan.region_notes:
+        manifest["region_notes"] = scan.region_notes
+    manifest["frames"] = frame_summary(scan.per_video, settings.frames)
+    if scan.face_rules:
+        manifest["face_rules"] = dict(sorted(scan.face_rules.items()))
+    return manifest
+
+
+def finalize_split(out: Path, dataset: str, split: str, items: list[Item], skipped: list[dict], settings: Settings,
+                   runtime: Runtime, detector_info: dict, parts: int) -> dict:
+    """Phase 2 for one split: shards per method, then manifest.json. Returns the manifest."""
+    split_dir = out / dataset / split
+    scan = _scan_items(out, dataset, split, items, skipped)
+    records: list[dict] = []
+    for method, samples in sorted(scan.by_method.items()):
+        ordered = _shard_order(samples, settings, dataset, split, method)
+        records += _write_method_shards(split_dir, dataset, split, method, ordered, settings)
+    manifest = _manifest(dataset, split, settings, detector_info, parts, records, scan)
     if manifest["frames"]["videos_short"]:
         log.warning("%s/%s: %d videos have fewer face frames than the protocol's %s (listed in the manifest's "
                     "frames.short; --top-up K takes neighbouring frames instead)", dataset, split,
                     manifest["frames"]["videos_short"], settings.frames or "all")
     write_json_atomic(split_dir / "manifest.json", manifest)
-    log.info("%s/%s: %d samples in %d shards (%s); %d inputs skipped", dataset, split, totals["samples"],
-             len(records), ", ".join(f"{m} {n}" for m, n in totals["by_method"].items()), len(manifest["skipped"]))
+    log.info("%s/%s: %d samples in %d shards (%s); %d inputs skipped", dataset, split, manifest["totals"]["samples"],
+             len(records), ", ".join(f"{m} {n}" for m, n in manifest["totals"]["by_method"].items()),
+             len(manifest["skipped"]))
     return manifest
 
 
