@@ -11,6 +11,7 @@ Public API:
         `{"name", "samples", "bytes", "sha256", "keys"}` (`name` relative to `folder`).
     write_shard(samples, path) -> dict        one shard at an exact path (temp name, index, rename).
     sha256_file(path) -> str
+    content_digest(records) -> str             one sha256 for a split's shards (the manifest's `digest`)
     write_json_atomic(path, obj)               manifest writes: temp name, fsync, rename.
     clean_partial(folder)                      removes temp files a killed writer left behind.
     shard_name(prefix, index) -> str
@@ -53,6 +54,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def content_digest(records: Iterable[dict]) -> str:
+    """sha256 over `<name> <sha256>` lines of shard records, in their order: equal for two splits exactly when
+    they hold the same samples in the same shards in the same order (tar members carry no time or owner of the
+    run), and unmoved by what the manifest records about the run itself (its time, versions, the machine)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r['name']} {r['sha256']}\n".encode())
     return h.hexdigest()
 
 

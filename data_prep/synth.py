@@ -53,7 +53,7 @@ from data_prep.forgeries import (
     upsample_traces,
 )
 from data_prep.pipeline import MANIFEST_VERSION
-from data_prep.shards import clean_partial, jpeg_bytes, write_json_atomic, write_shards
+from data_prep.shards import clean_partial, content_digest, jpeg_bytes, write_json_atomic, write_shards
 from data_prep.video import IMAGE_EXTS as IMAGE_EXT
 from data_prep.video import VIDEO_EXTS as VIDEO_EXT
 
@@ -395,7 +395,7 @@ def build_split(dataset: str, split: str, sources: list[dict], all_index: dict[i
         "format": MANIFEST_VERSION, "dataset": dataset, "split": split,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": _settings_record(settings), "detector": detector_info, "kind": "synth",
-        "shards": records, "totals": totals,
+        "shards": records, "digest": content_digest(records), "totals": totals,
         "identities": sorted({s["identity"] for s in sources}),
         "stats": {"sources": len(sources), "views_per_source": settings.frames},
         "skipped": skipped,
