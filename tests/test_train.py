@@ -580,32 +580,69 @@ class SlowLoader:
 
 def test_logged_throughput_data_stall_and_mfu(shards, tmp_path, monkeypatch):
     """Every train record has images/s, the data-stall fraction, achieved TFLOP/s (from the model's FLOP count) and,
-    with a peak, MFU; a loader that sleeps shows as a stall above 50%."""
+    with a peak, MFU. The trainer reads a clock the test moves, and only the test: by `wait` while the loader hands
+    over a batch and by `step` in each optimizer step. Each figure is then exact on any machine under any load: the
+    stall is wait / (wait + step), images/s is batch / (wait + step)."""
+    import types
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
     import ltm.data
+    import ltm.train.trainer as trainer_module
     from ltm.models.flops import train_flops_per_step
     from ltm.train.trainer import Trainer
 
-    stalls = {}
-    for name, slow in (("plain", False), ("slow", True)):
-        if slow:
-            real = ltm.data.build_train_loader
-            monkeypatch.setattr(ltm.data, "build_train_loader", lambda *a, real=real, **k: SlowLoader(real(*a, **k)))
-        cfg = load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=4, epochs=1, log_every=2,
-                                       val_every=0, ckpt_every=4),
-                          ["data.val=[]", "train.peak_tflops=2.0"])
-        trainer = Trainer(cfg)
-        trainer.fit()
-        trainer.close()
-        logged = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        train_records = [r for r in logged if r["type"] == "train"]
-        assert len(train_records) == 2
-        flops = train_flops_per_step(cfg)
-        for r in train_records:
-            # TFLOP/s and images/s come from the same steps and seconds: their ratio is the FLOPs per image
-            assert r["tflops"] * 1e12 / r["images_per_s"] == pytest.approx(flops / cfg.train.batch_size, rel=1e-6)
-            assert r["mfu"] == pytest.approx(r["tflops"] / 2.0) and 0 <= r["data_stall"] <= 1
-        stalls[name] = max(r["data_stall"] for r in train_records)
-    assert stalls["slow"] > 0.5 and stalls["plain"] < stalls["slow"]
+    step = 0.25
+    clock = [1000.0]
+
+    def advance(seconds: float) -> None:
+        clock[0] += seconds
+
+    # the trainer's `time` with perf_counter on the test's clock; everything else is the real module's
+    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake_time.perf_counter = lambda: clock[0]
+    monkeypatch.setattr(trainer_module, "time", fake_time)
+    hook = register_optimizer_step_post_hook(lambda *_: advance(step))
+
+    class LateLoader:
+        """The real loader; each batch arrives `wait` seconds late on the test's clock."""
+
+        def __init__(self, inner, wait: float):
+            self.inner, self.wait = inner, wait
+
+        def __next__(self):
+            advance(self.wait)
+            return next(self.inner)
+
+        def __iter__(self):
+            return self
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    real = ltm.data.build_train_loader
+    try:
+        for name, wait in (("plain", 0.0), ("slow", 0.75)):
+            monkeypatch.setattr(ltm.data, "build_train_loader",
+                                lambda *a, wait=wait, **k: LateLoader(real(*a, **k), wait))
+            cfg = load_config(write_config(tmp_path, shards, tmp_path / name, iters_per_epoch=4, epochs=1,
+                                           log_every=2, val_every=0, ckpt_every=4),
+                              ["data.val=[]", "train.peak_tflops=2.0"])
+            trainer = Trainer(cfg)
+            trainer.fit()
+            trainer.close()
+            logged = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            train_records = [r for r in logged if r["type"] == "train"]
+            assert len(train_records) == 2
+            seconds = wait + step  # per step, on the test's clock
+            flops = train_flops_per_step(cfg)
+            for r in train_records:
+                assert r["data_stall"] == pytest.approx(wait / seconds, abs=1e-9)
+                assert r["images_per_s"] == pytest.approx(cfg.train.batch_size / seconds, rel=1e-9)
+                assert r["tflops"] == pytest.approx(flops / seconds / 1e12, rel=1e-9)
+                assert r["mfu"] == pytest.approx(r["tflops"] / 2.0, rel=1e-9)
+    finally:
+        hook.remove()
 
 
 def test_profile_writes_a_trace_and_changes_nothing(shards, tmp_path):
