@@ -24,6 +24,18 @@ say "1/4 sample dataset ($IDENTITIES identities; real, SelfBlend and FaceSwap vi
 say "2/4 faces (MTCNN) -> 112 px crops, 16 frames per video -> shards in $SAMPLE/shards/ffpp_c23/{train,val,test}"
 "$LTM" prep ffpp --root "$SAMPLE" --splits "$SAMPLE/splits" --out "$SAMPLE/shards" --frames 16 --size 112 \
     --workers 2 --no-progress
+# the data's digests: equal on every machine for these settings (docs/determinism.md), so two demos can be compared
+"${VENV:-.venv}/bin/python" - "$SAMPLE" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+root = Path(sys.argv[1])
+print(f"digest: sample videos {json.loads((root / 'SOURCES.json').read_text())['digest']}")
+for manifest in sorted((root / "shards" / "ffpp_c23").glob("*/manifest.json")):
+    digest = json.loads(manifest.read_text()).get("digest", "none (written before manifests had one)")
+    print(f"digest: shards {manifest.parent.name} {digest}")
+EOF
 
 if [[ "${DEMO_FRESH:-0}" == 1 ]]; then rm -rf "$RUN"; fi
 say "3/4 train tiny-cpu (ImageNet EfficientNet-Lite0 teacher + student, 2-block ViT) with DeepSpeed on $NPROC local ranks -> $RUN/"
