@@ -35,6 +35,24 @@ def sample_shards(sample_root, tmp_path_factory):
     assert result["samples"] > 0
     return out
 
+# --- a tiny run to score with (ltm predict, ltm serve) ----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run folder with the tiny-cpu config and a consolidated weights file (`weights.pt`) of its LTM model, built
+    from the ImageNet weights that ship with the backbones (no training: scoring needs weights, not good ones)."""
+    import torch
+
+    from ltm.config import load_config, save_config
+    from ltm.models import build_model
+
+    run = tmp_path_factory.mktemp("tiny-run")
+    cfg = load_config("tiny-cpu", ["data.root=" + str(run / "no-shards")])  # no manifest: prep's default crops
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(0)
+    torch.save(build_model(cfg.model, cfg.data.image_size).state_dict(), run / "weights.pt")
+    return run
+
 # --- the local SLURM cluster (launcher/SLURM tests) -----------------------------------------------------------------
 
 @pytest.fixture(scope="session")

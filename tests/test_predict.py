@@ -26,14 +26,9 @@ PHOTO = DATA / "faces" / "3ddfa__examples_inputs_JianzhuGuo.jpg"
 
 
 @pytest.fixture(scope="module")
-def run_folder(tmp_path_factory) -> Path:
-    """A run folder with the tiny-cpu config and a consolidated weights file of its LTM model."""
-    run = tmp_path_factory.mktemp("predict-run")
-    cfg = load_config("tiny-cpu", ["data.root=" + str(run / "no-shards")])  # no manifest: prep's default crops
-    save_config(cfg, run / "config.yaml")
-    torch.manual_seed(0)
-    torch.save(build_model(cfg.model, cfg.data.image_size).state_dict(), run / "weights.pt")
-    return run
+def run_folder(tiny_run) -> Path:
+    """A run folder with the tiny-cpu config and a consolidated weights file of its LTM model (conftest.py)."""
+    return tiny_run
 
 
 def test_cli_subprocess(run_folder, tmp_path):

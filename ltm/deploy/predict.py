@@ -48,6 +48,11 @@ class CropSettings:
     threshold: float = 0.9
     source: str = "defaults"
 
+    @classmethod
+    def from_metadata(cls, meta: dict, path: str | os.PathLike) -> CropSettings:
+        """The crop recipe an exported model file carries (`ltm export` copies it from the run's manifest)."""
+        return cls(**meta["crop"], source=f"{path} (exported from {meta.get('crop_from')})")
+
 
 @dataclass
 class ScoreSettings:
@@ -188,6 +193,45 @@ def model_device(model) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
+@dataclass
+class Faces:
+    """The face crops of one file, as the model takes them, and where they came from."""
+
+    images: torch.Tensor  # (N, 3, S, S) RGB in [0, 1], one crop per frame with a face
+    kept: list[int]  # the frame index of each crop
+    boxes: list[dict]  # {box: the square cut, face: the face as detected}, per crop
+    no_face: list[int]  # frame indices without a face
+    n_frames: int  # frames sampled
+    detector: str
+
+
+def find_faces(frames: list[tuple[int, np.ndarray]], detectors: Detectors, crop: CropSettings,
+               image_size: int) -> Faces:
+    """The largest face of each frame, cut by the detector `detectors.choose` picks (`ltm predict` and `ltm serve`)."""
+    name = detectors.choose(frames)
+    images, kept, boxes, no_face = face_batch(frames, detectors.get(name), crop, image_size)
+    return Faces(images, kept, boxes, no_face, len(frames), name)
+
+
+def score_faces(model, images: torch.Tensor, batch_size: int) -> list[float]:
+    """`model.predict` over the crops in batches of `batch_size`: P(fake) per crop."""
+    device = model_device(model)
+    if len(images) == 0:
+        return []
+    with torch.inference_mode():
+        return torch.cat([model.predict(images[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(images), batch_size)]).tolist()
+
+
+def prediction(path: str, faces: Faces, probs: list[float], video_agg: str) -> Prediction:
+    """A file's result from its crops' P(fake): the frames' scores and their aggregate as the evaluation makes it."""
+    from ltm.eval.metrics import VIDEO_REDUCE
+
+    result = Prediction(path, float(VIDEO_REDUCE[video_agg](probs)), no_face=faces.no_face, detector=faces.detector)
+    result.frames = [{"frame": i, "p_fake": p, **b} for i, p, b in zip(faces.kept, probs, faces.boxes)]
+    return result
+
+
 def predict_file(
     path: str | os.PathLike,
     model,
@@ -199,22 +243,16 @@ def predict_file(
 ) -> Prediction:
     """Score one video or image file with `model.predict` (a trained model or an `ExportedModel`); a file where no
     frame shows a face is an error naming it."""
-    from ltm.eval.metrics import VIDEO_REDUCE
-
     path = Path(path)
-    frames = read_frames(path, n_frames)
-    name = detectors.choose(frames)
-    images, kept, boxes, no_face = face_batch(frames, detectors.get(name), crop, settings.image_size)
-    if not kept:
-        raise ValueError(f"{path}: no face found in any of its {len(frames)} sampled frames (detector {name})")
-    device, step = model_device(model), settings.batch_size
-    with torch.inference_mode():
-        probs = torch.cat([model.predict(images[i:i + step].to(device)).float().cpu()
-                           for i in range(0, len(images), step)]).tolist()
-    result = Prediction(str(path), float(VIDEO_REDUCE[settings.video_agg](probs)), no_face=no_face, detector=name)
-    result.frames = [{"frame": i, "p_fake": p, **b} for i, p, b in zip(kept, probs, boxes)]
+    faces = find_faces(read_frames(path, n_frames), detectors, crop, settings.image_size)
+    if not faces.kept:
+        raise ValueError(f"{path}: no face found in any of its {faces.n_frames} sampled frames "
+                         f"(detector {faces.detector})")
+    probs = score_faces(model, faces.images, settings.batch_size)
+    result = prediction(str(path), faces, probs, settings.video_agg)
     if heatmap_dir is not None:
-        result.pictures = write_heatmaps(Path(heatmap_dir), path, model, images, kept, probs, step)
+        result.pictures = write_heatmaps(Path(heatmap_dir), path, model, faces.images, faces.kept, probs,
+                                         settings.batch_size)
     return result
 
 
@@ -358,7 +396,7 @@ def _score_exported(args: argparse.Namespace, files: list[str], caught, on_resul
         raise ValueError("--tag, --weights and config overrides go with --run; an exported model carries its weights "
                          "and settings")
     model = ExportedModel(args.model, args.device)
-    crop = CropSettings(**model.meta["crop"], source=f"{args.model} (exported from {model.meta.get('crop_from')})")
+    crop = CropSettings.from_metadata(model.meta, args.model)
     settings = ScoreSettings.from_metadata(model.meta)
     detectors = Detectors(crop, args.detector, str(model.device), args.detector_model)
     _log_setup(f"{args.model} ({model.meta['head']} head, {model.format})", crop, args)
