@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ltm.train.trainer", "train a detector with DeepSpeed (one process, --nproc N local ranks, or SLURM)"),
     "eval": ("ltm.eval.evaluate", "score shard folders with a run's checkpoint: frame/video AUC report and plots"),
     "predict": ("ltm.deploy.predict", "P(fake) for a video or image file, per frame, with attention pictures"),
+    "serve": ("ltm.deploy.serve", "an HTTP scoring service (P(fake) of uploads, batched) with a drop-a-file page"),
     "export": ("ltm.deploy.export", "write one inference head (the student by default) as ONNX or TorchScript"),
     "submit": ("launcher.submit", "submit train / eval / prep jobs to SLURM with submitit"),
     "sweep": ("launcher.sweep", "paired multi-seed experiments: variants x seeds, here or as a SLURM array, with "
