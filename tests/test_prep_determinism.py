@@ -152,20 +152,58 @@ def test_sample_refuses_a_folder_built_with_other_settings(sample_root, tmp_path
 
 
 # ---------------------------------------------------------------- shards
-def test_prep_with_two_workers_beside_a_cpu_hog_equals_one_worker(sample_root, sample_shards, tmp_path):
-    """sample_shards is the one-worker run; two workers, whose videos finish in another order, with a process
-    spinning on a core beside them, write the same shard files, manifests and digests."""
+@pytest.fixture(scope="module")
+def second_prep(sample_root, sample_shards, tmp_path_factory) -> Path:
+    """The sample prepared again, with two workers (whose videos finish in another order) and a process spinning on
+    a core beside them; sample_shards is the one-worker run of the same videos and settings."""
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         name, items, skipped = datasets.ffpp(sample_root, sample_root / "splits", "c23")
-        out = tmp_path / "shards"
+        out = tmp_path_factory.mktemp("second_prep")
         pipeline.run(name, items, skipped, out, _prep_settings(sample_shards),
                      pipeline.Runtime(workers=2, progress=False))
     finally:
         hog.kill()
         hog.wait()
-    assert _digests(out) == _digests(sample_shards)
-    assert _shard_tree(out) == _shard_tree(sample_shards)
+    return out
+
+
+def test_prep_with_two_workers_beside_a_cpu_hog_equals_one_worker(sample_shards, second_prep):
+    """Two workers beside a CPU hog write the same shard files, manifests and digests as one worker."""
+    assert _digests(second_prep) == _digests(sample_shards)
+    assert _shard_tree(second_prep) == _shard_tree(sample_shards)
+
+
+def _train_on(shards: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    """The demo's model and loader (tiny-cpu: ImageNet EfficientNet-Lite0, DALI on the CPU) for 3 steps at 64 px."""
+    overrides = [f"data.root={shards}", f"train.run_dir={run_dir}", "train.iters_per_epoch=3", "train.epochs=1",
+                 "train.batch_size=8", "data.image_size=64", "data.val=[]", "train.ckpt_every=3", "train.log_every=1"]
+    return subprocess.run([sys.executable, "-m", "ltm.cli", "train", "--config", "tiny-cpu", *overrides],
+                          env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_two_preps_of_the_same_videos_train_to_the_same_losses_and_name_their_data(sample_shards, second_prep,
+                                                                                      tmp_path):
+    """A training on each prep logs the same losses step by step; each run's data.json names the splits it read by
+    their content digests, the same for both, and the eval report names the digest of the split it scored."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for shards, run in zip((sample_shards, second_prep), runs):
+        proc = _train_on(shards, run)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [[(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if r["type"] == "train"] for run in runs]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    recorded = [json.loads((run / "data.json").read_text())["digests"] for run in runs]
+    for shards, digests in zip((sample_shards, second_prep), recorded):
+        assert digests["train"] == {str(shards / "ffpp_c23" / "train"): _digests(shards)["train"]}
+        assert digests["test"] == {str(shards / "ffpp_c23" / "test"): _digests(shards)["test"]}
+    names = [{role: list(d.values()) for role, d in r.items()} for r in recorded]
+    assert names[0] == names[1]  # the same data under two folders
+
+    from ltm.eval.evaluate import evaluate
+
+    report = evaluate(runs[0], [str(sample_shards / "ffpp_c23" / "test")])[0]
+    assert report["data_digest"] == _digests(sample_shards)["test"]
 
 
 _KILL_PREP_AT = """

@@ -28,7 +28,7 @@ import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
-from ltm.data.perturb import _FROM_YCBCR, _TO_YCBCR, BLOCK, GREY, Perturbation, block_anchors, noise_field
+from ltm.data.perturb import BLOCK, FROM_YCBCR, GREY, TO_YCBCR, Perturbation, block_anchors, noise_field
 
 # the external sources a type reads besides the crop: name -> (dtype, ndim, layout)
 INPUTS: dict[str, dict[str, tuple[Any, int, str | None]]] = {
@@ -39,7 +39,7 @@ INPUTS: dict[str, dict[str, tuple[Any, int, str | None]]] = {
 
 def saturation_matrix(factor: float) -> np.ndarray:
     """The 3x3 RGB matrix of the reference's chroma scaling: f I + (1 - f) (1, 1, 1)^T y."""
-    luma = _TO_YCBCR[0].astype(np.float64)
+    luma = TO_YCBCR[0].astype(np.float64)
     return (factor * np.eye(3) + (1.0 - factor) * np.outer(np.ones(3), luma)).astype(np.float32)
 
 
@@ -59,7 +59,7 @@ def apply(p: Perturbation, image: Any, shape: Any, gpu: bool) -> Any:
         field = fn.external_source(name="noise", dtype=types.FLOAT, ndim=3, layout="HWC", no_copy=True)
         if gpu:
             field = field.gpu()
-        m = (255.0 * np.sqrt(param) * _FROM_YCBCR.astype(np.float64)).astype(np.float32)
+        m = (255.0 * np.sqrt(param) * FROM_YCBCR.astype(np.float64)).astype(np.float32)
         return fn.cast(image + fn.coord_transform(field, M=m.flatten().tolist()), dtype=types.UINT8)
     if kind == "blur":
         k = int(param)

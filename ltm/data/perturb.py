@@ -69,9 +69,9 @@ VIDEO_OPTIONS = {"preset": "medium", "threads": "1", "x264-params": f"asm={X264_
 VIDEO_FPS = 25
 
 # BT.601 full-range RGB <-> YCbCr (JPEG's): rows give Y, Cb, Cr
-_TO_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-_FROM_YCBCR = np.linalg.inv(_TO_YCBCR).astype(np.float32)
-_TO_YCBCR = _TO_YCBCR.astype(np.float32)  # float32 throughout: a twentieth of a grey level is far below a uint8 step
+TO_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+FROM_YCBCR = np.linalg.inv(TO_YCBCR).astype(np.float32)
+TO_YCBCR = TO_YCBCR.astype(np.float32)  # float32 throughout: a twentieth of a grey level is far below a uint8 step
 
 
 class PerturbationError(ValueError):
@@ -80,7 +80,7 @@ class PerturbationError(ValueError):
 
 def _ycbcr(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB -> float YCbCr in [0, 1] (chroma centred on 0.5)."""
-    out = (rgb.astype(np.float32) / np.float32(255.0)) @ _TO_YCBCR.T
+    out = (rgb.astype(np.float32) / np.float32(255.0)) @ TO_YCBCR.T
     out[..., 1:] += 0.5
     return out
 
@@ -88,7 +88,7 @@ def _ycbcr(rgb: np.ndarray) -> np.ndarray:
 def _rgb(ycbcr: np.ndarray) -> np.ndarray:
     x = ycbcr.copy()
     x[..., 1:] -= 0.5
-    return np.clip(np.rint((x @ _FROM_YCBCR.T) * 255.0), 0, 255).astype(np.uint8)
+    return np.clip(np.rint((x @ FROM_YCBCR.T) * 255.0), 0, 255).astype(np.uint8)
 
 
 def saturation(rgb: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:

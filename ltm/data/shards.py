@@ -159,6 +159,35 @@ def method_folders(folder: Path) -> list[Path]:
     return subs
 
 
+MANIFEST = "manifest.json"
+
+
+def split_folder(folder: Path) -> Path:
+    """The split a shard folder belongs to: a method folder's parent, or the split folder itself."""
+    return folder if (folder / MANIFEST).is_file() or not list_shards(folder) else folder.parent
+
+
+def split_digest(folder: Path) -> str | None:
+    """The content digest `ltm prep` recorded for the split of a shard folder (its manifest's `digest`); None for
+    shards written before digests were recorded or by another tool."""
+    manifest = split_folder(Path(folder)) / MANIFEST
+    try:
+        return json.loads(manifest.read_text()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def data_digests(cfg: Config) -> dict[str, dict[str, str | None]]:
+    """{"train" | "val" | "test": {split folder: its content digest}} of the shard folders a config reads: two runs
+    (or tables) that read the same data show the same digests, whatever the folders are called or where they lie."""
+    roles = {"train": [s.path for s in cfg.data.train], "val": list(cfg.data.val), "test": list(cfg.data.test)}
+    out: dict[str, dict[str, str | None]] = {}
+    for role, folders in roles.items():
+        splits = {split_folder(resolve(cfg, f)) for f in folders}
+        out[role] = {str(s): split_digest(s) for s in sorted(splits)}
+    return out
+
+
 def sample_ids(meta_bytes: bytes | None, key: str, folder: Path) -> tuple[str, str, str]:
     """(key, video, method) of an eval sample, its key and video unique across datasets and methods.
 

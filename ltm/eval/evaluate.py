@@ -29,6 +29,7 @@ from torch import nn
 from ltm import distributed  # sets DS_ACCELERATOR=cpu without CUDA before DeepSpeed's zero_to_fp32 is imported
 from ltm.checkpoint.reader import load_model
 from ltm.config import Config, EvalConfig
+from ltm.data.shards import split_digest
 from ltm.eval.metrics import VIDEO_AGGREGATIONS, compute_metrics
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,7 @@ def score_and_report(accelerator, model: nn.Module, cfg: Config, source: str, ru
         "frames_per_video": cfg.eval.frames_per_video,
         "checkpoint": source,
         "data": str(folder),
+        "data_digest": split_digest(folder),  # the split's content digest from its prep manifest
         "run": str(run_dir),
         "model": {"kind": cfg.model.kind, "backbone": cfg.model.backbone,
                   "inference_head": cfg.model.inference_head, "image_size": cfg.data.image_size},

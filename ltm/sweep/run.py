@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ltm.config import Config, ConfigError, load_config, to_dict, to_yaml
+from ltm.data.shards import data_digests
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +327,7 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
     run_dir = sweep.run_dir(variant, seed)
     here = provenance()
     record["provenance"] = here  # the machine of the latest session; every training session is in "trained"
+    record["data"] = data_digests(final)  # the shard splits' content digests: tables told apart by their data
 
     def save() -> None:
         if _rank() == 0:

@@ -35,7 +35,8 @@ from ltm import distributed
 from ltm.checkpoint import CheckpointError
 from ltm.checkpoint.checkpointer import Checkpointer, rng_state, set_rng_state, step_of, tag_for
 from ltm.config import Config, ConfigError, load_config, load_run_config, save_config, to_dict, upgrade_stored
-from ltm.distributed import all_reduce_sum, init_distributed, teardown
+from ltm.distributed import DistEnv, all_reduce_sum, init_distributed, teardown
+from ltm.files import atomic_write_text
 from ltm.models.flops import train_flops_per_step
 from ltm.train import batch_scaling, preemption
 from ltm.train.metrics_log import MetricsLog, peak_tflops
@@ -153,110 +154,174 @@ def optimizer_groups(model: torch.nn.Module, lr: float, student_lr_scale: float)
     return [{"params": rest}, {"params": student, "lr": lr * student_lr_scale}]
 
 
+def record_data(run_dir: Path, cfg: Config) -> None:
+    """`<run>/data.json`: the content digest of every shard split the run reads (`ltm prep` records one per split),
+    beside the config snapshot, so two runs can be told apart by their data. A resumed run whose training data
+    changed since it started is warned about; the file then holds the data of the latest session."""
+    from ltm.data.shards import data_digests
+
+    path = run_dir / "data.json"
+    digests = data_digests(cfg)
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text()).get("digests", {})
+        except ValueError:
+            before = {}
+        changed = sorted(s for s, d in digests["train"].items() if s in before.get("train", {})
+                         and before["train"][s] != d)
+        if changed:
+            log.warning("%s: the training data changed since this run started (split %s: digest %s then, %s now)",
+                        path, changed[0], before["train"][changed[0]], digests["train"][changed[0]])
+    atomic_write_text(path, json.dumps({"digests": digests}, indent=2) + "\n")
+
+
+def resume_tag(run_dir: Path, cfg: Config, resume: str) -> str | None:
+    """The checkpoint tag this run resumes from (None: a fresh start), after checking that the run folder trained
+    the same model; `resume` never refuses a folder that holds checkpoints rather than overwrite them."""
+    check_run_folder(run_dir, cfg)
+    checkpoints = Checkpointer(run_dir / "checkpoints", keep_last=cfg.train.keep_last)
+    if resume == "never" and checkpoints.tags():
+        raise CheckpointError(f"{checkpoints.dir}: holds checkpoints ({checkpoints.tags()[-1]} is the newest) "
+                              "and --resume never would overwrite them; use another train.run_dir")
+    return checkpoints.resolve(resume)
+
+
+def use_deterministic_kernels() -> None:
+    """`train.deterministic`: kernels that give the same result at every run, so a resumed run matches."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode also fills every torch.empty with NaN: DeepSpeed allocates its gradient buckets (hundreds of
+    # MB) each step, which made CPU steps seconds slower. Correct code never reads that memory.
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.benchmark = False
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD with an ExponentialLR stepped once per epoch (Sec. 4.1); `train.optimizer_impl` picks torch's kernels."""
+    kernels = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
+               "for-loop": {"foreach": False}}[cfg.train.optimizer_impl]
+    lr = batch_scaling.scaled_lr(cfg)  # train.lr, or with train.lr_scaling=linear lr x batch_size / 32
+    optimizer = torch.optim.SGD(optimizer_groups(model, lr, cfg.train.student_lr_scale), lr=lr,
+                                momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay, **kernels)
+    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.train.lr_gamma)
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, micro_batch: int,
+                 world_size: int, load_universal: bool) -> Any:
+    """The DeepSpeed engine around the model and optimizer; BatchNorm statistics kept in fp32, compiled on request."""
+    import deepspeed
+
+    from ltm.models.precision import keep_batchnorm_fp32
+
+    ds_config = deepspeed_config(cfg, micro_batch, world_size, load_universal)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.train.precision != "fp32":
+        # BatchNorm's running statistics in fp32: bf16 in-place updates would round small steps away
+        # (docs/training.md); before compiling, and before the Trainer lists the buffers
+        keep_batchnorm_fp32(engine.module)
+    if cfg.train.compile:
+        compile_model(engine, cfg.train.compile, cfg.train.deterministic)
+    return engine
+
+
 class Trainer:
+    """One rank's training run. Its components, built in the order data flows through them:"""
+
+    cfg: Config  # config and run folder
+    run_dir: Path
+    resume_tag: str | None
+    env: DistEnv  # device and distributed
+    checkpointer: Checkpointer
+    loader: Any  # data: this rank's endless batches (ltm.data: DALI or the reference loader)
+    engine: Any  # model, optimizer and DeepSpeed engine
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ExponentialLR
+    state: TrainState  # what the loop counts, restored with the rest of a checkpoint
+    validator: Validator
+    metrics: MetricsLog  # logs
+
     def __init__(self, cfg: Config, resume: str = "auto", universal: bool = False):
-        # config and run folder: what this run is, and what the folder already holds
         self.cfg = cfg
         self.run_dir = Path(cfg.train.run_dir).resolve()
         self.total_steps = cfg.train.epochs * cfg.train.iters_per_epoch
-        check_run_folder(self.run_dir, cfg)
-        checkpoints = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.train.keep_last)
-        if resume == "never" and checkpoints.tags():
-            raise CheckpointError(f"{checkpoints.dir}: holds checkpoints ({checkpoints.tags()[-1]} is the newest) "
-                                  "and --resume never would overwrite them; use another train.run_dir")
-        self.resume_tag = checkpoints.resolve(resume)
-
-        # device and distributed: one rank of a world the environment describes (or a world of one)
+        self.resume_tag = resume_tag(self.run_dir, cfg, resume)
         self.env = env = init_distributed(cfg.train.timeout_min)
         try:
             self.is_main = env.is_main
-            self.checkpointer = Checkpointer(checkpoints.dir, env.rank, env.world_size, cfg.train.keep_last)
-            self.universal = self.resume_tag is not None and (
-                universal or self.checkpointer.needs_universal(self.resume_tag))
-            if self.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                save_config(cfg, self.run_dir / "config.yaml")
-                self.checkpointer.drop_incomplete()
-
-            # seeds: one stream per rank for the model's random draws; deterministic kernels for exact resume
+            self.build_checkpointer(universal)
+            # seeds: one stream per rank for the model's random draws
             seed_everything(cfg.train.seed + env.rank)
             if cfg.train.deterministic:
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                torch.use_deterministic_algorithms(True, warn_only=True)
-                # Deterministic mode also fills every torch.empty with NaN: DeepSpeed allocates its gradient buckets
-                # (hundreds of MB) each step, which made CPU steps seconds slower. Correct code never reads that memory.
-                torch.utils.deterministic.fill_uninitialized_memory = False
-                torch.backends.cudnn.benchmark = False
-
-            # data: this rank's endless batches of per_rank_batch images
-            from ltm.data import build_train_loader, per_rank_batch
-
-            self.micro_batch = per_rank_batch(cfg, env.world_size)
-            self.loader = build_train_loader(cfg, env.rank, env.world_size, env.device)
-
-            # model: the same initial weights on every rank, whatever the rank streams drew; the loss is Eq. 7 in
-            # the model's forward
-            from ltm.models import build_model
-            from ltm.models.precision import keep_batchnorm_fp32
-
-            # torch.manual_seed also reseeds every CUDA generator: fork the rank's GPU too, or all ranks would
-            # draw the same mixup partners, lambdas and random masks on the GPU
-            cuda_rng = [env.device.index] if env.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda_rng):
-                torch.manual_seed(cfg.train.seed)
-                # a resumed run takes every weight from its checkpoint: no pretrained file (or hub) is needed
-                model = build_model(cfg.model, cfg.data.image_size, load_weights=self.resume_tag is None)
-            # the same method at any world size: SyncBatchNorm (train.sync_bn) before DeepSpeed wraps the model, and a
-            # warning for what splitting the global batch over the ranks still changes (ltm.train.batch_scaling)
-            model, synced = batch_scaling.sync_batchnorm(model, cfg, env.world_size, env.device)
-            for line in batch_scaling.batch_warnings(cfg, env.world_size, synced, batch_scaling.batchnorm_layers(model),
-                                               gpus=env.device.type == "cuda") if self.is_main else []:
-                log.warning("%s", line)
-
-            # optimizer: SGD with an ExponentialLR stepped once per epoch (Sec. 4.1), inside a DeepSpeed engine
-            import deepspeed
-
-            kernels = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
-                       "for-loop": {"foreach": False}}[cfg.train.optimizer_impl]
-            lr = batch_scaling.scaled_lr(cfg)  # train.lr, or with train.lr_scaling=linear lr x batch_size / 32
-            self.optimizer = torch.optim.SGD(optimizer_groups(model, lr, cfg.train.student_lr_scale),
-                                             lr=lr, momentum=cfg.train.momentum,
-                                             weight_decay=cfg.train.weight_decay, **kernels)
-            self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.train.lr_gamma)
+                use_deterministic_kernels()
+            self.build_data()
+            model = self.build_model()
+            self.optimizer, self.scheduler = build_optimizer(model, cfg)
             if self.universal:
                 self.checkpointer.to_universal(self.resume_tag)
-            ds_config = deepspeed_config(cfg, self.micro_batch, env.world_size, self.universal)
-            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
-            if cfg.train.precision != "fp32":
-                # BatchNorm's running statistics in fp32: bf16 in-place updates would round small steps away
-                # (docs/training.md); before compiling, and before the buffer list below
-                keep_batchnorm_fp32(self.engine.module)
-            if cfg.train.compile:
-                compile_model(self.engine, cfg.train.compile, cfg.train.deterministic)
+            self.engine = build_engine(model, self.optimizer, cfg, self.micro_batch, env.world_size, self.universal)
             self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
             self.buffers = [b for b in self.engine.module.buffers() if b.is_floating_point()]
             self.buffer_sizes = [b.numel() for b in self.buffers]
-
-            # checkpointer: resume weights, optimizer, counters, loader position and RNG states
+            # resume weights, optimizer, counters, loader position and RNG states
             self.state = TrainState()
             if self.resume_tag is not None:
                 self.load(self.resume_tag)
-
-            # validator: frame AUC on the val shards
-            self.validator = Validator(cfg, env)
-
-            # logs: metrics.jsonl + TensorBoard + a progress bar on rank 0; throughput against the model's FLOPs
-            self.metrics = MetricsLog(self.run_dir, self.state.step, self.is_main)
-            self.flops_per_step = train_flops_per_step(cfg)
-            self.peak_tflops = peak_tflops(cfg, env.device)
-            self._window_wait = 0.0  # seconds this window spent waiting for the loader
-            self.profiler = None
-            self.saved_step = self.state.step if self.resume_tag else -1
-            self._window_start = time.perf_counter()
-            self.progress = None
+            self.validator = Validator(cfg, env)  # frame AUC on the val shards
+            self.build_logs()
         except BaseException:
             teardown(env, wait_for_others=False)  # a later train() in this process must find no stale group
             raise
+
+    def build_checkpointer(self, universal: bool) -> None:
+        """This rank's checkpointer; rank 0 writes the run's config and drops a save a crash left incomplete."""
+        env, cfg = self.env, self.cfg
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", env.rank, env.world_size, cfg.train.keep_last)
+        self.universal = self.resume_tag is not None and (
+            universal or self.checkpointer.needs_universal(self.resume_tag))
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            record_data(self.run_dir, cfg)
+            self.checkpointer.drop_incomplete()
+
+    def build_data(self) -> None:
+        """This rank's endless batches of `per_rank_batch` images."""
+        from ltm.data import build_train_loader, per_rank_batch
+
+        self.micro_batch = per_rank_batch(self.cfg, self.env.world_size)
+        self.loader = build_train_loader(self.cfg, self.env.rank, self.env.world_size, self.env.device)
+
+    def build_model(self) -> torch.nn.Module:
+        """The same initial weights on every rank, whatever the rank streams drew; its forward returns Eq. 7's loss.
+        SyncBatchNorm (train.sync_bn) goes in before DeepSpeed wraps the model, and what splitting the global batch
+        over the ranks still changes is warned about (ltm.train.batch_scaling)."""
+        from ltm.models import build_model
+
+        env, cfg = self.env, self.cfg
+        # torch.manual_seed also reseeds every CUDA generator: fork the rank's GPU too, or all ranks would draw the
+        # same mixup partners, lambdas and random masks on the GPU
+        cuda_rng = [env.device.index] if env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_rng):
+            torch.manual_seed(cfg.train.seed)
+            # a resumed run takes every weight from its checkpoint: no pretrained file (or hub) is needed
+            model = build_model(cfg.model, cfg.data.image_size, load_weights=self.resume_tag is None)
+        model, synced = batch_scaling.sync_batchnorm(model, cfg, env.world_size, env.device)
+        if self.is_main:
+            for line in batch_scaling.batch_warnings(cfg, env.world_size, synced, batch_scaling.batchnorm_layers(model),
+                                                     gpus=env.device.type == "cuda"):
+                log.warning("%s", line)
+        return model
+
+    def build_logs(self) -> None:
+        """metrics.jsonl + TensorBoard + a progress bar on rank 0; throughput against the model's FLOPs."""
+        self.metrics = MetricsLog(self.run_dir, self.state.step, self.is_main)
+        self.flops_per_step = train_flops_per_step(self.cfg)
+        self.peak_tflops = peak_tflops(self.cfg, self.env.device)
+        self._window_wait = 0.0  # seconds this window spent waiting for the loader
+        self.profiler = None
+        self.saved_step = self.state.step if self.resume_tag else -1
+        self._window_start = time.perf_counter()
+        self.progress = None
 
     # --- checkpoints
     def client_state(self) -> dict:
