@@ -7,8 +7,12 @@
 #   DEMO_NPROC=2                 local ranks for training
 #   DEMO_TRAIN_OVERRIDES="..."   `key=value` overrides for `ltm train` (default: none, tiny-cpu as is: 100 steps)
 #   DEMO_FRESH=1                 delete runs/demo first and train from scratch
+# The whole output is also kept in runs/demo.log; `scripts/demo_readme.py runs/demo.log` puts its end into the
+# README, so the figures there are the ones a demo printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p runs
+exec > >(tee runs/demo.log) 2>&1
 LTM="${VENV:-.venv}/bin/ltm"
 SAMPLE=sample
 RUN=runs/demo
