@@ -548,6 +548,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "request does not wait")
     parser.add_argument("--decode-threads", type=_count, default=2,
                         help="threads that decode uploads and find faces (2)")
+    parser.add_argument("--torch-threads", type=_count, default=None,
+                        help="torch's threads per operation (default: this process's CPUs / --decode-threads): "
+                             "requests in parallel use the cores better than one operation over all of them")
     parser.add_argument("--max-queue", type=_count, default=128,
                         help="requests in progress at once; more are answered 503 with Retry-After (128)")
     parser.add_argument("--timeout", type=float, default=60.0,
@@ -591,6 +594,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model}: no such file")
     if not (args.timeout > 0 and args.max_wait_ms >= 0):
         raise ValueError("--timeout must be above 0 and --max-wait-ms at least 0")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(args.torch_threads or max(1, cpus // args.decode_threads))
     limits = Limits(args.max_bytes, args.max_pixels, args.max_video_frames, args.frames)
     state = ServeState(limits, args.max_queue, args.timeout, args.decode_threads, Loader(args))
     app = create_app(state)
