@@ -1,6 +1,15 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and how the suite is spread over parallel workers (`make test` runs pytest-xdist)."""
 
 import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `--dist loadgroup`, every test of the local SLURM cluster runs on one worker: the cluster is one set of
+    daemons on this machine, started by the first such test and stopped at the end of that worker's session, so
+    tests on another worker could find it gone. The rest spread over the workers freely."""
+    for item in items:
+        if item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 # --- the sample dataset and its shards (data_prep; used by every area's tests) ----------------------------------------
 

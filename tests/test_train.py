@@ -561,23 +561,6 @@ def test_resume_keeps_metrics_when_the_last_line_was_cut_short(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
-class SlowLoader:
-    """A planted data stall: the real loader behind a 1.5 s sleep per batch (a tiny step takes well under that)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __next__(self):
-        time.sleep(1.5)
-        return next(self.inner)
-
-    def __iter__(self):
-        return self
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 def test_logged_throughput_data_stall_and_mfu(shards, tmp_path, monkeypatch):
     """Every train record has images/s, the data-stall fraction, achieved TFLOP/s (from the model's FLOP count) and,
     with a peak, MFU. The trainer reads a clock the test moves, and only the test: by `wait` while the loader hands
