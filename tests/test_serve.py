@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,9 @@ import pytest
 import requests
 from PIL import Image
 from shared_data import SHARED_DATA
+
+# one worker runs the whole module, in order, under `make test`'s pytest-xdist: one server, stopped by the last test
+pytestmark = pytest.mark.xdist_group("serve")
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO_A = SHARED_DATA / "faces" / "3ddfa__examples_inputs_JianzhuGuo.jpg"
@@ -125,15 +128,12 @@ def ffpp_frame(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
+@contextmanager
+def running_server(args: list[str], tmp: Path):
+    """`ltm serve ARGS --port 0` in its own process, TMPDIR under `tmp`, until the model is loaded; stopped after."""
     (tmp / "tmpdir").mkdir()
     log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "ltm.cli", "serve", "--run", str(tiny_run), "--weights", str(tiny_run / "weights.pt"),
-           "--port", "0", "--frames", str(FRAMES), "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS),
-           "--max-video-frames", str(MAX_VIDEO_FRAMES), "--max-queue", str(MAX_QUEUE), "--max-batch", str(MAX_BATCH),
-           "--max-wait-ms", "20000", "--timeout", "60"]
+    cmd = [sys.executable, "-m", "ltm.cli", "serve", *args, "--port", "0"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp / "tmpdir"), "OMP_NUM_THREADS": "2"}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -156,6 +156,15 @@ def server(tiny_run, tmp_path_factory):
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    args = ["--run", str(tiny_run), "--weights", str(tiny_run / "weights.pt"), "--frames", str(FRAMES),
+            "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS), "--max-video-frames", str(MAX_VIDEO_FRAMES),
+            "--max-queue", str(MAX_QUEUE), "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20000", "--timeout", "60"]
+    with running_server(args, tmp_path_factory.mktemp("serve")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +331,26 @@ def test_one_log_line_per_request(server):
     assert len(lines) == 1 and f"GET /healthz?{marker} 200" in lines[0]
     scored = [line for line in server.log.read_text().splitlines() if "POST /v1/score" in line]
     assert scored and all(re.search(r" \d{3} [\d.]+ ms", line) for line in scored)
+
+
+def test_an_exported_model_scores_as_ltm_predict_model(tiny_run, tmp_path, capsys):
+    """`ltm serve --model` with an `ltm export` TorchScript file: `ltm predict --model`'s scores; no teacher, so
+    `?explain=1` says so instead of drawing."""
+    from ltm.cli import main
+    from ltm.deploy.export import export
+
+    model = tmp_path / "student.pt"
+    export(tiny_run, model, "torchscript", weights=tiny_run / "weights.pt")
+    capsys.readouterr()
+    assert main(["predict", str(PHOTO_B), "--model", str(model), "--json"]) == 0
+    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    (tmp_path / "serve").mkdir()
+    with running_server(["--model", str(model)], tmp_path / "serve") as exported:
+        answer = exported.score(PHOTO_B, query="?explain=1").json()
+    assert_same_as_predict(answer, want)
+    assert answer["model"]["format"] == "torchscript" and answer["model"]["head"] == "student"
+    assert len(answer["model"]["file_sha256"]) == 64 and "overlay" not in answer["faces"][0]
+    assert answer["explain_note"] == "a torchscript student head has no attention"
 
 
 # --------------------------------------------------------------------------------------------------------- the page
