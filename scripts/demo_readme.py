@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/demo_readme.py runs/demo.log [--readme README.md]
 
-The block is the data's digests and everything from the evaluation step on, with the elapsed seconds replaced by
-`N` (they depend on the machine; the rest does not: docs/determinism.md). So the README shows what a demo prints.
+The block is the data's digests and the student's report as printed, without what depends on the machine (log
+lines, elapsed seconds); the rest repeats on every run (docs/determinism.md). So the README shows what a demo prints.
 """
 
 from __future__ import annotations
@@ -15,15 +15,19 @@ from pathlib import Path
 
 BEGIN = "<!-- demo output: begin (scripts/demo_readme.py) -->"
 END = "<!-- demo output: end -->"
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|DEBUG) ")
 
 
 def demo_block(log: str) -> str:
-    lines = log.splitlines()
+    """The data's digests, then the student's report from its table on; log lines (time stamps, images/s) and the
+    elapsed seconds are left out: they depend on the machine, the rest does not."""
+    lines = [line.rstrip() for line in log.splitlines()]
     digests = [line for line in lines if line.startswith("digest: ")]
-    start = next((i for i, line in enumerate(lines) if re.match(r"== \[\d+s\] 4/4 ", line)), None)
-    if start is None or not digests:
-        raise ValueError("not the output of a finished `make demo` (no digest lines or no '4/4' evaluation step)")
-    tail = [re.sub(r"^== \[\d+s\]", "== [Ns]", line) for line in lines[start:]]
+    tables = [i for i, line in enumerate(lines) if line.startswith("┏")]
+    if not digests or not tables or not re.match(r"== \[\d+s\] done$", lines[-2] if len(lines) > 1 else ""):
+        raise ValueError("not the output of a finished `make demo` (digest lines, a table and '== [Ns] done' expected)")
+    title = tables[-1] - 1  # the table's title line, `ltm eval`
+    tail = [re.sub(r"^== \[\d+s\]", "== [Ns]", line) for line in lines[title:] if not LOG_LINE.match(line)]
     return "\n".join(["```text", *digests, "...", *tail, "```"])
 
 

@@ -17,6 +17,7 @@ import contextlib
 import io
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -381,3 +382,33 @@ def test_licence_and_citation():
     for name in ("README.md", "docs/method.md"):
         assert f"arXiv:{PAPER_ARXIV_ID}" in page(name), f"{name}: the paper's reference (arXiv:{PAPER_ARXIV_ID})"
 
+
+
+def test_the_readme_shows_a_demo_output_as_demo_readme_copies_it():
+    """The README's demo block is what scripts/demo_readme.py makes of a finished demo's log: the data's digests,
+    then the student's report as printed (numbers, not placeholders), without log lines or elapsed seconds."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import demo_readme
+    finally:
+        sys.path.pop(0)
+    readme = page("README.md")
+    block = readme.split(demo_readme.BEGIN, 1)[1].split(demo_readme.END, 1)[0].strip().splitlines()
+    assert block[0] == "```text" and block[-1] == "```"
+    digests = [line for line in block if line.startswith("digest: ")]
+    assert len(digests) == 4 and all(re.search(r" [0-9a-f]{64}$", d) for d in digests), digests
+    row = next(line for line in block if line.startswith("│ ffpp_c23-test"))
+    assert len(re.findall(r"\b[01]\.\d{4}\b", row)) == 6, row  # frame/video AUC, AP, EER, acc, TPR: printed numbers
+    assert not any(demo_readme.LOG_LINE.match(line) for line in block)
+    assert block[-3:-1] == ["== [Ns] done", "runs/demo/eval/ffpp_c23-test/report.json"]
+
+    log = "\n".join([
+        "== [0s] 1/4 sample", "digest: sample videos " + "a" * 64, "== [50s] 4/4 evaluate",
+        "12:00:01 INFO ltm.eval.evaluate: ffpp_c23-test: 235 frames, 31.2 images/s", "  ltm eval", "┏━┓", "│ teacher │",
+        "12:00:09 INFO ltm.eval.evaluate: again", "  ltm eval", "┏━┓", "│ student │", "└─┘", "report: r",
+        "== [61s] done", "runs/demo/eval/x/report.json"])
+    assert demo_readme.demo_block(log).splitlines() == [
+        "```text", "digest: sample videos " + "a" * 64, "...", "  ltm eval", "┏━┓", "│ student │", "└─┘", "report: r",
+        "== [Ns] done", "runs/demo/eval/x/report.json", "```"]
+    with pytest.raises(ValueError, match="not the output of a finished"):
+        demo_readme.demo_block(log.rsplit("== [61s] done", 1)[0])  # a demo that stopped before its end
