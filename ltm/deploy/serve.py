@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -168,7 +169,9 @@ class ServeState:
     max_queue: int
     timeout_s: float
     decode_threads: int
-    load: Callable[[contextlib.ExitStack], Scorer]
+    max_batch: int
+    max_wait_s: float
+    load: Callable[[contextlib.ExitStack], Scorer]  # in the background, once the server listens
     metrics: Metrics = field(default_factory=Metrics)
     scorer: Scorer | None = None
     load_error: str | None = None
@@ -471,7 +474,7 @@ def create_app(state: ServeState):
         state.decode_pool = ThreadPoolExecutor(state.decode_threads, thread_name_prefix="ltm-decode")
         state.model_pool = ThreadPoolExecutor(1, thread_name_prefix="ltm-model")  # one model call at a time
         state.batcher = Batcher(lambda images: state.scorer.forward(images), state.model_pool,
-                                state.load.max_batch, state.load.max_wait_s, state.metrics.batch.observe)
+                                state.max_batch, state.max_wait_s, state.metrics.batch.observe)
         state.batcher.start()
         loader = asyncio.get_running_loop().create_task(load_model())
         try:
@@ -490,16 +493,6 @@ def create_app(state: ServeState):
                     lifespan=lifespan)
     app.state.serve = state
     return Observe(app, state)
-
-
-class Loader:
-    """`load_scorer` bound to the command's arguments (the batch settings are read by the batcher too)."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args, self.max_batch, self.max_wait_s = args, args.max_batch, args.max_wait_ms / 1000
-
-    def __call__(self, stack: contextlib.ExitStack) -> Scorer:
-        return load_scorer(self.args, stack)
 
 
 # ---------------------------------------------------------------------------------------------------- the command
@@ -597,7 +590,8 @@ def run(args: argparse.Namespace) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(args.torch_threads or max(1, cpus // args.decode_threads))
     limits = Limits(args.max_bytes, args.max_pixels, args.max_video_frames, args.frames)
-    state = ServeState(limits, args.max_queue, args.timeout, args.decode_threads, Loader(args))
+    state = ServeState(limits, args.max_queue, args.timeout, args.decode_threads, args.max_batch,
+                       args.max_wait_ms / 1000, functools.partial(load_scorer, args))
     app = create_app(state)
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
