@@ -240,32 +240,41 @@ X264_ASM = "SSE2" if platform.machine().lower() in ("x86_64", "amd64") else "0"
 X264_OPTIONS = {"threads": "1", "x264-params": f"asm={X264_ASM}"}
 
 
-def write_video(path: str | Path, frames, fps: int = 25, crf: int = 23, preset: str = "fast") -> Path:
-    """Encode RGB uint8 frames as H.264 (yuv420p, constant quality `crf`; FF++ "c23" is x264 at 23) with PyAV.
+def encode_h264(frames, out, fps: int = 25, crf: int = 23, preset: str = "fast", container: str | None = None) -> None:
+    """Encode RGB uint8 frames of one size as H.264 (yuv420p, constant quality `crf`; FF++ "c23" is x264 at 23) into
+    `out`, a path or a binary file object (`container` then names its format, e.g. "h264"). yuv420p needs even
+    sides: an odd one is padded by repeating the edge. The same frames and settings give the same bytes on every
+    run and machine (`X264_OPTIONS`)."""
+    frames = list(frames)
+    if not frames:
+        raise ValueError(f"{out}: no frames to write")
+    h, w = frames[0].shape[:2]
+    ph, pw = h + h % 2, w + w % 2
+    with av.open(str(out) if isinstance(out, Path) else out, mode="w", format=container) as muxer:
+        stream = muxer.add_stream("libx264", rate=fps, options={"crf": str(int(crf)), "preset": preset, **X264_OPTIONS})
+        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
+        for i, arr in enumerate(frames):
+            if (ph, pw) != (h, w):
+                arr = np.pad(arr, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                muxer.mux(packet)
+        for packet in stream.encode():
+            muxer.mux(packet)
 
-    The same frames and settings give the same bytes on every run and machine (`X264_OPTIONS`). Written to a temp
-    name and renamed, so a killed run leaves no half-written video behind (only a `.<name>.tmp<pid>` file).
-    """
+
+def write_video(path: str | Path, frames, fps: int = 25, crf: int = 23, preset: str = "fast") -> Path:
+    """`encode_h264` into a file, written to a temp name and renamed, so a killed run leaves no half-written video
+    behind (only a `.<name>.tmp<pid>` file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     frames = list(frames)
     if not frames:
         raise ValueError(f"{path}: no frames to write")
-    h, w = frames[0].shape[:2]
     try:
-        with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height = w, h
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset, **X264_OPTIONS}
-            for i, arr in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
-                frame.pts = i
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+        encode_h264(frames, tmp, fps, crf, preset)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -16,9 +16,9 @@ Types (DeeperForensics' name) and their parameter at levels 1..5:
     video (VC)       H.264 re-encoding of the whole video at CRF 30, 32, 35, 38, 40
 
 Video compression is a clip operation: the crops of one video (the shard samples sharing its id, in frame order)
-are encoded as one H.264 stream with PyAV's libx264 (`VIDEO_OPTIONS`: yuv420p, preset medium, the encoder's
-default and what DeeperForensics' plain `ffmpeg -crf` call uses, 25 fps, one thread, SIMD limited to SSE2, so the
-same frames always give the same bytes, on any machine), decoded back, and those frames are scored. The RGB <->
+are encoded as one H.264 stream with PyAV's libx264 (`data_prep.video.encode_h264`: yuv420p, preset medium, the
+encoder's default and what DeeperForensics' plain `ffmpeg -crf` call uses, 25 fps, one thread, SIMD limited to SSE2,
+so the same frames always give the same bytes, on any machine), decoded back, and those frames are scored. The RGB <->
 YUV 4:2:0 conversions are PyAV's defaults (swscale, BT.601). Odd sides are padded to even by repeating the last
 row/column and cropped back after decoding. All crops of a video must have one size (an error names the video
 otherwise).
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import platform
 from collections.abc import Sequence
 
 import cv2
@@ -60,12 +59,9 @@ LEVELS: dict[str, tuple[float, ...]] = {
 }
 BLOCK = 8
 GREY = 128
-# libx264 settings of the video type (the CRF comes from the level), fixed so that a clip always gives the same
-# bytes. x264's SIMD is limited to SSE2 on x86-64 (no assembly elsewhere): the SSE2 code gives the same bytes as
-# x264's C code, while the AVX2/AVX-512 paths give other bytes, and with PyAV 18's libx264 on an AVX-512 CPU
-# different bytes from one run to the next (measured: 17 different streams in 30 encodes of one 16-frame clip).
-X264_ASM = "SSE2" if platform.machine().lower() in ("x86_64", "amd64") else "0"
-VIDEO_OPTIONS = {"preset": "medium", "threads": "1", "x264-params": f"asm={X264_ASM}"}
+# the video type's libx264 preset (the CRF comes from the level); data_prep.video.encode_h264 fixes the rest, so a
+# clip always gives the same bytes (measured before it did: 17 different streams in 30 encodes of one 16-frame clip)
+VIDEO_PRESET = "medium"
 VIDEO_FPS = 25
 
 # BT.601 full-range RGB <-> YCbCr (JPEG's): rows give Y, Cb, Cr
@@ -151,25 +147,15 @@ def jpeg(rgb: np.ndarray, quality: float, rng: np.random.Generator) -> np.ndarra
 
 
 def h264(frames: Sequence[np.ndarray], crf: int) -> tuple[list[np.ndarray], bytes]:
-    """Encode uint8 RGB frames (one size) as one H.264 clip at `crf` with libx264 (`VIDEO_OPTIONS`), decode it:
-    (the decoded frames, the encoded stream)."""
+    """Encode uint8 RGB frames (one size) as one H.264 clip at `crf` (`data_prep.video.encode_h264`, preset
+    `VIDEO_PRESET`), decode it: (the decoded frames, the encoded stream)."""
     import av
 
+    from data_prep.video import encode_h264
+
     h, w = frames[0].shape[:2]
-    ph, pw = h + h % 2, w + w % 2  # yuv420p needs even sides
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="h264") as out:
-        stream = out.add_stream("libx264", rate=VIDEO_FPS, options={"crf": str(int(crf)), **VIDEO_OPTIONS})
-        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-        for i, frame in enumerate(frames):
-            if (ph, pw) != (h, w):
-                frame = np.pad(frame, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            vf.pts = i
-            for packet in stream.encode(vf):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    encode_h264(frames, buf, VIDEO_FPS, crf, VIDEO_PRESET, container="h264")
     data = buf.getvalue()
     with av.open(io.BytesIO(data), mode="r", format="h264") as src:
         # contiguous copies owning their memory (to_ndarray gives a strided view of the frame's buffer)
