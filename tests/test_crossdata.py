@@ -16,6 +16,7 @@ from PIL import Image
 from test_prep_benchmarks import _put, media  # noqa: F401  (the module's pooled real media fixture)
 
 from ltm.eval.report import crossdata
+from ltm.eval.report.tables import fmt
 
 
 def _report(name: str, frame: float | None, video: float | None, frames: int = 32, agg: str = "mean") -> dict:
@@ -114,7 +115,7 @@ def test_cross_dataset_report_of_three_miniatures_in_chromium(media, tmp_path): 
         assert report["frames_per_video"] == 32 and report["video_agg"] == "mean" and report["cross_dataset"]
         md = (out / r["name"] / "report.md").read_text()
         assert "../cross-dataset.md" in md and "## Cross-dataset table" in md  # the whole table, every set's row
-        assert all(f"| {x['name']} | {crossdata._fmt(x['frame_auc'])} |" in md for x in table["rows"])
+        assert all(f"| {x['name']} | {fmt(x['frame_auc'])} |" in md for x in table["rows"])
         assert md.count("## Cross-dataset table") == 1
         page_of_set = (out / r["name"] / "report.html").read_text()
         assert 'id="cross-dataset"' in page_of_set and '<tr class="mean">' in page_of_set
@@ -128,7 +129,7 @@ def test_cross_dataset_report_of_three_miniatures_in_chromium(media, tmp_path): 
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         pytest.fail(f"headless Chromium could not open {page}: {exc}")
     for r in table["rows"]:
-        assert f"<td>{r['name']}</td><td>{crossdata._fmt(r['frame_auc'])}</td>" in dom
+        assert f"<td>{r['name']}</td><td>{fmt(r['frame_auc'])}</td>" in dom
     assert "DeepfakeBench: 32 evenly spaced frames per video" in dom and '<tr class="mean">' in dom
     shot = screenshot(page, tmp_path / "cross.png", 1000, 600)
     with Image.open(shot) as im:
