@@ -170,7 +170,7 @@ def test_quick_check_skips_the_legs_whose_packages_are_missing(tmp_path):
         assert f"skipped leg {leg}: needs DALI" in out
         assert fig["legs_skipped"][leg].startswith("needs DALI") and fig[f"leg_{leg}"].startswith("skipped: needs DALI")
     assert fig["legs"] == ["eval", "train"] and fig["quick"] is True
-    assert "train leg: ltm.train.trainer's runs skipped (needs deepspeed" in out
+    assert "train leg: the Trainer's runs skipped (needs deepspeed" in out
     assert fig["train_images_per_s"].startswith("skipped: needs deepspeed")
     assert isinstance(fig["plain_images_per_s"], float) and fig["plain_images_per_s"] > 0
     assert fig["ratio"] is None and "did not run" in fig["ratio_note"] and fig["target"] == 1.2
