@@ -33,6 +33,17 @@ class ViTConfig:
 
 
 @dataclass
+class LoraConfig:
+    """`model.tune=lora`: low-rank adapters (peft's LoRA) on the backbone's linear layers whose names end in `targets`
+    (timm ViT: qkv, proj, fc1, fc2)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])
+
+
+@dataclass
 class ModelConfig:
     kind: str = "ltm"  # ltm | baseline
     backbone: str = "legacy_xception"  # student CNN (and teacher CNN unless teacher_backbone is set)
@@ -61,8 +72,13 @@ class ModelConfig:
     # the per-cell pooling, so that an artefact straddling cells ranks its main cell (0: no smoothing)
     saliency_smooth: float = 0.0
     # where the mask acts: features (Eq. 4: the student's feature map X_s * M) | input (the image cells under M = 0
-    # are erased to the backbone's mean colour before the student CNN sees them)
+    # are erased to the backbone's mean colour before the student CNN sees them) | tokens (ViT students: the patch
+    # tokens under M = 0 leave the student's sequence before block `mask_block`; prefix tokens never)
     mask_at: str = "features"
+    mask_block: int = 0  # tokens: the student ViT block the masked tokens never enter (0: after patch + pos embedding)
+    # tokens: drop (removed from the sequence: the student's forward is that much cheaper) | token (replaced by a learned
+    # mask token, as iBOT / AttMask do)
+    mask_fill: str = "drop"
     # whose map decides a real sample's mask: own (its own teacher map, as printed) | fake (the mask of a fake drawn at
     # random from the same batch, so that where the mask lands says nothing of the label: with input erasing, a
     # fake-only position of the erased cells becomes a shortcut of its own)
@@ -83,6 +99,13 @@ class ModelConfig:
     div_weight: float = 0.1  # alpha of Eq. 7
     student_hidden: int = 0  # Sec. 3.3's "MLP classifier" on F': hidden width (0 = one linear layer)
     inference_head: str = "student"  # student | teacher_cnn | teacher_vit | ensemble
+    # what of the student backbone trains (heads, the teacher's ViT and a mask token always do): full | ln (its
+    # LayerNorms, GenD's recipe; a CNN's BatchNorms) | lora (low-rank adapters, `lora`) | last_k (its last `tune_last_k`
+    # blocks and final norm)
+    tune: str = "full"
+    teacher_tune: str | None = None  # the teacher backbone's, same choices (null: as `tune`)
+    tune_last_k: int = 2
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -129,6 +152,14 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_gamma: float = 0.9  # ExponentialLR, stepped once per epoch
+    # sgd (the paper's: momentum, `weight_decay` on every parameter) | adamw (decoupled `weight_decay`, none on norms,
+    # biases, embeddings and tokens: the field's ViT recipes)
+    optimizer: str = "sgd"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw
+    # exponential (lr x lr_gamma after each epoch, Sec. 4.1) | cosine (per step from lr after `warmup_steps` of linear
+    # warm-up to 0 at the last step)
+    schedule: str = "exponential"
+    warmup_steps: int = 0
     # LTM only: the student's CNN and classifier train at lr x this (the paper: 1, one lr for both networks)
     student_lr_scale: float = 1.0
     zero_stage: int = 0  # 0 | 1 | 2
@@ -206,7 +237,12 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "model.kind": ("ltm", "baseline"),
     "model.mask_strategy": ("high", "low", "random", "soft"),
     "model.attention_map": ("mean", "max", "rollout", "grad", "cam", "saliency", "input_grad", "occlusion"),
-    "model.mask_at": ("features", "input"),
+    "model.mask_at": ("features", "input", "tokens"),
+    "model.mask_fill": ("drop", "token"),
+    "model.tune": ("full", "ln", "lora", "last_k"),
+    "model.teacher_tune": (None, "full", "ln", "lora", "last_k"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule": ("exponential", "cosine"),
     "model.real_mask": ("own", "fake"),
     "model.pooling": ("avg", "masked_mean"),
     "model.mixup_partner": ("any", "same_class"),
@@ -330,6 +366,12 @@ def validate(cfg: Config) -> None:
         "model.vit.depth": (cfg.model.vit.depth > 0, ">= 1"),
         "model.student_hidden": (cfg.model.student_hidden >= 0, ">= 0 (0: a linear head)"),
         "model.mask_warmup": (cfg.model.mask_warmup >= 0, ">= 0"),
+        "model.mask_block": (cfg.model.mask_block >= 0, ">= 0"),
+        "model.tune_last_k": (cfg.model.tune_last_k >= 1, ">= 1"),
+        "model.lora.rank": (cfg.model.lora.rank >= 1, ">= 1"),
+        "model.lora.targets": (len(cfg.model.lora.targets) > 0, "a non-empty list of module name suffixes"),
+        "train.betas": (len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "two values in [0, 1)"),
+        "train.warmup_steps": (cfg.train.warmup_steps >= 0, ">= 0"),
         "train.profile.start": (cfg.train.profile.start >= 0, ">= 0 (0: off)"),
         "train.profile.steps": (cfg.train.profile.steps >= 0 and (cfg.train.profile.steps > 0) ==
                                 (cfg.train.profile.start > 0), ">= 1 with train.profile.start, else 0"),
