@@ -38,6 +38,7 @@ from ltm.config import Config, ConfigError, load_config, load_run_config, save_c
 from ltm.distributed import DistEnv, all_reduce_sum, init_distributed, teardown
 from ltm.files import atomic_write_text
 from ltm.models.flops import train_flops_per_step
+from ltm.models.tuning import parameter_counts
 from ltm.train import batch_scaling, preemption
 from ltm.train.metrics_log import MetricsLog, peak_tflops
 from ltm.train.validate import Validator
@@ -84,7 +85,8 @@ def seed_everything(seed: int) -> None:
 
 
 # what a Baseline is built from: its LTM-only keys (mask, mixup, ViT, heads) change nothing in it
-BASELINE_MODEL_KEYS = ("kind", "backbone", "pretrained", "input_norm", "output_stride", "freeze_bn")
+BASELINE_MODEL_KEYS = ("kind", "backbone", "pretrained", "input_norm", "output_stride", "freeze_bn", "tune",
+                       "tune_last_k", "lora")
 
 
 def model_differences(stored: dict, mine: dict) -> list[str]:
@@ -143,15 +145,48 @@ def compile_model(engine: Any, mode: bool | str, deterministic: bool) -> None:
 # ------------------------------------------------------------------------------------------------ the trainer
 
 
-def optimizer_groups(model: torch.nn.Module, lr: float, student_lr_scale: float) -> list[dict]:
-    """SGD's parameter groups: one (the paper's single learning rate), or with `train.student_lr_scale` != 1 the
-    LTM student's CNN and classifier in a second group at lr x scale. ExponentialLR decays both groups alike."""
-    if student_lr_scale == 1.0:  # any other value was checked against model.kind with the config
-        return [{"params": list(model.parameters())}]
-    student = [*model.student_cnn.parameters(), *model.student_head.parameters()]
-    ids = {id(p) for p in student}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": rest}, {"params": student, "lr": lr * student_lr_scale}]
+# AdamW's no-decay parameters besides those of ndim <= 1 (norms, biases): position embeddings and learned tokens, which
+# weight decay would pull towards zero for no regularising gain (the ViT recipes of timm, DeiT, GenD)
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "embeddings")
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return param.ndim <= 1 or any(part in name for part in NO_DECAY_NAMES)
+
+
+def optimizer_groups(model: torch.nn.Module, lr: float, student_lr_scale: float,
+                     weight_decay: float | None = None) -> list[dict]:
+    """The optimizer's parameter groups, of the parameters that train (`requires_grad`: model.tune freezes the rest,
+    and a frozen parameter in a group would still be decayed by SGD). One group (the paper's single learning rate),
+    or with `train.student_lr_scale` != 1 the LTM student's CNN and classifier in a second group at lr x scale; both
+    schedules scale every group alike.
+
+    `weight_decay` given (AdamW): each of those groups splits in two, decayed and not (`no_weight_decay`), with the
+    group's `weight_decay` set; None (SGD): the optimizer's one weight_decay applies to every parameter."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    lr_groups: list[tuple[list, dict]] = [(named, {})]
+    if student_lr_scale != 1.0:  # any other value was checked against model.kind with the config
+        ids = {id(p) for p in (*model.student_cnn.parameters(), *model.student_head.parameters())}
+        lr_groups = [([(n, p) for n, p in named if id(p) not in ids], {}),
+                     ([(n, p) for n, p in named if id(p) in ids], {"lr": lr * student_lr_scale})]
+    groups = []
+    for members, options in lr_groups:
+        if weight_decay is None:
+            parts = [([p for _, p in members], {})]
+        else:
+            parts = [([p for n, p in members if not no_weight_decay(n, p)], {"weight_decay": weight_decay}),
+                     ([p for n, p in members if no_weight_decay(n, p)], {"weight_decay": 0.0})]
+        groups += [{"params": params, **options, **extra} for params, extra in parts if params]
+    return groups
+
+
+def cosine_factor(step: int, warmup: int, total: int) -> float:
+    """The cosine schedule's lr multiplier after `step` optimizer steps: (step + 1) / (warmup + 1) during the
+    warm-up (no step at lr 0, and lr itself at step `warmup`), then half a cosine from 1 to 0 at step `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def record_data(run_dir: Path, cfg: Config) -> None:
@@ -197,13 +232,30 @@ def use_deterministic_kernels() -> None:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
-    """SGD with an ExponentialLR stepped once per epoch (Sec. 4.1); `train.optimizer_impl` picks torch's kernels."""
+    """The optimizer over the parameters that train, and its schedule; `train.optimizer_impl` picks torch's kernels.
+
+    sgd: momentum, `weight_decay` on every parameter (Sec. 4.1). adamw: decoupled `weight_decay` on the weights only
+    (`optimizer_groups`). exponential: ExponentialLR, stepped once per epoch (Sec. 4.1). cosine: a LambdaLR of
+    `cosine_factor`, stepped after every optimizer step (`Trainer.step_per_optimizer_step`)."""
+    t = cfg.train
     kernels = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True},
-               "for-loop": {"foreach": False}}[cfg.train.optimizer_impl]
+               "for-loop": {"foreach": False}}[t.optimizer_impl]
     lr = batch_scaling.scaled_lr(cfg)  # train.lr, or with train.lr_scaling=linear lr x batch_size / 32
-    optimizer = torch.optim.SGD(optimizer_groups(model, lr, cfg.train.student_lr_scale), lr=lr,
-                                momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay, **kernels)
-    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.train.lr_gamma)
+    if t.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            optimizer_groups(model, lr, t.student_lr_scale, t.weight_decay), lr=lr, betas=tuple(t.betas),
+            weight_decay=t.weight_decay, **kernels)
+    else:
+        optimizer = torch.optim.SGD(optimizer_groups(model, lr, t.student_lr_scale), lr=lr, momentum=t.momentum,
+                                    weight_decay=t.weight_decay, **kernels)
+    if t.schedule == "cosine":
+        total, warmup = t.epochs * t.iters_per_epoch, t.warmup_steps
+        # a closure, not a callable object: LambdaLR's state_dict then holds no function state, only the step count
+        # and base rates, and a resumed run rebuilds the same function from its config
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, warmup, total))
+    if t.warmup_steps:
+        log.warning("train.warmup_steps=%d has no effect with train.schedule=exponential", t.warmup_steps)
+    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=t.lr_gamma)
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, micro_batch: int,
@@ -235,7 +287,7 @@ class Trainer:
     loader: Any  # data: this rank's endless batches (ltm.data: DALI or the reference loader)
     engine: Any  # model, optimizer and DeepSpeed engine
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ExponentialLR
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # ExponentialLR per epoch, or the cosine LambdaLR per step
     state: TrainState  # what the loop counts, restored with the rest of a checkpoint
     validator: Validator
     metrics: MetricsLog  # logs
@@ -256,6 +308,7 @@ class Trainer:
             self.build_data()
             model = self.build_model()
             self.optimizer, self.scheduler = build_optimizer(model, cfg)
+            self.step_per_optimizer_step = cfg.train.schedule == "cosine"
             if self.universal:
                 self.checkpointer.to_universal(self.resume_tag)
             self.engine = build_engine(model, self.optimizer, cfg, self.micro_batch, env.world_size, self.universal)
@@ -306,7 +359,12 @@ class Trainer:
             # a resumed run takes every weight from its checkpoint: no pretrained file (or hub) is needed
             model = build_model(cfg.model, cfg.data.image_size, load_weights=self.resume_tag is None)
         model, synced = batch_scaling.sync_batchnorm(model, cfg, env.world_size, env.device)
+        self.parameter_counts = parameter_counts(model)
         if self.is_main:
+            m = cfg.model
+            log.info("trainable parameters (model.tune=%s, teacher %s): %s", m.tune, m.teacher_tune or m.tune,
+                     ", ".join(f"{role} {c['trainable']:,} of {c['total']:,}"
+                               for role, c in self.parameter_counts.items()))
             for line in batch_scaling.batch_warnings(cfg, env.world_size, synced, batch_scaling.batchnorm_layers(model),
                                                      gpus=env.device.type == "cuda"):
                 log.warning("%s", line)
@@ -315,6 +373,11 @@ class Trainer:
     def build_logs(self) -> None:
         """metrics.jsonl + TensorBoard + a progress bar on rank 0; throughput against the model's FLOPs."""
         self.metrics = MetricsLog(self.run_dir, self.state.step, self.is_main)
+        # what trains, once per session (a resumed run's record carries the step it resumed at)
+        m = self.cfg.model
+        teacher = {"teacher_tune": m.teacher_tune or m.tune} if m.kind == "ltm" else {}
+        self.metrics.write({"type": "params", "step": self.state.step, "tune": m.tune, **teacher,
+                            **self.parameter_counts, "time": time.time()})
         self.flops_per_step = train_flops_per_step(self.cfg)
         self.peak_tflops = peak_tflops(self.cfg, self.env.device)
         self._window_wait = 0.0  # seconds this window spent waiting for the loader
@@ -403,8 +466,10 @@ class Trainer:
             if self.validator.loader is not None and ((t.val_every and step % t.val_every == 0) or
                                                       (not t.val_every and epoch_end) or step == self.total_steps):
                 self.validate()
-            if epoch_end:
-                self.scheduler.step()  # ExponentialLR: lr * gamma^epoch (Sec. 4.1)
+            if epoch_end or self.step_per_optimizer_step:
+                # ExponentialLR: lr * gamma^epoch (Sec. 4.1); cosine: after every step. After the step's log line,
+                # which so shows the rate the step used, and before a save, so a resumed run takes the next one.
+                self.scheduler.step()
             if stop or epoch_end or step % t.ckpt_every == 0:
                 self.save()
             if stop:
