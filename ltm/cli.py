@@ -33,14 +33,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="paper", help="packaged config name or YAML path")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=0.001")
+    parser.add_argument("--config", default=None, help="packaged config name or YAML path (default: paper)")
+    parser.add_argument("overrides", nargs="*", metavar="[NAME] key=value",
+                        help="a packaged config name or YAML path (as --config), then key=value overrides, e.g. "
+                             "`ltm config clip-l14 train.lr=0.001`")
 
 
 def run(args: argparse.Namespace) -> int:
     from ltm.config import load_config, packaged_configs, to_yaml
 
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    overrides = list(args.overrides)
+    name = args.config
+    if name is None:
+        name = overrides.pop(0) if overrides and "=" not in overrides[0] else "paper"
+    print(to_yaml(load_config(name, overrides)), end="")
     logging.getLogger(__name__).debug("packaged configs: %s", packaged_configs())
     return 0
 
