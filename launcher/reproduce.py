@@ -18,7 +18,8 @@ from launcher.sweep import active, in_flight, load_jobs, seeds_from, submit_swee
 from ltm.config import Config, ConfigError, load_config
 from ltm.reproduce.configs import config_diff, experiment_path, parse_pairs
 from ltm.reproduce.cost import DEFAULT_TFLOPS, estimate, print_estimate
-from ltm.reproduce.paper import TABLES, Table
+from ltm.reproduce.foundation import ALL_TABLES
+from ltm.reproduce.paper import Table
 from ltm.reproduce.plan import STATE_DIR, RunPlan, plan_points, select, table_sweep, write_atomic
 from ltm.reproduce.results import collect, results_markdown, write_collected
 from ltm.sweep.run import Sweep, run_local
@@ -44,7 +45,7 @@ def _csv(value: str | None) -> list[str] | None:
 
 def _keys_epilog() -> str:
     lines = ["row and column keys (--rows / --columns):"]
-    for t in TABLES.values():
+    for t in ALL_TABLES.values():
         lines.append(f"  {t.name}: rows {','.join(r.key for r in t.rows if not r.cited)}; "
                      f"columns {','.join(t.columns)}")
     return "\n".join(lines)
@@ -53,9 +54,11 @@ def _keys_epilog() -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _keys_epilog()
-    parser.add_argument("table", choices=sorted(TABLES), help="which of the paper's tables")
+    parser.add_argument("table", choices=sorted(ALL_TABLES), help="which of the paper's tables, or foundation "
+                        "(LTM on CLIP ViT-L/14 beside the field's published figures: docs/foundation.md)")
     parser.add_argument("--runs", required=True, help="folder holding one run folder per experiment, and the tables")
-    parser.add_argument("--shards", help="shard root (data.root) with ffpp_c23/, ffpp_c40/, celebdf_v2/, wdf/")
+    parser.add_argument("--shards", help="shard root (data.root) with ffpp_c23/, ffpp_c40/, celebdf_v2/, wdf/ "
+                        "(foundation: ffpp_c23/, celebdf_v2/, dfdc/, dfdcp/, dfd_c23/)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--collect", action="store_true", help="only read the reports and write tableN.md/.json")
     mode.add_argument("--local", action="store_true", help="run here, one run after the other (default: SLURM)")
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         rows, columns = stored.get("rows"), stored.get("columns")
     if args.collect and seeds is None:
         seeds = stored.get("seeds")
-    table = select(TABLES[args.table], rows, columns)
+    table = select(ALL_TABLES[args.table], rows, columns)
     if args.collect:
         if not runs.is_dir():
             raise ConfigError(f"--runs {str(runs)!r}: no such folder (nothing to collect)")

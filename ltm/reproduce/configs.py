@@ -13,10 +13,16 @@ EXPERIMENTS_DIR = CONFIG_DIR / "experiments"
 
 
 def experiment_path(name: str) -> Path:
+    """`experiments/<name>.yaml`, or `experiments/<table>/<name>.yaml` for a table outside the paper's (whose runs
+    build other models than the paper's checks of the top folder expect); a name is one file in either place."""
     path = EXPERIMENTS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"experiment {name!r}: no file {path}")
-    return path
+    found = [path] if path.is_file() else []
+    found += sorted(EXPERIMENTS_DIR.glob(f"*/{name}.yaml"))
+    if len(found) > 1:
+        raise ConfigError(f"experiment {name!r}: more than one file ({', '.join(map(str, found))})")
+    if not found:
+        raise ConfigError(f"experiment {name!r}: no file {path} (nor in a folder beside it)")
+    return found[0]
 
 
 def experiment_layer(name: str) -> tuple[str, list[str]]:

@@ -26,6 +26,9 @@ NOMINAL_VIDEOS = {  # videos (WDF: face sequences) per split folder where no man
     ("ffpp", "val"): 140, ("ffpp", "test"): 140,  # per method folder; the official 70 pairs -> 140 videos
     ("celebdf_v2", "test"): 518,  # List_of_testing_videos.txt: 178 real, 340 fake
     ("wdf", "test"): 1460,  # assumed: about a fifth of WildDeepfake's 7,314 sequences
+    ("dfdc", "test"): 5000,  # the public test set's labels.csv
+    ("dfdcp", "test"): 780,  # assumed: DFDC-Preview's test set
+    ("dfd", "test"): 3431,  # 363 actor videos and 3,068 DeepFakeDetection videos, all in the test split
 }
 
 
@@ -42,7 +45,7 @@ def split_frames(root: Path, folder: str) -> int:
         by_method = json.loads(manifest.read_text()).get("totals", {}).get("by_method", {})
         if by_method:
             return int(by_method.get(method, 0) if method else sum(by_method.values()))
-    family = "ffpp" if dataset.startswith("ffpp") else dataset
+    family = "ffpp" if dataset.startswith("ffpp") else "dfd" if dataset.startswith("dfd_") else dataset
     videos = NOMINAL_VIDEOS.get((family, split), 0)
     if family == "ffpp" and method is None:
         videos *= FFPP_METHODS_IN_SPLIT

@@ -23,6 +23,7 @@ class Cell:
     data: str | None = None  # split folder relative to the shard root, e.g. "ffpp_c23/test"
     method: str | None = None  # per_method key of report.json; None = the split's overall frame_auc
     paper: float | None = None  # the paper's AUC in %, None where it prints "-"
+    metric: str = "frame"  # frame: report.json's frame_auc | video: its video_auc (the foundation table)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Table:
     rows: list[Row]
     row_header: str = "Methods"
     average: dict[str, list[str]] = field(default_factory=dict)  # derived column -> the columns it averages
+    metric: str = "frame-level AUC (%)"  # what the cells are, as the collected table says
+    reference: str = "paper"  # whose numbers the reference column holds
 
     def runs(self) -> list[str]:
         """Our runs in this table, in row order, each once."""

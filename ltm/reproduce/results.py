@@ -17,11 +17,40 @@ from ltm.sweep import stats
 from ltm.sweep.run import Sweep, is_done, read_record
 
 
-def _point_auc(record: dict[str, Any], cell: Cell, data: str, mapping: dict[str, str], where: Path) -> float | None:
+def report_path(run_dir: Path, head: str, heads: list[str], data: str) -> Path:
+    """The `report.json` a sweep's scoring of `data` wrote in the run folder (`ltm.sweep.run.run_point` with
+    `full_reports`: `<run>/eval/[<head>/]<dataset>-<split>/`, named as `ltm.eval.evaluate.dataset_name` does)."""
+    eval_dir = run_dir / "eval" if len(heads) == 1 else run_dir / "eval" / head
+    return eval_dir / "-".join(Path(data).parts) / "report.json"
+
+
+def _video_auc(record: dict[str, Any], cell: Cell, data: str, mapping: dict[str, str], run_dir: Path) -> float | None:
+    """The cell's video AUC (a fraction) from the report the point's scoring wrote, None without one. The sweep
+    record keeps frame AUCs only; the report's frame AUC must be the record's, or it came from another scoring."""
+    head = record["heads"][0]
+    path = report_path(run_dir, head, record["heads"], data)
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    frame = record["test"][head][data]
+    if report.get("frame_auc") is None or not math.isclose(float(report["frame_auc"]), float(frame), rel_tol=1e-9):
+        raise ValueError(f"{path}: frame AUC {report.get('frame_auc')} there, {frame} in the point's record: the "
+                         "report is from another scoring (rescore the point, or remove the report)")
+    if cell.method is None:
+        return report.get("video_auc")
+    method = mapping.get(cell.method, cell.method)
+    return (report.get("per_method") or {}).get(method, {}).get("video_auc")
+
+
+def _point_auc(record: dict[str, Any], cell: Cell, data: str, mapping: dict[str, str], where: Path,
+               run_dir: Path) -> float | None:
     """The cell's AUC (in %) in one point's record, None where it was not scored (or undefined)."""
     head = record["heads"][0]
     if data not in record["test"].get(head, {}):
         return None
+    if cell.metric == "video":
+        value = _video_auc(record, cell, data, mapping, run_dir)
+        return None if value is None else 100.0 * float(value)
     if cell.method is None:
         value = record["test"][head][data]
     else:
@@ -71,13 +100,13 @@ def collect(table: Table, sweep: Sweep, mapping: dict[str, str] | None = None) -
                 per_seed = {}
                 for seed in sweep.seeds:
                     where = sweep.record_path(cell.run, seed)
-                    auc = _point_auc(records[cell.run, seed], cell, data, mapping, where) \
-                        if (cell.run, seed) in records else None
+                    auc = _point_auc(records[cell.run, seed], cell, data, mapping, where,
+                                     sweep.run_dir(cell.run, seed)) if (cell.run, seed) in records else None
                     if auc is None:
                         missing.append(f"{cell.run} seed {seed}: {data}")
                     else:
                         per_seed[seed] = auc
-                entry.update(data=data, method=cell.method)
+                entry.update(data=data, method=cell.method, metric=cell.metric)
                 entry["status"] = "ok" if len(per_seed) == len(sweep.seeds) else "missing"
                 if entry["status"] == "ok":
                     entry.update(_summary(per_seed))
@@ -89,7 +118,8 @@ def collect(table: Table, sweep: Sweep, mapping: dict[str, str] | None = None) -
     return {
         "table": table.name,
         "caption": table.caption,
-        "metric": "frame-level AUC (%)",
+        "metric": table.metric,
+        "reference": table.reference,
         "seeds": list(sweep.seeds),
         "row_header": table.row_header,
         "columns": table.columns,
@@ -114,22 +144,26 @@ def _ours(c: dict[str, Any]) -> str:
 
 
 def results_markdown(result: dict[str, Any]) -> str:
-    title = result["table"].replace("table", "Table ")
+    name = result["table"]
+    title = name.replace("table", "Table ") if name.startswith("table") else name.capitalize()
+    ref = result.get("reference", "paper")
+    theirs = "the paper's" if ref == "paper" else f"the {ref} figure"
     seeds = result.get("seeds") or [0]
     over = (f"the mean over {len(seeds)} seeds ({', '.join(map(str, seeds))}) with its 95% t-interval"
             if len(seeds) > 1 else f"one seed ({seeds[0]}; `--seeds N` gives intervals)")
     lines = [
         f"# {title}: {result['caption']}",
         "",
-        f"{result['metric']}: ours ({over}), the paper's, and ours − paper. `missing`: not scored yet; "
-        "`—`: nothing to show (a number the paper cites from another paper, or `-` in the paper).",
+        f"{result['metric']}: ours ({over}), {theirs}, and ours − {ref}. `missing`: not scored yet; "
+        + ("`—`: nothing to show (a number the paper cites from another paper, or `-` in the paper)." if ref == "paper"
+           else f"`—`: nothing to show (a row of {ref} figures only, or no {ref} figure there)."),
     ]
     if result.get("map"):
         lines.append("Shard names mapped: " + ", ".join(f"{k} → {v}" for k, v in result["map"].items()) + ".")
     has_train = any(r["train"] for r in result["rows"])
     header = [result["row_header"]] + (["Train"] if has_train else [])
     for label in result["columns"].values():
-        header += [f"{label} ours", f"{label} paper", "Δ"]
+        header += [f"{label} ours", f"{label} {ref}", "Δ"]
     rows = []
     for row in result["rows"]:
         out = [row["label"]] + ([row["train"]] if has_train else [])
