@@ -42,9 +42,10 @@ DEFAULT_OPSET = 18
 
 class InferenceHead(nn.Module):
     """images (B, 3, S, S) RGB float in [0, 1] -> P(fake) (B,): the model's own `predict` for one head, with the
-    modules that head does not run removed."""
+    modules that head does not run removed and (`merge`) a `model.tune=lora` run's adapters folded into their base
+    layers, so the file holds plain timm layers and no `lora_` weights."""
 
-    def __init__(self, model: nn.Module, head: str) -> None:
+    def __init__(self, model: nn.Module, head: str, merge: bool = True) -> None:
         super().__init__()
         model = copy.deepcopy(model).eval()
         if head != "baseline":
@@ -53,6 +54,12 @@ class InferenceHead(nn.Module):
                 delattr(model, name)
             if hasattr(model, "forwards"):  # the mask warm-up's training counter
                 del model.forwards
+        if merge:
+            from ltm.models.tuning import merge_lora  # timm and peft: not for the light `predict --model` path
+
+            merged = merge_lora(model)
+            if merged:
+                log.info("merged the LoRA adapters of %d layers into their weights", merged)
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -119,6 +126,8 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str | None =
     model, cfg, source = load_model(run_dir, tag, weights, None, "cpu")
     head = choose_head(cfg.model.kind, head, getattr(cfg.model, "inference_head", "student"))
     module = InferenceHead(model, head).eval()
+    # the reference is the run's own model, adapters unmerged: the check below then covers the merge as well
+    reference = InferenceHead(model, head, merge=False).eval()
     meta = metadata(run_dir, source, cfg, head, fmt)
     size = cfg.data.image_size
     generator = torch.Generator().manual_seed(0)
@@ -132,7 +141,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str | None =
         else:
             _write_torchscript(module, example, meta, tmp)
         with torch.no_grad():
-            expected = module(check).float()
+            expected = reference(check).float()
         got = ExportedModel(tmp).predict(check)
     except Exception as exc:  # the exporters raise many types; one line naming what failed
         tmp.unlink(missing_ok=True)
