@@ -51,6 +51,9 @@ class ModelConfig:
     # null (random init) | imagenet (timm's default weights: shipped in a package, or the hub cache) | a local file
     pretrained: str | None = None  # the student backbone's
     teacher_pretrained: str | None = None  # null = the same as `pretrained` when the backbones match
+    # extra timm.create_model arguments of the student backbone, e.g. {depth: 4, drop_path_rate: 0.1} for a ViT
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    teacher_backbone_args: dict[str, Any] | None = None  # null = `backbone_args` when the backbones match, else none
     input_norm: str = "backbone"  # backbone: each CNN normalises [0, 1] input by its weights' mean/std | none
     # null: the backbone's own total stride (32 for most: 7x7 at 224 px, 4x4 at 112 px) | 16 or 8: the last stages
     # dilated instead of strided (timm `output_stride`), a finer grid for Eq. 4's mask with the same weights
@@ -76,8 +79,8 @@ class ModelConfig:
     # tokens under M = 0 leave the student's sequence before block `mask_block`; prefix tokens never)
     mask_at: str = "features"
     mask_block: int = 0  # tokens: the student ViT block the masked tokens never enter (0: after patch + pos embedding)
-    # tokens: drop (removed from the sequence: the student's forward is that much cheaper) | token (replaced by a learned
-    # mask token, as iBOT / AttMask do)
+    # tokens: drop (removed from the sequence: the student's forward is that much cheaper) | token (replaced by a
+    # learned mask token, as iBOT / AttMask do)
     mask_fill: str = "drop"
     # whose map decides a real sample's mask: own (its own teacher map, as printed) | fake (the mask of a fake drawn at
     # random from the same batch, so that where the mask lands says nothing of the label: with input erasing, a

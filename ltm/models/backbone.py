@@ -1,8 +1,13 @@
-"""CNN backbones: any timm model name, returning its last feature map `X = CNN(img)` of shape (B, C, h, w)."""
+"""Backbones: any timm model name, returning its last feature map `X = CNN(img)` of shape (B, C, h, w).
+
+CNNs here; timm Vision Transformers (CLIP, DINOv2, SigLIP) in `ltm.models.foundation`, whose patch tokens are laid
+out as the same (B, C, h, w) grid. `build_backbone` picks the class by the name's timm module.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import timm
 import timm.data
@@ -28,15 +33,23 @@ class Backbone(nn.Module):
     pretrained running statistics and never updates them; its affine scale and shift still learn.
     """
 
+    is_vit = False
+    # timm.create_model arguments of the family: a CNN is cut before its pooling (ViTs keep theirs: foundation.py)
+    create_kwargs: dict = {"global_pool": ""}
+
     def __init__(self, name: str, pretrained: str | os.PathLike | None = None, normalize: bool = True,
-                 output_stride: int | None = None, freeze_bn: bool = False):
+                 output_stride: int | None = None, freeze_bn: bool = False, **create):
         super().__init__()
         extra = {"output_stride": output_stride} if output_stride else {}
         try:
-            self.net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **extra)
+            self.net = timm.create_model(name, pretrained=False, num_classes=0, **self.create_kwargs, **extra,
+                                         **create)
         except RuntimeError as exc:  # timm raises RuntimeError for unknown names
             raise BackboneError(f"backbone {name!r}: {exc}") from exc
-        except (TypeError, AssertionError, ValueError) as exc:  # a family without dilation support
+        except (TypeError, AssertionError, ValueError) as exc:
+            if create and not output_stride:  # an argument of model.backbone_args the family does not take
+                raise BackboneError(f"backbone {name!r} with model.backbone_args {create}: {exc}") from exc
+            # a family without dilation support
             raise BackboneError(f"backbone {name!r} with model.output_stride={output_stride}: {exc}") from exc
         self.name = name
         self.channels: int = self.net.num_features
@@ -63,10 +76,20 @@ class Backbone(nn.Module):
                     module.eval()
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def normalized(self, images: torch.Tensor) -> torch.Tensor:
         if self.normalize:
-            images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-        return self.net.forward_features(images)
+            return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        return images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(self.normalized(images))
+
+    def pooled(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The image's feature vector (B, C): the feature map averaged over its h*w positions. `keep` (token masking)
+        is for ViTs only."""
+        if keep is not None:
+            raise BackboneError(f"backbone {self.name!r} is a CNN: model.mask_at=tokens needs a ViT student")
+        return self(images).mean(dim=(2, 3))
 
     @torch.no_grad()
     def grid(self, image_size: int) -> tuple[int, int]:
@@ -80,3 +103,19 @@ class Backbone(nn.Module):
             raise BackboneError(f"backbone {self.name!r} cannot take {image_size} px input: {exc}") from exc
         self.train(was_training)
         return int(out.shape[-2]), int(out.shape[-1])
+
+
+def build_backbone(name: str, pretrained: str | os.PathLike | None = None, normalize: bool = True,
+                   output_stride: int | None = None, freeze_bn: bool = False, image_size: int = 224,
+                   mask_token: bool = False, **create: Any) -> Backbone:
+    """A `Backbone` for a timm CNN, a `ViTBackbone` for a timm Vision Transformer (sized for `image_size`, with a
+    learned mask token when asked)."""
+    from ltm.models.foundation import ViTBackbone, is_vit_name
+
+    if is_vit_name(name):
+        if output_stride:
+            raise BackboneError(f"backbone {name!r}: model.output_stride is for CNNs (a ViT's grid is its patch size)")
+        return ViTBackbone(name, pretrained, normalize, image_size=image_size, mask_token=mask_token, **create)
+    if mask_token:
+        raise BackboneError(f"backbone {name!r} is a CNN: model.mask_at=tokens needs a ViT student")
+    return Backbone(name, pretrained, normalize, output_stride=output_stride, freeze_bn=freeze_bn, **create)

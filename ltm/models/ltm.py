@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltm.config import CHOICES, ModelConfig
-from ltm.models.backbone import Backbone, BackboneError
+from ltm.models.backbone import Backbone, BackboneError, build_backbone
+from ltm.models.foundation import resample_map
 from ltm.models.masking import (
     GRADIENT_MAPS,
     INPUT_GRADIENT_MAPS,
@@ -25,6 +26,7 @@ from ltm.models.masking import (
     head_max_map,
     input_gradient_map,
     masks_from_fakes,
+    num_masked,
     occlusion_map,
     rollout_map,
     saliency_map,
@@ -33,11 +35,17 @@ from ltm.models.vit import TokenViT
 from ltm.models.weights import backbone_weights
 
 
-def build_cnn(cfg: ModelConfig, role: str, load_weights: bool = True) -> Backbone:
-    """The `student` or `teacher` CNN with the weights `backbone_weights` assigns it (none: random init)."""
+def build_cnn(cfg: ModelConfig, role: str, load_weights: bool = True, image_size: int = 224) -> Backbone:
+    """The `student` or `teacher` backbone (a CNN, or a ViT: ltm.models.foundation) with the weights
+    `backbone_weights` assigns it (none: random init); the student ViT gets a mask token for `mask_fill=token`."""
     name, weights = backbone_weights(cfg)[role]
-    return Backbone(name, weights if load_weights else None, normalize=cfg.input_norm == "backbone",
-                    output_stride=cfg.output_stride, freeze_bn=cfg.freeze_bn)
+    args = cfg.backbone_args if role == "student" else cfg.teacher_backbone_args
+    if args is None:
+        args = cfg.backbone_args if name == cfg.backbone else {}
+    mask_token = role == "student" and cfg.kind == "ltm" and cfg.mask_at == "tokens" and cfg.mask_fill == "token"
+    return build_backbone(name, weights if load_weights else None, normalize=cfg.input_norm == "backbone",
+                          output_stride=cfg.output_stride, freeze_bn=cfg.freeze_bn, image_size=image_size,
+                          mask_token=mask_token, **args)
 
 
 def student_classifier(channels: int, hidden: int) -> nn.Module:
@@ -53,11 +61,11 @@ class Baseline(nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int = 224, load_weights: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_cnn(cfg, "student", load_weights)
+        self.backbone = build_cnn(cfg, "student", load_weights, image_size)
         self.head = nn.Linear(self.backbone.channels, 1)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images).mean(dim=(2, 3))).squeeze(1)
+        return self.head(self.backbone.pooled(images)).squeeze(1)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         logits = self.logits(images)
@@ -76,20 +84,31 @@ class LearningToMask(nn.Module):
 
     Training forward: L = L_cls^t + L_vit^t + alpha_div * L_div + L^s (Eq. 7). The mask is computed from the
     detached attention and the student is a separate CNN, so L^s sends no gradient into the teacher.
+
+    Either backbone may be a foundation ViT (ltm.models.foundation): its patch tokens are the teacher's "CNN tokens",
+    or the student's masked tokens (`mask_at=tokens`). Where the student's token grid differs from the teacher's
+    feature grid, the teacher's map is resampled to the student's grid before Eq. 4 (`resample_map`).
     """
 
     def __init__(self, cfg: ModelConfig, image_size: int = 224, load_weights: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.teacher_cnn = build_cnn(cfg, "teacher", load_weights)
-        self.student_cnn = build_cnn(cfg, "student", load_weights)
+        self.teacher_cnn = build_cnn(cfg, "teacher", load_weights, image_size)
+        self.student_cnn = build_cnn(cfg, "student", load_weights, image_size)
         self.grid = self.teacher_cnn.grid(image_size)
-        student_grid = self.student_cnn.grid(image_size)
-        if student_grid != self.grid:
+        self.student_grid = student_grid = self.student_cnn.grid(image_size)
+        if cfg.mask_at == "tokens":
+            if not self.student_cnn.is_vit:
+                raise BackboneError(f"model.mask_at=tokens: student {cfg.backbone!r} is a CNN; it needs a ViT "
+                                    "(mask_at=features or input masks a CNN)")
+            if cfg.mask_strategy == "soft":
+                raise BackboneError("model.mask_at=tokens: mask_strategy=soft zeroes no token (high, low or random)")
+        elif student_grid != self.grid and cfg.mask_at == "features":
             raise BackboneError(
                 f"teacher {self.teacher_cnn.name!r} gives a {self.grid[0]}x{self.grid[1]} feature grid but student "
                 f"{cfg.backbone!r} gives {student_grid[0]}x{student_grid[1]} at {image_size} px: the mask of "
-                "Eq. 4 needs the same grid (pick backbones with the same total stride)"
+                "Eq. 4 needs the same grid (pick backbones with the same total stride, or a ViT student with "
+                "model.mask_at=tokens, whose mask is resampled to its grid)"
             )
         v = cfg.vit
         self.teacher_vit = TokenViT(self.teacher_cnn.channels, self.grid, v.dim, v.heads, v.depth, v.mlp_ratio)
@@ -173,19 +192,24 @@ class LearningToMask(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         labels = labels.float()
         t = self.teacher(images)
-        mask = feature_mask(t["attention"], self.cfg.mask_ratio, self.cfg.mask_strategy)  # Eq. 4
+        tokens = self.cfg.mask_at == "tokens"
+        attention = resample_map(t["attention"], self.student_grid) if tokens else t["attention"]
+        mask = feature_mask(attention, self.cfg.mask_ratio, self.cfg.mask_strategy)  # Eq. 4
+        keep_count = self.student_grid[0] * self.student_grid[1] - num_masked(self.cfg.mask_ratio, self.student_grid)
         if self.cfg.real_mask == "fake" and self.training:
             mask = masks_from_fakes(mask, labels)
         if self.cfg.mask_warmup > 0 and self.training:
             if int(self.forwards) < self.cfg.mask_warmup:
                 mask = torch.ones_like(mask)
+                keep_count = mask[0].numel()
             self.forwards += 1
         if self.cfg.mask_at == "input":  # the cells' pixels are hidden, so no receptive field reaches them
-            x_s = self.student_cnn(erase_cells(images, mask, self.student_cnn.mean))
-            features = self.pool(x_s, None)
+            features = seen = self.student_cnn.pooled(erase_cells(images, mask, self.student_cnn.mean))
+        elif tokens:  # the masked tokens leave the student's sequence (or become the mask token)
+            features = seen = self.student_cnn.pooled(images, mask, self.cfg.mask_block, keep_count)
         else:
             x_s = self.student_cnn(images)
-            features = self.pool(x_s, mask)
+            features, seen = self.pool(x_s, mask), self.pool(x_s, None)
         student_labels = labels
         if self.cfg.mixup:
             # Eq. 5-6; `global`: partners from every rank's batch, so the mixing does not change with the world size
@@ -205,7 +229,7 @@ class LearningToMask(nn.Module):
         }
         total = losses["cls_t"] + losses["vit_t"] + self.cfg.div_weight * losses["div"] + losses["student"]  # Eq. 7
         with torch.no_grad():
-            logits = self._inference_logits(t, x_s)
+            logits = self._inference_logits(t, seen)  # what the student saw, unmixed
         return {
             "loss": total,
             "losses": {k: v.detach() for k, v in losses.items()},
@@ -214,19 +238,26 @@ class LearningToMask(nn.Module):
             "mask": mask,
         }
 
-    def _head_logits(self, t: dict | None, x_s: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Each head's logits on unmasked features (M = 1), for the heads whose inputs were computed: the student
-        from the student CNN's features `x_s`, the teacher's two from its outputs `t`."""
+    def student_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's feature vector F (B, C) of whole images, as inference sees them (M = 1): its feature map
+        averaged as Eq. 4's pooling does (`mask_at=features`), else the backbone's own pooling (a ViT's CLS token)."""
+        if self.cfg.mask_at == "features":
+            return self.pool(self.student_cnn(images), None)
+        return self.student_cnn.pooled(images)
+
+    def _head_logits(self, t: dict | None, features: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Each head's logits, for the heads whose inputs were computed: the student from its feature vector
+        `features` (B, C), the teacher's two from its outputs `t`."""
         logits = {}
-        if x_s is not None:
-            logits["student"] = self.student_head(self.pool(x_s, None)).squeeze(1)
+        if features is not None:
+            logits["student"] = self.student_head(features).squeeze(1)
         if t is not None:
             logits["teacher_cnn"], logits["teacher_vit"] = t["cls_logits"], t["vit_logits"]
         return logits
 
-    def _inference_logits(self, t: dict | None, x_s: torch.Tensor | None) -> torch.Tensor:
+    def _inference_logits(self, t: dict | None, features: torch.Tensor | None) -> torch.Tensor:
         head = self.cfg.inference_head
-        logits = self._head_logits(t, x_s)
+        logits = self._head_logits(t, features)
         if head != "ensemble":
             return logits[head]
         probs = torch.stack([torch.sigmoid(x.float()) for x in logits.values()])
@@ -237,14 +268,14 @@ class LearningToMask(nn.Module):
         """P(fake) per image from the configured head, on unmasked features (M = 1), without mixup."""
         head = self.cfg.inference_head
         t = self.teacher(images, map_kind="mean") if head != "student" else None
-        x_s = self.student_cnn(images) if head in ("student", "ensemble") else None
-        return torch.sigmoid(self._inference_logits(t, x_s).float())
+        features = self.student_features(images) if head in ("student", "ensemble") else None
+        return torch.sigmoid(self._inference_logits(t, features).float())
 
     @torch.no_grad()
     def head_probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """P(fake) per image from each of the three heads at once (what `predict` gives for each `inference_head`
         but the ensemble), for comparing them on one pass over the data."""
-        logits = self._head_logits(self.teacher(images, map_kind="mean"), self.student_cnn(images))
+        logits = self._head_logits(self.teacher(images, map_kind="mean"), self.student_features(images))
         return {name: torch.sigmoid(x.float()) for name, x in logits.items()}
 
     @torch.no_grad()
