@@ -228,13 +228,15 @@ LORA_RUN = ["data.val=[]", "model.tune=lora", "model.lora.targets=[conv_pw,conv_
 
 
 def lora_config(tmp_path: Path, shards: Path, run_dir: Path):  # noqa: F811
+    # ZeRO-2: DeepSpeed stores frozen parameters beside the partitioned fp32 weights at stage 2 only, and
+    # ltm.checkpoint.reader reads ZeRO-1/2 tags through that store
     return load_config(write_config(tmp_path, shards, run_dir, iters_per_epoch=4, epochs=1, log_every=1, val_every=0,
-                                    ckpt_every=2), LORA_RUN)
+                                    ckpt_every=2, zero_stage=2), LORA_RUN)
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, shards) -> dict:  # noqa: F811
-    """4 steps of ZeRO-1 DeepSpeed training, AdamW and cosine, of a LoRA student and a teacher whose BatchNorms
+    """4 steps of ZeRO-2 DeepSpeed training, AdamW and cosine, of a LoRA student and a teacher whose BatchNorms
     alone train (`ln` on a CNN), checkpoints at steps 2 and 4: its parameters before and after, and which froze."""
     from ltm.train.trainer import Trainer
 
@@ -281,20 +283,15 @@ def test_resumed_cosine_run_continues_at_the_right_rate(lora_run, shards, tmp_pa
         assert torch.equal(after[name], value), name
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_lora_export_merges_the_adapters_and_scores_as_the_run(lora_run, tmp_path, fmt):
+def test_lora_export_merges_the_adapters_and_scores_as_the_run(lora_run, tmp_path):
+    """TorchScript (the merge happens before either writer; ONNX export is test_export's, and slower)."""
     from ltm.checkpoint.reader import load_model
     from ltm.cli import main
     from ltm.deploy.exported import ExportedModel
 
-    out = tmp_path / f"student.{'pt' if fmt == 'torchscript' else 'onnx'}"
+    out = tmp_path / "student.pt"
     assert main(["export", "--run", str(lora_run["run_dir"]), "--out", str(out)]) == 0
-    if fmt == "torchscript":
-        names = list(torch.jit.load(str(out)).state_dict())
-    else:
-        import onnx
-
-        names = [t.name for t in onnx.load(str(out)).graph.initializer]
+    names = list(torch.jit.load(str(out)).state_dict())
     assert names and not [n for n in names if "lora_" in n or "base_layer" in n]
     model, _, _ = load_model(lora_run["run_dir"])
     assert any("lora_" in n for n in model.state_dict())  # the run's own model keeps its adapters
