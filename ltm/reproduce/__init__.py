@@ -23,10 +23,14 @@ are not submitted again.
 so that a table can run on other shards: e.g. on the sample dataset (FF++ layout, methods SelfBlend and
 FaceSwap) `--map Deepfakes=SelfBlend --map Face2Face=SelfBlend --map NeuralTextures=FaceSwap`.
 
+`ltm reproduce foundation` runs the same way a table beyond the paper's: LTM on CLIP ViT-L/14 and its Baselines,
+frame and video AUC on Celeb-DF v2, DFDC, DFDC-P and DFD beside the field's published figures
+(`ltm.reproduce.foundation`, docs/foundation.md).
+
 The package, one concern per module: `configs` (each run's resolved config), `plan` (the table as a sweep, and
 each point's state), `cost` (GPU-hour estimates), `results` (collecting the points into tableN.md/.json). Running
 points (here or as a SLURM array) is `ltm.sweep` / `launcher.sweep`; the command is `launcher.reproduce`. The
-paper's numbers are data in `ltm.reproduce.paper`.
+paper's numbers are data in `ltm.reproduce.paper`, the foundation table's in `ltm.reproduce.foundation`.
 """
 
 from ltm.models.flops import model_gflops
