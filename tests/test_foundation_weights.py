@@ -20,7 +20,16 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+)
 
 from ltm.config import load_config
 from ltm.models.weights import WeightsError, is_timm_default, load_pretrained, required_imagenet
@@ -173,21 +182,39 @@ def test_hugging_face_clip_files_give_the_same_features(tmp_path):
 # ------------------------------------------------------------------------------------------------ DINOv2
 
 
-def dinov2(image_size: int, seed: int) -> Dinov2Model:
+def dinov2(image_size: int, seed: int, registers: int = 0) -> Dinov2Model | Dinov2WithRegistersModel:
     torch.manual_seed(seed)
-    return perturbed(Dinov2Model(Dinov2Config(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                              image_size=image_size, patch_size=14)), seed=seed + 1)
+    size = {"hidden_size": WIDTH, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "image_size": image_size,
+            "patch_size": 14}
+    if registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **size))
+    else:
+        model = Dinov2Model(Dinov2Config(**size))
+    return perturbed(model, seed=seed + 1)
 
 
-def test_hugging_face_dinov2_file_gives_the_same_features(tmp_path):
-    model = dinov2(56, seed=4)
+@pytest.mark.parametrize("registers, name", [(0, "vit_base_patch14_dinov2"), (4, "vit_small_patch14_reg4_dinov2")])
+def test_hugging_face_dinov2_file_gives_the_same_features(tmp_path, registers, name):
+    """Dinov2Model, and Dinov2WithRegistersModel into timm's register variant (its CLS token takes the CLS position
+    embedding, its position table covers the patches only: timm's `_convert_dinov2`)."""
+    model = dinov2(56, seed=4, registers=registers)
     model.save_pretrained(tmp_path / "dinov2")
     path = tmp_path / "dinov2" / "model.safetensors"
-    net = small_vit("vit_base_patch14_dinov2", 56)
-    assert load_pretrained(net, "vit_base_patch14_dinov2", path) == f"file {path} (Hugging Face Dinov2Model)"
+    net = small_vit(name, 56)
+    assert load_pretrained(net, name, path) == f"file {path} (Hugging Face Dinov2Model)"
     images = torch.randn(2, 3, 56, 56)
     with torch.no_grad():  # HF's last hidden state is after its final layernorm, as timm's features
         assert torch.allclose(net.forward_features(images), model(pixel_values=images).last_hidden_state, atol=1e-5)
+
+
+def test_meta_dinov2_file_loads_into_a_net_of_another_size(tmp_path):
+    """Meta's DINOv2 checkpoints are timm's names plus `mask_token` (timm's names follow Meta's)."""
+    source = perturbed(small_vit("vit_base_patch14_dinov2", 56), seed=10)
+    torch.save({**source.state_dict(), "mask_token": torch.zeros(1, WIDTH)}, tmp_path / "dinov2_vitb14_pretrain.pth")
+    net = small_vit("vit_base_patch14_dinov2", 28)
+    source_str = load_pretrained(net, "vit_base_patch14_dinov2", tmp_path / "dinov2_vitb14_pretrain.pth")
+    assert source_str.endswith("(Meta DINOv2)") and net.pos_embed.shape == (1, 1 + 2 * 2, WIDTH)
+    assert torch.equal(net.state_dict()["blocks.2.ls2.gamma"], source.state_dict()["blocks.2.ls2.gamma"])
 
 
 def test_dinov2_file_at_518_px_is_resampled_into_a_224_px_net(tmp_path):
