@@ -506,7 +506,8 @@ def run(args: argparse.Namespace) -> int:
         if name not in listed:
             try:
                 _pretrained_cfg(name)  # an unknown or weightless name is said as such, not as "not offline"
-                rows.append((name, offline_source(name) or "not available offline (`ltm weights fetch` it)"))
+                rows.append((name, offline_source(name) or f"not cached here (nor shipped): run `ltm weights fetch "
+                                                           f"{name}` on a machine with network access"))
             except WeightsError as exc:
                 rows.append((name, str(exc).removeprefix(f"backbone {name!r}: ")))
     for name, source in sorted(rows):
