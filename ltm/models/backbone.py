@@ -1,13 +1,12 @@
 """Backbones: any timm model name, returning its last feature map `X = CNN(img)` of shape (B, C, h, w).
 
 CNNs here; timm Vision Transformers (CLIP, DINOv2, SigLIP) in `ltm.models.foundation`, whose patch tokens are laid
-out as the same (B, C, h, w) grid. `build_backbone` picks the class by the name's timm module.
+out as the same (B, C, h, w) grid; `ltm.models.foundation.build_backbone` picks the class by the name's timm module.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import timm
 import timm.data
@@ -104,18 +103,3 @@ class Backbone(nn.Module):
         self.train(was_training)
         return int(out.shape[-2]), int(out.shape[-1])
 
-
-def build_backbone(name: str, pretrained: str | os.PathLike | None = None, normalize: bool = True,
-                   output_stride: int | None = None, freeze_bn: bool = False, image_size: int = 224,
-                   mask_token: bool = False, **create: Any) -> Backbone:
-    """A `Backbone` for a timm CNN, a `ViTBackbone` for a timm Vision Transformer (sized for `image_size`, with a
-    learned mask token when asked)."""
-    from ltm.models.foundation import ViTBackbone, is_vit_name
-
-    if is_vit_name(name):
-        if output_stride:
-            raise BackboneError(f"backbone {name!r}: model.output_stride is for CNNs (a ViT's grid is its patch size)")
-        return ViTBackbone(name, pretrained, normalize, image_size=image_size, mask_token=mask_token, **create)
-    if mask_token:
-        raise BackboneError(f"backbone {name!r} is a CNN: model.mask_at=tokens needs a ViT student")
-    return Backbone(name, pretrained, normalize, output_stride=output_stride, freeze_bn=freeze_bn, **create)

@@ -130,3 +130,17 @@ def resample_map(attention: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
     if grid[0] <= attention.shape[-2] and grid[1] <= attention.shape[-1]:
         return torch.nn.functional.adaptive_avg_pool2d(src, grid)[:, 0]
     return torch.nn.functional.interpolate(src, size=grid, mode="bilinear", align_corners=False)[:, 0]
+
+
+def build_backbone(name: str, pretrained: str | os.PathLike | None = None, normalize: bool = True,
+                   output_stride: int | None = None, freeze_bn: bool = False, image_size: int = 224,
+                   mask_token: bool = False, **create: Any) -> Backbone:
+    """A `ViTBackbone` for a timm Vision Transformer (sized for `image_size`, with a learned mask token when asked),
+    a CNN `Backbone` for anything else."""
+    if is_vit_name(name):
+        if output_stride:
+            raise BackboneError(f"backbone {name!r}: model.output_stride is for CNNs (a ViT's grid is its patch size)")
+        return ViTBackbone(name, pretrained, normalize, image_size=image_size, mask_token=mask_token, **create)
+    if mask_token:
+        raise BackboneError(f"backbone {name!r} is a CNN: model.mask_at=tokens needs a ViT student")
+    return Backbone(name, pretrained, normalize, output_stride=output_stride, freeze_bn=freeze_bn, **create)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltm.config import CHOICES, ModelConfig
-from ltm.models.backbone import Backbone, BackboneError, build_backbone
-from ltm.models.foundation import resample_map
+from ltm.models.backbone import Backbone, BackboneError
+from ltm.models.foundation import build_backbone, resample_map
 from ltm.models.masking import (
     GRADIENT_MAPS,
     INPUT_GRADIENT_MAPS,
