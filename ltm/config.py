@@ -165,7 +165,13 @@ class TrainConfig:
     warmup_steps: int = 0
     # LTM only: the student's CNN and classifier train at lr x this (the paper: 1, one lr for both networks)
     student_lr_scale: float = 1.0
-    zero_stage: int = 0  # 0 | 1 | 2
+    # 0 | 1 | 2 | 3 (3: parameters partitioned over the ranks too, gathered per module as the forward reaches it;
+    # docs/large-models.md)
+    zero_stage: int = 0
+    # false | blocks (every ViT block and CNN stage of the backbones recomputed in the backward instead of keeping its
+    # activations) | every_k (only every `checkpoint_every_k`-th one); the same losses either way
+    activation_checkpointing: bool | str = False
+    checkpoint_every_k: int = 2
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_clip: float = 0.0
     seed: int = 0
@@ -256,7 +262,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.loader": ("dali", "reference"),
     "data.device": ("auto", "cpu", "gpu"),
     "data.on_bad_sample": ("error", "skip"),
-    "train.zero_stage": (0, 1, 2),
+    "train.zero_stage": (0, 1, 2, 3),
+    "train.activation_checkpointing": (False, "blocks", "every_k"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.optimizer_impl": ("default", "foreach", "fused", "for-loop"),
     "train.compile": (False, True, "default", "reduce-overhead", "max-autotune"),
@@ -374,7 +381,12 @@ def validate(cfg: Config) -> None:
         "model.lora.rank": (cfg.model.lora.rank >= 1, ">= 1"),
         "model.lora.targets": (len(cfg.model.lora.targets) > 0, "a non-empty list of module name suffixes"),
         "train.betas": (len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "two values in [0, 1)"),
-        "train.warmup_steps": (cfg.train.warmup_steps >= 0, ">= 0"),
+        "train.warmup_steps": (cfg.train.warmup_steps >= 0 and (cfg.train.warmup_steps == 0
+                                                                 or cfg.train.schedule == "cosine"),
+                               ">= 0, and 0 unless train.schedule is cosine (exponential has no warm-up)"),
+        "model.teacher_tune": (cfg.model.teacher_tune is None or cfg.model.kind == "ltm",
+                               "null unless model.kind is ltm (a baseline has no teacher)"),
+        "train.checkpoint_every_k": (cfg.train.checkpoint_every_k >= 1, ">= 1"),
         "train.profile.start": (cfg.train.profile.start >= 0, ">= 0 (0: off)"),
         "train.profile.steps": (cfg.train.profile.steps >= 0 and (cfg.train.profile.steps > 0) ==
                                 (cfg.train.profile.start > 0), ">= 1 with train.profile.start, else 0"),

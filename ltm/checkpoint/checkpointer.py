@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -281,6 +282,8 @@ class Checkpointer:
     def load(self, engine: Any, tag: str, universal: bool = False) -> tuple[dict, dict | None]:
         """Weights, optimizer and client_state into `engine`; this rank's saved state (None if it has none)."""
         load_dir = self.dir / UNIVERSAL if universal else self.dir
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
         try:
             path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                         load_lr_scheduler_states=False)
@@ -291,12 +294,19 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {load_dir / tag}: DeepSpeed found nothing to load")
         if universal:
             # The universal loader restores parameters from zero/ and skips the module state dict, buffers and
-            # all (it was built for models without any); BatchNorm running statistics come from the saved module.
+            # all (it was built for models without any); BatchNorm running statistics come from the saved module,
+            # frozen parameters (model.tune) from the files `convert_to_universal` wrote for them.
             saved = load_file(path)["module"]
             with torch.no_grad():
                 for name, buf in engine.module.named_buffers():
                     if name in saved:
                         buf.copy_(saved[name])
+            restore_frozen(engine, load_dir / tag / "zero")
+            # DeepSpeed's ZeRO-3 universal loader gives every group the first group's settings: AdamW's no-decay
+            # group would be decayed, the student's lr scale lost; the run's own settings stand (its lr follows the
+            # restored schedule in Trainer.load)
+            for group, mine in zip(base.param_groups, settings):
+                group.update(mine)
         own = self.dir / tag / rank_state_name(self.rank)
         if not own.is_file():
             return client_state, None
@@ -307,6 +317,23 @@ class Checkpointer:
         except Exception as exc:
             raise CheckpointError(f"checkpoint file {own}: cannot be read ({type(exc).__name__}: {exc})") from exc
         return client_state, rank_state
+
+
+def restore_frozen(engine: Any, zero: Path) -> None:
+    """Frozen parameters (requires_grad False: no optimizer state, so DeepSpeed's universal loader leaves them as
+    built) from `zero/<name>/fp32.pt`; under ZeRO-3 through a gather, each rank then keeping its partition."""
+    import deepspeed
+
+    frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
+    missing = [n for n, _ in frozen if not (zero / n / "fp32.pt").is_file()]
+    if missing:
+        raise CheckpointError(f"universal checkpoint {zero.parent}: no values for {len(missing)} frozen parameters, "
+                              f"e.g. {missing[0]} (converted before frozen parameters were written: delete "
+                              f"{zero.parent} and resume again)")
+    for name, param in frozen:
+        value = load_file(zero / name / "fp32.pt")[PARAM_KEY]
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            param.copy_(value.view_as(param).to(param.dtype))
 
 
 def describe_damage(folder: Path) -> str:
@@ -326,39 +353,64 @@ def describe_damage(folder: Path) -> str:
 
 
 def convert_to_universal(src: Path, dst: Path) -> None:
-    """Write DeepSpeed's universal checkpoint layout for a ZeRO-1/2 (or bf16) checkpoint of data-parallel ranks.
+    """Write DeepSpeed's universal checkpoint layout for a ZeRO-1/2/3 (or bf16) checkpoint of data-parallel ranks.
 
     `deepspeed.checkpoint.ds_to_universal` extracts only Adam's `exp_avg`/`exp_avg_sq` and fails on SGD, whose
     state is `momentum_buffer`; its loader (`load_universal` in the DeepSpeed config) takes whatever state files
     a parameter folder holds. So this writes that same layout for every optimizer state: `zero/<param>/<state>.pt`
-    holding `{"param": full tensor}` (the ranks' flat fragments joined in rank order), `zero/optimizer_state.pt`
-    (the shared optimizer fields and param groups) and the model-states file copied as is.
+    holding `{"param": full tensor}` (the ranks' fragments joined in rank order), `zero/optimizer_state.pt`
+    (the shared optimizer fields and param groups) and the model-states file(s) copied as they are.
+
+    Frozen parameters (model.tune) get a `zero/<param>/fp32.pt` too, from the saved module (ZeRO-1/2) or the ranks'
+    `frozen_param_fragments` (ZeRO-3): DeepSpeed's universal loader restores only what the optimizer holds, and
+    `Checkpointer.load` puts these back.
     """
+    files = sorted(src.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)))
+    if not files:
+        raise CheckpointError(f"checkpoint {src}: no ZeRO optimizer partitions to convert")
+    model_files = sorted(src.glob("*mp_rank_00_model_states.pt"),
+                         key=lambda p: int(re.sub(r"\D", "", p.name.split("_mp_rank")[0]) or 0))
+    if not model_files:
+        raise CheckpointError(f"checkpoint {src}: no mp_rank_00_model_states.pt")
+    states = [load_file(f) for f in files]
+    if any(f.name.startswith("zero_pp_rank_") for f in model_files):  # ZeRO-3: a model-states file per rank
+        params, frozen, shared = _zero3_pieces(states, [load_file(f) for f in model_files], src)
+    else:
+        params, frozen, shared = _zero12_pieces(states, load_file(model_files[0]))
+    zero = dst / "zero"
+    for name, tensors in {**frozen, **params}.items():
+        (zero / name).mkdir(parents=True, exist_ok=True)
+        for key, tensor in tensors.items():
+            torch.save(tensor if key == "step" else {PARAM_KEY: tensor}, zero / name / f"{key}.pt")
+    torch.save(shared, zero / "optimizer_state.pt")
+    for f in model_files:
+        shutil.copy2(f, dst / f.name)
+    files_written = {p.relative_to(dst).as_posix(): p.stat().st_size for p in dst.rglob("*") if p.is_file()}
+    write_text_atomic(dst / COMPLETE, json.dumps({"source": str(src), "files": files_written,
+                                                  "frozen": sorted(frozen)}, indent=1))
+
+
+PARAM_KEY = "param"  # deepspeed.checkpoint.constants.PARAM
+
+
+def _zero12_pieces(states: list[dict], model_state: dict) -> tuple[dict, dict, dict]:
+    """ZeRO-1/2: each rank's flat fp32 partition and optimizer state, cut by its `param_slice_mappings`."""
     from deepspeed.checkpoint.constants import (
         BASE_OPTIMIZER_STATE,
         OPTIMIZER_STATE_DICT,
-        PARAM,
         PARAM_GROUPS,
         PARAM_SLICE_MAPPINGS,
         SINGLE_PARTITION_OF_FP32_GROUPS,
     )
 
-    files = sorted(src.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)))
-    if not files:
-        raise CheckpointError(f"checkpoint {src}: no ZeRO optimizer partitions to convert")
-    model_file = src / "mp_rank_00_model_states.pt"
-    model_state = load_file(model_file)
     shapes: dict[str, torch.Size] = {}
     for group in model_state["param_shapes"]:
         shapes.update(group)
-
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
     steps: dict[str, Any] = {}
-    first: dict | None = None
-    for f in files:
-        osd = load_file(f)[OPTIMIZER_STATE_DICT]
-        first = first or osd
+    for state in states:
+        osd = state[OPTIMIZER_STATE_DICT]
         for g, mapping in enumerate(osd[PARAM_SLICE_MAPPINGS]):
             group_state = osd[BASE_OPTIMIZER_STATE]["state"].get(g, {})
             flat = {"fp32": osd[SINGLE_PARTITION_OF_FP32_GROUPS][g]}
@@ -368,25 +420,72 @@ def convert_to_universal(src: Path, dst: Path) -> None:
                     pieces.setdefault(name, {}).setdefault(key, []).append(tensor.narrow(0, frag.start, frag.numel))
                 if "step" in group_state:
                     steps[name] = group_state["step"]
-
-    zero = dst / "zero"
-    for name, states in pieces.items():
-        (zero / name).mkdir(parents=True, exist_ok=True)
-        for key, parts in states.items():
-            torch.save({PARAM: torch.cat(parts).clone().view(shapes[name])}, zero / name / f"{key}.pt")
-        if name in steps:
-            torch.save(steps[name], zero / name / "step.pt")
-    # Parameters that no rank holds an optimizer fragment of still need their values.
-    for name, tensor in model_state["module"].items():
-        if name in shapes and name not in pieces:
-            (zero / name).mkdir(parents=True, exist_ok=True)
-            torch.save({PARAM: tensor.float()}, zero / name / "fp32.pt")
-
-    assert first is not None
+    params = {name: {key: torch.cat(parts).clone().view(shapes[name]) for key, parts in keys.items()}
+              for name, keys in pieces.items()}
+    for name, step in steps.items():
+        params[name]["step"] = step
+    module = model_state["module"]
+    buffers = set(model_state.get("buffer_names") or [])
+    # a trainable parameter that no rank holds a fragment of, and every frozen one (not in param_shapes): the saved
+    # module holds it whole at ZeRO-1/2
+    for name in shapes:
+        if name not in params and name in module:
+            params[name] = {"fp32": module[name].float()}
+    frozen = {name: {"fp32": tensor.float()} for name, tensor in module.items()
+              if name not in shapes and name not in buffers and tensor.is_floating_point()}
+    first = states[0][OPTIMIZER_STATE_DICT]
     shared = {k: v for k, v in first.items()
               if k not in (BASE_OPTIMIZER_STATE, PARAM_SLICE_MAPPINGS, SINGLE_PARTITION_OF_FP32_GROUPS)}
     shared[PARAM_GROUPS] = first[BASE_OPTIMIZER_STATE][PARAM_GROUPS]
-    torch.save(shared, zero / "optimizer_state.pt")
-    shutil.copy2(model_file, dst / model_file.name)
-    files_written = {p.relative_to(dst).as_posix(): p.stat().st_size for p in dst.rglob("*") if p.is_file()}
-    write_text_atomic(dst / COMPLETE, json.dumps({"source": str(src), "files": files_written}, indent=1))
+    return params, frozen, shared
+
+
+def _zero3_pieces(states: list[dict], model_states: list[dict], src: Path) -> tuple[dict, dict, dict]:
+    """ZeRO-3: each rank's flat groups hold, parameter after parameter in `param_shapes` order, its
+    ceil(numel / world) elements of each (the last rank's padded); the optimizer's state tensors are laid out as the
+    flat groups. Frozen parameters are the ranks' `frozen_param_fragments`, cut the same way."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
+
+    world = len(states)
+    shapes: dict[str, torch.Size] = {}
+    for group in model_states[0]["param_shapes"]:
+        shapes.update(group)
+    flats: dict[str, list[torch.Tensor]] = {}  # state key -> each rank's groups joined into one flat tensor
+    step = None
+    for state in states:
+        osd = state[OPTIMIZER_STATE_DICT]
+        groups = osd[FP32_FLAT_GROUPS]
+        base = osd[OPTIMIZER_STATE_DICT]["state"]
+        keys = {k for g in base.values() for k, v in g.items() if torch.is_tensor(v) and v.dim() == 1}
+        flats.setdefault("fp32", []).append(torch.cat([g.reshape(-1) for g in groups]))
+        for key in keys:
+            flats.setdefault(key, []).append(torch.cat([base[i][key].reshape(-1) for i in range(len(groups))]))
+        step = next((g["step"] for g in base.values() if "step" in g), step)
+    unsupported = sorted(set(flats) - {"fp32", "exp_avg", "exp_avg_sq"})
+    if unsupported:
+        # DeepSpeed's ZeRO-3 universal loader reads these three files per parameter and nothing else
+        raise CheckpointError(f"checkpoint {src}: ZeRO-3 optimizer state {unsupported} cannot be converted for "
+                              "another world size (DeepSpeed's ZeRO-3 universal loader takes Adam's state only: "
+                              "train.optimizer=adamw)")
+    params: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        part = math.ceil(shape.numel() / world)
+        params[name] = {key: torch.cat([r.narrow(0, offset, part) for r in per_rank])[:shape.numel()].clone()
+                        .view(shape) for key, per_rank in flats.items()}
+        if step is not None:
+            params[name]["step"] = step
+        offset += part
+    if offset != flats["fp32"][0].numel():
+        raise CheckpointError(f"checkpoint {src}: the ZeRO-3 partitions hold {flats['fp32'][0].numel()} elements per "
+                              f"rank where the parameter shapes need {offset}")
+    frozen = {}
+    for name, shape in (model_states[0].get("frozen_param_shapes") or {}).items():
+        parts = [m["frozen_param_fragments"][name].reshape(-1) for m in model_states]
+        frozen[name] = {"fp32": torch.cat(parts)[:shape.numel()].float().clone().view(shape)}
+    first = states[0][OPTIMIZER_STATE_DICT]
+    shared = {k: v for k, v in first.items() if k not in (FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT)}
+    inner = first[OPTIMIZER_STATE_DICT]
+    shared[OPTIMIZER_STATE_DICT] = {"state": {i: {"step": g["step"]} for i, g in inner["state"].items() if "step" in g},
+                                    "param_groups": inner["param_groups"]}
+    return params, frozen, shared

@@ -1,4 +1,4 @@
-"""Weights for scoring: a run's DeepSpeed tag folder (ZeRO 0/1/2, any saved world size) or a consolidated fp32 file,
+"""Weights for scoring: a run's DeepSpeed tag folder (ZeRO 0/1/2/3, any saved world size) or a consolidated fp32 file,
 read without an engine through DeepSpeed's own zero-to-fp32 helpers and loaded into the model the run's config builds.
 `ltm eval`, `ltm predict`, `ltm export`, the sweep and the launcher's pre-flight checks read checkpoints here.
 """
@@ -65,11 +65,23 @@ def _quietly(fn, *args, **kwargs):
     return out
 
 
+def _frozen_from_module(model_files: list[Path]) -> dict[str, torch.Tensor]:
+    """The full tensors of the saved module: at ZeRO-1 DeepSpeed leaves frozen parameters (model.tune) out of
+    `frozen_param_shapes`, so its zero-to-fp32 helper returns none of them; they never change, and the module saved
+    beside the partitions holds them whole (in the training dtype). ZeRO-2 and 3 store them with the partitions
+    (ZeRO-3's module holds empty placeholders, skipped here); the helper's values take precedence."""
+    if len(model_files) != 1:  # ZeRO-3: one model-states file per rank, its parameters partitioned
+        return {}
+    module = load_file(model_files[0]).get("module") or {}
+    return {k: v for k, v in module.items() if torch.is_tensor(v) and v.numel() > 0}
+
+
 def load_checkpoint_weights(tag_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """fp32 state dict of the model saved in a DeepSpeed tag folder, on CPU.
 
-    ZeRO 1/2 keep the fp32 master weights partitioned over the ranks' `*_optim_states.pt`; DeepSpeed's
-    `get_fp32_state_dict_from_zero_checkpoint` stitches them (any saved world size). ZeRO stage 0 writes no
+    ZeRO 1/2/3 keep the fp32 master weights partitioned over the ranks' `*_optim_states.pt`; DeepSpeed's
+    `get_fp32_state_dict_from_zero_checkpoint` stitches them (any saved world size), and frozen parameters missing
+    from its answer (ZeRO-1) come from the saved module (`_frozen_from_module`). ZeRO stage 0 writes no
     partitioned optimizer files and the helper does not apply: the full model is `module` in
     `mp_rank_00_model_states.pt` (fp32 unless the run trained in bf16/fp16, then the half-precision copy).
     """
@@ -86,6 +98,7 @@ def load_checkpoint_weights(tag_dir: str | os.PathLike) -> dict[str, torch.Tenso
         if optim_files:
             with weights_only_loads(model_files + optim_files):  # the helper itself unpickles everything
                 state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(tag_dir.parent), tag=tag_dir.name)
+            state = {**_frozen_from_module(model_files), **state}
         else:
             saved = load_file(model_files[0])
             if not isinstance(saved, dict) or not isinstance(saved.get("module"), dict):

@@ -6,7 +6,10 @@ out as the same (B, C, h, w) grid; `ltm.models.foundation.build_backbone` picks 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+from collections.abc import Iterator
 
 import timm
 import timm.data
@@ -14,6 +17,9 @@ import torch
 from torch import nn
 
 from ltm.models.weights import WeightsError, load_pretrained
+
+ACTIVATION_CHECKPOINTING = (False, "blocks", "every_k")  # train.activation_checkpointing
+STAGE_NAME = re.compile(r"^(layer|block)\d+$")  # ResNet's layer1.., Xception's block1.. (no `blocks`/`stages` list)
 
 
 class BackboneError(ValueError):
@@ -90,6 +96,15 @@ class Backbone(nn.Module):
             raise BackboneError(f"backbone {self.name!r} is a CNN: model.mask_at=tokens needs a ViT student")
         return self(images).mean(dim=(2, 3))
 
+    def checkpoint_units(self) -> list[nn.Module]:
+        """The modules `train.activation_checkpointing` recomputes in the backward, in forward order: a CNN's stages
+        (timm's `blocks` or `stages` sequence, else its `layer<N>` / `block<N>` children)."""
+        for attr in ("blocks", "stages"):
+            seq = getattr(self.net, attr, None)
+            if isinstance(seq, (nn.Sequential, nn.ModuleList)):
+                return list(seq)
+        return [m for name, m in self.net.named_children() if STAGE_NAME.match(name)]
+
     @torch.no_grad()
     def grid(self, image_size: int) -> tuple[int, int]:
         """(h, w) of the feature map at this input size (one dry run on a single blank image)."""
@@ -103,3 +118,61 @@ class Backbone(nn.Module):
         self.train(was_training)
         return int(out.shape[-2]), int(out.shape[-1])
 
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of `module` normalise by the batch as in training but leave their running statistics (and
+    batch count) alone: a recomputed forward must not update them a second time."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.training and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+def checkpointed_forward(module: nn.Module) -> None:
+    """Replace `module`'s forward (on the instance: state-dict keys and hooks stay) by one that keeps only its input
+    and recomputes its activations in the backward (torch.utils.checkpoint, non-reentrant: DeepSpeed's ZeRO-3 hooks
+    and parameters that need no gradient work under it; the CPU and GPU random states are restored for the
+    recomputation, so dropout and drop-path draw the same values). Without gradients it runs as it was."""
+    forward = module.forward
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        calls = []
+
+        def once_then_quietly(*a, **k):
+            # the second call is the backward's recomputation: BatchNorm must not count that batch twice
+            calls.append(None)
+            if len(calls) == 1:
+                return forward(*a, **k)
+            with frozen_running_stats(module):
+                return forward(*a, **k)
+
+        return torch.utils.checkpoint.checkpoint(once_then_quietly, *args, use_reentrant=False,
+                                                 preserve_rng_state=True, **kwargs)
+
+    module.forward = run
+
+
+def set_activation_checkpointing(model: nn.Module, mode: bool | str, every_k: int = 2) -> int:
+    """`train.activation_checkpointing` on every backbone of `model`: `blocks` recomputes each ViT block and CNN stage
+    in the backward, `every_k` the 1st, (k+1)-th, ... of each backbone (memory between the two); false leaves the model
+    as built. Returns how many modules were wrapped."""
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing={mode!r}: expected one of {list(ACTIVATION_CHECKPOINTING)}")
+    if not mode:
+        return 0
+    step = every_k if mode == "every_k" else 1
+    wrapped = 0
+    for backbone in [m for m in model.modules() if isinstance(m, Backbone)]:
+        for unit in backbone.checkpoint_units()[::step]:
+            checkpointed_forward(unit)
+            wrapped += 1
+    return wrapped

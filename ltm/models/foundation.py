@@ -92,6 +92,10 @@ class ViTBackbone(Backbone):
             x = self.mask_tokens(x, keep_flat, keep_count, replace=True)
         return net.forward_head(net.norm(x), pre_logits=True)
 
+    def checkpoint_units(self) -> list[nn.Module]:
+        """`train.activation_checkpointing`'s units of a ViT: its blocks (`forward` and `pooled` both call each one)."""
+        return list(self.net.blocks)
+
     def mask_tokens(self, x: torch.Tensor, keep: torch.Tensor, keep_count: int | None, replace: bool) -> torch.Tensor:
         """x (B, P + h*w, D) -> the sequence without the patch tokens where `keep` is False (kept in grid order), or
         with them replaced by the mask token (`replace`, when there is one; at block 0 it was put in before the

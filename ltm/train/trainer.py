@@ -37,6 +37,7 @@ from ltm.checkpoint.checkpointer import Checkpointer, rng_state, set_rng_state, 
 from ltm.config import Config, ConfigError, load_config, load_run_config, save_config, to_dict, upgrade_stored
 from ltm.distributed import DistEnv, all_reduce_sum, init_distributed, teardown
 from ltm.files import atomic_write_text
+from ltm.models.backbone import set_activation_checkpointing
 from ltm.models.flops import train_flops_per_step
 from ltm.models.tuning import parameter_counts
 from ltm.train import batch_scaling, preemption
@@ -253,8 +254,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> tuple[torch.optim.Op
         # a closure, not a callable object: LambdaLR's state_dict then holds no function state, only the step count
         # and base rates, and a resumed run rebuilds the same function from its config
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, warmup, total))
-    if t.warmup_steps:
-        log.warning("train.warmup_steps=%d has no effect with train.schedule=exponential", t.warmup_steps)
     return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=t.lr_gamma)
 
 
@@ -359,6 +358,11 @@ class Trainer:
             # a resumed run takes every weight from its checkpoint: no pretrained file (or hub) is needed
             model = build_model(cfg.model, cfg.data.image_size, load_weights=self.resume_tag is None)
         model, synced = batch_scaling.sync_batchnorm(model, cfg, env.world_size, env.device)
+        # after SyncBatchNorm's swap (the recomputation must see the layers that train), before DeepSpeed wraps it
+        wrapped = set_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.checkpoint_every_k)
+        if wrapped and self.is_main:
+            log.info("activation checkpointing (%s): %d backbone blocks/stages recomputed in the backward",
+                     cfg.train.activation_checkpointing, wrapped)
         self.parameter_counts = parameter_counts(model)
         if self.is_main:
             m = cfg.model
