@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("ltm.deploy.predict", "P(fake) for a video or image file, per frame, with attention pictures"),
     "serve": ("ltm.deploy.serve", "an HTTP scoring service (P(fake) of uploads, batched) with a drop-a-file page"),
     "export": ("ltm.deploy.export", "write one inference head (the student by default) as ONNX or TorchScript"),
+    "plan": ("ltm.train.plan", "memory per GPU by ZeRO stage, the micro-batch that fits, communication and step "
+             "time of a config on N GPUs"),
     "submit": ("launcher.submit", "submit train / eval / prep jobs to SLURM with submitit"),
     "sweep": ("launcher.sweep", "paired multi-seed experiments: variants x seeds, here or as a SLURM array, with "
               "t-intervals and a verdict"),
