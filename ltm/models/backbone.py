@@ -123,16 +123,21 @@ class Backbone(nn.Module):
 @contextlib.contextmanager
 def frozen_running_stats(module: nn.Module) -> Iterator[None]:
     """BatchNorm layers of `module` normalise by the batch as in training but leave their running statistics (and
-    batch count) alone: a recomputed forward must not update them a second time."""
+    batch count) as they were: a recomputed forward must not update them a second time. Momentum 0 rather than
+    `track_running_stats=False`, which would change the kernel's inputs (checkpointing requires the recomputation to
+    save the same tensors as the forward)."""
     layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
               and m.training and m.track_running_stats]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in layers]
     for m in layers:
-        m.track_running_stats = False
+        m.momentum = 0.0
     try:
         yield
     finally:
-        for m in layers:
-            m.track_running_stats = True
+        for m, (momentum, count) in zip(layers, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 def checkpointed_forward(module: nn.Module) -> None:
