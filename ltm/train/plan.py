@@ -45,10 +45,9 @@ def optimizer_states(cfg: Config) -> int:
     return 1 if cfg.train.momentum else 0
 
 
-def checkpointing(cfg: Config) -> bool:
-    """`train.activation_checkpointing` (false | blocks | every_k) where the config has the key; absent = off."""
-    value = getattr(cfg.train, "activation_checkpointing", False)
-    return value not in (None, False, "false", "none", "off", 0)
+def checkpointing(cfg: Config) -> tuple[bool | str, int]:
+    """(`train.activation_checkpointing`, `train.checkpoint_every_k`): false | blocks | every_k, and its k."""
+    return cfg.train.activation_checkpointing, cfg.train.checkpoint_every_k
 
 
 # --------------------------------------------------------------------------------------------- model states
@@ -154,14 +153,23 @@ def param_counts(cfg: Config) -> ParamCounts:
 
 @dataclass(frozen=True)
 class Activations:
-    """Bytes per image kept for the backward, at the training dtype's element size."""
+    """Bytes per image kept for the backward, at the training dtype's element size: outside the backbones'
+    checkpoint units (`Backbone.checkpoint_units`: ViT blocks, CNN stages), and per unit (saved, input)."""
 
-    full: float  # everything autograd saves
-    checkpointed: float  # block inputs only, plus one block's tensors while it is recomputed
-    measured_depths: dict[str, tuple[int, int]]  # block list -> (depth measured, depth of the config)
+    outside: float
+    units: tuple[tuple[tuple[float, float], ...], ...]  # per backbone, per unit in forward order: (saved, input)
+    measured_depths: tuple[tuple[int, int], ...]  # per backbone: (units measured, units of the config)
 
-    def per_image(self, checkpoint: bool) -> float:
-        return self.checkpointed if checkpoint else self.full
+    def per_image(self, mode: bool | str = False, every_k: int = 2) -> float:
+        """Without checkpointing everything saved; `blocks`: each unit keeps its input only, and the unit being
+        recomputed in the backward holds its tensors again; `every_k`: units 0, k, 2k, ... so, the others whole."""
+        if not mode:
+            return self.outside + sum(saved for units in self.units for saved, _ in units)
+        step = every_k if mode == "every_k" else 1
+        kept = sum(inp if i % step == 0 else saved for units in self.units for i, (saved, inp) in enumerate(units))
+        recompute = max((saved for units in self.units for i, (saved, _) in enumerate(units) if i % step == 0),
+                        default=0.0)
+        return self.outside + kept + recompute
 
 
 def is_vit(name: str) -> bool:
@@ -169,28 +177,25 @@ def is_vit(name: str) -> bool:
     return name.startswith(("vit_", "eva", "deit"))
 
 
-def _blocks(model: Any) -> dict[str, Any]:
-    """The block lists of a model: every ModuleList or Sequential named `blocks` (timm's ViTs and EfficientNets, the
-    LTM head's ViT)."""
-    import torch
+def _units(model: Any) -> list[list[Any]]:
+    from ltm.models.backbone import Backbone
 
-    return {name: m for name, m in model.named_modules() if name.split(".")[-1] == "blocks"
-            and isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) and len(m) > 0}
+    return [b.checkpoint_units() for b in model.modules() if isinstance(b, Backbone)]
 
 
 def _activation_bytes(cfg: Config) -> Activations:
-    image_size = cfg.data.image_size
     import torch
 
     from ltm.models import build_model
 
+    image_size = cfg.data.image_size
     with torch.device("meta"):
-        depths = {k: len(v) for k, v in _blocks(build_model(cfg.model, image_size, load_weights=False)).items()}
-    # Deep foundation backbones measured with at most 2 blocks each and scaled by depth: each block of a ViT keeps
-    # the same tensors, so the count is exact and ViT-L/14 measures in seconds on a CPU
+        depths = [len(u) for u in _units(build_model(cfg.model, image_size, load_weights=False))]
+    # ViT backbones measured with 2 blocks each and scaled by depth: every block of a ViT keeps the same tensors, so
+    # the count stays exact, and ViT-L/14 measures in seconds on a CPU
     model_cfg = cfg.model
     teacher = model_cfg.teacher_backbone or model_cfg.backbone
-    if max(depths.values(), default=0) > 2 and (is_vit(model_cfg.backbone) or is_vit(teacher)):
+    if max(depths, default=0) > 2 and (is_vit(model_cfg.backbone) or is_vit(teacher)):
         teacher_args = model_cfg.teacher_backbone_args
         if teacher_args is None:
             teacher_args = model_cfg.backbone_args if teacher == model_cfg.backbone else {}
@@ -203,13 +208,13 @@ def _activation_bytes(cfg: Config) -> Activations:
     model_cfg = replace(model_cfg, mixup=False)
     torch.manual_seed(0)
     model = build_model(model_cfg, image_size, load_weights=False).train()
-    blocks = _blocks(model)
+    units = _units(model)
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     w = element_bytes(cfg.train.precision)
     seen: set[int] = set()
-    current: list[str | None] = [None]
-    in_block: dict[str, float] = dict.fromkeys(blocks, 0.0)
-    inputs: dict[str, float] = dict.fromkeys(blocks, 0.0)
+    current: list[tuple[int, int] | None] = [None]
+    saved = [[0.0] * len(u) for u in units]
+    inputs = [[0.0] * len(u) for u in units]
     total = [0.0]
 
     def scaled(t: torch.Tensor) -> float:
@@ -219,28 +224,28 @@ def _activation_bytes(cfg: Config) -> Activations:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         ptr = t.untyped_storage().data_ptr()
-        if t.device.type != "meta" and ptr not in seen and ptr not in param_ptrs:
+        if ptr not in seen and ptr not in param_ptrs:  # each storage once; weights are model states
             seen.add(ptr)
             size = scaled(t)
             total[0] += size
             if current[0] is not None:
-                in_block[current[0]] += size
+                saved[current[0][0]][current[0][1]] += size
         return t
 
-    def enter(name: str):
+    def enter(b: int, i: int):
         def hook(_module: Any, args: tuple) -> None:
-            current[0] = name
+            current[0] = (b, i)
             if args and isinstance(args[0], torch.Tensor):
-                inputs[name] += scaled(args[0])
+                inputs[b][i] += scaled(args[0])
         return hook
 
     def leave(_module: Any, _args: Any, _out: Any) -> None:
         current[0] = None
 
-    handles = [h for name, blocks_list in blocks.items() for b in blocks_list
-               for h in (b.register_forward_pre_hook(enter(name)), b.register_forward_hook(leave))]
+    handles = [h for b, us in enumerate(units) for i, u in enumerate(us)
+               for h in (u.register_forward_pre_hook(enter(b, i)), u.register_forward_hook(leave))]
     batch = 2  # BatchNorm needs two images in training mode
-    images = torch.randn(batch, 3, image_size, image_size)
+    images = torch.rand(batch, 3, image_size, image_size)
     labels = torch.tensor([0.0, 1.0])
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -248,25 +253,23 @@ def _activation_bytes(cfg: Config) -> Activations:
     finally:
         for h in handles:
             h.remove()
-    outside = total[0] - sum(in_block.values())
-    full = outside
-    checkpointed = outside
-    largest_block = 0.0
-    for name, blocks_list in blocks.items():
-        depth = depths.get(name, len(blocks_list))
-        per_block = in_block[name] / len(blocks_list)
-        full += per_block * depth
-        checkpointed += inputs[name] / len(blocks_list) * depth
-        largest_block = max(largest_block, per_block)
-    checkpointed += largest_block  # the block being recomputed in the backward holds its tensors
-    measured = {name: (len(b), depths.get(name, len(b))) for name, b in blocks.items()}
-    return Activations(full / batch, checkpointed / batch, measured)
+    outside = total[0] - sum(map(sum, saved))
+    per_backbone = []
+    for b, depth in enumerate(depths):
+        pairs = [(saved[b][i] / batch, inputs[b][i] / batch) for i in range(len(units[b]))]
+        if len(pairs) != depth:  # a shortened ViT: its mean block, depth times
+            mean = (sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs))
+            pairs = [mean] * depth
+        per_backbone.append(tuple(pairs))
+    return Activations(outside / batch, tuple(per_backbone),
+                       tuple((len(u), d) for u, d in zip(units, depths)))
 
 
 def activation_bytes(cfg: Config) -> Activations:
     """Activation bytes per image of the config's training forward (random init, 2 images, on the CPU): the bytes
     of the tensors autograd saves for the backward (`saved_tensors_hooks`, each storage once, parameters excluded),
-    at the element size of `train.precision`; with activation checkpointing, the blocks' inputs only."""
+    at the element size of `train.precision`, split by the backbones' checkpoint units so that
+    `Activations.per_image` gives them under each `train.activation_checkpointing` mode."""
     key = (repr(cfg.model), cfg.data.image_size, cfg.train.precision)
     if key not in _ACTIVATIONS:  # seconds for ViT-L: once per model in a process
         _ACTIVATIONS[key] = _activation_bytes(cfg)
@@ -320,7 +323,7 @@ class Plan:
     hw: Hardware
     counts: ParamCounts
     acts: Activations
-    checkpoint: bool
+    checkpoint: tuple[bool | str, int]  # train.activation_checkpointing, train.checkpoint_every_k
     stages: dict[int, StagePlan]
 
     @property
@@ -355,7 +358,7 @@ def _divisor_at_most(n: int, limit: int) -> int:
 
 
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, hw: Hardware = Hardware(),
-              checkpoint: bool | None = None, bucket: int | None = None) -> Plan:
+              bucket: int | None = None) -> Plan:
     """The plan of `cfg` on `nodes` x `gpus_per_node` GPUs (0 GPUs: one CPU rank per node) for every ZeRO stage.
 
     `bucket`: the reduce-bucket elements to count (default DeepSpeed's whole bucket; a CPU run touches only the
@@ -365,8 +368,8 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, hw: Hardware = Hardwa
     world = nodes * max(1, gpus_per_node)
     counts = param_counts(cfg)
     acts = activation_bytes(cfg)
-    ckpt = checkpointing(cfg) if checkpoint is None else checkpoint
-    per_image = acts.per_image(ckpt)
+    ckpt = checkpointing(cfg)
+    per_image = acts.per_image(*ckpt)
     t = cfg.train
     per_rank = t.batch_size // world if t.batch_size % world == 0 else 0
     config_micro = per_rank // t.grad_accum if per_rank and per_rank % t.grad_accum == 0 else 0
@@ -407,9 +410,9 @@ def fix_for(plan: Plan) -> str | None:
         if s.micro:
             return f"train.zero_stage={stage}" + (f" train.grad_accum={s.grad_accum}" if s.grad_accum != t.grad_accum
                                                   else "")
-    if not plan.checkpoint and hasattr(t, "activation_checkpointing"):
+    if t.activation_checkpointing != "blocks":
         ck = make_plan(dataclasses.replace(plan.cfg, train=replace(t, activation_checkpointing="blocks")),
-                       plan.nodes, plan.gpus_per_node, plan.hw, checkpoint=True)
+                       plan.nodes, plan.gpus_per_node, plan.hw)
         for stage in range(t.zero_stage, 4):
             s = ck.stages[stage]
             if s.micro:
@@ -455,13 +458,11 @@ def report(plan: Plan) -> str:
         f"model: {c.total / 1e6:.1f}M parameters, {c.trainable / 1e6:.2f}M trained (model.tune={cfg.model.tune}); "
         f"{t.precision}, {t.optimizer} ({optimizer_states(cfg)} fp32 state(s) per trained parameter)",
         f"batch: global {t.batch_size}, per rank {t.batch_size / plan.world:g}, config grad_accum {t.grad_accum}",
-        f"activations per image ({'checkpointed blocks' if plan.checkpoint else 'no checkpointing'}): "
-        f"{plan.acts.per_image(plan.checkpoint) / 2**20:.1f} MiB (without checkpointing "
-        f"{plan.acts.full / 2**20:.1f}, with {plan.acts.checkpointed / 2**20:.1f}; measured on the CPU"
-        + (", blocks " + ", ".join(f"{k} {m} of {d}" for k, (m, d) in plan.acts.measured_depths.items()
-                                   if m != d) + " scaled by depth" if any(m != d for m, d in
-                                                                           plan.acts.measured_depths.values()) else "")
-        + ")",
+        f"activations per image (activation_checkpointing={plan.checkpoint[0]}): "
+        f"{plan.acts.per_image(*plan.checkpoint) / 2**20:.1f} MiB (false {plan.acts.per_image(False) / 2**20:.1f}, "
+        f"blocks {plan.acts.per_image('blocks') / 2**20:.1f}; measured on the CPU"
+        + ("; ViT blocks measured " + ", ".join(f"{m} of {d}" for m, d in plan.acts.measured_depths if m != d)
+           + " and scaled by depth" if any(m != d for m, d in plan.acts.measured_depths) else "") + ")",
         "",
         "GiB per GPU   params  master   grads   optim buffers  states | DeepSpeed | max micro  micro x accum  "
         "comm/step  comm s  compute s",
