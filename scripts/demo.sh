@@ -5,7 +5,8 @@
 # The last line printed is the path of the evaluation's report.json.
 #   DEMO_IDENTITIES=48           identities in the sample dataset (at most 102: the packaged photos)
 #   DEMO_NPROC=2                 local ranks for training
-#   DEMO_TRAIN_OVERRIDES="..."   `key=value` overrides for `ltm train` (default: none, tiny-cpu as is: 100 steps)
+#   DEMO_CONFIG=tiny-cpu         the packaged config trained (vit-tiny-cpu: the foundation-ViT path, docs/foundation.md)
+#   DEMO_TRAIN_OVERRIDES="..."   `key=value` overrides for `ltm train` (default: none, the config as is: 100 steps)
 #   DEMO_FRESH=1                 delete runs/demo first and train from scratch
 # The whole output is also kept in runs/demo.log; `scripts/demo_readme.py runs/demo.log` puts its end into the
 # README, so the figures there are the ones a demo printed.
@@ -15,7 +16,9 @@ mkdir -p runs
 exec > >(tee runs/demo.log) 2>&1
 LTM="${VENV:-.venv}/bin/ltm"
 SAMPLE=sample
+CONFIG="${DEMO_CONFIG:-tiny-cpu}"
 RUN=runs/demo
+if [[ "$CONFIG" != tiny-cpu ]]; then RUN="runs/demo-$CONFIG"; fi
 NPROC="${DEMO_NPROC:-2}"
 IDENTITIES="${DEMO_IDENTITIES:-48}"
 read -r -a TRAIN_OVERRIDES <<< "${DEMO_TRAIN_OVERRIDES:-}"
@@ -42,8 +45,12 @@ for manifest in sorted((root / "shards" / "ffpp_c23").glob("*/manifest.json")):
 EOF
 
 if [[ "${DEMO_FRESH:-0}" == 1 ]]; then rm -rf "$RUN"; fi
-say "3/4 train tiny-cpu (ImageNet EfficientNet-Lite0 teacher + student, 2-block ViT) with DeepSpeed on $NPROC local ranks -> $RUN/"
-"$LTM" train --config tiny-cpu --nproc "$NPROC" "train.run_dir=$RUN" "${TRAIN_OVERRIDES[@]}"
+if [[ "$CONFIG" == tiny-cpu ]]; then
+    say "3/4 train tiny-cpu (ImageNet EfficientNet-Lite0 teacher + student, 2-block ViT) with DeepSpeed on $NPROC local ranks -> $RUN/"
+else
+    say "3/4 train $CONFIG with DeepSpeed on $NPROC local ranks -> $RUN/"
+fi
+"$LTM" train --config "$CONFIG" --nproc "$NPROC" "train.run_dir=$RUN" "${TRAIN_OVERRIDES[@]}"
 
 say "4/4 evaluate the last checkpoint on the sample's test split (teacher ViT head, then the paper's student head)"
 # The paper infers with the student; the teacher's ViT head is scored too, for comparison (same weights,
