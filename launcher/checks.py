@@ -62,8 +62,9 @@ def eval_data_problems(cfg: Config, folders: list[str], what: str = "--eval") ->
 
 
 def weights_problems(cfg: Config) -> list[str]:
-    """ImageNet weights available offline, and weight files that exist (model.pretrained / teacher_pretrained)."""
-    from ltm.models.weights import IMAGENET, WeightsError, backbone_weights, check_offline
+    """The names' default (timm) weights available offline, and weight files that exist (model.pretrained /
+    teacher_pretrained)."""
+    from ltm.models.weights import WeightsError, backbone_weights, check_offline, is_timm_default
 
     problems = []
     try:
@@ -74,7 +75,7 @@ def weights_problems(cfg: Config) -> list[str]:
     key = {"student": "model.pretrained", "teacher": "model.teacher_pretrained"}
     for role in roles:
         name, weights = backbone_weights(cfg.model)[role]
-        if weights and str(weights) != IMAGENET and not Path(weights).is_file():
+        if weights and not is_timm_default(weights) and not Path(weights).is_file():
             problems.append(f"{key[role]} {str(weights)!r} ({role} {name}): no such weights file")
     return list(dict.fromkeys(problems))
 

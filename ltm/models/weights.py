@@ -470,8 +470,9 @@ def check_offline(model_cfg) -> None:
     """Raise WeightsError, naming each backbone and the fix, when `imagenet` weights would need a download."""
     missing = [name for name in required_imagenet(model_cfg) if offline_source(name) is None]
     if missing:
-        raise WeightsError(f"ImageNet weights for {', '.join(repr(n) for n in missing)} are neither shipped in an "
-                           f"installed package nor in the cache here; compute nodes usually cannot download: "
+        names = ", ".join(repr(n) for n in missing)
+        raise WeightsError(f"Pretrained (timm default) weights for {names} are neither shipped in an installed package "
+                           "nor in the cache here; compute nodes usually cannot download: "
                            f"run `ltm weights fetch {' '.join(missing)}` on a machine with network access (with the "
                            "same HF_HOME / TORCH_HOME as the job) before submitting")
 
