@@ -202,6 +202,16 @@ def _with_dependency(params: dict[str, Any], dependency: str | None) -> dict[str
 
 # --- train --------------------------------------------------------------------------------------------------------
 
+def check_memory(cfg: Config, gpu_mem: float, label: str = "") -> None:
+    """Refuse (ConfigError) a config whose `ltm plan` does not fit GPUs of `gpu_mem` GiB; the message names the
+    change that makes it fit. Before anything is queued: an out-of-memory job fails only once it got its nodes."""
+    from ltm.train.plan import check_fits
+
+    try:
+        check_fits(cfg, gpu_mem)
+    except ConfigError as exc:
+        raise ConfigError(f"{label}{exc}") from None
+
 def absolute_paths(cfg: Config) -> Config:
     """Run folder and data root made absolute against the submitting directory (the job may start elsewhere)."""
     train = dataclasses.replace(cfg.train, run_dir=str(Path(cfg.train.run_dir).absolute()))
@@ -216,15 +226,20 @@ def submit_train(
     resume: str = "auto",
     dry_run: bool = False,
     check: bool = True,
+    gpu_mem: float | None = None,
 ) -> dict[str, Submitted]:
     """Submit training (and, with `eval_data`, an evaluation chained after it). Returns {"train": .., "eval": ..}.
 
-    `launcher.checks.check_train` first (also on a dry run): inputs, weights, the launch against the config."""
+    `launcher.checks.check_train` first (also on a dry run): inputs, weights, the launch against the config; with
+    `gpu_mem` (GiB per GPU), `ltm plan`'s memory check too: a config that does not fit is refused with the change
+    that makes it fit."""
     cfg = absolute_paths(cfg)
     run_dir = Path(cfg.train.run_dir)
     launch = cfg.launch
     if launch.nodes < 1:
         raise ConfigError(f"key 'launch.nodes': must be >= 1, got {launch.nodes}")
+    if gpu_mem:
+        check_memory(cfg, gpu_mem)
     if check:
         for warning in check_train(cfg, eval_data, resume):
             log.warning("%s", warning)
@@ -427,6 +442,11 @@ def add_launch_arguments(p: argparse.ArgumentParser, dry_run: bool = True) -> No
         p.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
 
 
+def add_gpu_mem_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-mem", type=float, metavar="GIB",
+                   help="GiB per GPU: refuse a config whose `ltm plan` does not fit, naming the change that does")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="submit_kind", metavar="{train,eval,prep,predict}", required=True)
 
@@ -436,6 +456,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="shard folder to evaluate once training succeeded (repeatable)")
     p.add_argument("--eval-tag", help="checkpoint tag for the chained evaluation (default: latest)")
     p.add_argument("--resume", default="auto", help="auto | never | <tag>")
+    add_gpu_mem_argument(p)
     add_launch_arguments(p)
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.run_dir=runs/x")
 
@@ -520,7 +541,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         cfg = dataclasses.replace(cfg, launch=launch_from_args(args, cfg.launch))
         results = submit_train(cfg, eval_data=args.eval_data, eval_tag=args.eval_tag, resume=args.resume,
-                               dry_run=args.dry_run)
+                               dry_run=args.dry_run, gpu_mem=args.gpu_mem)
         print(f"run folder: {Path(cfg.train.run_dir).absolute()}")
         tasks = max(1, cfg.launch.gpus_per_node)
         print(f"nodes={cfg.launch.nodes} tasks_per_node={tasks} gpus_per_node={cfg.launch.gpus_per_node} "

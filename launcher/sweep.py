@@ -31,8 +31,10 @@ from launcher.jobs import TrainJob, setup_task
 from launcher.submit import (
     FINAL_STATES,
     Submitted,
+    add_gpu_mem_argument,
     add_launch_arguments,
     batch_script,
+    check_memory,
     cleaned_up_on_failure,
     executor_parameters,
     job_state,
@@ -106,11 +108,15 @@ def in_flight(sweep: Sweep) -> list[str]:
 
 
 def check_points(sweep: Sweep, points: list[tuple[str, int]], launch_args: argparse.Namespace) -> list[str]:
-    """`ltm submit train`'s checks of every point to submit (inputs, weights, launch against the config)."""
+    """`ltm submit train`'s checks of every point to submit (inputs, weights, launch against the config; with
+    `--gpu-mem`, the memory plan, refused with the change that makes it fit)."""
     warnings = []
+    gpu_mem = getattr(launch_args, "gpu_mem", None)
     for variant, seed in points:
         cfg = point_config(sweep, variant, seed, sweep.budgets[-1])
         cfg = dataclasses.replace(cfg, launch=launch_from_args(launch_args, cfg.launch))
+        if gpu_mem:
+            check_memory(cfg, gpu_mem, label=f"variant {variant!r}: ")
         warnings += check_train(cfg, [*sweep.evals_of(variant), *map(str, cfg.data.val)], "auto")
     return list(dict.fromkeys(warnings))
 
@@ -205,6 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--collect", action="store_true", help="only write and print the table")
     parser.add_argument("--wait", action="store_true", help="--submit: wait for the array, then collect")
     parser.add_argument("--dry-run", action="store_true", help="--submit: print the batch script; submit nothing")
+    add_gpu_mem_argument(parser)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every variant")
     add_launch_arguments(parser, dry_run=False)
 

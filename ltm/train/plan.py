@@ -24,9 +24,15 @@ from ltm.config import Config, ConfigError, load_config
 log = logging.getLogger(__name__)
 
 GiB = 2**30
-# DeepSpeed's defaults (the trainer sets neither): ZeRO-1/2 stage gradients in one contiguous reduce bucket of this
-# many elements, in the communication dtype, fp32 here (`communication_data_type` in ltm.train.trainer)
+# DeepSpeed's default (the trainer does not set it): ZeRO-1/2/3 stage gradients in one contiguous bucket of this many
+# elements, allocated whole (`reduce_bucket_size`)
 REDUCE_BUCKET = 500_000_000
+# ZeRO-3 keeps parameters of up to this many elements gathered on every rank (`stage3_param_persistence_threshold`)
+PERSISTENCE = 100_000
+# ZeRO-3 gathers the next modules' parameters ahead of the forward and backward up to this many elements
+# (`stage3_prefetch_bucket_size`): with the module being run, what is gathered whole at once
+PREFETCH = 50_000_000
+# gradients travel in fp32 whatever the training dtype (`communication_data_type` in ltm.train.trainer)
 COMM_BYTES = 4
 # What a GPU cannot give to tensors: the CUDA context and kernels (about 1 GiB) and the caching allocator's
 # fragmentation (10% of the card is the usual margin)
@@ -65,44 +71,47 @@ class ModelStates:
     master: float  # the fp32 copy of the trained parameters the optimizer steps
     grads: float  # gradients of the trained parameters (training dtype and fp32 accumulators)
     optimizer: float  # momentum / Adam moments, fp32
-    buffers: float  # DeepSpeed's reduce bucket (ZeRO-1/2), the largest layer gathered whole (ZeRO-3)
+    gathered: float  # ZeRO-3: the largest layer gathered whole, in fp32 as DeepSpeed's estimator counts it
+    prefetched: float  # ZeRO-3: the parameters gathered ahead of the forward and backward (training dtype)
+    bucket: float  # DeepSpeed's contiguous gradient bucket, allocated whole at ZeRO-1/2/3
 
     @property
     def total(self) -> float:
-        return self.params + self.master + self.grads + self.optimizer + self.buffers
+        return self.params + self.master + self.grads + self.optimizer + self.gathered + self.prefetched + self.bucket
 
 
 def model_states(total: int, trainable: int, stage: int, world: int, precision: str, n_states: int,
-                 largest_layer: int = 0, bucket: int = REDUCE_BUCKET) -> ModelStates:
-    """Model-state bytes per GPU as DeepSpeed lays them out (for a 16-bit, AdamW, all-trained model these sum to
-    `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` without offload).
+                 largest_layer: int = 0, bucket: int = REDUCE_BUCKET, persistent: int = 0) -> ModelStates:
+    """Model-state bytes per GPU as DeepSpeed lays them out. For a 16-bit, AdamW, all-trained model they are
+    `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` (no offload) plus what those
+    leave out: the gradient bucket, and at ZeRO-3 the prefetched parameters and the 16-bit gradient partition.
 
     Stage 0 replicates everything; 1 shards the master copy and the optimizer states over the `world` ranks; 2 also
-    the gradients; 3 also the parameters, gathering one layer at a time. `bucket` elements of DeepSpeed's reduce
-    bucket are allocated at stages 1 and 2 (on a GPU the whole bucket; pass the touched part for a CPU's RSS)."""
+    the gradients; 3 also the parameters (but the `persistent` ones, small tensors it keeps whole), gathering one
+    layer at a time. bf16 at stage 1 is DeepSpeed's
+    BF16_Optimizer (fp32 gradients whole, no bucket); the ZeRO optimizers stage gradients in a bucket of `bucket`
+    elements of the parameters' dtype, allocated whole."""
     w = element_bytes(precision)
     half = w == 2
     shard = world if stage >= 1 else 1
-    params = w * total / (world if stage == 3 else 1)
+    params = w * (persistent + (total - persistent) / world) if stage == 3 else w * total
     # DeepSpeed's ZeRO optimizers copy the trained partition to fp32 even for fp32 training; stage 0 steps the
     # parameters in place unless a 16-bit wrapper keeps fp32 masters
     master = 4 * trainable / shard if (half or stage >= 1) else 0.0
-    if stage == 0:
+    bf16_optimizer = stage == 1 and precision == "bf16"
+    if stage == 0 or bf16_optimizer:
         grads = w * trainable + (4 * trainable if half else 0)  # 16-bit grads and the wrapper's fp32 copy
     elif stage == 1:
         grads = w * trainable + 4 * trainable / world  # full grads, the fp32 partition the optimizer reads
     elif stage == 2:
         grads = (w + 4 if half else 4) * trainable / world
-    else:  # 16-bit gradients pass through the bucket and leave as the fp32 partition
-        grads = 4 * trainable / world
+    else:  # the partition's gradients in the parameters' dtype (which the estimator leaves out) and in fp32
+        grads = (w + 4) * trainable / world
     optimizer = 4 * n_states * trainable / shard
-    if stage in (1, 2):
-        buffers = COMM_BYTES * bucket
-    elif stage == 3:
-        buffers = 4 * largest_layer  # DeepSpeed's estimator: the largest layer gathered in fp32
-    else:
-        buffers = 0.0
-    return ModelStates(stage, params, master, grads, optimizer, buffers)
+    gathered = 4 * largest_layer if stage == 3 else 0.0
+    prefetched = w * min(total - persistent, PREFETCH + largest_layer) if stage == 3 else 0.0  # small: all of it
+    staged = w * bucket if stage >= 1 and not bf16_optimizer else 0.0
+    return ModelStates(stage, params, master, grads, optimizer, gathered, prefetched, staged)
 
 
 def deepspeed_estimate(total: int, largest_layer: int, stage: int, nodes: int, gpus_per_node: int) -> float | None:
@@ -125,6 +134,8 @@ class ParamCounts:
     total: int
     trainable: int
     largest_layer: int  # parameters of the largest module (its own, not its children's), as DeepSpeed counts
+    modules: int = 0  # modules holding parameters of their own: ZeRO-3 gathers each one separately
+    persistent: int = 0  # parameters in tensors of <= PERSISTENCE elements, which ZeRO-3 keeps whole on every rank
 
 
 def _param_counts(cfg: Config) -> ParamCounts:
@@ -136,8 +147,10 @@ def _param_counts(cfg: Config) -> ParamCounts:
     with torch.device("meta"):
         model = build_model(cfg.model, image_size, load_weights=False)
     params = {id(p): p for p in model.parameters()}.values()  # shared parameters once
-    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
-    return ParamCounts(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad), largest)
+    own = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
+    return ParamCounts(sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+                       max(own, default=0), sum(1 for n in own if n),
+                       sum(p.numel() for p in params if p.numel() <= PERSISTENCE))
 
 
 def param_counts(cfg: Config) -> ParamCounts:
@@ -286,6 +299,8 @@ class Hardware:
     mfu: float = 0.40
     nvlink_gbs: float = 450.0  # per GPU and direction (H100 NVLink 4)
     ib_gbs: float = 50.0  # per GPU: one 400 Gb/s InfiniBand NDR port each
+    nvlink_latency_us: float = 3.0  # per ring step of a collective
+    ib_latency_us: float = 8.0
 
     @property
     def usable_bytes(self) -> float:
@@ -295,7 +310,7 @@ class Hardware:
 @dataclass(frozen=True)
 class StagePlan:
     states: ModelStates
-    deepspeed: float | None  # DeepSpeed's estimator where it applies (it leaves out the ZeRO-1/2 reduce bucket)
+    deepspeed: float | None  # DeepSpeed's estimator where it applies (see `model_states` for what it leaves out)
     act_per_image: float
     max_micro: int  # largest micro-batch that fits (0: none)
     micro: int  # largest divisor of the per-rank batch that fits (0: none)
@@ -353,16 +368,28 @@ def communication_bytes(counts: ParamCounts, stage: int, world: int, precision: 
     return ring * grad_accum * (COMM_BYTES * t + 2 * w * counts.total)
 
 
+def ring_steps(counts: ParamCounts, stage: int, world: int, grad_accum: int) -> int:
+    """Sequential ring steps per optimizer step, each paying the link's latency: N-1 per reduce-scatter or
+    all-gather, 2(N-1) per all-reduce, one collective per gradient bucket, per parameter all-gather bucket
+    (DeepSpeed's 5e8 elements) and, at ZeRO-3, per module gathered (forward and backward)."""
+    if world == 1:
+        return 0
+    buckets = math.ceil(counts.trainable / REDUCE_BUCKET)
+    if stage == 0:
+        return 2 * (world - 1) * buckets
+    if stage in (1, 2):
+        return (world - 1) * (buckets * (grad_accum if stage == 2 else 1) + buckets)
+    return (world - 1) * grad_accum * (2 * counts.modules + buckets)
+
+
 def _divisor_at_most(n: int, limit: int) -> int:
     return max((d for d in range(1, n + 1) if n % d == 0 and d <= limit), default=0)
 
 
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, hw: Hardware = Hardware(),
               bucket: int | None = None) -> Plan:
-    """The plan of `cfg` on `nodes` x `gpus_per_node` GPUs (0 GPUs: one CPU rank per node) for every ZeRO stage.
-
-    `bucket`: the reduce-bucket elements to count (default DeepSpeed's whole bucket; a CPU run touches only the
-    trained parameters' share of it)."""
+    """The plan of `cfg` on `nodes` x `gpus_per_node` GPUs (0 GPUs: one CPU rank per node) for every ZeRO stage;
+    `bucket`: the gradient bucket's elements (DeepSpeed's `reduce_bucket_size`)."""
     from ltm.models.flops import model_gflops
 
     world = nodes * max(1, gpus_per_node)
@@ -376,10 +403,11 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, hw: Hardware = Hardwa
     flops = 3 * model_gflops(cfg)[0] * 1e9 * max(per_rank, 1)  # per GPU and step: forward + backward
     compute_s = flops / (hw.tflops * 1e12 * hw.mfu)
     bandwidth = (hw.nvlink_gbs if nodes == 1 else hw.ib_gbs) * 1e9
+    latency = (hw.nvlink_latency_us if nodes == 1 else hw.ib_latency_us) * 1e-6
     stages: dict[int, StagePlan] = {}
     for stage in (0, 1, 2, 3):
         states = model_states(counts.total, counts.trainable, stage, world, t.precision, optimizer_states(cfg),
-                              counts.largest_layer, REDUCE_BUCKET if bucket is None else bucket)
+                              counts.largest_layer, REDUCE_BUCKET if bucket is None else bucket, counts.persistent)
         exact = t.optimizer == "adamw" and element_bytes(t.precision) == 2 and counts.trainable == counts.total
         ds = deepspeed_estimate(counts.total, counts.largest_layer, stage, nodes, max(1, gpus_per_node)) \
             if exact else None
@@ -388,8 +416,9 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, hw: Hardware = Hardwa
         micro = _divisor_at_most(per_rank, max_micro) if per_rank else 0
         accum = per_rank // micro if micro else 0
         comm = communication_bytes(counts, stage, world, t.precision, accum or t.grad_accum)
+        comm_s = comm / bandwidth + ring_steps(counts, stage, world, accum or t.grad_accum) * latency
         stages[stage] = StagePlan(states, ds, per_image, max_micro, micro, accum, config_micro, comm,
-                                  comm / bandwidth, compute_s, _usable=hw.usable_bytes)
+                                  comm_s, compute_s, _usable=hw.usable_bytes)
     return Plan(cfg, nodes, gpus_per_node, hw, counts, acts, ckpt, stages)
 
 
@@ -434,11 +463,11 @@ def check_fits(cfg: Config, gpu_mem_gib: float) -> None:
     if fix is None:
         return
     cur = plan.current
-    need = cur.peak(cur.config_micro) if cur.config_micro else cur.states.total
-    raise ConfigError(f"--gpu-mem {gpu_mem_gib:g}: the plan does not fit (ZeRO-{cfg.train.zero_stage}, micro-batch "
-                      f"{cur.config_micro}: {need / GiB:.1f} GiB per GPU of {plan.hw.usable_bytes / GiB:.1f} usable); "
-                      f"it fits with {fix}" if "=" in fix else
-                      f"--gpu-mem {gpu_mem_gib:g}: the plan does not fit: {fix}")
+    head = f"--gpu-mem {gpu_mem_gib:g}: {cfg.train.precision}, ZeRO-{cfg.train.zero_stage}"
+    if cur.config_micro:
+        head += (f", micro-batch {cur.config_micro} needs {cur.peak(cur.config_micro) / GiB:.1f} GiB per GPU of "
+                 f"{plan.hw.usable_bytes / GiB:.1f} usable")
+    raise ConfigError(f"{head}; it fits with {fix}" if "=" in fix else f"{head}: {fix}")
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -464,7 +493,7 @@ def report(plan: Plan) -> str:
         + ("; ViT blocks measured " + ", ".join(f"{m} of {d}" for m, d in plan.acts.measured_depths if m != d)
            + " and scaled by depth" if any(m != d for m, d in plan.acts.measured_depths) else "") + ")",
         "",
-        "GiB per GPU   params  master   grads   optim buffers  states | DeepSpeed | max micro  micro x accum  "
+        "GiB per GPU   params  master   grads   optim  gather  bucket  states | DeepSpeed | max micro  micro x accum  "
         "comm/step  comm s  compute s",
     ]
     for stage, s in plan.stages.items():
@@ -473,14 +502,16 @@ def report(plan: Plan) -> str:
         ds = f"{s.deepspeed / GiB:9.2f}" if s.deepspeed is not None else "        -"
         fit = f"{s.micro:5d} x {s.grad_accum:<5d}" if s.micro else "  does not fit"
         lines.append(f"{mark}ZeRO-{stage}      {_gib(st.params)} {_gib(st.master)} {_gib(st.grads)} "
-                     f"{_gib(st.optimizer)} {_gib(st.buffers)} {_gib(st.total)} | {ds} | {s.max_micro:9d}  "
+                     f"{_gib(st.optimizer)} {_gib(st.gathered + st.prefetched)} {_gib(st.bucket)} "
+                     f"{_gib(st.total)} | {ds} | {s.max_micro:9d}  "
                      f"{fit:>13}  {s.comm_bytes / GiB:6.2f} GiB {s.comm_s:7.3f} {s.compute_s:9.3f}")
     cur = plan.current
     lines += [
         "",
         f"step time (ZeRO-{t.zero_stage}): {cur.compute_s:.3f} s compute at {hw.mfu:.0%} MFU of {hw.tflops:g} "
         f"TFLOP/s, {cur.comm_s:.3f} s communication over {'NVLink' if plan.nodes == 1 else 'InfiniBand'} "
-        f"({hw.nvlink_gbs if plan.nodes == 1 else hw.ib_gbs:g} GB/s per GPU): "
+        f"({hw.nvlink_gbs if plan.nodes == 1 else hw.ib_gbs:g} GB/s per GPU, "
+        f"{hw.nvlink_latency_us if plan.nodes == 1 else hw.ib_latency_us:g} us per ring step): "
         f"{max(cur.compute_s, cur.comm_s):.3f} s overlapped, {cur.compute_s + cur.comm_s:.3f} s serial",
     ]
     fix = fix_for(plan)
