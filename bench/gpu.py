@@ -18,17 +18,21 @@ One command runs every step of the product's GPU path and prints a table, then o
   4. resume   N steps, a real SIGUSR1 (the preemption signal) at step N, resume to 2N, against an uninterrupted
               2N run: bitwise equal weights in fp32 deterministic mode; the largest weight difference in bf16.
   5. eval     `ltm eval`'s scoring path against forward-only images/s (bench/eval.py's measurement).
-  6. options  each speed option against the default, the same steps of the same config: train.channels_last,
+  6. vitl     the ViT-L/14 recipe (clip-l14, random init) as LTM at batch 32, bf16, through the Trainer at ZeRO-2,
+              ZeRO-3 and ZeRO-2 with activation checkpointing: images/s, MFU, peak GPU memory, and `ltm plan`'s
+              prediction of that peak beside it. GPU only (with --legs vitl on the CPU: vit-tiny-cpu at toy sizes).
+  7. options  each speed option against the default, the same steps of the same config: train.channels_last,
               train.compile, train.optimizer_impl=fused and data.prefetch=4 through the engine, data.pin_memory
               through the plain loop (its reference loader); figure: option images/s over default images/s.
 
-Legs: decode, agree, eval, train, options, resume (the data step runs for any of them). One GPU command may run
-10 minutes and the whole check takes an estimated 6-10 at GPU sizes, so `--quick` runs decode, agree, eval and
-train with fewer training steps (estimated 2-3 minutes on an H100/H200) and `--legs options` / `--legs resume` run
-the rest as separate calls. A leg whose packages are missing (DALI for decode and agree; DeepSpeed for the engine's
-runs in train, options and resume; webdataset for the shards every leg reads) is skipped with the reason printed,
-not a crash. Every timed leg runs with the same cuDNN settings (`train.deterministic`: deterministic kernels and
-cudnn.benchmark off, else benchmark on), set again at the start of each leg.
+Legs: decode, agree, eval, train, vitl, options, resume (the data step runs for any of them). One GPU command may
+run 10 minutes and the whole check takes an estimated 6-10 at GPU sizes, so `--quick` runs decode, agree, eval,
+train and vitl with fewer training steps (estimated 3-4 minutes on an H100/H200) and `--legs options` /
+`--legs resume` run the rest as separate calls. A leg whose packages are missing (DALI for decode and agree;
+DeepSpeed for the engine's runs in train, vitl, options and resume; webdataset for the shards every leg reads) is
+skipped with the reason printed, not a crash. Every timed leg runs with the same cuDNN settings
+(`train.deterministic`: deterministic kernels and cudnn.benchmark off, else benchmark on), set again at the start of
+each leg.
 
 Without CUDA the same steps run on the CPU at tiny sizes (tiny-cpu model, 64 px, a few steps) and every GPU-only
 figure reads "skipped: no CUDA" (tests/test_gpu_check.py runs it so). There the training figures come from a few
@@ -41,7 +45,7 @@ eval >= 0.9 x forward-only.
     python bench/gpu.py --data shards/ffpp_c23/train   # on prepared shards
     python bench/gpu.py train.deterministic=false      # config overrides for the training steps
     python bench/gpu.py --options compile,fused        # only these options (CPU mode: all but compile)
-    python bench/gpu.py --quick                        # decode, agree, eval, train: under 4 minutes on a GPU
+    python bench/gpu.py --quick                        # decode, agree, eval, train, vitl: under 4 minutes on a GPU
     python bench/gpu.py --legs options --options channels_last,fused,prefetch4,pin_memory
     python bench/gpu.py --legs options --options compile
     python bench/gpu.py --legs resume
@@ -93,21 +97,31 @@ TARGETS = {  # figure: (comparison, target)
 
 GPU_SIZES = {"config": "paper", "image_size": 224, "samples": 2048, "steps": 100, "warmup": 20, "option_steps": 100,
              "resume_steps": 10,
+             "vitl_steps": 30, "vitl_warmup": 10,
              "decode_batch": 256, "eval_batch": 256, "passes": 3, "rounds": 3}
 CPU_SIZES = {"config": "tiny-cpu", "image_size": 64, "samples": 32, "steps": 4, "warmup": 1, "option_steps": 2,
              "resume_steps": 2,
+             "vitl_steps": 2, "vitl_warmup": 1,
              "decode_batch": 16, "eval_batch": 16, "passes": 1, "rounds": 1, "batch": 8}
 # --quick at GPU sizes: 40 timed steps after 10 (a steady state by STEADY_STEPS), 2 decode passes, 2 eval rounds.
 # Estimated on an H100/H200 from these sizes: start-up and shards 20-30 s, decode 15 s, agree 30-40 s (16 pairs of
 # pipelines over 256 crops), eval 20 s, train 60-90 s (two DeepSpeed start-ups, 150 steps, the FLOP count): 2.5-3.5
 # minutes, under the 4 minutes that leave one rerun inside a GPU command's 10.
-QUICK_SIZES = {"steps": 50, "warmup": 10, "option_steps": 50, "passes": 2, "rounds": 2}
+# The vitl leg adds three DeepSpeed start-ups with two ViT-L/14 each (random init) and 15 steps of each (10 timed, about
+# 0.1 s each at 40% MFU): an estimated 45-60 s.
+QUICK_SIZES = {"steps": 50, "warmup": 10, "option_steps": 50, "passes": 2, "rounds": 2, "vitl_steps": 15,
+               "vitl_warmup": 5}
 # Legs, in the order they run, and the packages each needs besides torch. webdataset: the shard writer and the
 # reference loader; DALI: the decode pipelines compared; DeepSpeed: ltm.train.trainer's Trainer (train runs its plain
 # loop and FLOP count without it, options its pin_memory option).
 LEGS = {"decode": ("webdataset", "dali"), "agree": ("webdataset", "dali"), "eval": ("webdataset",),
-        "train": ("webdataset",), "options": ("webdataset",), "resume": ("webdataset", "deepspeed")}
-QUICK_LEGS = ("decode", "agree", "eval", "train")
+        "train": ("webdataset",), "vitl": ("webdataset", "deepspeed"), "options": ("webdataset",),
+        "resume": ("webdataset", "deepspeed")}
+QUICK_LEGS = ("decode", "agree", "eval", "train", "vitl")
+GPU_ONLY_LEGS = ("vitl",)  # left out of the CPU mode's default legs (--legs names them)
+# the vitl leg's runs: name -> overrides of the recipe
+VITL_VARIANTS = {"zero2": ["train.zero_stage=2"], "zero3": ["train.zero_stage=3"],
+                 "zero2_ckpt": ["train.zero_stage=2", "train.activation_checkpointing=blocks"]}
 DECODE_THREADS_ALSO = 8  # the decode leg also measures this many DALI threads where the config's count differs
 
 # Speed options: (config overrides, the loop that uses them), each run against that loop's default run.
@@ -362,6 +376,40 @@ def options_check(cfg: Config, names: list[str], default: dict[str, dict], steps
     return out
 
 
+def vitl_check(split: Path, cuda: bool, sizes: dict, root: Path, threads: int | None) -> dict:
+    """The ViT-L/14 LTM recipe (clip-l14, random init, batch 32, bf16) through the Trainer at each of
+    VITL_VARIANTS: images/s, MFU, peak GPU memory, and `ltm plan`'s predicted peak for the same config. On the CPU
+    (only when --legs asks) vit-tiny-cpu at the CPU sizes stands in: it checks the leg's code, not ViT-L."""
+    from ltm.models.flops import model_gflops
+    from ltm.train.metrics_log import peak_tflops
+    from ltm.train.plan import Hardware, make_plan
+
+    base = ["model.pretrained=null", "model.teacher_pretrained=null", "train.precision=bf16",
+            f"data.shuffle_buffer={min(1024, sizes['samples'])}", f"data.image_size={sizes['image_size']}"]
+    if cuda:
+        name, base = "clip-l14", base + ["train.batch_size=32"]
+    else:
+        name, base = "vit-tiny-cpu", base + [f"train.batch_size={sizes['batch']}", "data.num_threads=1"]
+    if threads:
+        base.append(f"data.num_threads={threads}")
+    device = torch.device("cuda" if cuda else "cpu")
+    gpu_mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 80.0
+    out: dict[str, Any] = {}
+    for variant, overrides in VITL_VARIANTS.items():
+        cfg = configure(name, split, root / variant, base + overrides)
+        run = engine_steps(cfg, sizes["vitl_steps"], sizes["vitl_warmup"], cuda)
+        peak = peak_tflops(cfg, device)
+        flops_per_image = 3 * model_gflops(cfg)[0] * 1e9  # forward + backward
+        stage = make_plan(cfg, 1, 1, Hardware(gpu_mem_gib=gpu_mem)).current
+        key = f"vitl_{variant}"
+        out[f"{key}_images_per_s"] = run["images_per_s"]
+        mfu = run["images_per_s"] * flops_per_image / (peak * 1e12) if peak else None
+        out[f"{key}_mfu"] = round(mfu, 4) if mfu is not None else "skipped: no peak TFLOP/s known"
+        out[f"{key}_peak_gib"] = run["peak_gpu_memory_gib"]
+        out[f"{key}_plan_gib"] = round(stage.peak(stage.config_micro) / 2**30, 2)
+    return out
+
+
 def steadiness(runs: list[dict], warmup: int) -> dict:
     """Whether the engine runs' timed steps are a steady state: enough of them, and no step far slower than the
     fastest. The first step (DeepSpeed's and the loader's start-up, first kernel choices) is never timed."""
@@ -484,7 +532,7 @@ def main() -> None:
         unknown = [o for o in options if o not in OPTIONS]
         if unknown:
             parser.error(f"--options: unknown {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
-    legs = list(QUICK_LEGS) if args.quick else list(LEGS)
+    legs = [leg for leg in (QUICK_LEGS if args.quick else LEGS) if cuda or leg not in GPU_ONLY_LEGS]
     if args.legs is not None:
         asked = [x.strip() for x in args.legs.split(",") if x.strip()]
         unknown = [x for x in asked if x not in LEGS]
@@ -585,6 +633,11 @@ def main() -> None:
                         "ltm_over_plain": round(ltm_run["images_per_s"] / plain["images_per_s"], 4)})
             fig.update(steadiness([ltm_run, base_run], sizes["warmup"]))
         phases["train"] = time.perf_counter() - start
+
+    if "vitl" in run:
+        start = time.perf_counter()
+        fig.update(vitl_check(split, cuda, sizes, work / "runs" / "vitl", args.threads))
+        phases["vitl"] = time.perf_counter() - start
 
     if "options" in run:
         start = time.perf_counter()
