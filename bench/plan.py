@@ -207,6 +207,14 @@ def main() -> None:
     # the bucket is allocated whole and dominates ZeRO-2/3: the target holds for the rest alone too
     worst = max(max(abs(row[7] / row[6] - 1), abs((row[7] - row[4]) / (row[6] - row[4]) - 1)) for row in rows)
     print(f"\nlargest deviation {worst:.0%} ({'within' if worst <= 0.25 else 'OUTSIDE'} the 25% target)")
+    # the headline: the ratio (with or without the bucket) furthest from 1
+    ratios = [r for row in rows for r in (row[7] / row[6], (row[7] - row[4]) / (row[6] - row[4]))]
+    print(json.dumps({"bench": "plan", "config": args.config, "ranks": RANKS, "batch": args.batch, "steps": args.steps,
+                      "rows": [{"zero_stage": row[0], "checkpointing": row[1], "micro": row[2],
+                                "predicted_mib": round(row[6] / MiB, 1), "measured_mib": round(row[7] / MiB, 1),
+                                "bucket_mib": round(row[4] / MiB, 1), "resident_mib": round(row[8] / MiB, 1),
+                                "fixed_overhead_mib": round(row[9] / MiB, 1)} for row in rows],
+                      "ratio": round(max(ratios, key=lambda r: abs(r - 1)), 3), "target": "0.75-1.25"}))
 
 
 if __name__ == "__main__":
