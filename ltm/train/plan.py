@@ -500,12 +500,16 @@ def report(plan: Plan) -> str:
         st = s.states
         mark = "*" if stage == t.zero_stage else " "
         ds = f"{s.deepspeed / GiB:9.2f}" if s.deepspeed is not None else "        -"
-        fit = f"{s.micro:5d} x {s.grad_accum:<5d}" if s.micro else "  does not fit"
+        fit = f"{s.micro:5d} x {s.grad_accum:<5d}" if s.micro else \
+            ("does not fit" if t.batch_size % plan.world == 0 else "batch/ranks")
         lines.append(f"{mark}ZeRO-{stage}      {_gib(st.params)} {_gib(st.master)} {_gib(st.grads)} "
                      f"{_gib(st.optimizer)} {_gib(st.gathered + st.prefetched)} {_gib(st.bucket)} "
                      f"{_gib(st.total)} | {ds} | {s.max_micro:9d}  "
                      f"{fit:>13}  {s.comm_bytes / GiB:6.2f} GiB {s.comm_s:7.3f} {s.compute_s:9.3f}")
     cur = plan.current
+    if all(s.deepspeed is None for s in plan.stages.values()):
+        lines.append("DeepSpeed: its estimators (ZeRO-2/3) model AdamW and 16-bit training with every parameter "
+                     "trained; this config is not that")
     lines += [
         "",
         f"step time (ZeRO-{t.zero_stage}): {cur.compute_s:.3f} s compute at {hw.mfu:.0%} MFU of {hw.tflops:g} "
