@@ -58,10 +58,10 @@ $(VENV)/.dali-$(DALI): $(VENV)/.installed
 	rm -f $(VENV)/.dali-* && touch $@
 
 # The suite on TEST_WORKERS processes (pytest-xdist; the local SLURM cluster's tests together on one of them, see
-# tests/conftest.py). Much of it waits on subprocesses, daemons and Chromium, so 2 workers pay on 2 cores too. One
+# tests/conftest.py). Much of it waits on subprocesses, daemons and Chromium, so 3 workers pay on 2 cores. One
 # OpenMP thread per process: the workers and the ranks they start already share the cores, and torch's threads
 # spinning against each other on an oversubscribed machine cost more than they give.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x --timeout=900 --durations=25 -n $(TEST_WORKERS) --dist loadgroup tests
 
