@@ -57,7 +57,10 @@ def deepspeed_config(cfg: Config, micro_batch: int, world_size: int, load_univer
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        # ZeRO-3's memory-efficient linear replaces torch.nn.functional.linear for the whole process, for good: a later
+        # export (TorchScript traces F.linear) or any other model in the process would run DeepSpeed's autograd
+        # function. The saving it buys is one input copy per linear layer, which activation checkpointing covers.
+        "zero_optimization": {"stage": t.zero_stage, "memory_efficient_linear": False},
         "zero_allow_untested_optimizer": True,  # SGD is fine with ZeRO-1/2; DeepSpeed only lists Adam-likes
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
