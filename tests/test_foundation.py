@@ -239,3 +239,10 @@ def test_inference_sees_every_token():
     with torch.no_grad():
         expected = torch.sigmoid(model.student_head(model.student_cnn.pooled(images)).squeeze(1))
         assert torch.allclose(model.predict(images), expected, atol=1e-6)
+
+
+def test_a_token_model_that_is_not_a_vision_transformer_is_refused_by_name():
+    """timm's Eva family (EVA-02, PE) returns tokens, not a map, and is not a `VisionTransformer`."""
+    with pytest.raises(BackboneError, match="eva02_tiny_patch14_224.*Eva.*gives tokens"):
+        build_model(vit_config("model.backbone=eva02_tiny_patch14_224", "model.backbone_args={depth: 1}",
+                               "model.mask_at=features").model, 112)

@@ -57,6 +57,10 @@ class Backbone(nn.Module):
             # a family without dilation support
             raise BackboneError(f"backbone {name!r} with model.output_stride={output_stride}: {exc}") from exc
         self.name = name
+        if not self.is_vit and hasattr(self.net, "num_prefix_tokens"):
+            raise BackboneError(f"backbone {name!r} ({type(self.net).__name__}) gives tokens, not a (B, C, h, w) map: "
+                                "of the token models only timm VisionTransformers (CLIP, DINOv2, SigLIP, DeiT) are "
+                                "backbones here")
         self.channels: int = self.net.num_features
         self.normalize = normalize
         self.freeze_bn = freeze_bn
@@ -113,9 +117,11 @@ class Backbone(nn.Module):
         param = next(self.parameters())
         try:
             out = self(torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype))
-        except RuntimeError as exc:
+        except (RuntimeError, AssertionError) as exc:  # timm asserts a fixed input size
             raise BackboneError(f"backbone {self.name!r} cannot take {image_size} px input: {exc}") from exc
         self.train(was_training)
+        if out.dim() != 4:
+            raise BackboneError(f"backbone {self.name!r} gives {tuple(out.shape)} features, not a (B, C, h, w) map")
         return int(out.shape[-2]), int(out.shape[-1])
 
 
