@@ -89,6 +89,14 @@ class ModelConfig:
     # training forwards during which the student's features go unmasked (M = 1) while the teacher's attention is
     # still untrained (the paper is silent on a schedule; 0 = masked from the first step, as printed)
     mask_warmup: int = 0
+    # AttMask's schedules (training forwards only; evaluation and pictures use mask_ratio on every image):
+    # the share of a training batch whose images are masked, exactly round(share * B) drawn at random each forward, the
+    # others seen whole (1: every image, as printed)
+    mask_share: float = 1.0
+    # a mask ratio per image drawn from U(lo, hi) (AttMask: [0.1, 0.5]); null: mask_ratio for every image
+    mask_ratio_range: list[float] | None = None
+    # AttMask-Hint: this share of each image's masked cells, drawn at random, is shown after all (0: none)
+    mask_hint: float = 0.0
     pooling: str = "avg"  # avg: mean over all h*w (as printed) | masked_mean: mean over kept positions
     mixup: bool = True  # deep mixup, Eq. 5-6 (Table 3 "w/o mixup")
     mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); 1.0 is uniform on [0, 1]
@@ -377,6 +385,11 @@ def validate(cfg: Config) -> None:
         "model.student_hidden": (cfg.model.student_hidden >= 0, ">= 0 (0: a linear head)"),
         "model.mask_warmup": (cfg.model.mask_warmup >= 0, ">= 0"),
         "model.mask_block": (cfg.model.mask_block >= 0, ">= 0"),
+        "model.mask_share": (0.0 < cfg.model.mask_share <= 1.0, "in (0, 1]"),
+        "model.mask_ratio_range": (cfg.model.mask_ratio_range is None or (
+            len(cfg.model.mask_ratio_range) == 2 and 0.0 <= cfg.model.mask_ratio_range[0]
+            <= cfg.model.mask_ratio_range[1] < 1.0), "null or [lo, hi] with 0 <= lo <= hi < 1"),
+        "model.mask_hint": (0.0 <= cfg.model.mask_hint < 1.0, "in [0, 1)"),
         "model.tune_last_k": (cfg.model.tune_last_k >= 1, ">= 1"),
         "model.lora.rank": (cfg.model.lora.rank >= 1, ">= 1"),
         "model.lora.targets": (len(cfg.model.lora.targets) > 0, "a non-empty list of module name suffixes"),

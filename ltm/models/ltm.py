@@ -25,9 +25,12 @@ from ltm.models.masking import (
     grad_attention_map,
     head_max_map,
     input_gradient_map,
+    mask_batch_share,
     masks_from_fakes,
     num_masked,
     occlusion_map,
+    per_image_mask,
+    reveal_hints,
     rollout_map,
     saliency_map,
 )
@@ -97,12 +100,19 @@ class LearningToMask(nn.Module):
         self.student_cnn = build_cnn(cfg, "student", load_weights, image_size)
         self.grid = self.teacher_cnn.grid(image_size)
         self.student_grid = student_grid = self.student_cnn.grid(image_size)
+        if cfg.mask_ratio_range is not None and cfg.mask_strategy == "soft":
+            raise BackboneError("model.mask_ratio_range: mask_strategy=soft has no ratio (high, low or random)")
         if cfg.mask_at == "tokens":
             if not self.student_cnn.is_vit:
                 raise BackboneError(f"model.mask_at=tokens: student {cfg.backbone!r} is a CNN; it needs a ViT "
                                     "(mask_at=features or input masks a CNN)")
             if cfg.mask_strategy == "soft":
                 raise BackboneError("model.mask_at=tokens: mask_strategy=soft zeroes no token (high, low or random)")
+            uneven = [key for key, on in (("mask_share", cfg.mask_share < 1), ("mask_ratio_range",
+                      cfg.mask_ratio_range is not None), ("mask_hint", cfg.mask_hint > 0)) if on]
+            if uneven and cfg.mask_fill == "drop":
+                raise BackboneError(f"model.{uneven[0]} with model.mask_at=tokens drops a different number of tokens "
+                                    "per image: set model.mask_fill=token")
         elif student_grid != self.grid and cfg.mask_at == "features":
             raise BackboneError(
                 f"teacher {self.teacher_cnn.name!r} gives a {self.grid[0]}x{self.grid[1]} feature grid but student "
@@ -194,10 +204,13 @@ class LearningToMask(nn.Module):
         t = self.teacher(images)
         tokens = self.cfg.mask_at == "tokens"
         attention = resample_map(t["attention"], self.student_grid) if tokens else t["attention"]
-        mask = feature_mask(attention, self.cfg.mask_ratio, self.cfg.mask_strategy)  # Eq. 4
+        mask = self.training_mask(attention) if self.training else feature_mask(
+            attention, self.cfg.mask_ratio, self.cfg.mask_strategy)  # Eq. 4
         keep_count = self.student_grid[0] * self.student_grid[1] - num_masked(self.cfg.mask_ratio, self.student_grid)
         if self.cfg.real_mask == "fake" and self.training:
             mask = masks_from_fakes(mask, labels)
+        if self.cfg.mask_share < 1 and self.training:  # after real_mask: the share is drawn blind to the labels
+            mask = mask_batch_share(mask, self.cfg.mask_share)
         if self.cfg.mask_warmup > 0 and self.training:
             if int(self.forwards) < self.cfg.mask_warmup:
                 mask = torch.ones_like(mask)
@@ -237,6 +250,18 @@ class LearningToMask(nn.Module):
             "attention": t["attention"].detach(),
             "mask": mask,
         }
+
+    def training_mask(self, attention: torch.Tensor) -> torch.Tensor:
+        """Eq. 4's mask in a training forward: `mask_ratio` on every image, or a ratio per image drawn from
+        `mask_ratio_range`, with `mask_hint` of each image's masked cells shown after all (AttMask's schedules)."""
+        cfg = self.cfg
+        if cfg.mask_ratio_range is None:
+            mask = feature_mask(attention, cfg.mask_ratio, cfg.mask_strategy)
+        else:
+            lo, hi = cfg.mask_ratio_range
+            ratios = torch.rand(attention.shape[0], device=attention.device) * (hi - lo) + lo
+            mask = per_image_mask(attention, ratios, cfg.mask_strategy)
+        return reveal_hints(mask, cfg.mask_hint) if cfg.mask_hint > 0 else mask
 
     def student_features(self, images: torch.Tensor) -> torch.Tensor:
         """The student's feature vector F (B, C) of whole images, as inference sees them (M = 1): its feature map

@@ -161,6 +161,46 @@ def feature_mask(attention: torch.Tensor, ratio: float, strategy: str,
     return mask.reshape_as(attention)
 
 
+def _ranks(scores: torch.Tensor, descending: bool) -> torch.Tensor:
+    """Each cell's place in its row's order (0 = first), (B, n) -> (B, n)."""
+    order = scores.argsort(dim=1, descending=descending, stable=True)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+
+
+def per_image_mask(attention: torch.Tensor, ratios: torch.Tensor, strategy: str,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Eq. 4 with a ratio per image (`model.mask_ratio_range`, AttMask's U(0.1, 0.5)): image i masks its
+    round(ratios[i] * h * w) cells chosen by `strategy` (high / low / random, as `feature_mask`)."""
+    a = attention.detach().float().flatten(1)
+    if strategy == "random":
+        a = torch.rand(a.shape, device=a.device, generator=generator)
+    elif strategy not in ("high", "low"):
+        raise ValueError(f"mask strategy {strategy!r} with a ratio per image: expected high, low or random")
+    k = torch.round(ratios.float().to(a.device) * a.shape[1])
+    return (_ranks(a, descending=strategy != "low") >= k[:, None]).float().reshape_as(attention)
+
+
+def reveal_hints(mask: torch.Tensor, hint: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """AttMask-Hint (`model.mask_hint`): round(hint * k_i) of image i's k_i masked cells, drawn at random, are shown
+    after all, so the student still sees a little of the strongest evidence."""
+    flat = mask.flatten(1)
+    masked = flat == 0
+    shown = torch.round(hint * masked.sum(dim=1).float())
+    scores = torch.rand(flat.shape, device=flat.device, generator=generator).masked_fill(~masked, 2.0)
+    reveal = _ranks(scores, descending=False) < shown[:, None]  # the lowest random scores among the masked cells
+    return torch.where(reveal & masked, torch.ones_like(flat), flat).reshape_as(mask)
+
+
+def mask_batch_share(mask: torch.Tensor, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """AttMask's batch share (`model.mask_share`): exactly round(share * B) images of the batch, drawn at random, keep
+    their mask; the others are seen whole (M = 1)."""
+    b = mask.shape[0]
+    chosen = _ranks(torch.rand(b, 1, device=mask.device, generator=generator).T, descending=False)[0]
+    keep = (chosen < round(share * b)).view(b, *([1] * (mask.dim() - 1)))
+    return torch.where(keep, mask, torch.ones_like(mask))
+
+
 def masks_from_fakes(mask: torch.Tensor, labels: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """`model.real_mask=fake`: every real sample (label 0) takes the mask of a fake (label > 0) of the batch drawn at
