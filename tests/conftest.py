@@ -3,10 +3,13 @@
 import pytest
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under `--dist loadgroup`, every test of the local SLURM cluster runs on one worker: the cluster is one set of
     daemons on this machine, started by the first such test and stopped at the end of that worker's session, so
-    tests on another worker could find it gone. The rest spread over the workers freely."""
+    tests on another worker could find it gone (or start it at the same moment: two slurmd on one port). The rest
+    spread over the workers freely. First among the hooks: xdist's own reads the group marks into the test ids, and
+    a mark added after it groups nothing."""
     for item in items:
         if item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("slurm"))
