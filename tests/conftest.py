@@ -5,14 +5,14 @@ import pytest
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under `--dist loadgroup`, every test of the local SLURM cluster runs on one worker: the cluster is one set of
-    daemons on this machine, started by the first such test and stopped at the end of that worker's session, so
-    tests on another worker could find it gone (or start it at the same moment: two slurmd on one port). The rest
-    spread over the workers freely. First among the hooks: xdist's own reads the group marks into the test ids, and
-    a mark added after it groups nothing."""
+    """Every test of the local SLURM cluster is marked `slurm`, also where it only takes the `slurm_cluster` fixture:
+    `make test` runs them in a session of their own (`-m slurm`), one after another, beside the rest (`-m "not
+    slurm"` on xdist workers). The cluster is one set of daemons on this machine, started by the first such test and
+    stopped at the end of the session, so tests of another session or worker could find it gone, or start it at the
+    same moment (two slurmd on one port). First among the hooks: `-m` deselects by the marks this adds."""
     for item in items:
-        if item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        if "slurm_cluster" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slurm)
 
 # --- the sample dataset and its shards (data_prep; used by every area's tests) ----------------------------------------
 
