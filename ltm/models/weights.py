@@ -529,9 +529,10 @@ def _cached_rows() -> list[tuple[str, str]]:
     """timm weights in the Hugging Face cache (repos `timm/<name>.<tag>`) and the torch-hub checkpoint folder."""
     rows = []
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        for repo in scan_cache_dir().repos:
+        # the cache folder as the hub client resolves it now (scan_cache_dir's default is bound when it is imported)
+        for repo in scan_cache_dir(constants.HF_HUB_CACHE).repos:
             if repo.repo_type == "model" and repo.repo_id.startswith("timm/"):
                 tagged = repo.repo_id.removeprefix("timm/")
                 rows.append((tagged, f"cache {repo.repo_path}"))
