@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from test_train import ENV, REPO, ltm_train, mixed_shards, records, shards  # noqa: F401  (fixtures)
+from test_train import (  # noqa: F401  (fixtures)
+    ENV,
+    REPO,
+    ltm_train,
+    mixed_shards,
+    records,
+    run_driver_on_two_ranks,
+    shards,
+)
 
 from ltm.checkpoint.checkpointer import COMPLETE, Checkpointer, convert_to_universal, tag_for
 from ltm.checkpoint.reader import load_checkpoint_weights, load_model
@@ -61,18 +69,7 @@ trainer.close()
 
 
 def run_two_ranks(tmp: Path, config: Path) -> dict:
-    from ltm.distributed import launch_local
-
-    driver = tmp / "driver.py"
-    driver.write_text(DRIVER)
-    old = dict(os.environ)
-    os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    try:
-        assert launch_local(2, [str(driver), str(config), str(tmp)]) == 0
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-    return {"ranks": [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]}
+    return {"ranks": run_driver_on_two_ranks(tmp, config, DRIVER)}
 
 
 def initial_model(config: Path) -> torch.nn.Module:

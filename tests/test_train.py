@@ -122,15 +122,13 @@ trainer.close()
 """
 
 
-@pytest.fixture(scope="session")
-def run_a(tmp_path_factory, shards) -> dict:
-    """Run A: 2 gloo ranks, ZeRO-1, 6 steps over 3 epochs; each rank dumps its final in-memory weights."""
+def run_driver_on_two_ranks(tmp: Path, config: Path, driver_source: str = DRIVER) -> list[dict]:
+    """`driver_source` (a script taking the config and an output folder) on 2 local gloo ranks; what each rank saved
+    as `rank<r>.pt` in `tmp`."""
     from ltm.distributed import launch_local
 
-    tmp = tmp_path_factory.mktemp("run_a")
-    config = write_config(tmp, shards, tmp / "A")
     driver = tmp / "driver.py"
-    driver.write_text(DRIVER)
+    driver.write_text(driver_source)
     old = dict(os.environ)
     os.environ.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     try:
@@ -138,7 +136,15 @@ def run_a(tmp_path_factory, shards) -> dict:
     finally:
         os.environ.clear()
         os.environ.update(old)
-    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="session")
+def run_a(tmp_path_factory, shards) -> dict:
+    """Run A: 2 gloo ranks, ZeRO-1, 6 steps over 3 epochs; each rank dumps its final in-memory weights."""
+    tmp = tmp_path_factory.mktemp("run_a")
+    config = write_config(tmp, shards, tmp / "A")
+    ranks = run_driver_on_two_ranks(tmp, config)
     return {"tmp": tmp, "config": config, "run_dir": tmp / "A", "ranks": ranks,
             "weights": module_state(tmp / "A", tag_for(6)), "train": records(tmp / "A", "train"),
             "val": records(tmp / "A", "val")}
