@@ -165,6 +165,16 @@ def family_aucs(scores: dict, heads: tuple[str, ...]) -> dict:
     return out
 
 
+def calibration(scores: dict, heads: tuple[str, ...]) -> dict:
+    """{head: {"real_mean": mean P(fake) of the clean reals, "ece": expected calibration error over every frame}}: a
+    student trained on erased faces may rank well (AUC) and still score whole real faces as rather fake."""
+    from ltm.eval.metrics import expected_calibration_error
+
+    real = [i for i, m in enumerate(scores["methods"]) if m == "real"]
+    return {head: {"real_mean": statistics.fmean(scores[head][i] for i in real),
+                   "ece": expected_calibration_error(scores["labels"], scores[head])} for head in heads}
+
+
 def overall_auc(scores: dict, head: str) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -202,18 +212,23 @@ def run_point(sweep: Sweep, variant: str, seed: int, steps: int, args: argparse.
         if diff:
             raise SystemExit(f"{run_dir} was trained as another model ({'; '.join(diff)}): remove it or use "
                              "another --out")
-    if path.is_file():
-        return json.loads(path.read_text())
-    session = train_budget(sweep, variant, seed, steps)
-    if session is not None and session["status"] != "completed":
-        raise SystemExit(f"{run_dir}: training stopped at step {session['step']} of {steps} ({session['status']})")
     heads = HEADS["baseline" if cfg.model.kind == "baseline" else "ltm"]
     split_dir = args.shards / "synth" / args.split
     clean = [p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.endswith("Stamped")]
+    if path.is_file():
+        row = json.loads(path.read_text())
+        if "calibration" not in row and steps == latest_step(run_dir):  # kept from before it was measured
+            row["calibration"] = calibration(head_scores(run_dir, clean), heads)
+            write_json(path, row)
+        return row
+    session = train_budget(sweep, variant, seed, steps)
+    if session is not None and session["status"] != "completed":
+        raise SystemExit(f"{run_dir}: training stopped at step {session['step']} of {steps} ({session['status']})")
     scores = head_scores(run_dir, clean)
     row = {"variant": variant, "seed": seed, "steps": steps, "split": args.split,
            "train_s": session["seconds"] if session else None, "trained": session, "provenance": provenance(),
            "family_auc": family_aucs(scores, heads), "auc": {h: overall_auc(scores, h) for h in heads},
+           "calibration": calibration(scores, heads),
            "overrides": args.overrides, "train_family": args.train_family}
     if args.real_ffpp_folders:
         real = head_scores(run_dir, args.real_ffpp_folders)
@@ -227,6 +242,17 @@ def run_point(sweep: Sweep, variant: str, seed: int, steps: int, args: argparse.
             row["mask"] = mask_figures(run_dir, stamped)
     write_json(path, row)
     return row
+
+
+def latest_step(run_dir: Path) -> int | None:
+    """The step of the run's latest checkpoint (what `head_scores` loads)."""
+    from ltm.checkpoint import CheckpointError
+    from ltm.checkpoint.reader import resolve_tag
+
+    try:
+        return int(resolve_tag(run_dir, None).name.removeprefix("step"))
+    except (CheckpointError, ValueError):
+        return None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -397,6 +423,23 @@ def main() -> int:
                        ("student-teacher_cnn", (ref, "student"), (ref, "teacher_cnn")),
                        ("teacher_cnn-baseline", (ref, "teacher_cnn"), ("baseline", "baseline"))):
         compare(name, name, a, b)
+    calib: dict = {}
+    print("\ncalibration on whole faces (test reals' mean P(fake), ECE over every frame; 95% CI over seeds); the "
+          "target: reals' mean within 0.05 of the Baseline's")
+    base_real = [final["baseline", s, args.steps]["calibration"]["baseline"]["real_mean"] for s in seeds]
+    for variant in variants:
+        for head in final[variant, 0, args.steps]["calibration"]:
+            cells = [final[variant, s, args.steps]["calibration"][head] for s in seeds]
+            real, r_lo, r_hi = interval([c["real_mean"] for c in cells])
+            ece, e_lo, e_hi = interval([c["ece"] for c in cells])
+            shift = paired_by_seed(dict(zip(seeds, (c["real_mean"] for c in cells))),
+                                   dict(zip(seeds, base_real))).interval
+            calib[f"{variant}/{head}"] = {"real_mean": round(real, 4), "ece": round(ece, 4),
+                                          "real_mean_minus_baseline": round(shift.mean, 4)}
+            print(f"  {variant:<13}{head:<12} reals' P(fake) {real:.3f} ({r_lo:.3f} .. {r_hi:.3f})  ECE {ece:.3f} "
+                  f"({e_lo:.3f} .. {e_hi:.3f})" + ("" if variant == "baseline" else
+                                                   f"  vs Baseline {shift.mean:+.3f} ({shift.lo:+.3f} .. "
+                                                   f"{shift.hi:+.3f})"))
     mechanism: dict = {}
     if args.shortcut != "none":
         print(f"\nshortcut `{args.shortcut}` on every training fake: AUC on {seen} fakes with it stamped on (the "
@@ -458,7 +501,7 @@ def main() -> int:
         "bench": "generalization", "benchmark": "synth", "split": args.split, "train_family": seen,
         "config": args.config, "steps": args.steps, "seeds": args.seeds, "overrides": args.overrides,
         "summary": summary, "diffs": diffs, "table4_order_holds": ordering, "shortcut": args.shortcut,
-        "mechanism": mechanism,
+        "mechanism": mechanism, "calibration": calib,
         "curves": {f"{v}/{h}": {s: round(statistics.fmean(x), 4) for s, x in p.items()}
                    for (v, h), p in curves.items()},
         "curve_seeds": len(curve_seeds),

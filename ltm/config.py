@@ -97,6 +97,18 @@ class ModelConfig:
     mask_ratio_range: list[float] | None = None
     # AttMask-Hint: this share of each image's masked cells, drawn at random, is shown after all (0: none)
     mask_hint: float = 0.0
+    # the mask ratio (or both ends of mask_ratio_range) grows linearly from 0 over this many training forwards, so the
+    # student first learns from whole faces (0: the full ratio from the first forward). Counted as mask_warmup's
+    # forwards are, after them
+    mask_anneal: int = 0
+    # mask_at=input: what is erased. cells (the masked grid cells, whole) | boxes (RFM's region-shaped erasing: as
+    # many boxes as cells are masked, each centred on the map's highest point, upsampled to the image, that no earlier
+    # box covers; sides a cell's times U(erase_box_scale))
+    erase_shape: str = "cells"
+    erase_box_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    # mask_at=input: what the erased pixels become. mean (the backbone's mean colour, 0 after its normalisation) |
+    # noise (uniform noise in [0, 1] per pixel and channel, as RFM fills its boxes)
+    erase_fill: str = "mean"
     pooling: str = "avg"  # avg: mean over all h*w (as printed) | masked_mean: mean over kept positions
     mixup: bool = True  # deep mixup, Eq. 5-6 (Table 3 "w/o mixup")
     mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha); 1.0 is uniform on [0, 1]
@@ -261,6 +273,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("exponential", "cosine"),
     "model.real_mask": ("own", "fake"),
+    "model.erase_shape": ("cells", "boxes"),
+    "model.erase_fill": ("mean", "noise"),
     "model.pooling": ("avg", "masked_mean"),
     "model.mixup_partner": ("any", "same_class"),
     "model.mixup_scope": ("global", "rank"),
@@ -390,6 +404,16 @@ def validate(cfg: Config) -> None:
             len(cfg.model.mask_ratio_range) == 2 and 0.0 <= cfg.model.mask_ratio_range[0]
             <= cfg.model.mask_ratio_range[1] < 1.0), "null or [lo, hi] with 0 <= lo <= hi < 1"),
         "model.mask_hint": (0.0 <= cfg.model.mask_hint < 1.0, "in [0, 1)"),
+        "model.mask_anneal": (cfg.model.mask_anneal >= 0, ">= 0"),
+        "model.erase_box_scale": (len(cfg.model.erase_box_scale) == 2
+                                  and 0.0 < cfg.model.erase_box_scale[0] <= cfg.model.erase_box_scale[1],
+                                  "[lo, hi] with 0 < lo <= hi (a cell's side times U(lo, hi))"),
+        "model.erase_shape": (cfg.model.erase_shape == "cells" or (cfg.model.mask_at == "input"
+                                                                    and cfg.model.mask_strategy != "soft"),
+                              "cells unless model.mask_at is input and model.mask_strategy high, low or random "
+                              "(boxes are erased from the image, one per masked cell)"),
+        "model.erase_fill": (cfg.model.erase_fill == "mean" or cfg.model.mask_at == "input",
+                             "mean unless model.mask_at is input"),
         "model.tune_last_k": (cfg.model.tune_last_k >= 1, ">= 1"),
         "model.lora.rank": (cfg.model.lora.rank >= 1, ">= 1"),
         "model.lora.targets": (len(cfg.model.lora.targets) > 0, "a non-empty list of module name suffixes"),

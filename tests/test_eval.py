@@ -64,6 +64,26 @@ def test_eer_known_values():
     assert metrics.auc([1, 1, 1], [0.2, 0.3, 0.4]) is None and metrics.eer([0, 0], [0.1, 0.2]) is None
 
 
+def test_expected_calibration_error_by_hand_and_against_a_direct_binning():
+    # every frame scored 0.8, half of them fake: one bin, |0.5 - 0.8|
+    assert metrics.expected_calibration_error([0, 1] * 50, [0.8] * 100) == pytest.approx(0.3)
+    # calibrated: P(fake) 0.25 where a quarter are fake, 0.9 where nine in ten are
+    labels, scores = [1, 0, 0, 0] * 10 + [1] * 9 + [0], [0.25] * 40 + [0.9] * 10
+    assert metrics.expected_calibration_error(labels, scores) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.expected_calibration_error([0, 0], [0.1, 0.3]) == pytest.approx(0.2)  # one class is defined too
+    assert metrics.expected_calibration_error([], []) is None
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 500).astype(float)
+    scores = np.clip(rng.random(500) * 0.6 + labels * 0.3, 0, 1)
+    scores[:2] = (0.0, 1.0)
+    direct = 0.0
+    for b in range(15):  # the bins written out: (b/15, (b+1)/15], the first closed
+        sel = ((scores > b / 15) | (b == 0)) & (scores <= (b + 1) / 15)
+        if sel.any():
+            direct += sel.mean() * abs(labels[sel].mean() - scores[sel].mean())
+    assert metrics.expected_calibration_error(labels, scores) == pytest.approx(direct, abs=1e-12)
+
+
 def test_video_grouping_hand_built():
     videos = ["a", "a", "a", "b", "b", "a", "c"]
     methods = ["real", "real", "real", "real", "real", "FaceSwap", "FaceSwap"]  # "a" reused by a fake: own video
@@ -281,6 +301,8 @@ def test_report_files(toy_runs, tmp_path):
     assert report["frame_auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
     assert list(rows[0]) == ["key", "video", "method", "label", "score"]
     assert "| frames |" in (folder / "report.md").read_text()
+    assert report["ece"] == pytest.approx(metrics.expected_calibration_error(labels, scores), abs=1e-9)
+    assert "| ECE |" in (folder / "report.md").read_text()
     pictures = sorted((folder / "attention").glob("*.png"))
     assert len(pictures) == 4 and len(report["attention"]) == 4  # eval.attention_samples=2 per label
     assert sum("_fake_" in p.name for p in pictures) == 2

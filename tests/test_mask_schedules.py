@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_method import Calls, batch, make_model
+from test_method import SIZE, Calls, batch, make_model
 
 from ltm.config import ConfigError, load_config
 from ltm.models import BackboneError, build_model
-from ltm.models.masking import mask_batch_share, per_image_mask, reveal_hints
+from ltm.models.masking import mask_batch_share, peak_boxes, per_image_mask, reveal_hints
 
 
 def zeros_per_image(mask: torch.Tensor) -> list[int]:
@@ -99,3 +99,93 @@ def test_schedules_that_would_drop_uneven_token_counts_are_refused():
     for bad in ("model.mask_share=0", "model.mask_ratio_range=[0.5,0.1]", "model.mask_hint=1.0"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config("tiny-cpu", [bad])
+
+
+# --- region-shaped erasing (erase_shape=boxes), noise fill, the ratio annealed ------------------------------------------
+
+
+def erased(mask: torch.Tensor) -> torch.Tensor:
+    return mask < 0.5
+
+
+def test_boxes_are_centred_on_the_maps_peaks_between_cells_where_the_map_says_so():
+    scores = torch.zeros(2, 4, 4)
+    scores[0, 1, 2] = 1.0  # one hot cell: its box sits on it
+    scores[0, 3, 0] = 0.5  # the second peak
+    scores[1, 2, 1] = scores[1, 2, 2] = 1.0  # two equal neighbours: the peak lies on their common edge
+    keep = peak_boxes(scores, torch.tensor([1, 2]), (112, 112), scale=(1.0, 1.0))
+    box0 = erased(keep[0]).nonzero().float()
+    assert abs(len(box0) - 28 * 28) <= 2 * 28  # one cell's area
+    assert box0[:, 0].mean().item() == pytest.approx(28 + 14, abs=2)  # the centre of cell (1, 2)
+    assert box0[:, 1].mean().item() == pytest.approx(56 + 14, abs=2)
+    assert not erased(keep[0, 84:, :28]).any()  # counts[0] = 1: the second peak stays visible
+    two = erased(keep[1]).nonzero().float()
+    assert abs(len(two) - 2 * 28 * 28) <= 4 * 28  # two boxes that do not overlap
+    first = erased(peak_boxes(scores[1:], torch.tensor([1]), (112, 112), scale=(1.0, 1.0))[0]).nonzero().float()
+    assert first[:, 1].mean().item() == pytest.approx(56, abs=2)  # straddles cells 1 and 2: not a grid cell
+    assert first[:, 0].mean().item() == pytest.approx(56 + 14, abs=2)
+    # sizes drawn from U(scale) per box
+    areas = {int(erased(peak_boxes(scores[:1], torch.tensor([1]), (112, 112), scale=(0.5, 1.5),
+                                   generator=torch.Generator().manual_seed(s))).sum()) for s in range(6)}
+    assert len(areas) > 3 and min(areas) >= 14 * 14 - 60 and max(areas) <= 42 * 42 + 90
+
+
+def test_box_erasing_hides_the_boxes_of_the_masked_cells_from_the_student():
+    m = make_model(mixup=False, mask_at="input", erase_shape="boxes", erase_box_scale=[1.0, 1.0])
+    images, labels = batch(4)
+    m.train()
+    torch.manual_seed(0)
+    with Calls(m.student_cnn) as seen:
+        out = m(images, labels)
+    mask = out["mask"]
+    assert mask.shape == (4, SIZE, SIZE)  # a pixel mask
+    student_in = seen.seen[0]
+    mean = m.student_cnn.mean.view(3, 1, 1)
+    for i in range(4):
+        hidden = erased(mask[i])
+        assert torch.allclose(student_in[i][:, hidden], mean.expand(3, SIZE, SIZE)[:, hidden])
+        assert torch.equal(student_in[i][:, ~hidden], images[i][:, ~hidden])
+        # 4 boxes of a cell each (32 px at 128 px), overlap-free: about 4 cells' area
+        assert 3 * 32 * 32 <= int(hidden.sum()) <= 4 * 33 * 33
+        # the map's highest cell lies under a box
+        top = int(out["attention"][i].flatten().argmax())
+        cell = hidden[(top // 4) * 32:(top // 4 + 1) * 32, (top % 4) * 32:(top % 4 + 1) * 32]
+        assert cell.float().mean() > 0.5
+
+
+def test_box_erasing_with_real_mask_fake_gives_each_real_a_fakes_boxes_and_noise_fills_them():
+    m = make_model(mixup=False, mask_at="input", erase_shape="boxes", real_mask="fake", erase_fill="noise")
+    images, labels = batch(6)
+    m.train()
+    torch.manual_seed(1)
+    with Calls(m.student_cnn) as seen:
+        out = m(images, labels)
+    mask = out["mask"]
+    fakes = [mask[i] for i in range(6) if labels[i] == 1]
+    for i in range(6):
+        if labels[i] == 0:
+            assert any(torch.equal(mask[i], f) for f in fakes)
+    hidden = erased(mask[1])
+    filled = seen.seen[0][1][:, hidden]
+    assert filled.std() > 0.2 and 0.0 <= filled.min() and filled.max() <= 1.0  # uniform noise, not one colour
+    assert torch.equal(seen.seen[0][1][:, ~hidden], images[1][:, ~hidden])
+
+
+def test_the_ratio_is_annealed_after_the_warm_up_and_the_count_is_in_the_checkpoint():
+    m = make_model(mixup=False, mask_ratio=0.5, mask_warmup=2, mask_anneal=4)  # k = 8 of 16 in the end
+    images, labels = batch(4)
+    m.train()
+    masked = []
+    for _ in range(8):
+        masked.append(zeros_per_image(m(images, labels)["mask"])[0])
+    assert masked == [0, 0, 0, 2, 4, 6, 8, 8]  # warm-up, then 0, 1/4 .. 4/4 of k
+    assert int(m.state_dict()["forwards"]) == 8
+    boxes = make_model(mixup=False, mask_at="input", erase_shape="boxes", mask_ratio=0.5, mask_anneal=2)
+    boxes.train()
+    assert int(erased(boxes(images, labels)["mask"]).sum()) == 0  # no box at ratio 0
+    for bad in ("model.erase_shape=boxes", "model.erase_fill=noise", "model.mask_anneal=-1",
+                "model.erase_box_scale=[0,1]"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config("tiny-cpu", [bad])  # tiny-cpu masks features: boxes and fills need mask_at=input
+    with pytest.raises(ConfigError, match="model.erase_shape"):
+        load_config("tiny-cpu", ["model.mask_at=input", "model.erase_shape=boxes", "model.mask_strategy=soft"])

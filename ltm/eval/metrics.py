@@ -122,6 +122,27 @@ def accuracy(
     return float(accuracy_score(labels.astype(int), (scores >= threshold).astype(int)))
 
 
+ECE_BINS = 15  # Guo et al. (2017)'s equal-width bins
+
+
+def expected_calibration_error(labels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray,
+                               n_bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error of P(fake): over `n_bins` equal-width bins of the scores, the share of frames in
+    each bin times |the bin's fraction of fakes - its mean P(fake)|, summed (0 = calibrated). A detector whose AUC is
+    high can still be far off here, e.g. one trained only on erased faces scoring every whole face as rather fake.
+    scikit-learn's `calibration_curve` bins; None without scores."""
+    from sklearn.calibration import calibration_curve
+
+    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if not labels.size:
+        return None
+    fraction_fake, mean_score = calibration_curve(labels, scores, n_bins=n_bins, strategy="uniform", pos_label=1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], scores), minlength=n_bins)  # the same bins, non-empty ones kept
+    weights = counts[counts > 0] / labels.size
+    return float(np.sum(weights * np.abs(fraction_fake - mean_score)))
+
+
 def video_scores(
     videos: Sequence[str], methods: Sequence[str], labels: Sequence[float], scores: Sequence[float], agg: str = "mean"
 ) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
@@ -169,6 +190,7 @@ def compute_metrics(
         "ap": average_precision(labels_arr, scores_arr),
         "eer": eer(labels_arr, scores_arr),
         "acc": accuracy(labels_arr, scores_arr, threshold) if labels_arr.size else None,
+        "ece": expected_calibration_error(labels_arr, scores_arr),
         "n_frames": int(labels_arr.size),
         "n_videos": int(v_labels.size),
         "n_real": int((labels_arr == 0).sum()),

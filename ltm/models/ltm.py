@@ -29,6 +29,7 @@ from ltm.models.masking import (
     masks_from_fakes,
     num_masked,
     occlusion_map,
+    peak_boxes,
     per_image_mask,
     reveal_hints,
     rollout_map,
@@ -125,7 +126,8 @@ class LearningToMask(nn.Module):
         self.teacher_cnn_head = nn.Linear(self.teacher_cnn.channels, 1)
         self.teacher_vit_head = nn.Linear(v.dim, 1)
         self.student_head = student_classifier(self.student_cnn.channels, cfg.student_hidden)
-        if cfg.mask_warmup > 0:  # counts training forwards; in checkpoints, so a resumed run keeps its schedule
+        if cfg.mask_warmup > 0 or cfg.mask_anneal > 0:
+            # counts training forwards; in checkpoints, so a resumed run keeps its schedule
             self.register_buffer("forwards", torch.zeros((), dtype=torch.long))
 
     def teacher(self, images: torch.Tensor, all_attentions: bool = False, map_kind: str | None = None) -> dict:
@@ -204,20 +206,27 @@ class LearningToMask(nn.Module):
         t = self.teacher(images)
         tokens = self.cfg.mask_at == "tokens"
         attention = resample_map(t["attention"], self.student_grid) if tokens else t["attention"]
-        mask = self.training_mask(attention) if self.training else feature_mask(
+        step = None
+        if self.training and hasattr(self, "forwards"):
+            step = int(self.forwards)
+            self.forwards += 1
+        factor = self.anneal_factor(step)
+        mask = self.training_mask(attention, factor) if self.training else feature_mask(
             attention, self.cfg.mask_ratio, self.cfg.mask_strategy)  # Eq. 4
-        keep_count = self.student_grid[0] * self.student_grid[1] - num_masked(self.cfg.mask_ratio, self.student_grid)
+        keep_count = (self.student_grid[0] * self.student_grid[1]
+                      - num_masked(self.cfg.mask_ratio * factor, self.student_grid))
+        if self.cfg.erase_shape == "boxes":  # from here on a pixel mask (B, H, W)
+            mask = self.box_mask(attention, mask, tuple(images.shape[-2:]))
         if self.cfg.real_mask == "fake" and self.training:
             mask = masks_from_fakes(mask, labels)
         if self.cfg.mask_share < 1 and self.training:  # after real_mask: the share is drawn blind to the labels
             mask = mask_batch_share(mask, self.cfg.mask_share)
-        if self.cfg.mask_warmup > 0 and self.training:
-            if int(self.forwards) < self.cfg.mask_warmup:
-                mask = torch.ones_like(mask)
-                keep_count = mask[0].numel()
-            self.forwards += 1
+        if step is not None and step < self.cfg.mask_warmup:
+            mask = torch.ones_like(mask)
+            keep_count = mask[0].numel()
         if self.cfg.mask_at == "input":  # the cells' pixels are hidden, so no receptive field reaches them
-            features = seen = self.student_cnn.pooled(erase_cells(images, mask, self.student_cnn.mean))
+            fill = torch.rand_like(images) if self.cfg.erase_fill == "noise" else self.student_cnn.mean
+            features = seen = self.student_cnn.pooled(erase_cells(images, mask, fill))
         elif tokens:  # the masked tokens leave the student's sequence (or become the mask token)
             features = seen = self.student_cnn.pooled(images, mask, self.cfg.mask_block, keep_count)
         else:
@@ -251,17 +260,37 @@ class LearningToMask(nn.Module):
             "mask": mask,
         }
 
-    def training_mask(self, attention: torch.Tensor) -> torch.Tensor:
+    def anneal_factor(self, step: int | None) -> float:
+        """`mask_anneal`: the share of the mask ratio in force at training forward `step` (counted from the first,
+        warm-up included): 0 right after `mask_warmup`, growing linearly to 1 over `mask_anneal` forwards."""
+        if step is None or self.cfg.mask_anneal == 0:
+            return 1.0
+        return min(1.0, max(0, step - self.cfg.mask_warmup) / self.cfg.mask_anneal)
+
+    def training_mask(self, attention: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
         """Eq. 4's mask in a training forward: `mask_ratio` on every image, or a ratio per image drawn from
-        `mask_ratio_range`, with `mask_hint` of each image's masked cells shown after all (AttMask's schedules)."""
+        `mask_ratio_range`, either times `factor` (`anneal_factor`), with `mask_hint` of each image's masked cells
+        shown after all (AttMask's schedules)."""
         cfg = self.cfg
         if cfg.mask_ratio_range is None:
-            mask = feature_mask(attention, cfg.mask_ratio, cfg.mask_strategy)
+            mask = feature_mask(attention, cfg.mask_ratio * factor, cfg.mask_strategy)
         else:
-            lo, hi = cfg.mask_ratio_range
+            lo, hi = (end * factor for end in cfg.mask_ratio_range)
             ratios = torch.rand(attention.shape[0], device=attention.device) * (hi - lo) + lo
             mask = per_image_mask(attention, ratios, cfg.mask_strategy)
         return reveal_hints(mask, cfg.mask_hint) if cfg.mask_hint > 0 else mask
+
+    def box_mask(self, attention: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """`erase_shape=boxes`: as many boxes per image as its cell mask has masked cells, around the map's peaks
+        (`high`), its troughs (`low`) or random points (`random`); a pixel mask (B, H, W). Box sizes are drawn in
+        training and the middle of `erase_box_scale` otherwise."""
+        strategy = self.cfg.mask_strategy
+        scores = {"high": attention, "low": -attention}.get(strategy)
+        if scores is None:
+            scores = torch.rand_like(attention, dtype=torch.float32)
+        counts = (mask.flatten(1) < 0.5).sum(dim=1)
+        lo, hi = self.cfg.erase_box_scale
+        return peak_boxes(scores, counts, size, (lo, hi) if self.training else ((lo + hi) / 2,) * 2)
 
     def student_features(self, images: torch.Tensor) -> torch.Tensor:
         """The student's feature vector F (B, C) of whole images, as inference sees them (M = 1): its feature map

@@ -219,9 +219,48 @@ def masks_from_fakes(mask: torch.Tensor, labels: torch.Tensor,
 
 def erase_cells(images: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
     """Eq. 4's mask applied to the input instead of the features (`model.mask_at=input`, as RFM erases): the pixels
-    of every cell with M = 0 take the colour `fill` (the backbone's mean, which its normalisation maps to 0)."""
-    keep = torch.nn.functional.interpolate(mask[:, None].to(images.dtype), size=images.shape[-2:], mode="nearest")
+    under M = 0 take `fill` (the backbone's mean colour, which its normalisation maps to 0, or noise of the images'
+    shape). `mask` is a cell mask (B, h, w), nearest-upsampled, or a pixel mask (B, H, W) such as `peak_boxes`'."""
+    keep = mask[:, None].to(images.dtype)
+    if keep.shape[-2:] != images.shape[-2:]:
+        keep = torch.nn.functional.interpolate(keep, size=images.shape[-2:], mode="nearest")
     return images * keep + fill.to(images.dtype) * (1 - keep)
+
+
+def peak_boxes(scores: torch.Tensor, counts: torch.Tensor, size: tuple[int, int],
+               scale: tuple[float, float] = (0.5, 1.5), generator: torch.Generator | None = None) -> torch.Tensor:
+    """Region-shaped erasing (`model.erase_shape=boxes`, after RFM's boxes of random size around the top peaks):
+    image i gets up to `counts[i]` boxes, one after another, each centred on the highest point of `scores` (B, h, w)
+    upsampled to the image's `size`, away from the boxes before it. Each box's height and width are a cell's times
+    factors drawn from U(scale). Returns the pixel mask (B, H, W): 0 inside a box, 1 elsewhere.
+
+    The map is upsampled bicubically, padded by a cell of its minimum first: a lone peak cell puts its box on the
+    cell's centre, also at the border, and two equal neighbours put it on their common edge (a bilinear map is flat
+    there), so a box follows the evidence between grid cells. The next box's centre must lie outside the last one
+    dilated to twice its size, so boxes barely overlap and k boxes erase about as much as k cells; an image whose
+    map is used up gets fewer."""
+    b, (h, w), (height, width) = scores.shape[0], scores.shape[-2:], size
+    low = scores.flatten(1).amin(dim=1).view(b, 1, 1)
+    padded = torch.nn.functional.pad((scores - low)[:, None].float(), (1, 1, 1, 1))
+    pad_h, pad_w = round(height / h), round(width / w)
+    big = torch.nn.functional.interpolate(padded, size=(height + 2 * pad_h, width + 2 * pad_w), mode="bicubic",
+                                          align_corners=False)[:, 0]
+    peaks = big[:, pad_h:pad_h + height, pad_w:pad_w + width].flatten(1)
+    rows = torch.arange(height, device=scores.device).view(1, height, 1)
+    cols = torch.arange(width, device=scores.device).view(1, 1, width)
+    keep = torch.ones(b, height, width, device=scores.device)
+    lo, hi = scale
+    for j in range(int(counts.max()) if counts.numel() else 0):
+        best, centre = peaks.max(dim=1)
+        active = ((j < counts) & torch.isfinite(best)).view(b, 1, 1)
+        cy, cx = (centre // width).view(b, 1, 1), (centre % width).view(b, 1, 1)
+        factors = torch.rand(b, 2, device=scores.device, generator=generator) * (hi - lo) + lo
+        half_h = (factors[:, 0] * height / h / 2).view(b, 1, 1)
+        half_w = (factors[:, 1] * width / w / 2).view(b, 1, 1)
+        dy, dx = (rows - cy).abs(), (cols - cx).abs()
+        keep = keep.masked_fill((dy < half_h) & (dx < half_w) & active, 0.0)
+        peaks = peaks.masked_fill(((dy < 2 * half_h) & (dx < 2 * half_w)).flatten(1), float("-inf"))
+    return keep
 
 
 def mixup_partners(labels: torch.Tensor, same_class: bool = False,

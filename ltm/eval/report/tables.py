@@ -23,6 +23,7 @@ class Column:
 COUNT_COLUMNS = (Column("frames", "n_frames"), Column("videos", "n_videos"))
 METRIC_COLUMNS = (Column("frame AUC", "frame_auc"), Column("video AUC", "video_auc"), Column("AP", "ap"),
                   Column("EER", "eer", higher_is_better=False), Column("acc", "acc"),
+                  Column("ECE", "ece", higher_is_better=False),
                   Column("TPR@1%FPR", ("tpr_at_fpr", "0.01", "tpr")),
                   Column("TPR@0.1%FPR", ("tpr_at_fpr", "0.001", "tpr")))
 SUMMARY_COLUMNS = COUNT_COLUMNS + METRIC_COLUMNS
