@@ -72,6 +72,7 @@ def test_expected_calibration_error_by_hand_and_against_a_direct_binning():
     assert metrics.expected_calibration_error(labels, scores) == pytest.approx(0.0, abs=1e-12)
     assert metrics.expected_calibration_error([0, 0], [0.1, 0.3]) == pytest.approx(0.2)  # one class is defined too
     assert metrics.expected_calibration_error([], []) is None
+    assert metrics.expected_calibration_error([0, 1], [0.2, 1.3]) is None  # a score, not a probability
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 500).astype(float)
     scores = np.clip(rng.random(500) * 0.6 + labels * 0.3, 0, 1)

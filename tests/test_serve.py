@@ -29,8 +29,7 @@ import requests
 from PIL import Image
 from shared_data import SHARED_DATA
 
-# one worker runs the whole module, in order, under `make test`'s pytest-xdist: one server, stopped by the last test
-pytestmark = pytest.mark.xdist_group("serve")
+# `make test` gives a module to one worker (--dist loadfile): one server for the module, stopped after its last test
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO_A = SHARED_DATA / "faces" / "3ddfa__examples_inputs_JianzhuGuo.jpg"

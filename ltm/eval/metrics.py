@@ -130,11 +130,11 @@ def expected_calibration_error(labels: Sequence[float] | np.ndarray, scores: Seq
     """Expected calibration error of P(fake): over `n_bins` equal-width bins of the scores, the share of frames in
     each bin times |the bin's fraction of fakes - its mean P(fake)|, summed (0 = calibrated). A detector whose AUC is
     high can still be far off here, e.g. one trained only on erased faces scoring every whole face as rather fake.
-    scikit-learn's `calibration_curve` bins; None without scores."""
+    scikit-learn's `calibration_curve` bins; None without scores, or for scores that are not probabilities."""
     from sklearn.calibration import calibration_curve
 
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    if not labels.size:
+    if not labels.size or scores.min() < 0 or scores.max() > 1:
         return None
     fraction_fake, mean_score = calibration_curve(labels, scores, n_bins=n_bins, strategy="uniform", pos_label=1)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
