@@ -101,7 +101,7 @@ def test_schedules_that_would_drop_uneven_token_counts_are_refused():
             load_config("tiny-cpu", [bad])
 
 
-# --- region-shaped erasing (erase_shape=boxes), noise fill, the ratio annealed ------------------------------------------
+# --- region-shaped erasing (erase_shape=boxes), noise fill, the ratio annealed ---------------------------------------
 
 
 def erased(mask: torch.Tensor) -> torch.Tensor:
@@ -189,3 +189,15 @@ def test_the_ratio_is_annealed_after_the_warm_up_and_the_count_is_in_the_checkpo
             load_config("tiny-cpu", [bad])  # tiny-cpu masks features: boxes and fills need mask_at=input
     with pytest.raises(ConfigError, match="model.erase_shape"):
         load_config("tiny-cpu", ["model.mask_at=input", "model.erase_shape=boxes", "model.mask_strategy=soft"])
+
+
+def test_the_flop_count_that_every_training_run_starts_with_takes_the_schedules():
+    """`ltm train` counts the model's FLOPs on the meta device before its first step; the forward count of the warm-up
+    and the annealing and the boxes per image hold no values there, so they are counted as the plain forward."""
+    from ltm.models.flops import model_gflops
+
+    erasing = ["model.mask_at=input", "model.attention_map=saliency"]
+    plain = model_gflops(load_config("tiny-cpu", erasing))
+    for extra in (["model.mask_warmup=5"], ["model.mask_anneal=5"],
+                  ["model.erase_shape=boxes", "model.erase_fill=noise"]):
+        assert model_gflops(load_config("tiny-cpu", [*erasing, *extra])) == plain

@@ -23,7 +23,10 @@ def model_gflops(cfg: Config) -> tuple[float, float]:
     # module hooks cannot follow: the forward is counted with Eq. 2's map and that backward added as the teacher's
     # forward twice (a backward costs about two forwards).
     backward_map = cfg.model.kind == "ltm" and cfg.model.attention_map in GRADIENT_MAPS
-    counted = replace(cfg.model, mixup=False, **({"attention_map": "mean"} if backward_map else {}))
+    # The mask's schedules read values (the forward count of mask_warmup / mask_anneal, the boxes per image) that meta
+    # tensors do not hold; they add no measurable FLOPs, so the forward is counted without them.
+    counted = replace(cfg.model, mixup=False, mask_warmup=0, mask_anneal=0, erase_shape="cells",
+                      **({"attention_map": "mean"} if backward_map else {}))
     with torch.device("meta"):
         # mixup draws lambda with .item(), which meta tensors cannot do; it adds no measurable FLOPs
         model = build_model(counted, size, load_weights=False)  # FLOPs need no weights
