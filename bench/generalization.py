@@ -247,11 +247,12 @@ def run_point(sweep: Sweep, variant: str, seed: int, steps: int, args: argparse.
 def latest_step(run_dir: Path) -> int | None:
     """The step of the run's latest checkpoint (what `head_scores` loads)."""
     from ltm.checkpoint import CheckpointError
+    from ltm.checkpoint.checkpointer import step_of
     from ltm.checkpoint.reader import resolve_tag
 
     try:
-        return int(resolve_tag(run_dir, None).name.removeprefix("step"))
-    except (CheckpointError, ValueError):
+        return step_of(resolve_tag(run_dir, None).name)
+    except CheckpointError:
         return None
 
 

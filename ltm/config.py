@@ -102,8 +102,8 @@ class ModelConfig:
     # forwards are, after them
     mask_anneal: int = 0
     # mask_at=input: what is erased. cells (the masked grid cells, whole) | boxes (RFM's region-shaped erasing: as
-    # many boxes as cells are masked, each centred on the map's highest point, upsampled to the image, that no earlier
-    # box covers; sides a cell's times U(erase_box_scale))
+    # many boxes as cells are masked, each centred on the highest point of the map, upsampled to the image, outside
+    # the previous box dilated to twice its size; sides a cell's times U(erase_box_scale))
     erase_shape: str = "cells"
     erase_box_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
     # mask_at=input: what the erased pixels become. mean (the backbone's mean colour, 0 after its normalisation) |

@@ -130,16 +130,23 @@ def test_boxes_are_centred_on_the_maps_peaks_between_cells_where_the_map_says_so
     assert len(areas) > 3 and min(areas) >= 14 * 14 - 60 and max(areas) <= 42 * 42 + 90
 
 
-def test_box_erasing_hides_the_boxes_of_the_masked_cells_from_the_student():
-    m = make_model(mixup=False, mask_at="input", erase_shape="boxes", erase_box_scale=[1.0, 1.0])
-    images, labels = batch(4)
+def box_erasing_forward(n: int, seed: int, **model) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, dict,
+                                                             torch.Tensor]:
+    """One training forward of a box-erasing model: (the model, images, labels, its output, what the student CNN
+    received)."""
+    m = make_model(mixup=False, mask_at="input", erase_shape="boxes", **model)
+    images, labels = batch(n)
     m.train()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with Calls(m.student_cnn) as seen:
         out = m(images, labels)
+    return m, images, labels, out, seen.seen[0]
+
+
+def test_box_erasing_hides_the_boxes_of_the_masked_cells_from_the_student():
+    m, images, _, out, student_in = box_erasing_forward(4, 0, erase_box_scale=[1.0, 1.0])
     mask = out["mask"]
     assert mask.shape == (4, SIZE, SIZE)  # a pixel mask
-    student_in = seen.seen[0]
     mean = m.student_cnn.mean.view(3, 1, 1)
     for i in range(4):
         hidden = erased(mask[i])
@@ -154,21 +161,16 @@ def test_box_erasing_hides_the_boxes_of_the_masked_cells_from_the_student():
 
 
 def test_box_erasing_with_real_mask_fake_gives_each_real_a_fakes_boxes_and_noise_fills_them():
-    m = make_model(mixup=False, mask_at="input", erase_shape="boxes", real_mask="fake", erase_fill="noise")
-    images, labels = batch(6)
-    m.train()
-    torch.manual_seed(1)
-    with Calls(m.student_cnn) as seen:
-        out = m(images, labels)
+    _, images, labels, out, student_in = box_erasing_forward(6, 1, real_mask="fake", erase_fill="noise")
     mask = out["mask"]
     fakes = [mask[i] for i in range(6) if labels[i] == 1]
     for i in range(6):
         if labels[i] == 0:
             assert any(torch.equal(mask[i], f) for f in fakes)
     hidden = erased(mask[1])
-    filled = seen.seen[0][1][:, hidden]
+    filled = student_in[1][:, hidden]
     assert filled.std() > 0.2 and 0.0 <= filled.min() and filled.max() <= 1.0  # uniform noise, not one colour
-    assert torch.equal(seen.seen[0][1][:, ~hidden], images[1][:, ~hidden])
+    assert torch.equal(student_in[1][:, ~hidden], images[1][:, ~hidden])
 
 
 def test_the_ratio_is_annealed_after_the_warm_up_and_the_count_is_in_the_checkpoint():
