@@ -1,5 +1,5 @@
 """`ltm sweep`: the statistics against scipy and known power-analysis values, and the whole path on the real local
-SLURM cluster — a 2-variant x 3-seed array of a tiny model with one task killed midway and the submission rerun —
+SLURM cluster — a 2-variant x 2-seed array of a tiny model with one task killed midway and the submission rerun —
 against a local sweep of the same points."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from scipy import stats as sps
 
 from ltm.cli import main
 from ltm.sweep import stats
-from ltm.sweep.run import Sweep, select_budget
+from ltm.sweep.run import Sweep, select_budget, write_json
 
 # --- statistics ---------------------------------------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ def second_test_set(shards: Path, root: Path) -> Path:
 
 
 def sweep_argv(shards: Path, out: Path, *extra: str) -> list[str]:
-    return ["sweep", "--config", "tiny-cpu", "--variant", "base:", "--variant", "hot:train.lr=0.05", "--seeds", "3",
+    return ["sweep", "--config", "tiny-cpu", "--variant", "base:", "--variant", "hot:train.lr=0.05", "--seeds", "2",
             "--eval", "ffpp_c23/test", "--eval", str(second_test_set(shards, out.parent / "sets")), "--steps", "2,4",
             "--out", str(out), *extra, f"data.root={shards}", *TINY]
 
@@ -128,7 +128,7 @@ def test_array_with_a_task_killed_then_rerun_equals_a_local_sweep(slurm_cluster,
     argv = sweep_argv(sample_shards, out, "--submit")
     assert main(argv) == 0
     jobs = json.loads((out / ".sweep" / "jobs.json").read_text())
-    assert len(jobs) == 6 and len({j.split("_")[0] for j in jobs.values()}) == 1  # one array, one task a point
+    assert len(jobs) == 4 and len({j.split("_")[0] for j in jobs.values()}) == 1  # one array, one task a point
     # kill one task midway: its first budget trained and scored on val, the second not finished
     deadline, victim = time.monotonic() + 300, None
     while victim is None:
@@ -234,6 +234,21 @@ def test_local_point_selects_on_val_scores_test_once_and_is_kept(sample_shards, 
     assert main(argv) == 0  # rerun: the point is kept, nothing trained or scored
     assert (out / "points" / "a-seed0.json").stat().st_mtime_ns == mtime
     assert "| a | student |" in capsys.readouterr().out
+
+    # a session stopped after budget 4's last save, before the record said so: the rerun enters it from the
+    # checkpoint and trains nothing again
+    session = record["trained"].pop()
+    assert session["budget"] == 4 and session["status"] == "completed"
+    del record["val"]["4"]
+    record["status"] = "started"
+    write_json(out / "points" / "a-seed0.json", record)
+    saved = {p: p.stat().st_mtime_ns for p in (out / "runs" / "a-seed0" / "checkpoints").rglob("*") if p.is_file()}
+    assert main(argv) == 0
+    again = records(out)["a-seed0"]
+    assert again["status"] == "done" and set(again["val"]) == {"2", "4"}
+    assert [(s["budget"], s["status"], s.get("recorded")) for s in again["trained"]] == [
+        (2, "completed", None), (4, "completed", "afterwards, from its complete checkpoint")]
+    assert {p: p.stat().st_mtime_ns for p in saved} == saved  # no checkpoint written again
 
 
 def test_submit_checks_every_point_before_queueing_and_dry_run_writes_nothing(sample_shards, tmp_path, caplog,

@@ -309,6 +309,24 @@ def test_universal_resume_two_ranks_to_one(run_a, tmp_path):
     assert Checkpointer(run_dir / "checkpoints").latest() == "step00000008"
 
 
+def test_the_nproc_launcher_imports_neither_deepspeed_nor_the_model(shards, tmp_path):
+    """`ltm train --nproc 2` starts its ranks from a process that never imports what only the ranks use."""
+    config = write_config(tmp_path, shards, tmp_path / "L")
+    probe = ("import sys\n"
+             "import ltm.distributed\n"
+             "def launch_local(nproc, argv):  # stands in for the ranks: what has the launcher imported by now?\n"
+             "    print(nproc, sorted(m for m in ('deepspeed', 'timm', 'ltm.models', 'ltm.train.trainer')\n"
+             "                        if m in sys.modules))\n"
+             "    return 0\n"
+             "ltm.distributed.launch_local = launch_local\n"
+             "from ltm.cli import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", probe, "train", "--config", str(config), "--nproc", "2"], env=ENV,
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "2 []"
+
+
 def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 

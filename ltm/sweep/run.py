@@ -339,6 +339,11 @@ def run_point(sweep: Sweep, variant: str, seed: int, nproc: int | None = None) -
         if val and all(h in record["val"].get(str(budget), {}) for h in heads):
             continue  # trained and scored on val before (a head added since is scored below)
         session = train_budget(sweep, variant, seed, budget, nproc, here)
+        if session is None and not any(s["budget"] == budget and s["status"] == "completed"
+                                       for s in record["trained"]):
+            # its checkpoint is complete, but the session that wrote it was stopped before it could say so here
+            session = {"budget": budget, "status": "completed", "step": budget, "seconds": None,
+                       "recorded": "afterwards, from its complete checkpoint"}
         if session is not None:
             record["trained"].append(session)
             if session["status"] != "completed":

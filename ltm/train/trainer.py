@@ -17,7 +17,6 @@ log and throughput figures in `ltm.train.metrics_log`, the stop flag and its sig
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -31,10 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ltm import distributed
 from ltm.checkpoint import CheckpointError
-from ltm.checkpoint.checkpointer import Checkpointer, rng_state, set_rng_state, step_of, tag_for
-from ltm.config import Config, ConfigError, load_config, load_run_config, save_config, to_dict, upgrade_stored
+from ltm.checkpoint.checkpointer import Checkpointer, rng_state, set_rng_state, tag_for
+from ltm.config import Config, ConfigError, load_run_config, save_config, to_dict, upgrade_stored
 from ltm.distributed import DistEnv, all_reduce_sum, init_distributed, teardown
 from ltm.files import atomic_write_text
 from ltm.models.backbone import set_activation_checkpointing
@@ -651,36 +649,4 @@ def train(cfg: Config, resume: str = "auto", universal: bool = False) -> dict:
             trainer.close(ok)
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="paper", help="packaged config name (paper, tiny-cpu) or a YAML path")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="start this many local ranks (gloo on CPU); under SLURM or torchrun leave it at 1")
-    parser.add_argument("--resume", default="auto",
-                        help="auto: continue from <run>/checkpoints/latest if present; never; or a tag (step00000300)")
-    parser.add_argument("--universal", action="store_true",
-                        help="load the checkpoint through DeepSpeed's universal format (automatic when the world "
-                             "size differs from the one that saved it)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.run_dir=runs/x")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.resume not in ("auto", "never"):
-        step_of(args.resume)  # a clear error for a malformed tag before any rank starts
-    cfg = load_config(args.config, args.overrides)
-    if args.nproc > 1:
-        if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
-            raise ValueError("--nproc starts its own ranks, but RANK/WORLD_SIZE are already set by a launcher")
-        argv = ["-m", "ltm.cli", *(["-v"] if getattr(args, "verbose", False) else []), "train",
-                "--config", args.config, "--resume", args.resume, *(["--universal"] if args.universal else []),
-                *args.overrides]
-        return distributed.launch_local(args.nproc, argv)
-    result = train(cfg, resume=args.resume, universal=args.universal)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result))
-    return 0
-
-
-__all__ = ["Trainer", "TrainState", "add_arguments", "deepspeed_config", "run", "train"]
+__all__ = ["Trainer", "TrainState", "deepspeed_config", "train"]
