@@ -72,7 +72,8 @@ $(VENV)/.dali-$(DALI): $(VENV)/.installed
 # stopped at the end (xdist's --dist loadgroup cannot keep them on one worker: with pytest >= 9.2 its group marks no
 # longer reach the scheduler). The rest runs on TEST_WORKERS xdist processes, a test module to a worker (--dist
 # loadfile): a module's fixtures (trained runs, a wheelhouse, a server) are then built once, not once per worker its
-# tests were spread over. Much of it waits on subprocesses, daemons and Chromium, so 2 workers pay on 2 cores beside
+# tests were spread over. The longest modules go first (tests/conftest.py; --no-loadscope-reorder keeps that order),
+# so no long one is left running alone at the end. Much of it waits on subprocesses, daemons and Chromium, so 2 workers pay on 2 cores beside
 # the SLURM session. One OpenMP thread per process: the workers and the ranks they start already share the cores.
 # The SLURM session's output follows the other's.
 TEST_WORKERS ?= 2
@@ -80,7 +81,7 @@ PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -x --timeout=900
 test: install
 	@mkdir -p runs
 	$(PYTEST) --durations=10 -p no:xdist -m slurm tests > runs/test-slurm.log 2>&1 & slurm=$$!; \
-	$(PYTEST) --durations=25 -n $(TEST_WORKERS) --dist loadfile -m "not slurm" tests; rest=$$?; \
+	$(PYTEST) --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slurm" tests; rest=$$?; \
 	wait $$slurm; status=$$?; echo "== the SLURM cluster's tests (runs/test-slurm.log)"; cat runs/test-slurm.log; \
 	exit $$(( rest != 0 || status != 0 ))
 

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import wds2idx
-import webdataset as wds
 
 from data_prep.jpeg import jpeg_bytes  # noqa: F401  (re-exported: prep's and the tests' encoder)
 
@@ -126,6 +125,8 @@ def write_shard(samples: Iterable[dict], path: str | Path) -> dict:
     idx_path = path.with_suffix(".idx")
     tmp_idx = idx_path.with_name(f"{idx_path.name}{TMP_MARK}{os.getpid()}")
     keys: list[str] = []
+    import webdataset as wds  # not at the top: it imports torch (seconds), which rejecting a bad flag never needs
+
     try:
         with open(tmp_tar, "wb") as f:
             writer = wds.TarWriter(f, mtime=MTIME)
@@ -219,6 +220,8 @@ def clean_partial(folder: str | Path) -> list[Path]:
 
 def read_shard(path: str | Path) -> list[dict]:
     """All samples of one shard as dicts of raw bytes (tests and verification)."""
+    import webdataset as wds
+
     return list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
 
 

@@ -375,6 +375,18 @@ def test_bad_input_exits_with_a_one_line_error(case, photo_root, tmp_path):
     assert not (out / "synth").exists()
 
 
+
+def test_a_bad_flag_is_rejected_before_torch_is_imported(tmp_path):
+    """Flags and folders are checked before the heavy imports: the error comes in about a second, not after torch's
+    import (several seconds on a login node)."""
+    code = ("import sys; from ltm.cli import main; "
+            "code = main(['prep', 'synth', '--root', sys.argv[1], '--out', sys.argv[2]]); "
+            "print(code, sorted(m for m in ('torch', 'webdataset', 'deepspeed') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "nowhere"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.split() == ["2", "[]"], proc.stdout + proc.stderr[-2000:]
+    assert "--root" in proc.stderr
+
 # ------------------------------------------------------------------------------------------- the eval loader
 def test_shards_load_through_the_eval_loader(built):
     from ltm.config import load_config

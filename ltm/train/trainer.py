@@ -383,7 +383,8 @@ class Trainer:
         teacher = {"teacher_tune": m.teacher_tune or m.tune} if m.kind == "ltm" else {}
         self.metrics.write({"type": "params", "step": self.state.step, "tune": m.tune, **teacher,
                             **self.parameter_counts, "time": time.time()})
-        self.flops_per_step = train_flops_per_step(self.cfg)
+        # only rank 0's records are written (MetricsLog): the count takes seconds on a CPU, which other ranks skip
+        self.flops_per_step = train_flops_per_step(self.cfg) if self.is_main else 0.0
         self.peak_tflops = peak_tflops(self.cfg, self.env.device)
         self._window_wait = 0.0  # seconds this window spent waiting for the loader
         self.profiler = None
