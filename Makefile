@@ -75,11 +75,10 @@ $(VENV)/.dali-$(DALI): $(VENV)/.installed
 # tests were spread over. The longest modules go first (tests/conftest.py; --no-loadscope-reorder keeps that order),
 # so no long one is left running alone at the end. Much of it waits on subprocesses, daemons and Chromium, so 2 workers pay on 2 cores beside
 # the SLURM session. One OpenMP thread per process: the workers and the ranks they start already share the cores.
-# Passive OpenMP waits: the few tests that need 2 intra-op threads (their rounding was measured at 2) would otherwise
-# spin on a core another process holds, and one of them took 170 CPU-s instead of 12.
+# Passive OpenMP waits are set by tests/conftest.py, for pytest run alone as well.
 # The SLURM session's output follows the other's.
 TEST_WORKERS ?= 2
-PYTEST = OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -x --timeout=900
+PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -q -x --timeout=900
 test: install
 	@mkdir -p runs
 	$(PYTEST) --durations=10 -p no:xdist -m slurm tests > runs/test-slurm.log 2>&1 & slurm=$$!; \

@@ -6,8 +6,7 @@ import pytest
 
 # Passive OpenMP waits, set before torch (and its OpenMP runtime, which reads this once) is imported here or in the
 # processes tests start: the suite runs more processes than cores, and a test that takes 2 intra-op threads would
-# otherwise spin on a core another process holds (the speed-options test: 170 CPU-s instead of 12). `make test` sets it
-# as well, for pytest's own processes.
+# otherwise spin on a core another process holds (the speed-options test: 34-170 CPU-s instead of 12).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
