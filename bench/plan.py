@@ -128,7 +128,7 @@ def worker(out: Path, config: str, overrides: list[str]) -> None:
 
 
 def measure(config: str, overrides: list[str], work: Path, tag: str) -> list[dict]:
-    from ltm.distributed import launch_local
+    from ltm.launch import launch_local
 
     out = work / tag
     code = launch_local(RANKS, [__file__, "--worker", str(out), "--config", config, *overrides])

@@ -18,7 +18,7 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\[\d+\])?(\.[A-Za-z_]\w*(\[\d+\])?)+=")
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "preprocess a dataset (videos/frames) into WebDataset shards of face crops"),
     "train": ("ltm.train.command", "train a detector with DeepSpeed (one process, --nproc N local ranks, or SLURM)"),
-    "eval": ("ltm.eval.evaluate", "score shard folders with a run's checkpoint: frame/video AUC report and plots"),
+    "eval": ("ltm.eval.command", "score shard folders with a run's checkpoint: frame/video AUC report and plots"),
     "predict": ("ltm.deploy.predict", "P(fake) for a video or image file, per frame, with attention pictures"),
     "serve": ("ltm.deploy.serve", "an HTTP scoring service (P(fake) of uploads, batched) with a drop-a-file page"),
     "export": ("ltm.deploy.export", "write one inference head (the student by default) as ONNX or TorchScript"),

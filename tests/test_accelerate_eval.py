@@ -16,8 +16,8 @@ from PIL import Image
 from shared_data import SHARED_DATA
 
 from ltm.config import load_config, save_config
-from ltm.distributed import DIST_VARS, free_port
 from ltm.eval.report.files import read_scores
+from ltm.launch import DIST_VARS, free_port
 from ltm.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]

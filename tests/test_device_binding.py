@@ -18,7 +18,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from shared_data import SHARED_DATA
 
-from ltm import distributed
+from ltm import distributed, launch
 from ltm.checkpoint import checkpointer as checkpoint
 from ltm.config import load_config, save_config
 from ltm.models import build_model
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_deepspeed_takes_the_gpu_ltm_chose_when_a_task_sees_only_its_own(monkeypatch):
     """Local rank 3 of a node whose tasks each see one GPU (as cuda:0): ltm picks cuda:0, and DeepSpeed's engine must
     set and use that device too, not cuda:3 ("invalid device ordinal"). After teardown LOCAL_RANK is 3 again."""
-    port = distributed.free_port()
+    port = launch.free_port()
     for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="3", LOCAL_WORLD_SIZE="4",
                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(name, value)
@@ -204,9 +204,9 @@ with open(f"{sys.argv[1]}/rank{os.environ['RANK']}.json", "w") as f:
 def test_the_scoring_process_group_waits_timeout_min(tmp_path):
     """Two ranks: the process group accelerate makes for scoring waits `timeout_min` (7) minutes in a collective,
     not torch's default (30 for gloo, 10 for NCCL)."""
-    env = {k: v for k, v in os.environ.items() if k not in distributed.DIST_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in launch.DIST_VARS}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    assert distributed.launch_local(2, ["-c", RANK_SCRIPT, str(tmp_path)], env=env) == 0
+    assert launch.launch_local(2, ["-c", RANK_SCRIPT, str(tmp_path)], env=env) == 0
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert results == [{"timeout_s": timedelta(minutes=7).total_seconds(), "world": 2}] * 2
 

@@ -21,10 +21,10 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from ltm.checkpoint import CheckpointError
 from ltm.checkpoint.reader import load_checkpoint_weights, load_model
 from ltm.config import load_config, save_config
-from ltm.distributed import DIST_VARS
 from ltm.eval import metrics
 from ltm.eval.evaluate import evaluate
 from ltm.eval.report.files import read_scores
+from ltm.launch import DIST_VARS
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = SHARED_DATA / "faces"
@@ -186,7 +186,7 @@ def toy_runs(toy_shards, tmp_path_factory) -> dict[str, Path]:
     script = base / "make_checkpoint.py"
     script.write_text(CHECKPOINT_SCRIPT)
     runs = {"zero2": base / "zero2", "zero0": base / "zero0"}
-    launcher = "import sys; from ltm.distributed import launch_local; sys.exit(launch_local(2, sys.argv[1:]))"
+    launcher = "import sys; from ltm.launch import launch_local; sys.exit(launch_local(2, sys.argv[1:]))"
     subprocess.run([sys.executable, "-c", launcher, str(script), str(runs["zero2"]), str(toy_shards), "2"],
                    check=True, env=clean_env(), cwd=base, timeout=300)
     subprocess.run([sys.executable, str(script), str(runs["zero0"]), str(toy_shards), "0"],

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from shared_data import SHARED_DATA
 
-from ltm.distributed import DIST_VARS
+from ltm.launch import DIST_VARS
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP = "skipped: no CUDA"

@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_prep", "ltm", "launcher", "bench")  # lowest layer first
 LAYER = {p: i for i, p in enumerate(PACKAGES)}
 # ltm's rooms, lowest first; rooms on one line may not import each other (train and eval are two uses of the same
-# checkpoints). A module directly in ltm/ is its own room on the ground floor, except the CLI on top.
+# checkpoints). A module directly in ltm/ is its own room on the ground floor, except the local launcher below it
+# (it imports nothing of ltm, so the process that only starts ranks stays light) and the CLI on top.
 LTM_ROOMS: tuple[tuple[str, ...], ...] = (
+    ("ltm.launch",),
     ("ltm", "ltm.config", "ltm.distributed", "ltm.env", "ltm.files"),
     ("ltm.models", "ltm.data"),
     ("ltm.checkpoint",),
@@ -30,7 +32,8 @@ LTM_ROOMS: tuple[tuple[str, ...], ...] = (
     ("ltm.reproduce",),
     ("ltm.cli",),
 )
-MAX_TOP_MODULES = 8  # modules directly in ltm/: the CLI, config, distributed environment, env check, file helpers
+MAX_TOP_MODULES = 8  # modules directly in ltm/: the CLI, config, distributed environment, local launches, env
+# check, file helpers
 
 # Known upward imports that are being moved right now, each (importer, imported) module names; empty when no move
 # is under way. The last one, ltm.reproduce -> launcher, went when the reproduce plans' SLURM submission moved into

@@ -125,7 +125,7 @@ trainer.close()
 def run_driver_on_two_ranks(tmp: Path, config: Path, driver_source: str = DRIVER) -> list[dict]:
     """`driver_source` (a script taking the config and an output folder) on 2 local gloo ranks; what each rank saved
     as `rank<r>.pt` in `tmp`."""
-    from ltm.distributed import launch_local
+    from ltm.launch import launch_local
 
     driver = tmp / "driver.py"
     driver.write_text(driver_source)
@@ -309,22 +309,24 @@ def test_universal_resume_two_ranks_to_one(run_a, tmp_path):
     assert Checkpointer(run_dir / "checkpoints").latest() == "step00000008"
 
 
-def test_the_nproc_launcher_imports_neither_deepspeed_nor_the_model(shards, tmp_path):
-    """`ltm train --nproc 2` starts its ranks from a process that never imports what only the ranks use."""
+def test_the_nproc_launchers_import_nothing_the_ranks_use(shards, tmp_path):
+    """`ltm train --nproc 2` and `ltm eval --nproc 2` start their ranks from a process that never imports what only
+    the ranks use, torch included: it only waits on them and forwards signals."""
     config = write_config(tmp_path, shards, tmp_path / "L")
     probe = ("import sys\n"
-             "import ltm.distributed\n"
+             "import ltm.launch\n"
              "def launch_local(nproc, argv):  # stands in for the ranks: what has the launcher imported by now?\n"
-             "    print(nproc, sorted(m for m in ('deepspeed', 'timm', 'ltm.models', 'ltm.train.trainer')\n"
-             "                        if m in sys.modules))\n"
+             "    print(nproc, sorted(m for m in ('torch', 'deepspeed', 'timm', 'sklearn', 'ltm.models',\n"
+             "                                    'ltm.train.trainer', 'ltm.eval.evaluate') if m in sys.modules))\n"
              "    return 0\n"
-             "ltm.distributed.launch_local = launch_local\n"
+             "ltm.launch.launch_local = launch_local\n"
              "from ltm.cli import main\n"
              "sys.exit(main(sys.argv[1:]))\n")
-    proc = subprocess.run([sys.executable, "-c", probe, "train", "--config", str(config), "--nproc", "2"], env=ENV,
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "2 []"
+    for command in (["train", "--config", str(config)], ["eval", "--run", str(tmp_path / "L")]):
+        proc = subprocess.run([sys.executable, "-c", probe, *command, "--nproc", "2"], env=ENV, capture_output=True,
+                              text=True, timeout=120, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip() == "2 []", command
 
 
 def _children(pid: int) -> list[int]:

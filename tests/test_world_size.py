@@ -44,7 +44,7 @@ SEED = 1234
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
-    from ltm.distributed import launch_local
+    from ltm.launch import launch_local
 
     tmp = tmp_path_factory.mktemp("mixup")
     driver = tmp / "driver.py"

@@ -36,30 +36,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from ltm.checkpoint import CheckpointError
+from ltm.checkpoint import TAG_RE, CheckpointError, step_of, tag_for  # noqa: F401  (tags: the package's)
 from ltm.checkpoint.safe_load import UnsafeCheckpointError, load_file
 from ltm.distributed import barrier
 
 log = logging.getLogger(__name__)
 
-TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE = "complete.json"
 LATEST = "latest"
 UNIVERSAL = "universal"
 # Lets DeepSpeed's universal loader accept the checkpoint (Megatron-DeepSpeed stores the same key).
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def step_of(tag: str) -> int:
-    m = TAG_RE.match(tag)
-    if not m:
-        raise CheckpointError(f"checkpoint tag {tag!r}: expected step<8 digits>, e.g. {tag_for(300)}")
-    return int(m.group(1))
 
 
 def rank_state_name(rank: int) -> str:

@@ -23,13 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ltm.checkpoint.checkpointer import step_of
+    from ltm.checkpoint import step_of
 
     if args.resume not in ("auto", "never"):
         step_of(args.resume)  # a clear error for a malformed tag before any rank starts
     load_config(args.config, args.overrides)  # a bad config fails here, once, not in every rank
     if args.nproc > 1:
-        from ltm.distributed import launch_local
+        from ltm.launch import launch_local
 
         if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
             raise ValueError("--nproc starts its own ranks, but RANK/WORLD_SIZE are already set by a launcher")
