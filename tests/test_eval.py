@@ -262,6 +262,27 @@ def test_weights_from_ltm_train_zero1_bf16(engine_run):
     assert report["n_frames"] == 23 and report["checkpoint"] == str(tag)
 
 
+def test_nproc_rejects_a_bad_run_before_any_rank_starts(toy_runs, tmp_path):
+    """`ltm eval --nproc 2` checks the run folder, its config with the overrides, the tag and --weights itself, so a
+    mistake is one clear error from the launcher, not the same error from each rank after it imported torch."""
+    run = toy_runs["zero2"]
+    no_config = tmp_path / "not-a-run"
+    no_config.mkdir()
+    cases = {
+        (str(tmp_path / "missing"),): "no such folder",
+        (str(no_config),): "config.yaml: no such file",
+        (str(run), "--tag", "step00000099"): "checkpoint tag folder",
+        (str(run), "--weights", str(tmp_path / "w.pt")): "w.pt: no such file",
+        (str(run), "eval.batch_size=x"): "key 'eval.batch_size'",
+    }
+    for args, message in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "ltm.cli", "eval", "--run", *args, "--nproc", "2"],
+                              capture_output=True, text=True, env=clean_env(), cwd=REPO, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and message in errors[0], (args, proc.stderr[-2000:])  # no rank reported it
+
+
 def test_two_rank_eval_scores_each_key_once(toy_runs, toy_shards, tmp_path):
     run = toy_runs["zero2"]
     one = evaluate(run, ["toy/test"], out_dir=tmp_path / "one")

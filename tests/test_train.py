@@ -22,7 +22,7 @@ from PIL import Image
 
 from ltm.checkpoint import CheckpointError
 from ltm.checkpoint.checkpointer import COMPLETE, Checkpointer, tag_for
-from ltm.config import ConfigError, load_config
+from ltm.config import ConfigError, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread per rank: two ranks on a shared 2-core machine with 2 OpenMP threads each spin-wait ~100x slower.
@@ -322,7 +322,11 @@ def test_the_nproc_launchers_import_nothing_the_ranks_use(shards, tmp_path):
              "ltm.launch.launch_local = launch_local\n"
              "from ltm.cli import main\n"
              "sys.exit(main(sys.argv[1:]))\n")
-    for command in (["train", "--config", str(config)], ["eval", "--run", str(tmp_path / "L")]):
+    run = tmp_path / "R"  # what `ltm eval` checks before it starts ranks: a config and a tag folder
+    (run / "checkpoints" / tag_for(6)).mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text(tag_for(6))
+    save_config(load_config(config), run / "config.yaml")
+    for command in (["train", "--config", str(config)], ["eval", "--run", str(run)]):
         proc = subprocess.run([sys.executable, "-c", probe, *command, "--nproc", "2"], env=ENV, capture_output=True,
                               text=True, timeout=120, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-3000:]

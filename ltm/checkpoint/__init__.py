@@ -1,7 +1,9 @@
 """A run's checkpoints: saving and resuming (`checkpointer`), loading files safely (`safe_load`), and reading a
 checkpoint's weights into a model for scoring (`reader`). The layout: docs/run-folder.md, "Checkpoint layout"."""
 
+import os
 import re
+from pathlib import Path
 
 
 class CheckpointError(ValueError):
@@ -22,3 +24,23 @@ def step_of(tag: str) -> int:
     if not m:
         raise CheckpointError(f"checkpoint tag {tag!r}: expected step<8 digits>, e.g. {tag_for(300)}")
     return int(m.group(1))
+
+
+def resolve_tag(run_dir: str | os.PathLike, tag: str | None = None) -> Path:
+    """`<run>/checkpoints/<tag>`; tag None or "latest" = the tag named in `<run>/checkpoints/latest`."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
+    ckpt_root = run / "checkpoints"
+    if tag in (None, "latest"):
+        latest = ckpt_root / "latest"
+        if not latest.is_file():
+            raise CheckpointError(f"{latest}: no such file (the run has no finished checkpoint; pass --tag)")
+        tag = latest.read_text().strip()
+        if not tag:
+            raise CheckpointError(f"{latest}: empty (a checkpoint save was interrupted?)")
+    folder = ckpt_root / str(tag)
+    if not folder.is_dir():
+        tags = sorted(p.name for p in ckpt_root.glob("*") if p.is_dir()) if ckpt_root.is_dir() else []
+        raise CheckpointError(f"checkpoint tag folder {str(folder)!r}: no such folder (tags here: {tags or 'none'})")
+    return folder

@@ -16,31 +16,11 @@ import torch
 from torch import nn
 
 from ltm import distributed  # noqa: F401  (sets DS_ACCELERATOR=cpu without CUDA before DeepSpeed's zero_to_fp32 loads)
-from ltm.checkpoint import CheckpointError
+from ltm.checkpoint import CheckpointError, resolve_tag  # noqa: F401  (resolve_tag: the package's)
 from ltm.checkpoint.safe_load import load_file, weights_only_loads
 from ltm.config import Config, load_run_config
 
 log = logging.getLogger(__name__)
-
-
-def resolve_tag(run_dir: str | os.PathLike, tag: str | None = None) -> Path:
-    """`<run>/checkpoints/<tag>`; tag None or "latest" = the tag named in `<run>/checkpoints/latest`."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
-    ckpt_root = run / "checkpoints"
-    if tag in (None, "latest"):
-        latest = ckpt_root / "latest"
-        if not latest.is_file():
-            raise CheckpointError(f"{latest}: no such file (the run has no finished checkpoint; pass --tag)")
-        tag = latest.read_text().strip()
-        if not tag:
-            raise CheckpointError(f"{latest}: empty (a checkpoint save was interrupted?)")
-    folder = ckpt_root / str(tag)
-    if not folder.is_dir():
-        tags = sorted(p.name for p in ckpt_root.glob("*") if p.is_dir()) if ckpt_root.is_dir() else []
-        raise CheckpointError(f"checkpoint tag folder {str(folder)!r}: no such folder (tags here: {tags or 'none'})")
-    return folder
 
 
 def _find_corrupt(files: list[Path]) -> Path | None:

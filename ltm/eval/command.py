@@ -7,9 +7,26 @@ import argparse
 import os
 from pathlib import Path
 
+from ltm.checkpoint import CheckpointError, resolve_tag
+from ltm.config import load_run_config
 from ltm.eval.metrics import VIDEO_AGGREGATIONS
 from ltm.eval.report.crossdata import PROTOCOLS, protocol_overrides
 from ltm.launch import launch_local
+
+
+def check_run(args: argparse.Namespace) -> None:
+    """What the ranks would reject first, checked without torch: the run folder, its config with the overrides, and
+    the checkpoint tag unless --weights names a file."""
+    run = Path(args.run)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError(f"{run / 'config.yaml'}: no such file (not a run folder written by `ltm train`)")
+    load_run_config(run / "config.yaml", list(args.overrides))
+    if args.weights is None:
+        resolve_tag(run, args.tag)
+    elif not Path(args.weights).is_file():
+        raise CheckpointError(f"--weights {args.weights}: no such file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.run is None:
         raise ValueError("ltm eval: --run RUN is required (or --compare RUN_A RUN_B)")
     if args.nproc > 1 and "RANK" not in os.environ:
+        check_run(args)  # a clear error here, once, before any rank imports torch
         argv = ["-m", "ltm.cli", "eval", "--run", str(args.run)]
         if args.robustness:
             argv.append("--robustness")
