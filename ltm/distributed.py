@@ -27,7 +27,6 @@ from ltm.launch import free_port  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class DistEnv:
     rank: int

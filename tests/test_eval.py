@@ -272,7 +272,7 @@ def test_nproc_rejects_a_bad_run_before_any_rank_starts(toy_runs, tmp_path):
         (str(tmp_path / "missing"),): "no such folder",
         (str(no_config),): "config.yaml: no such file",
         (str(run), "--tag", "step00000099"): "checkpoint tag folder",
-        (str(run), "--weights", str(tmp_path / "w.pt")): "w.pt: no such file",
+        (str(run), "--weights", str(tmp_path / "w.pt")): "w.pt': no such file",
         (str(run), "eval.batch_size=x"): "key 'eval.batch_size'",
     }
     for args, message in cases.items():

@@ -5,6 +5,8 @@ import os
 import re
 from pathlib import Path
 
+from ltm.config import Config, load_run_config
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete or unreadable; the message names the file or folder."""
@@ -44,3 +46,14 @@ def resolve_tag(run_dir: str | os.PathLike, tag: str | None = None) -> Path:
         tags = sorted(p.name for p in ckpt_root.glob("*") if p.is_dir()) if ckpt_root.is_dir() else []
         raise CheckpointError(f"checkpoint tag folder {str(folder)!r}: no such folder (tags here: {tags or 'none'})")
     return folder
+
+
+def run_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """A run folder's `config.yaml` with `overrides`; a missing folder or file is an error that names it."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: no such file (not a run folder written by `ltm train`)")
+    return load_run_config(config_path, overrides or [])

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ltm import distributed  # noqa: F401  (sets DS_ACCELERATOR=cpu without CUDA before DeepSpeed's zero_to_fp32 loads)
-from ltm.checkpoint import CheckpointError, resolve_tag  # noqa: F401  (resolve_tag: the package's)
+from ltm.checkpoint import CheckpointError, resolve_tag, run_config  # noqa: F401  (resolve_tag: the package's)
 from ltm.checkpoint.safe_load import load_file, weights_only_loads
-from ltm.config import Config, load_run_config
+from ltm.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +139,7 @@ def load_model(
     from ltm.models import build_model
 
     run = Path(run_dir)
-    if not run.is_dir():
-        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
-    config_path = run / "config.yaml"
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: no such file (not a run folder written by `ltm train`)")
-    cfg = load_run_config(config_path, cfg_overrides or [])
+    cfg = run_config(run, cfg_overrides)
     if weights is not None:
         source = str(Path(weights))
         state = load_weights_file(weights)
@@ -153,6 +148,6 @@ def load_model(
         source = str(tag_dir)
         state = load_checkpoint_weights(tag_dir)
     model = build_model(cfg.model, cfg.data.image_size, load_weights=False)  # the checkpoint's weights follow
-    fit_weights(model, state, source, str(config_path))
+    fit_weights(model, state, source, str(run / "config.yaml"))
     model.to(device).eval()
     return model, cfg, source

@@ -7,8 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ltm.checkpoint import CheckpointError, resolve_tag
-from ltm.config import load_run_config
+from ltm.checkpoint import CheckpointError, resolve_tag, run_config
 from ltm.eval.metrics import VIDEO_AGGREGATIONS
 from ltm.eval.report.crossdata import PROTOCOLS, protocol_overrides
 from ltm.launch import launch_local
@@ -17,16 +16,11 @@ from ltm.launch import launch_local
 def check_run(args: argparse.Namespace) -> None:
     """What the ranks would reject first, checked without torch: the run folder, its config with the overrides, and
     the checkpoint tag unless --weights names a file."""
-    run = Path(args.run)
-    if not run.is_dir():
-        raise CheckpointError(f"run folder {str(run)!r}: no such folder")
-    if not (run / "config.yaml").is_file():
-        raise CheckpointError(f"{run / 'config.yaml'}: no such file (not a run folder written by `ltm train`)")
-    load_run_config(run / "config.yaml", list(args.overrides))
+    run_config(args.run, list(args.overrides))
     if args.weights is None:
-        resolve_tag(run, args.tag)
-    elif not Path(args.weights).is_file():
-        raise CheckpointError(f"--weights {args.weights}: no such file")
+        resolve_tag(args.run, args.tag)
+    elif not Path(args.weights).is_file():  # worded as the reader's load_weights_file, which the ranks would call
+        raise CheckpointError(f"weights file {str(args.weights)!r}: no such file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
