@@ -167,23 +167,16 @@ def check_train(cfg: Config, eval_data: list[str] | None = None, resume: str = "
 def check_eval(run_dir: str | Path, data: list[str], tag: str | None = None,
                cfg_overrides: list[str] | None = None) -> None:
     """The run folder has a config and the checkpoint asked for, and every data folder holds shards."""
-    from ltm.checkpoint.reader import resolve_tag
-    from ltm.config import load_run_config
+    from ltm.checkpoint import CheckpointError, resolve_tag, run_config
 
-    run = Path(run_dir)
-    config = run / "config.yaml"
-    if not run.is_dir():
-        refuse([f"--run {str(run)!r}: no such folder"])
-    if not config.is_file():
-        refuse([f"--run {str(run)!r}: no config.yaml (not a run folder written by `ltm train`)"])
+    try:
+        cfg = run_config(run_dir, cfg_overrides)
+    except (CheckpointError, ConfigError) as exc:
+        refuse([f"--run: {exc}"])
     problems = []
     try:
-        cfg = load_run_config(config, cfg_overrides or [])
-    except ConfigError as exc:
-        refuse([f"{config}: {exc}"])
-    try:
-        resolve_tag(run, tag)
-    except (FileNotFoundError, ValueError) as exc:
+        resolve_tag(run_dir, tag)
+    except CheckpointError as exc:
         problems.append(f"--tag {tag or 'latest'}: {exc}")
     problems += eval_data_problems(cfg, data, "--data")
     refuse(problems)
@@ -278,17 +271,12 @@ def check_predict(args: argparse.Namespace) -> tuple[list[str], Path]:
         except (ExportError, ImportError) as exc:
             problems.append(str(exc))
     else:
-        from ltm.checkpoint.reader import resolve_tag
-        from ltm.config import load_run_config
+        from ltm.checkpoint import CheckpointError, checked_run
 
         try:
-            load_run_config(Path(args.run) / "config.yaml", args.overrides or [])
-            if not args.weights:
-                resolve_tag(args.run, args.tag)
-            elif not Path(args.weights).is_file():
-                problems.append(f"--weights {args.weights!r}: no such file")
-        except (FileNotFoundError, ValueError) as exc:
-            problems.append(f"--run {args.run}: {exc}")
+            checked_run(args.run, args.overrides, args.tag, args.weights)
+        except (CheckpointError, ConfigError) as exc:
+            problems.append(f"--run: {exc}")
     table = None
     if not problems:
         table = table_path(args, folders)

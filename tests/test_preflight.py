@@ -126,7 +126,7 @@ def test_the_paper_config_gets_a_gpu_and_a_wall_time_that_fits(cli, tmp_path, sa
 
 def test_submit_eval_checks_the_run_and_data(cli, tmp_path, sample_shards):
     status, errors, *_ = cli("submit", "eval", "--run", str(tmp_path / "norun"), "--data", "x", "--dry-run")
-    assert status == 2 and errors == [f"--run '{tmp_path / 'norun'}': no such folder"]
+    assert status == 2 and errors == [f"--run: run folder '{tmp_path / 'norun'}': no such folder"]
     run = tmp_path / "run"
     run.mkdir()
     save_config(load_config("tiny-cpu", [f"data.root={sample_shards}"]), run / "config.yaml")

@@ -412,3 +412,23 @@ def test_shutdown_answers_the_request_in_flight(server, expected):
     assert server.proc.wait(timeout=120) == 0
     assert "stopped" in server.log.read_text()
     assert list(server.tmp.iterdir()) == []
+
+
+def test_a_bad_run_is_refused_before_the_port_opens(tiny_run, tmp_path, caplog):
+    """The run folder, its config and the checkpoint asked for are checked before the server listens: one error line
+    that names what is missing, exit status 2, and no port taken."""
+    from ltm.cli import main
+
+    def refusal(*args: str) -> str:
+        caplog.clear()
+        assert main(["serve", *args, "--port", "0"]) == 2
+        return "\n".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+    assert refusal("--run", str(tmp_path / "nope")) == f"run folder '{tmp_path / 'nope'}': no such folder"
+    not_a_run = f"{tmp_path / 'config.yaml'}: no such file (not a run folder written by `ltm train`)"
+    assert refusal("--run", str(tmp_path)) == not_a_run
+    assert refusal("--run", str(tiny_run), "--weights", str(tmp_path / "w.pt")) == \
+        f"weights file '{tmp_path / 'w.pt'}': no such file"
+    assert "no finished checkpoint" in refusal("--run", str(tiny_run))
+    weights = str(tiny_run / "weights.pt")
+    assert "key 'model.nope'" in refusal("--run", str(tiny_run), "--weights", weights, "model.nope=1")

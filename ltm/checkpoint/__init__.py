@@ -57,3 +57,15 @@ def run_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: no such file (not a run folder written by `ltm train`)")
     return load_run_config(config_path, overrides or [])
+
+
+def checked_run(run_dir: str | os.PathLike, overrides: list[str] | None = None, tag: str | None = None,
+                weights: str | os.PathLike | None = None) -> Config:
+    """`run_config`, after checking without torch what a process scoring the run would reject first: the run folder,
+    its config with the overrides, and the checkpoint tag unless `weights` names a consolidated weights file."""
+    cfg = run_config(run_dir, overrides)
+    if weights is None:
+        resolve_tag(run_dir, tag)
+    elif not Path(weights).is_file():  # worded as the reader's load_weights_file, which the scoring process calls
+        raise CheckpointError(f"weights file {str(weights)!r}: no such file")
+    return cfg

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ltm.checkpoint import checked_run
 from ltm.deploy.predict import (
     CropSettings,
     Detectors,
@@ -581,8 +582,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model and (args.overrides or args.tag or args.weights):
         raise ValueError("--tag, --weights and config overrides go with --run; an exported model carries its weights "
                          "and settings")
-    if args.run and not (Path(args.run) / "config.yaml").is_file():
-        raise ValueError(f"--run {args.run}: no config.yaml there (not a run folder written by `ltm train`)")
+    if args.run:  # the run folder, its config and checkpoint, checked before the port opens
+        checked_run(args.run, args.overrides, args.tag, args.weights)
     if args.model and not Path(args.model).is_file():
         raise ValueError(f"--model {args.model}: no such file")
     if not (args.timeout > 0 and args.max_wait_ms >= 0):

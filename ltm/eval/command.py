@@ -7,20 +7,10 @@ import argparse
 import os
 from pathlib import Path
 
-from ltm.checkpoint import CheckpointError, resolve_tag, run_config
+from ltm.checkpoint import checked_run
 from ltm.eval.metrics import VIDEO_AGGREGATIONS
 from ltm.eval.report.crossdata import PROTOCOLS, protocol_overrides
 from ltm.launch import launch_local
-
-
-def check_run(args: argparse.Namespace) -> None:
-    """What the ranks would reject first, checked without torch: the run folder, its config with the overrides, and
-    the checkpoint tag unless --weights names a file."""
-    run_config(args.run, list(args.overrides))
-    if args.weights is None:
-        resolve_tag(args.run, args.tag)
-    elif not Path(args.weights).is_file():  # worded as the reader's load_weights_file, which the ranks would call
-        raise CheckpointError(f"weights file {str(args.weights)!r}: no such file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if args.run is None:
         raise ValueError("ltm eval: --run RUN is required (or --compare RUN_A RUN_B)")
     if args.nproc > 1 and "RANK" not in os.environ:
-        check_run(args)  # a clear error here, once, before any rank imports torch
+        # a clear error here, once, before any rank imports torch
+        checked_run(args.run, list(args.overrides), args.tag, args.weights)
         argv = ["-m", "ltm.cli", "eval", "--run", str(args.run)]
         if args.robustness:
             argv.append("--robustness")
