@@ -12,15 +12,6 @@ INSTALL_DALI = build=$$($(PY) -m ltm.env --dali-build $(DALI)) && \
 	for package in $(DALI_PACKAGES); do [ $$package = nvidia-dali-$$build ] || $(PIP) uninstall -q -y $$package; done && \
 	$(PIP) install -q -c constraints.txt nvidia-dali-$$build
 
-# Without a GPU, DeepSpeed runs on its CPU accelerator, which compiles a shared-memory all-reduce op (a C++ extension,
-# ~30 s on 2 cores) the first time a process starts DeepSpeed: built here, once, into torch's extension cache
-# (~/.cache/torch_extensions), instead of stalling the first `ltm train` (and every rank waiting on its lock). A
-# failed build only warns: a node that trains on GPUs never needs it (nor do the air-gapped nodes WHEELS serves).
-WARM_CPU_OP = $(PY) -c "import sys, torch; sys.exit(torch.cuda.is_available())" && \
-	{ DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
-	  > /dev/null 2>&1 || echo "make install: DeepSpeed's CPU all-reduce op did not build; the first CPU run builds it" >&2; } \
-	|| true
-
 # Air-gapped nodes: `make wheelhouse` (on a machine with network, after `make install`) collects every wheel
 # `make install` needs for a target into WHEELHOUSE (scripts/wheelhouse.py; resumable); `make install WHEELS=DIR` on
 # the node installs from it alone (DIR/install.sh: checksums, then every pip call --no-index --find-links DIR).
@@ -58,7 +49,6 @@ else
 	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed
 	$(PIP) install -q --no-deps facenet-pytorch==2.6.0
 	$(PIP) install -q --no-deps --no-build-isolation -e .
-	$(WARM_CPU_OP)
 endif
 	touch $@
 	rm -f $(VENV)/.dali-* && touch $(VENV)/.dali-$(DALI)

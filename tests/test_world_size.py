@@ -274,3 +274,23 @@ def test_linear_lr_scaling_rule():
     assert scaled_lr(load_config("paper", ["train.lr_scaling=linear"])) == 0.01  # the paper's batch: unchanged
     with pytest.raises(ConfigError, match="train.lr_scaling"):
         load_config("paper", ["train.lr_scaling=sqrt"])
+
+
+def test_a_cpu_rank_compiles_no_deepspeed_extension(monkeypatch):
+    """DeepSpeed's CPU accelerator compiles its shared-memory all-reduce (a C++ extension, ~30 s on 2 cores) when a
+    rank sets up its collectives. It serves inference only, training's collectives go through gloo: `init_distributed`
+    turns it off, so no rank compiles it and `make install` does not build it ahead."""
+    import deepspeed.comm.comm as ds_comm
+    from torch.utils import cpp_extension
+
+    from ltm.distributed import init_distributed, teardown
+
+    def compile_extension(*args, **kwargs):
+        raise AssertionError(f"a C++ extension was compiled or loaded: {kwargs.get('name', args[:1])}")
+
+    monkeypatch.setattr(cpp_extension, "load", compile_extension)
+    env = init_distributed()
+    try:
+        assert env.backend == "gloo" and ds_comm.cdb.shm_comm_op is None
+    finally:
+        teardown(env, wait_for_others=False)
