@@ -246,9 +246,7 @@ def run_point(sweep: Sweep, variant: str, seed: int, steps: int, args: argparse.
 
 def latest_step(run_dir: Path) -> int | None:
     """The step of the run's latest checkpoint (what `head_scores` loads)."""
-    from ltm.checkpoint import CheckpointError
-    from ltm.checkpoint.checkpointer import step_of
-    from ltm.checkpoint.reader import resolve_tag
+    from ltm.checkpoint import CheckpointError, resolve_tag, step_of
 
     try:
         return step_of(resolve_tag(run_dir, None).name)

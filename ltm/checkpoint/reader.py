@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ltm import distributed  # noqa: F401  (sets DS_ACCELERATOR=cpu without CUDA before DeepSpeed's zero_to_fp32 loads)
-from ltm.checkpoint import CheckpointError, resolve_tag, run_config  # noqa: F401  (resolve_tag: the package's)
+from ltm.checkpoint import CheckpointError, resolve_tag, run_config
 from ltm.checkpoint.safe_load import load_file, weights_only_loads
 from ltm.config import Config
 

@@ -265,7 +265,7 @@ def score(run_dir: Path, data: list[str], budget: int, head: str, out_dir: Path,
           pictures: bool = False) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Frame AUC of one checkpoint (the tag of `budget`) with `head` on each folder of `data`: ({folder: auc},
     {folder: {fake method: auc of that method against the real frames}})."""
-    from ltm.checkpoint.checkpointer import tag_for
+    from ltm.checkpoint import tag_for
     from ltm.eval.evaluate import evaluate
 
     overrides = ([] if pictures else [*EVAL_OVERRIDES]) + ([] if head == "baseline" else
@@ -294,7 +294,7 @@ def train_to(cfg: Config, nproc: int | None) -> dict[str, Any]:
     config_file.write_text(to_yaml(cfg))
     proc = subprocess.run([sys.executable, "-m", "ltm.cli", "train", "--config", str(config_file), "--nproc",
                            str(nproc)], check=False)
-    from ltm.checkpoint.checkpointer import tag_for
+    from ltm.checkpoint import tag_for
 
     latest = run_dir / "checkpoints" / "latest"
     done = latest.is_file() and latest.read_text().strip() == tag_for(cfg.train.epochs * cfg.train.iters_per_epoch)
@@ -400,7 +400,7 @@ def train_budget(sweep: Sweep, variant: str, seed: int, budget: int, nproc: int 
 
 def trained_to(run_dir: Path, budget: int) -> bool:
     """The run's checkpoint of `budget` exists and `latest` is at or past it (a complete save)."""
-    from ltm.checkpoint.checkpointer import step_of, tag_for
+    from ltm.checkpoint import step_of, tag_for
 
     latest = run_dir / "checkpoints" / "latest"
     if not latest.is_file() or not (run_dir / "checkpoints" / tag_for(budget)).is_dir():
