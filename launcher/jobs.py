@@ -25,6 +25,8 @@ from typing import Any
 
 import submitit
 
+from ltm.cli import defer_full_gc
+
 log = logging.getLogger("ltm.launcher")
 
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -76,6 +78,7 @@ class TrainJob:
         self.resume = resume
 
     def __call__(self) -> dict[str, Any]:
+        defer_full_gc()  # as `ltm train` does, before the training stack is imported
         from ltm.config import from_dict
 
         cfg = from_dict(self.cfg)
@@ -145,6 +148,7 @@ class EvalJob:
         self.gpus_per_node = gpus_per_node
 
     def __call__(self) -> list[dict[str, Any]]:
+        defer_full_gc()
         setup_task(self.gpus_per_node)
         from ltm.eval.evaluate import evaluate
 

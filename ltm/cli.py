@@ -6,6 +6,7 @@ Modules are imported only for the command that runs, so `ltm prep` does not pay 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -14,6 +15,21 @@ import sys
 
 # a config override as the commands take them (`train.lr=0.001`, `data.train[0].weight=2`)
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\[\d+\])?(\.[A-Za-z_]\w*(\[\d+\])?)+=")
+
+# Python's cyclic collector makes a full pass over every tracked object whenever the heap has grown by a quarter since
+# the last one and 10 younger passes have run. Importing torch, DeepSpeed, timm and scikit-learn grows the heap from a
+# few thousand objects to over a million, so a rank paid about a dozen full passes before its first step: 1.7 of the
+# 12 CPU-s a one-rank tiny-cpu training takes (docs/experiments.md, "A rank's start"). Young generations are collected
+# as before; once the heap stops growing, the quarter rule alone keeps full passes as rare as they were.
+FULL_GC_EVERY = 1000  # generation-1 passes between full passes (Python's default: 10)
+
+
+def defer_full_gc() -> None:
+    """Collect young objects as usual, but make a full pass only every FULL_GC_EVERY generation-1 passes: for a
+    process about to import the training stack (a command, a SLURM job)."""
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_GC_EVERY)
+
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prep": ("data_prep.cli", "preprocess a dataset (videos/frames) into WebDataset shards of face crops"),
@@ -67,6 +83,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    defer_full_gc()  # before the command's module (and what it imports) is loaded
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
