@@ -123,6 +123,7 @@ def test_per_method_is_method_fakes_against_all_reals():
 
 CHECKPOINT_SCRIPT = textwrap.dedent('''
     """Train 2 steps of the tiny LTM with DeepSpeed on the shards and save a real checkpoint (every rank)."""
+    from ltm.cli import defer_full_gc; defer_full_gc()  # as a rank `ltm train` starts does
     import sys
     from pathlib import Path
     from ltm import distributed

@@ -55,6 +55,7 @@ def scale_config(folder: Path, root: Path, run_dir: Path, model: dict | None = N
 
 # Each rank gathers its ZeRO-3 partitions into whole tensors and saves the model it ends with.
 DRIVER = """
+from ltm.cli import defer_full_gc; defer_full_gc()  # as a rank `ltm train` starts does
 import sys, deepspeed, torch
 from ltm.config import load_config
 from ltm.train.trainer import Trainer

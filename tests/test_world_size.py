@@ -22,6 +22,7 @@ B, C = 6, 5  # per-rank batch and feature width of the mixup checks
 # which must not matter), global mixup, then a loss whose weights are zero on rank 1, so that every gradient rank 1
 # receives comes from rank 0's mixed rows through the gather.
 DRIVER = """
+from ltm.cli import defer_full_gc; defer_full_gc()  # as a rank `ltm train` starts does
 import sys, torch, torch.distributed as dist
 from ltm.models.masking import global_deep_mixup
 dist.init_process_group("gloo")
