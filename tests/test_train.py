@@ -229,16 +229,21 @@ def train_with_step4_save_hook(tmp_path: Path, config: Path, modules: str,
                           text=True, timeout=300)
 
 
-def assert_rerun_resumes_from_step2_and_finishes(config: Path, run_dir: Path) -> None:
-    done = ltm_train(config)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stderr and "step00000002" in done.stderr
+def assert_rerun_resumes_from_step2_and_finishes(config: Path, run_dir: Path, caplog) -> None:
+    """The same config trained again (here, in this process: one rank, as `ltm train` runs it) resumes from step 2."""
+    import logging
+
+    from ltm.train.trainer import train
+
+    with caplog.at_level(logging.INFO, logger="ltm"):
+        assert train(load_config(config))["status"] == "completed"
+    assert f"resumed from {run_dir / 'checkpoints' / 'step00000002'}" in caplog.text, caplog.text[-3000:]
     ckpt = Checkpointer(run_dir / "checkpoints")
     assert ckpt.latest() == "step00000004" and (run_dir / "checkpoints" / "step00000004" / COMPLETE).is_file()
     assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3, 4]
 
 
-def test_kill_during_save_leaves_the_previous_checkpoint(shards, tmp_path):
+def test_kill_during_save_leaves_the_previous_checkpoint(shards, tmp_path, caplog):
     """SIGKILL while DeepSpeed writes the optimizer file of step 4: `latest` still names step 2, which loads."""
     config = write_config(tmp_path, shards, tmp_path / "K", epochs=2, ckpt_every=2, val_every=0, zero_stage=0)
     killed = train_with_step4_save_hook(tmp_path, config, "io, os, signal", [
@@ -255,10 +260,11 @@ def test_kill_during_save_leaves_the_previous_checkpoint(shards, tmp_path):
     with pytest.raises(CheckpointError, match="step00000004.*incomplete"):
         ckpt.resolve("step00000004")
 
-    assert_rerun_resumes_from_step2_and_finishes(config, tmp_path / "K")
+    assert_rerun_resumes_from_step2_and_finishes(config, tmp_path / "K", caplog)
 
 
-def test_a_save_that_fails_for_want_of_space_names_it_and_keeps_the_previous_checkpoint(shards, tmp_path):
+def test_a_save_that_fails_for_want_of_space_names_it_and_keeps_the_previous_checkpoint(shards, tmp_path,
+                                                                                          caplog):
     """A write error while DeepSpeed saves step 4 (here the file-size limit, as a full disk would): the run stops
     with an error naming the tag, the failure and the free space; `latest` still names step 2; a rerun resumes."""
     config = write_config(tmp_path, shards, tmp_path / "F", epochs=2, ckpt_every=2, val_every=0, zero_stage=0)
@@ -276,7 +282,7 @@ def test_a_save_that_fails_for_want_of_space_names_it_and_keeps_the_previous_che
     assert not (folder / COMPLETE).exists()
     assert not list(folder.glob(".*.tmp*"))  # no half-written temporary file left behind
 
-    assert_rerun_resumes_from_step2_and_finishes(config, tmp_path / "F")
+    assert_rerun_resumes_from_step2_and_finishes(config, tmp_path / "F", caplog)
 
 
 def test_universal_resume_two_ranks_to_one(run_a, tmp_path):
@@ -478,8 +484,9 @@ def test_training_learns_the_planted_artifact(artifact_shards, tmp_path):
                                                      "val": ["synth/val"]},
                          train={"batch_size": 16, "iters_per_epoch": 10, "epochs": 5, "lr": 0.03,
                                 "val_every": 10, "ckpt_every": 50})
-    done = ltm_train(config)
-    assert done.returncode == 0, done.stderr[-3000:]
+    from ltm.train.trainer import train as train_in_process  # one rank: in this process, as `ltm train` runs it
+
+    assert train_in_process(load_config(config))["status"] == "completed"
     val = records(tmp_path / "L", "val")
     assert [r["step"] for r in val] == [10, 20, 30, 40, 50] and val[-1]["val_frames"] == 64
     assert val[-1]["val_auc"] > 0.85, val
