@@ -3,6 +3,8 @@ scoring on 2 ranks, report files, and every error naming its file."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -396,14 +398,28 @@ def test_frames_per_video_flag_scores_the_chosen_frames_and_says_so(toy_runs, to
     assert "- frames: all frames in the shards" in (tmp_path / "all" / "toy-test" / "report.md").read_text()
 
 
-def test_robustness_scores_every_type_and_level_and_draws_them(toy_runs, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def robustness_run(toy_runs, tmp_path_factory) -> dict:
+    """The ZeRO-0 run on toy/test: a plain evaluation with 2 error samples, then `ltm eval --robustness` into the same
+    folder (every type and level, its clean pass rewriting the report). Read by the robustness test and the HTML
+    report's test; what the command printed is kept."""
     from ltm.cli import main
+
+    out = tmp_path_factory.mktemp("robustness")
+    evaluate(toy_runs["zero0"], ["toy/test"], out_dir=out, cfg_overrides=["eval.error_samples=2"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["eval", "--run", str(toy_runs["zero0"]), "--data", "toy/test", "--robustness", "--out",
+                       str(out)])
+    assert status == 0
+    return {"out": out, "printed": printed.getvalue()}
+
+
+def test_robustness_scores_every_type_and_level_and_draws_them(toy_runs, robustness_run, tmp_path):
     from ltm.data.perturb import LEVELS
 
-    assert main(["eval", "--run", str(toy_runs["zero0"]), "--data", "toy/test", "--robustness", "--out",
-                 str(tmp_path)]) == 0
-    folder = tmp_path / "toy-test"
-    assert capsys.readouterr().out.strip().endswith(str(folder / "robustness.md"))
+    folder = robustness_run["out"] / "toy-test"
+    assert robustness_run["printed"].strip().endswith(str(folder / "robustness.md"))
     result = json.loads((folder / "robustness.json").read_text())
     assert set(result["auc"]) == set(LEVELS)
     assert all(set(v) == {"1", "2", "3", "4", "5"} for v in result["auc"].values())
@@ -536,17 +552,14 @@ def test_most_confident_mistakes_are_the_extreme_errors_of_the_scores(toy_runs, 
     assert "Most confident false negatives" in (folder / "report.md").read_text()
 
 
-def test_html_report_and_comparison_render_in_chromium(toy_runs, tmp_path):
+def test_html_report_and_comparison_render_in_chromium(toy_runs, robustness_run, tmp_path):
     """report.html after an evaluation and a robustness run, and `--compare`, opened in headless Chromium: every
     embedded picture decodes, the page shows its tables and keys, and its screenshot is not blank."""
     from browser import images_state, screenshot
 
     from ltm.cli import main
 
-    out = tmp_path / "zero0"
-    (report,) = evaluate(toy_runs["zero0"], ["toy/test"], out_dir=out, cfg_overrides=["eval.error_samples=2"])
-    assert main(["eval", "--run", str(toy_runs["zero0"]), "--data", "toy/test", "--robustness", "--out",
-                 str(out)]) == 0
+    out = robustness_run["out"]
     page = out / "toy-test" / "report.html"
     report = json.loads((out / "toy-test" / "report.json").read_text())  # the robustness run's clean pass wrote it
     text = page.read_text()
