@@ -20,8 +20,9 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\[\d+\])?(\.[A-Za-z_]\w*(\[\d+\])?)+=")
 # the last one and 10 younger passes have run. Importing torch, DeepSpeed, timm and scikit-learn grows the heap from a
 # few thousand objects to over a million, so a rank paid about seven full passes before its first step: 15% of its
 # start-up CPU time, 1.7 of the 12 CPU-s a one-rank tiny-cpu training takes (docs/experiments.md, "A rank's start").
-# Young generations are collected as before; once the heap stops growing, the quarter rule alone keeps full passes
-# as rare as they were.
+# Young generations are collected as before. Later in a run a full pass waits for 1000 generation-1 passes (about 7
+# million container allocations) instead of 10: over a heap of a million objects the quarter rule already spaced
+# them far apart, and only cyclic garbage that has outlived two collections waits for one.
 FULL_GC_EVERY = 1000  # generation-1 passes between full passes (Python's default: 10)
 
 
