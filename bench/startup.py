@@ -30,7 +30,7 @@ import ltm.cli
 if sys.argv[1] == "default":
     ltm.cli.defer_full_gc = lambda: None  # Python's thresholds stay as they are
 status = ltm.cli.main(sys.argv[2:])
-print(json.dumps({"status": status, "full_passes": len(full)}), file=sys.stderr)
+print(json.dumps({"status": status, "full_passes": len(full), "torch": "torch" in sys.modules}), file=sys.stderr)
 """
 
 
@@ -43,7 +43,7 @@ def run_once(mode: str, command: list[str]) -> dict:
         raise SystemExit(f"ltm {' '.join(command)} failed ({mode}):\n{proc.stderr[-2000:]}")
     result = json.loads(proc.stderr.strip().splitlines()[-1])
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"cpu_s": round(cpu, 3), "full_passes": result["full_passes"]}
+    return {"cpu_s": round(cpu, 3), "full_passes": result["full_passes"], "imported_torch": result["torch"]}
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from ltm.checkpoint.safe_load import UnsafeCheckpointError, load_file
 from ltm.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import _jpeg, write_config  # noqa: E402 - the train tests' tiny model and synthetic shards
+from test_train import _jpeg, train_here, write_config  # noqa: E402 - the train tests' tiny model and synthetic shards
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(600)
@@ -60,9 +60,7 @@ def run(tmp_path_factory) -> Path:
     cfg = json.loads(config.read_text())
     cfg["model"]["pretrained"] = None  # random init: this test is about the files a run writes, not its weights
     config.write_text(json.dumps(cfg))
-    from ltm.train.trainer import train  # one rank, in this process: the files are what is tested
-
-    assert train(load_config(config))["status"] == "completed"
+    train_here(config)  # the files are what is tested
     return tmp / "R"
 
 

@@ -86,6 +86,15 @@ def ltm_train(config: Path, *args: str, nproc: int = 1, timeout: int = 300) -> s
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+def train_here(config: Path) -> None:
+    """One rank of `config` in this process (`ltm.train.trainer.train`, what `ltm train` runs): for tests whose subject
+    is the arithmetic or the files of a run, not its launch. It must complete."""
+    from ltm.train.trainer import train
+
+    result = train(load_config(config))
+    assert result["status"] == "completed", result
+
+
 def module_state(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                       weights_only=False)["module"]
@@ -233,10 +242,8 @@ def assert_rerun_resumes_from_step2_and_finishes(config: Path, run_dir: Path, ca
     """The same config trained again (here, in this process: one rank, as `ltm train` runs it) resumes from step 2."""
     import logging
 
-    from ltm.train.trainer import train
-
     with caplog.at_level(logging.INFO, logger="ltm"):
-        assert train(load_config(config))["status"] == "completed"
+        train_here(config)
     assert f"resumed from {run_dir / 'checkpoints' / 'step00000002'}" in caplog.text, caplog.text[-3000:]
     ckpt = Checkpointer(run_dir / "checkpoints")
     assert ckpt.latest() == "step00000004" and (run_dir / "checkpoints" / "step00000004" / COMPLETE).is_file()
@@ -484,9 +491,7 @@ def test_training_learns_the_planted_artifact(artifact_shards, tmp_path):
                                                      "val": ["synth/val"]},
                          train={"batch_size": 16, "iters_per_epoch": 10, "epochs": 5, "lr": 0.03,
                                 "val_every": 10, "ckpt_every": 50})
-    from ltm.train.trainer import train as train_in_process  # one rank: in this process, as `ltm train` runs it
-
-    assert train_in_process(load_config(config))["status"] == "completed"
+    train_here(config)
     val = records(tmp_path / "L", "val")
     assert [r["step"] for r in val] == [10, 20, 30, 40, 50] and val[-1]["val_frames"] == 64
     assert val[-1]["val_auc"] > 0.85, val
@@ -526,12 +531,9 @@ def test_grad_accum_equals_the_larger_batch(mixed_shards, tmp_path):
     model = {"backbone": "convnext_atto", "pretrained": None, "mixup": False, "mask_strategy": "high"}
     data = {"train": [{"path": "synth/mixed", "weight": 1}], "val": []}
     train = {"batch_size": 8, "epochs": 2, "val_every": 0, "lr": 0.05}
-    from ltm.train.trainer import train as train_in_process
-
     runs = {}
-    for name, accum in (("G1", 1), ("G2", 2)):  # in this process: what is compared is arithmetic, not a launch
-        config = edit_config(base, tmp_path / name, model=model, data=data, train={**train, "grad_accum": accum})
-        assert train_in_process(load_config(config))["status"] == "completed"
+    for name, accum in (("G1", 1), ("G2", 2)):
+        train_here(edit_config(base, tmp_path / name, model=model, data=data, train={**train, "grad_accum": accum}))
         runs[name] = (module_state(tmp_path / name, tag_for(4)), records(tmp_path / name, "train"))
     (one, log_one), (two, log_two) = runs["G1"], runs["G2"]
     assert one.keys() == two.keys()

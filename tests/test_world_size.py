@@ -300,17 +300,12 @@ def test_a_cpu_rank_compiles_no_deepspeed_extension(monkeypatch):
 def test_a_command_imports_the_training_stack_without_a_full_garbage_collection():
     """Every `ltm` command defers the collector's full passes before it imports anything: importing torch grows the
     heap by a quarter again and again, and each growth made a full pass over it (3 for `ltm env`'s torch import, 7
-    for `ltm plan`'s whole stack, at Python's default thresholds). The SLURM jobs call the same setting."""
-    import subprocess
-    import sys
+    for `ltm plan`'s whole stack, at Python's default thresholds). The SLURM jobs call the same setting. Counted by
+    bench/startup.py's probe, in a fresh process."""
+    import importlib.util
 
-    probe = ("import gc, sys\n"
-             "full = []\n"
-             "gc.callbacks.append(lambda phase, info: phase == 'start' and info['generation'] == 2\n"
-             "                    and full.append(1))\n"
-             "from ltm.cli import main\n"
-             "status = main(['env'])\n"
-             "print('status', status, 'torch', 'torch' in sys.modules, 'full passes', len(full))\n")
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.stdout.strip().splitlines()[-1] == "status 0 torch True full passes 0", proc.stdout + proc.stderr
+    spec = importlib.util.spec_from_file_location("bench_startup", REPO / "bench" / "startup.py")
+    startup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(startup)
+    run = startup.run_once("deferred", ["env"])
+    assert run["imported_torch"] and run["full_passes"] == 0, run
