@@ -285,26 +285,16 @@ def printed_estimates(tmp_path_factory):
     from ltm.reproduce.paper import TABLES
     from ltm.reproduce.plan import plan_points, select, table_sweep
 
-    model_gflops, counted = cost.model_gflops, {}
-
-    def once_per_model(cfg):  # the same model in several runs: count its FLOPs once
-        key = (repr(cfg.model), cfg.data.image_size)
-        if key not in counted:
-            counted[key] = model_gflops(cfg)
-        return counted[key]
-
     printed = {}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cost, "model_gflops", once_per_model)
-        for name in sorted(TABLES):
-            empty = tmp_path_factory.mktemp(name)  # no shards (nominal frame counts), no runs (all to do)
-            plans = plan_points(table_sweep(select(TABLES[name], None, None), empty / "shards", empty / "runs"))
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                cost.print_estimate(cost.estimate(plans, tflops=cost.DEFAULT_TFLOPS), cost.DEFAULT_TFLOPS)
-            lines = out.getvalue().splitlines()
-            runs = {w[0]: (w[1], w[-1]) for w in (line.split() for line in lines[1:-1])}
-            printed[name] = (runs, re.match(r"total ([\d.]+) GPU hours", lines[-1]).group(1))
+    for name in sorted(TABLES):
+        empty = tmp_path_factory.mktemp(name)  # no shards (nominal frame counts), no runs (all to do)
+        plans = plan_points(table_sweep(select(TABLES[name], None, None), empty / "shards", empty / "runs"))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            cost.print_estimate(cost.estimate(plans, tflops=cost.DEFAULT_TFLOPS), cost.DEFAULT_TFLOPS)
+        lines = out.getvalue().splitlines()
+        runs = {w[0]: (w[1], w[-1]) for w in (line.split() for line in lines[1:-1])}
+        printed[name] = (runs, re.match(r"total ([\d.]+) GPU hours", lines[-1]).group(1))
     return printed
 
 

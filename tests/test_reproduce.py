@@ -217,11 +217,19 @@ def test_dry_run_lists_runs_and_changes_nothing(tmp_path: Path, sample_shards: P
     assert not runs.exists()
 
 
-def test_estimate_counts_flops_per_backbone(tmp_path: Path) -> None:
+def test_estimate_counts_flops_per_backbone(tmp_path: Path, monkeypatch) -> None:
+    """A process counts each model once (a count takes seconds at the paper's sizes): a second estimate of the same
+    runs counts nothing again."""
+    from ltm.models import flops
     from ltm.reproduce import estimate
 
+    counted, count = [], flops._count_gflops
+    monkeypatch.setattr(flops, "_COUNTED", {})
+    monkeypatch.setattr(flops, "_count_gflops", lambda cfg: counted.append(cfg.model.teacher_backbone) or count(cfg))
     plans = plan_points(table_sweep(select(TABLES["table5"], ["resnet18"], None), tmp_path, tmp_path / "runs"))
     rows = {r["run"]: r for r in estimate(plans, tflops=25.0)}
+    assert estimate(plans, tflops=25.0) == list(rows.values())
+    assert sorted(counted) == ["legacy_xception", "resnet18", "resnet34"]  # the three teachers, once each
     gflop = [rows[f"ffpp_c23_ltm_s-resnet18_t-{t}"]["train_gflop_per_image"] for t in ("resnet18", "resnet34",
                                                                                          "xception")]
     assert gflop[0] < gflop[1] < gflop[2]  # the teacher's cost grows with its backbone; the student is the same

@@ -9,9 +9,21 @@ from dataclasses import replace
 
 from ltm.config import Config
 
+# (model config, image size) -> (training forward, inference) GFLOP per image: a count takes 0.5-3 CPU-s, and
+# one process asks for the same model many times (an estimate over a table's runs, each Trainer a benchmark starts)
+_COUNTED: dict[tuple[str, int], tuple[float, float]] = {}
+
 
 def model_gflops(cfg: Config) -> tuple[float, float]:
-    """(training forward, inference) GFLOP per image, counted by torch's FlopCounterMode on the meta device."""
+    """(training forward, inference) GFLOP per image, counted by torch's FlopCounterMode on the meta device, once per
+    model config and image size in a process (nothing else of `cfg` enters the count)."""
+    key = (repr(cfg.model), cfg.data.image_size)
+    if key not in _COUNTED:
+        _COUNTED[key] = _count_gflops(cfg)
+    return _COUNTED[key]
+
+
+def _count_gflops(cfg: Config) -> tuple[float, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -43,14 +55,7 @@ def model_gflops(cfg: Config) -> tuple[float, float]:
     return train_flops / 2e9, predict_fc.get_total_flops() / 2e9
 
 
-_FORWARD_GFLOP: dict[tuple[str, int], float] = {}  # (model config, image size) -> training forward GFLOP per image
-
-
 def train_flops_per_step(cfg: Config) -> float:
     """FLOPs of one optimizer step of the whole job: 3x the model's training forward (forward + backward) per image,
     counted by `model_gflops`, times the global batch."""
-    # counted once per model in a process: the count takes seconds on a CPU, and benchmarks start many Trainers
-    key = (repr(cfg.model), cfg.data.image_size)
-    if key not in _FORWARD_GFLOP:
-        _FORWARD_GFLOP[key] = model_gflops(cfg)[0]
-    return 3 * _FORWARD_GFLOP[key] * 1e9 * cfg.train.batch_size
+    return 3 * model_gflops(cfg)[0] * 1e9 * cfg.train.batch_size
