@@ -36,12 +36,13 @@ def pip_config() -> dict[str, str]:
 
 def uv_options(config: dict[str, str]) -> list[str]:
     options = ["--index-strategy", "unsafe-best-match"]
-    if config.get("no-index", "").lower() in TRUE:
+    no_index = config.get("no-index", "").lower() in TRUE
+    if no_index:
         options.append("--no-index")
     elif config.get("index-url"):
         options += ["--index-url", config["index-url"]]
     for name, flag in LISTS.items():
-        if name == "extra-index-url" and "--no-index" in options:
+        if no_index and name == "extra-index-url":  # no index at all: only find-links' wheels
             continue
         for value in config.get(name, "").split():  # pip's lists are whitespace-separated
             options += [flag, value]
