@@ -7,6 +7,8 @@ OmegaConf does the merging and type checking (unknown keys and wrong types are e
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(str(resources.files("ltm") / "configs"))
@@ -314,10 +316,14 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     raise ConfigError(f"config {str(name_or_path)!r}: no such file and not a packaged config; packaged:\n{names}")
 
 
+# libyaml's safe loader where PyYAML was built with it: the same documents, read about 8x faster
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def read_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (safe loader: no object tags); errors name the file."""
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=SAFE_LOADER) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -349,19 +355,31 @@ def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[s
     return _merge(str(path), [_read_yaml(path)], overrides)
 
 
+@functools.cache
+def _structured_defaults() -> DictConfig:
+    return OmegaConf.structured(Config)
+
+
+def structured_defaults() -> DictConfig:
+    """A fresh structured config of the defaults, to merge into in place. Copying the one built per process costs a
+    fifth of building it from the dataclasses; sweeps and plans load a config per point."""
+    return copy.deepcopy(_structured_defaults())
+
+
 def _merge(source: str, layers: list[Any], overrides: list[str] | None) -> Config:
-    """Structured defaults <- `layers` (read from `source`) <- `key=value` overrides, validated."""
+    """Structured defaults <- `layers` (read from `source`) <- `key=value` overrides, validated. Each layer merges
+    into the one config in place (`OmegaConf.merge` would copy the whole config again for each)."""
     try:
-        merged = OmegaConf.structured(Config)
+        merged = structured_defaults()
         for layer in layers:
-            merged = OmegaConf.merge(merged, layer)
+            merged.merge_with(layer)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: key {exc.full_key!r}: {_reason(exc)}") from exc
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            merged.merge_with(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override {item!r}: key {exc.full_key!r}: {_reason(exc)}") from exc
     try:
@@ -481,6 +499,11 @@ def upgrade_stored(data: Any) -> Any:
 
 
 def _model_defaults() -> dict[str, Any]:
+    return copy.deepcopy(_model_defaults_once())
+
+
+@functools.cache
+def _model_defaults_once() -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(ModelConfig), resolve=True)  # type: ignore[return-value]
 
 
@@ -495,7 +518,9 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `to_dict` (checkpoints and run folders store the resolved config this way)."""
     data = upgrade_stored(data)
     try:
-        cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore
+        merged = structured_defaults()
+        merged.merge_with(data)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(f"stored config: key {exc.full_key!r}: {_reason(exc)}") from exc
     validate(cfg)

@@ -28,6 +28,19 @@ def test_yaml_and_overrides_round_trip(tmp_path):
     assert from_dict(to_dict(cfg)) == cfg
 
 
+def test_each_load_starts_from_the_defaults():
+    """Every load merges into its own copy of the defaults: what one load's file, overrides or stored config set never
+    shows in the next."""
+    plain = to_dict(load_config(None))
+    load_config("tiny-cpu", ["train.lr=0.5", "model.vit.dim=48", "data.train=[{path: a, weight: 3}]"])
+    stored = to_dict(load_config("paper", ["train.seed=7"]))
+    del stored["train"]["seed"]
+    assert from_dict(stored).train.seed == plain["train"]["seed"]
+    with pytest.raises(ConfigError):
+        load_config("tiny-cpu", ["train.batch_size=8", "train.epochs=abc"])  # fails half-way through its overrides
+    assert to_dict(load_config(None)) == plain
+
+
 @pytest.mark.parametrize(
     "override,key",
     [("train.lrr=1", "lrr"), ("model.mask_strategy=middle", "model.mask_strategy"), ("train.epochs=abc", "epochs"),
