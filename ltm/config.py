@@ -322,8 +322,12 @@ SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def read_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (safe loader: no object tags); errors name the file."""
+    return _parse_mapping(path, path.read_text())
+
+
+def _parse_mapping(path: Path, text: str) -> dict[str, Any]:
     try:
-        data = yaml.load(path.read_text(), Loader=SAFE_LOADER) or {}
+        data = yaml.load(text, Loader=SAFE_LOADER) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -331,28 +335,35 @@ def read_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
-    """Read one YAML file (safe loader: no object tags) with its `base:` chain merged under it."""
+@functools.lru_cache(maxsize=256)
+def _parsed(path: Path, text: str) -> tuple[DictConfig, Any]:
+    """One config file's node and its `base:` value, kept per text: sweeps and plans load the same few files for
+    every point. Callers only read the node (a merge copies what it takes)."""
+    data = _parse_mapping(path, text)
+    base = data.pop("base", None)
+    return OmegaConf.create(data), base
+
+
+def _config_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """One YAML file and its `base:` chain, the base-most file first."""
     if path.resolve() in seen:
         raise ConfigError(f"{path}: `base` chain loops back to itself")
-    data = read_mapping(path)
-    base = data.pop("base", None)
-    node = OmegaConf.create(data)
+    node, base = _parsed(path, path.read_text())
     if base is None:
-        return node
+        return [node]
     try:
         base_path = resolve_config_path(base) if not (path.parent / str(base)).exists() else path.parent / base
     except ConfigError as exc:
         raise ConfigError(f"{path}: key 'base': {exc}") from None
-    return OmegaConf.merge(_read_yaml(base_path, (*seen, path.resolve())), node)
+    return [*_config_layers(base_path, (*seen, path.resolve())), node]
 
 
 def load_config(name_or_path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Structured defaults <- YAML file (and its `base` chain) <- `key=value` overrides."""
+    """Structured defaults <- YAML file (and its `base` chain, base-most first) <- `key=value` overrides."""
     if name_or_path is None:
         return _merge("defaults", [], overrides)
     path = resolve_config_path(name_or_path)
-    return _merge(str(path), [_read_yaml(path)], overrides)
+    return _merge(str(path), _config_layers(path), overrides)
 
 
 @functools.cache
@@ -510,7 +521,7 @@ def _model_defaults_once() -> dict[str, Any]:
 def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """A run folder's resolved `config.yaml` (as `load_config`), upgraded with `upgrade_stored`."""
     path = resolve_config_path(path)
-    stored = OmegaConf.to_container(_read_yaml(path))
+    stored = OmegaConf.to_container(OmegaConf.merge(*_config_layers(path)))
     return _merge(str(path), [OmegaConf.create(upgrade_stored(stored))], overrides)
 
 

@@ -68,3 +68,18 @@ def test_yaml_is_read_safely(tmp_path):
 def test_missing_config_names_it():
     with pytest.raises(ConfigError, match="no-such-config"):
         load_config("no-such-config")
+
+
+def test_a_base_chain_merges_base_most_first_and_a_rewritten_file_is_read_again(tmp_path):
+    """`base:` chains of files next to each other: the nearer file wins key by key, lists are replaced whole. A file
+    rewritten between two loads (same path, same size) is read again."""
+    (tmp_path / "a.yaml").write_text("base: tiny-cpu\ntrain: {lr: 0.5, betas: [0.1, 0.2]}\nmodel: {vit: {dim: 48}}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {lr: 0.25}\nmodel: {vit: {heads: 3}}\n")
+    b = load_config(tmp_path / "b.yaml")
+    assert (b.train.lr, b.train.betas, b.model.vit.dim, b.model.vit.heads) == (0.25, [0.1, 0.2], 48, 3)
+    assert b.model.backbone == "tf_efficientnet_lite0"  # from tiny-cpu, two files down
+    (tmp_path / "a.yaml").write_text("base: tiny-cpu\ntrain: {lr: 0.5, betas: [0.3, 0.4]}\nmodel: {vit: {dim: 48}}\n")
+    assert load_config(tmp_path / "b.yaml").train.betas == [0.3, 0.4]
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "b.yaml")
