@@ -371,7 +371,7 @@ def _structured_defaults() -> DictConfig:
     return OmegaConf.structured(Config)
 
 
-def structured_defaults() -> DictConfig:
+def _fresh_defaults() -> DictConfig:
     """A fresh structured config of the defaults, to merge into in place. Copying the one built per process costs a
     fifth of building it from the dataclasses; sweeps and plans load a config per point."""
     return copy.deepcopy(_structured_defaults())
@@ -381,7 +381,7 @@ def _merge(source: str, layers: list[Any], overrides: list[str] | None) -> Confi
     """Structured defaults <- `layers` (read from `source`) <- `key=value` overrides, validated. Each layer merges
     into the one config in place (`OmegaConf.merge` would copy the whole config again for each)."""
     try:
-        merged = structured_defaults()
+        merged = _fresh_defaults()
         for layer in layers:
             merged.merge_with(layer)
     except OmegaConfBaseException as exc:
@@ -529,7 +529,7 @@ def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `to_dict` (checkpoints and run folders store the resolved config this way)."""
     data = upgrade_stored(data)
     try:
-        merged = structured_defaults()
+        merged = _fresh_defaults()
         merged.merge_with(data)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
