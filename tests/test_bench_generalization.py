@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from repo_script import load_script
 from scipy import stats
 from shared_data import SHARED_DATA
 from sklearn.metrics import roc_auc_score
@@ -18,10 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_generalization", ROOT / "bench" / "generalization.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/generalization.py")
 
 
 def test_family_auc_scores_each_family_against_all_real_frames_only(bench):

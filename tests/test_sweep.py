@@ -74,12 +74,10 @@ def test_the_budget_is_selected_on_val_only():
 
 
 def test_bench_and_reproduce_share_the_sweeps_statistics():
-    import importlib.util
+    from repo_script import REPO as root
+    from repo_script import load_script
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("bench_generalization", root / "bench" / "generalization.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/generalization.py")
     values = [0.61, 0.66, 0.64]
     assert bench.interval(values) == (stats.interval(values).mean, stats.interval(values).lo,
                                       stats.interval(values).hi)

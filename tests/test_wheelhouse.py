@@ -18,7 +18,6 @@ passes its variables on.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from repo_script import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "wheelhouse.py"
@@ -304,19 +304,12 @@ def test_install_target_puts_the_wheels_in_a_folder(wheelhouse, scratch):
     assert proc.returncode == 0 and all(p.startswith(str(target)) for p in proc.stdout.split()), proc
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("wheelhouse_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_rerun_keeps_checked_wheels_and_replaces_damaged_ones(wheelhouse, capsys):
     """What a rerun does with the wheels it resolves (`fetch`): a present wheel whose sha256 matches is kept, a
     damaged or missing one is downloaded again, and a half-finished download left behind never counts. DeepSpeed's
     wheel, once built and recorded, is kept. (A whole second `build` does the same for every wheel, with a minute of
     resolving first.)"""
-    script = load_script()
+    script = load_script("scripts/wheelhouse.py")
     manifest = json.loads((wheelhouse / "manifest.json").read_text())
     by_name = {w["name"]: w for w in manifest["wheels"]}
     items = [{"name": n, "file": by_name[n]["file"], "url": by_name[n]["source"], "sha256": by_name[n]["sha256"]}
@@ -357,7 +350,7 @@ def test_make_passes_the_target_on(tmp_path):
 
 
 def test_platform_tags_include_older_manylinux():
-    script = load_script()
+    script = load_script("scripts/wheelhouse.py")
     tags = script.platform_tags("manylinux_2_28_x86_64")
     assert tags[0] == "manylinux_2_28_x86_64" and "manylinux_2_29_x86_64" not in tags
     assert {"manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"} <= set(tags)

@@ -302,10 +302,7 @@ def test_a_command_imports_the_training_stack_without_a_full_garbage_collection(
     heap by a quarter again and again, and each growth made a full pass over it (3 for `ltm env`'s torch import, 7
     for `ltm plan`'s whole stack, at Python's default thresholds). The SLURM jobs call the same setting. Counted by
     bench/startup.py's probe, in a fresh process."""
-    import importlib.util
+    from repo_script import load_script
 
-    spec = importlib.util.spec_from_file_location("bench_startup", REPO / "bench" / "startup.py")
-    startup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(startup)
-    run = startup.run_once("deferred", ["env"])
+    run = load_script("bench/startup.py").run_once("deferred", ["env"])
     assert run["imported_torch"] and run["full_passes"] == 0, run
